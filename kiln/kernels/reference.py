@@ -1,0 +1,109 @@
+"""Plain-torch reference implementations of kiln's kernels.
+
+These run on every device and are what the layers use on the CPU. The Triton kernels in this package have the same
+signatures and are tested against these functions. Layouts shared by every implementation:
+
+- KV cache of one layer: `k_cache`, `v_cache` of shape [num_blocks, block_size, num_kv_heads, head_dim]. Token position
+  p of a sequence lives in slot `block_table[p // block_size] * block_size + p % block_size`.
+- A batch is packed: the new tokens of all sequences are concatenated ([tokens, ...]); `query_start_loc` [seqs + 1]
+  gives each sequence's range and `seq_lens` [seqs] its total length after this step (cached + new tokens), so the
+  new tokens of sequence b sit at positions seq_lens[b] - q_len_b ... seq_lens[b] - 1.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def write_kv_cache(
+    key: torch.Tensor,  # [tokens, kv_heads, head_dim]
+    value: torch.Tensor,  # [tokens, kv_heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    slot_mapping: torch.Tensor,  # [tokens] int64; a negative slot means "do not store"
+) -> None:
+    """Store each token's key and value at its slot of the paged cache."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep]
+    k_flat = k_cache.view(-1, *k_cache.shape[2:])
+    v_flat = v_cache.view(-1, *v_cache.shape[2:])
+    k_flat[slots] = key[keep].to(k_cache.dtype)
+    v_flat[slots] = value[keep].to(v_cache.dtype)
+
+
+def gather_sequence_kv(
+    cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
+) -> torch.Tensor:  # [seq_len, kv_heads, head_dim]
+    """The first `seq_len` cached tokens of one sequence, in order."""
+    block_size = cache.shape[1]
+    num_blocks = (seq_len + block_size - 1) // block_size
+    blocks = cache[block_table[:num_blocks].long()]  # [num_blocks, block_size, kv_heads, head_dim]
+    return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
+
+
+def paged_attention(
+    query: torch.Tensor,  # [tokens, heads, head_dim]
+    k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    v_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
+    block_tables: torch.Tensor,  # [seqs, max_blocks_per_seq] int32
+    query_start_loc: torch.Tensor,  # [seqs + 1] int32
+    seq_lens: torch.Tensor,  # [seqs] int32
+    scale: float,
+    alibi_slopes: torch.Tensor | None = None,  # [heads] float32
+) -> torch.Tensor:  # [tokens, heads, head_dim]
+    """Causal attention of the new tokens over everything cached for their sequence (prefill, chunked prefill and
+    decode alike). ALiBi adds `slope_h * (key_pos - query_pos)` to the scores, the query-relative form, which is
+    softmax-equivalent to MPT's and Baichuan's own. Scores and softmax run in float32."""
+    out = torch.empty_like(query)
+    heads, kv_heads = query.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    starts = query_start_loc.tolist()
+    lengths = seq_lens.tolist()
+    for b, seq_len in enumerate(lengths):
+        q = query[starts[b] : starts[b + 1]].float()  # [q_len, heads, head_dim]
+        q_len = q.shape[0]
+        if q_len == 0:
+            continue
+        k = gather_sequence_kv(k_cache, block_tables[b], seq_len).float()  # [seq_len, kv_heads, head_dim]
+        v = gather_sequence_kv(v_cache, block_tables[b], seq_len).float()
+        k = k.repeat_interleave(group, dim=1)  # [seq_len, heads, head_dim]
+        v = v.repeat_interleave(group, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [heads, q_len, seq_len]
+        q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)
+        k_pos = torch.arange(seq_len, device=q.device)
+        distance = (k_pos[None, :] - q_pos[:, None]).float()  # [q_len, seq_len], <= 0 where visible
+        if alibi_slopes is not None:
+            scores = scores + alibi_slopes.float()[:, None, None] * distance[None]
+        scores = scores.masked_fill(distance[None] > 0, float("-inf"))
+        probs = torch.softmax(scores, dim=-1)
+        out[starts[b] : starts[b + 1]] = torch.einsum("hqk,khd->qhd", probs, v).to(query.dtype)
+    return out
+
+
+def fused_moe(
+    hidden: torch.Tensor,  # [tokens, hidden]
+    w13: torch.Tensor,  # [local_experts, 2 * ffn, hidden]: rows [gate; up]
+    w2: torch.Tensor,  # [local_experts, hidden, ffn]
+    topk_weights: torch.Tensor,  # [tokens, top_k] float32
+    topk_ids: torch.Tensor,  # [tokens, top_k] int, global expert ids
+    expert_start: int = 0,
+) -> torch.Tensor:  # [tokens, hidden]
+    """Mixture of GLU experts: `sum_k w_k * (silu(x @ gate_e.T) * (x @ up_e.T)) @ down_e.T`.
+
+    Only experts `expert_start .. expert_start + local_experts - 1` live here (expert parallel); a token's
+    choices of other experts contribute nothing on this rank, and the ranks' outputs add up to the full result."""
+    tokens, num_local = hidden.shape[0], w13.shape[0]
+    ffn = w13.shape[1] // 2
+    out = torch.zeros(tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    local_ids = topk_ids.long() - expert_start
+    for e in torch.unique(local_ids).tolist():
+        if e < 0 or e >= num_local:
+            continue
+        token_idx, slot = torch.where(local_ids == e)
+        x = hidden[token_idx]
+        gate_up = x @ w13[e].t()  # [n, 2 * ffn]
+        act = F.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]
+        y = act @ w2[e].t()  # [n, hidden]
+        out.index_add_(0, token_idx, y.float() * topk_weights[token_idx, slot, None].float())
+    return out.to(hidden.dtype)
