@@ -1,0 +1,309 @@
+"""The sampler: turns each sequence's last-position logits into its next token.
+
+Processing order for each row (a step runs only for rows whose parameters ask for it):
+
+1. bad words: a one-token bad sequence is always banned; the last token of a longer one is banned when the
+   output ends with all the tokens before it (logit set to -inf);
+2. min_tokens: while the output is shorter than ``params.min_tokens``, the row's stop tokens are banned;
+3. penalties: repetition penalty (transformers: over prompt and output tokens, a positive logit divided by it, a
+   negative one multiplied), then presence and frequency penalties (OpenAI: over output tokens,
+   ``logit -= frequency * count + presence * (count > 0)``);
+4. greedy rows (temperature 0 or top_k 1) take the argmax here;
+5. temperature: logits divided by it;
+6. top-k, 7. top-p, 8. min-p, all three from one descending sort;
+9. sampling from the softmax by an exponential race, ``argmax(probs / E)`` with ``E ~ Exponential(1)``, which picks
+   token i with probability ``probs[i]``. A row with its own generator draws its noise from it alone, always
+   ``vocab`` draws per step, so the same seed gives the same tokens whatever else is in the batch.
+
+Logprobs are those of the raw logits, before any of the above (vLLM's default), so that they describe the model.
+"""
+
+from __future__ import annotations
+
+import array
+import itertools
+from dataclasses import dataclass
+
+import torch
+
+from kiln.sampling_params import SamplingParams
+
+# Temperatures below this are clamped to it, as dividing by a tiny temperature would overflow float32 logits to
+# inf (and inf - inf = nan in the softmax); at 1e-5 the distribution is already a near-certain argmax.
+_MIN_TEMPERATURE = 1e-5
+
+
+@dataclass
+class SamplingRow:
+    """One sequence that needs a token this step, with what the sampler needs to know about it.
+
+    ``generator`` is the request's own RNG (made by the caller from ``params.seed``; None means torch's global RNG);
+    it may live on the CPU while the logits are on a GPU. ``stop_token_ids`` are the ids that end this sequence
+    (banned while the output is shorter than ``params.min_tokens``; pass an empty set when stop tokens are
+    ignored). ``bad_word_ids``, when given, replaces ``params.bad_word_ids``: the engine passes there the ids of
+    ``params.bad_word_ids`` together with its tokenization of ``params.bad_words``.
+    """
+
+    params: SamplingParams
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+    generator: torch.Generator | None = None
+    stop_token_ids: frozenset[int] = frozenset()
+    bad_word_ids: list[list[int]] | None = None
+
+
+@dataclass
+class SamplerOutput:
+    """The sampler's result, one entry per row in the order of the rows.
+
+    ``logprobs[i]`` is the raw log-softmax at the chosen token. ``top_logprobs`` is None when no row asked for
+    logprobs; otherwise ``top_logprobs[i]`` lists ``(token_id, logprob)`` for the row's ``params.logprobs`` most
+    likely tokens (raw logits, most likely first), and is empty for rows that did not ask or asked for 0.
+    """
+
+    token_ids: list[int]
+    logprobs: list[float]
+    top_logprobs: list[list[tuple[int, float]]] | None
+
+
+class Sampler:
+    """Chooses one token per row from the model's logits; see the module docstring for the order of processing.
+
+    Stateless: everything a request needs (its generator included) comes in its SamplingRow.
+    """
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+        """Sample one token per row. ``logits``: ``[num_rows, vocab]``, one row per entry of ``rows``."""
+        _check_inputs(logits, rows)
+        logits = logits.float()  # [rows, vocab]; a no-op for the float32 logits the runner produces
+        if not rows:
+            return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
+        if all(_is_plain_greedy(row) for row in rows):
+            tokens = logits.argmax(dim=-1)  # the every-step fast path: nothing to process
+        else:
+            tokens = _sample_processed(logits, rows)
+        return _build_output(logits, tokens, rows)
+
+
+def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Apply bad-word and min_tokens bans and the penalties (steps 1-3) to ``[rows, vocab]`` logits.
+
+    Returns float32 logits of the same shape; the input is never modified (it is returned as-is, converted to
+    float32, when no row needs any of these steps). Beam search can take its log-softmax from here.
+    """
+    _check_inputs(logits, rows)
+    logits = logits.float()
+    vocab = logits.shape[1]
+    ban_rows, ban_tokens = _ban_pairs(rows, vocab)
+    penalised = [i for i, row in enumerate(rows) if _has_penalty(row.params)]
+    if not ban_rows and not penalised:
+        return logits
+    out = logits.clone()
+    if ban_rows:
+        out[torch.tensor(ban_rows, device=out.device), torch.tensor(ban_tokens, device=out.device)] = -float("inf")
+    if penalised:
+        _apply_penalties(out, [rows[i] for i in penalised], penalised)
+    return out
+
+
+def apply_top_k_top_p_min_p(
+    logits: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """Mask to -inf the tokens that top-k, then top-p, then min-p remove, with one sort.
+
+    ``logits``: ``[rows, vocab]``; ``top_k``: ``[rows]`` int (<= 0 or >= vocab: off); ``top_p``: ``[rows]`` in (0, 1]
+    (1: off); ``min_p``: ``[rows]`` in [0, 1] (0: off). Top-k keeps exactly the k largest; top-p keeps the smallest
+    set of most likely tokens whose probability (after top-k) reaches p; min-p keeps tokens whose probability is at
+    least min_p times the most likely one's. The most likely token is always kept. Returns a new tensor.
+    """
+    vocab = logits.shape[1]
+    sorted_logits, order = logits.sort(dim=-1, descending=True)  # [rows, vocab]
+    ranks = torch.arange(vocab, device=logits.device).unsqueeze(0)  # [1, vocab]
+    k = torch.where(top_k <= 0, torch.full_like(top_k, vocab), top_k.clamp(max=vocab))
+    drop = ranks >= k.unsqueeze(1)  # [rows, vocab] in sorted order
+    probs = sorted_logits.masked_fill(drop, -float("inf")).softmax(dim=-1)
+    # A token stays while the mass ranked above it is short of p, which keeps the smallest set reaching p. Rows with
+    # p == 1 are left alone: float32 cumsum rounding could otherwise cut a far tail that p == 1 must keep.
+    mass_above = probs.cumsum(dim=-1) - probs
+    p = top_p.unsqueeze(1)
+    drop |= (mass_above >= p) & (p < 1)
+    # Renormalising after top-k/top-p scales every probability alike, so the min-p ratio is the same either way.
+    drop |= probs < min_p.unsqueeze(1) * probs[:, :1]
+    drop[:, 0] = False
+    mask = torch.empty_like(drop).scatter_(1, order, drop)  # back to vocabulary order
+    return logits.masked_fill(mask, -float("inf"))
+
+
+def bad_word_bans(bad_word_ids: list[list[int]], output_token_ids: list[int]) -> list[int]:
+    """The tokens that ``bad_word_ids`` forbid as the next token after ``output_token_ids``."""
+    banned = []
+    for seq in bad_word_ids:
+        prefix_len = len(seq) - 1
+        if prefix_len == 0:
+            banned.append(seq[0])
+        elif len(output_token_ids) >= prefix_len and list(output_token_ids[-prefix_len:]) == list(seq[:-1]):
+            banned.append(seq[-1])
+    return banned
+
+
+def _check_inputs(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"sampler logits must be a [num_rows, vocab] tensor, got {shape}")
+    if logits.shape[0] != len(rows):
+        raise ValueError(f"sampler got {logits.shape[0]} logit rows but {len(rows)} SamplingRows; pass one per row")
+
+
+def _has_penalty(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+
+
+def _min_tokens_active(row: SamplingRow) -> bool:
+    return bool(row.stop_token_ids) and len(row.output_token_ids) < row.params.min_tokens
+
+
+def _bad_words_of(row: SamplingRow) -> list[list[int]]:
+    return row.bad_word_ids if row.bad_word_ids is not None else row.params.bad_word_ids
+
+
+def _is_plain_greedy(row: SamplingRow) -> bool:
+    """Greedy with nothing to apply before the argmax."""
+    params = row.params
+    return (params.greedy and not _has_penalty(params) and not _bad_words_of(row)
+            and not _min_tokens_active(row))
+
+
+def _ban_pairs(rows: list[SamplingRow], vocab: int) -> tuple[list[int], list[int]]:
+    """(row index, token id) pairs to set to -inf for bad words and min_tokens; ids outside the vocab are skipped."""
+    ban_rows: list[int] = []
+    ban_tokens: list[int] = []
+    for i, row in enumerate(rows):
+        banned: list[int] = []
+        bad = _bad_words_of(row)
+        if bad:
+            banned.extend(bad_word_bans(bad, row.output_token_ids))
+        if _min_tokens_active(row):
+            banned.extend(row.stop_token_ids)
+        for tok in banned:
+            if 0 <= tok < vocab:
+                ban_rows.append(i)
+                ban_tokens.append(tok)
+    return ban_rows, ban_tokens
+
+
+def _flat_ids(id_lists: list[list[int]], vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(row index, token id) tensors for every token of every list, ids clamped to ``vocab`` (a spare column that
+    callers drop after scattering, as ids the lm head cannot produce need no penalty); None when all are empty.
+
+    Sequences can be thousands of tokens long and this runs every step, so the ids go through one flat int64
+    buffer, several times faster than torch.tensor on nested lists."""
+    lengths = [len(ids) for ids in id_lists]
+    if sum(lengths) == 0:
+        return None
+    buffer = array.array("q", itertools.chain.from_iterable(id_lists))
+    tokens = torch.frombuffer(buffer, dtype=torch.int64).clamp(0, vocab).to(device)  # clamp copies off the buffer
+    row_index = torch.repeat_interleave(torch.arange(len(id_lists)), torch.tensor(lengths)).to(device)
+    return row_index, tokens
+
+
+def _apply_penalties(out: torch.Tensor, rows: list[SamplingRow], index: list[int]) -> None:
+    """Apply repetition, presence and frequency penalties in place to ``out[index]`` (``rows`` are those rows)."""
+    vocab, device = out.shape[1], out.device
+    all_rows = len(index) == out.shape[0]
+    sub = out if all_rows else out[index]  # [penalised rows, vocab]
+    counts = torch.zeros(len(rows), vocab + 1, device=device)  # output-token counts, plus the spare column
+    output_ids = _flat_ids([row.output_token_ids for row in rows], vocab, device)
+    if output_ids is not None:
+        counts.index_put_(output_ids, torch.ones(output_ids[1].shape, device=device), accumulate=True)
+    counts = counts[:, :vocab]
+    rep_values = [row.params.repetition_penalty for row in rows]
+    if any(r != 1.0 for r in rep_values):
+        seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=device)
+        # Only rows with a repetition penalty need their prompt, which can be long: skip the others' lists.
+        prompt_ids = _flat_ids([row.prompt_token_ids if rep != 1.0 else [] for row, rep in zip(rows, rep_values)],
+                               vocab, device)
+        if prompt_ids is not None:
+            seen[prompt_ids] = True
+        seen = seen[:, :vocab] | (counts > 0)
+        rep = torch.tensor(rep_values, device=device).unsqueeze(1)  # [penalised rows, 1]
+        sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
+    freq = [row.params.frequency_penalty for row in rows]
+    pres = [row.params.presence_penalty for row in rows]
+    if any(freq) or any(pres):
+        freq_t = torch.tensor(freq, device=device).unsqueeze(1)
+        pres_t = torch.tensor(pres, device=device).unsqueeze(1)
+        sub = sub - freq_t * counts - pres_t * (counts > 0).float()
+    if all_rows:
+        out.copy_(sub)
+    else:
+        out[torch.tensor(index, device=device)] = sub
+
+
+def _sample_processed(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Steps 1-9 for a batch with at least one row that is not plain greedy. Returns ``[rows]`` token ids."""
+    processed = process_logits(logits, rows)  # [rows, vocab]
+    tokens = processed.argmax(dim=-1)  # greedy rows keep this
+    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    if not sampled:
+        return tokens
+    if len(sampled) == len(rows):
+        return _sample_rows(processed, rows)
+    index = torch.tensor(sampled, device=logits.device)
+    tokens[index] = _sample_rows(processed[index], [rows[i] for i in sampled])
+    return tokens
+
+
+def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """Temperature, top-k/top-p/min-p and the draw for non-greedy rows. ``logits``: ``[rows, vocab]``."""
+    device = logits.device
+    temps = [max(row.params.temperature, _MIN_TEMPERATURE) for row in rows]
+    if any(t != 1.0 for t in temps):
+        logits = logits / torch.tensor(temps, device=device).unsqueeze(1)
+    top_k = [row.params.top_k for row in rows]
+    top_p = [row.params.top_p for row in rows]
+    min_p = [row.params.min_p for row in rows]
+    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p) or any(m > 0.0 for m in min_p):
+        logits = apply_top_k_top_p_min_p(
+            logits,
+            torch.tensor(top_k, dtype=torch.long, device=device),
+            torch.tensor(top_p, dtype=torch.float32, device=device),
+            torch.tensor(min_p, dtype=torch.float32, device=device),
+        )
+    probs = logits.softmax(dim=-1)  # [rows, vocab]
+    return _exponential_race(probs, [row.generator for row in rows])
+
+
+def _exponential_race(probs: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """Draw one token per row from ``probs`` ``[rows, vocab]``: argmax of probs / Exponential(1) noise."""
+    noise = torch.empty_like(probs)
+    seeded = [i for i, g in enumerate(generators) if g is not None]
+    if len(seeded) < len(generators):
+        noise.exponential_()  # global RNG; the seeded rows' share is overwritten below
+    for i in seeded:
+        gen = generators[i]
+        if gen.device == probs.device:
+            noise[i].exponential_(generator=gen)
+        else:
+            # A CPU generator with GPU logits: draw where the generator lives, then move the draws.
+            noise[i].copy_(torch.empty(probs.shape[1], device=gen.device).exponential_(generator=gen))
+    # Exponential draws can be exactly 0; a banned token (probability 0) must not win by 0 / 0 = nan.
+    noise.clamp_(min=torch.finfo(noise.dtype).tiny)
+    return (probs / noise).argmax(dim=-1)
+
+
+def _build_output(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
+    """Chosen tokens with their raw logprobs (one device-to-host copy), and top logprobs where asked."""
+    chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)  # [rows]
+    # Token ids < 2**53 are exact in float64, so ids and logprobs travel to the host together.
+    ids_host, logprobs = torch.stack([tokens.double(), chosen.double()]).tolist()
+    token_ids = [int(t) for t in ids_host]
+    if all(row.params.logprobs is None for row in rows):
+        return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=None)
+    wanted = [min(row.params.logprobs or 0, logits.shape[1]) for row in rows]
+    top: list[list[tuple[int, float]]] = [[] for _ in rows]
+    if max(wanted) > 0:
+        values, indices = torch.log_softmax(logits, dim=-1).topk(max(wanted), dim=-1)  # [rows, max wanted]
+        values_host, indices_host = values.tolist(), indices.tolist()
+        for i, k in enumerate(wanted):
+            top[i] = list(zip(indices_host[i][:k], values_host[i][:k]))
+    return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=top)

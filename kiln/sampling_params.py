@@ -1,0 +1,177 @@
+"""Sampling parameters of one request: what to generate and how to choose each token.
+
+Plain Python (no torch import) so that the engine, scheduler and server can use it without loading torch.
+Field names follow vLLM and transformers; TensorRT-LLM's run.py flags map onto them (``--max_output_len`` ->
+``max_tokens``, ``--end_id`` -> ``end_id``, ``--num_beams`` -> ``num_beams``). The mapping of run.py's default
+``top_k=1`` (greedy) is the command line's job, not this class's.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+# torch.Generator.manual_seed accepts seeds up to 2**64 - 1.
+_MAX_SEED = 2**64 - 1
+# OpenAI's documented range for presence_penalty and frequency_penalty.
+_MAX_OPENAI_PENALTY = 2.0
+
+
+def _check_int(name: str, value: object, low: int | None = None, high: int | None = None, hint: str = "") -> None:
+    """Raise ValueError unless ``value`` is an int (not a bool) in [low, high]."""
+    ok = isinstance(value, int) and not isinstance(value, bool)
+    if ok and low is not None and value < low:
+        ok = False
+    if ok and high is not None and value > high:
+        ok = False
+    if not ok:
+        bounds = []
+        if low is not None:
+            bounds.append(f">= {low}")
+        if high is not None:
+            bounds.append(f"<= {high}")
+        allowed = f"an integer {' and '.join(bounds)}" if bounds else "an integer"
+        raise ValueError(f"SamplingParams.{name} must be {allowed}{hint}, got {value!r}")
+
+
+def _check_float(name: str, value: object, allowed: str, ok: bool) -> None:
+    """Raise ValueError unless ``value`` is a finite real number for which ``ok`` holds."""
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not (is_number and ok):
+        raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
+
+
+def _is_real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_token_ids(name: str, ids: object) -> None:
+    """Raise ValueError unless ``ids`` is a list of non-negative ints."""
+    if not isinstance(ids, (list, tuple)):
+        raise ValueError(f"SamplingParams.{name} must be a list of token ids, got {type(ids).__name__}: {ids!r}")
+    for tok in ids:
+        if isinstance(tok, bool) or not isinstance(tok, int) or tok < 0:
+            raise ValueError(f"SamplingParams.{name} must hold non-negative integer token ids, got {tok!r} in {ids!r}")
+
+
+@dataclass
+class SamplingParams:
+    """How one request is generated: length, randomness, penalties, stopping, logprobs and beam search.
+
+    ``temperature == 0`` (or ``top_k == 1``) means greedy decoding. ``top_k`` 0 or -1 disables top-k.
+    ``repetition_penalty`` follows transformers (a seen token's positive logit is divided by it, a negative one
+    multiplied; "seen" covers prompt and output); ``presence_penalty`` and ``frequency_penalty`` follow OpenAI and
+    vLLM (subtracted from the logits of tokens in the output, once and per occurrence). ``logprobs=k`` also returns
+    the k most likely tokens' logprobs at each step (0: only the chosen token's). ``bad_word_ids`` lists token
+    sequences that must never be produced; ``bad_words`` are strings the engine tokenizes into such sequences.
+    ``end_id`` is TensorRT-LLM's end-of-sequence id, added to the stop ids by the engine. Values are checked on
+    construction and a ValueError names the wrong one and its allowed range.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    seed: int | None = None
+    n: int = 1
+    logprobs: int | None = None
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    end_id: int | None = None
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    bad_words: list[str] = field(default_factory=list)
+    bad_word_ids: list[list[int]] = field(default_factory=list)
+    include_stop_str_in_output: bool = False
+    use_beam_search: bool = False
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+
+    def __post_init__(self) -> None:
+        # A single stop string is a common way to write it (OpenAI accepts both); keep the field a list.
+        if isinstance(self.stop, str):
+            self.stop = [self.stop]
+        self._check_lengths()
+        self._check_sampling()
+        self._check_penalties()
+        self._check_stopping()
+        self._check_beam_search()
+
+    @property
+    def greedy(self) -> bool:
+        """True when each token is the most likely one: temperature 0 or top_k 1, and no beam search."""
+        return (self.temperature == 0 or self.top_k == 1) and not self.use_beam_search
+
+    def _check_lengths(self) -> None:
+        _check_int("max_tokens", self.max_tokens, low=1, hint=" (the number of tokens to generate)")
+        _check_int("n", self.n, low=1, hint=" (the number of sequences to return per prompt)")
+        _check_int("min_tokens", self.min_tokens, low=0)
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"SamplingParams.min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens}); "
+                "lower min_tokens or raise max_tokens"
+            )
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs, low=0, hint=" or None (0 returns only the chosen token's)")
+        if self.seed is not None:
+            _check_int("seed", self.seed, low=0, high=_MAX_SEED, hint=" or None")
+
+    def _check_sampling(self) -> None:
+        _check_float("temperature", self.temperature, ">= 0 (0 means greedy)",
+                     _is_real(self.temperature) and self.temperature >= 0)
+        _check_int("top_k", self.top_k, low=-1, hint=" (0 or -1 disables top-k)")
+        _check_float("top_p", self.top_p, "in (0, 1] (1 disables top-p)",
+                     _is_real(self.top_p) and 0 < self.top_p <= 1)
+        _check_float("min_p", self.min_p, "in [0, 1] (0 disables min-p)",
+                     _is_real(self.min_p) and 0 <= self.min_p <= 1)
+
+    def _check_penalties(self) -> None:
+        _check_float("repetition_penalty", self.repetition_penalty, "> 0 (1 disables it)",
+                     _is_real(self.repetition_penalty) and self.repetition_penalty > 0)
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_float(name, value, f"in [-{_MAX_OPENAI_PENALTY}, {_MAX_OPENAI_PENALTY}] (0 disables it)",
+                         _is_real(value) and abs(value) <= _MAX_OPENAI_PENALTY)
+
+    def _check_stopping(self) -> None:
+        if not isinstance(self.stop, list) or not all(isinstance(s, str) and s for s in self.stop):
+            raise ValueError(f"SamplingParams.stop must be a list of non-empty strings, got {self.stop!r}")
+        _check_token_ids("stop_token_ids", self.stop_token_ids)
+        if self.end_id is not None:
+            _check_int("end_id", self.end_id, low=0, hint=" or None")
+        if not isinstance(self.bad_words, list) or not all(isinstance(w, str) and w for w in self.bad_words):
+            raise ValueError(f"SamplingParams.bad_words must be a list of non-empty strings, got {self.bad_words!r}")
+        if not isinstance(self.bad_word_ids, (list, tuple)):
+            raise ValueError(
+                f"SamplingParams.bad_word_ids must be a list of token-id lists, got {self.bad_word_ids!r}")
+        for seq in self.bad_word_ids:
+            _check_token_ids("bad_word_ids entry", seq)
+            if len(seq) == 0:
+                raise ValueError("SamplingParams.bad_word_ids must not contain an empty sequence; remove it")
+        for name in ("ignore_eos", "include_stop_str_in_output", "use_beam_search"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SamplingParams.{name} must be True or False, got {getattr(self, name)!r}")
+
+    def _check_beam_search(self) -> None:
+        _check_int("num_beams", self.num_beams, low=1)
+        _check_float("length_penalty", self.length_penalty, "a finite number", _is_real(self.length_penalty))
+        if not (isinstance(self.early_stopping, bool) or self.early_stopping == "never"):
+            raise ValueError(
+                f"SamplingParams.early_stopping must be True, False or 'never', got {self.early_stopping!r}")
+        if self.use_beam_search and self.num_beams < 2:
+            raise ValueError(
+                f"SamplingParams.num_beams must be >= 2 with use_beam_search=True, got {self.num_beams}; "
+                "set num_beams to the beam width")
+        if not self.use_beam_search and self.num_beams > 1:
+            raise ValueError(
+                f"SamplingParams.num_beams={self.num_beams} needs use_beam_search=True; "
+                "set it, or leave num_beams at 1 for sampling")
+        if self.use_beam_search and self.n > self.num_beams:
+            raise ValueError(
+                f"SamplingParams.n ({self.n}) must not exceed num_beams ({self.num_beams}) in beam search: "
+                "only num_beams finished beams exist to return")
