@@ -1,0 +1,78 @@
+"""Where convert gets each full (unsharded) kiln tensor: a Hugging Face checkpoint through the family's weight map,
+or dummy random weights made without any source file."""
+
+from __future__ import annotations
+
+import zlib
+
+import torch
+
+from kiln.checkpoint.hf_reader import CheckpointError, HFCheckpoint
+from kiln.config import ModelConfig
+from kiln.models.family import Family, expected_sources, find_rule, sources_for
+from kiln.models.transforms import TRANSFORMS
+
+
+class HFWeightSource:
+    """Full kiln tensors made from a Hugging Face checkpoint by the family's weight rules."""
+
+    def __init__(self, checkpoint: HFCheckpoint, family: Family, config: ModelConfig, source_layers: int) -> None:
+        self.checkpoint, self.config = checkpoint, config
+        self.rules = family.weight_rules(config)
+        self._check_names(family, source_layers)
+
+    def _check_names(self, family: Family, source_layers: int) -> None:
+        """Fail before writing anything if a tensor is missing or a tensor is not understood."""
+        present = self.checkpoint.names()
+        needed = expected_sources(self.rules, self.config.num_hidden_layers)
+        missing = sorted(needed - present)
+        if missing:
+            raise CheckpointError(
+                f"{len(missing)} tensor(s) missing from {self.checkpoint.dir}: {', '.join(missing[:8])}"
+                + (" ..." if len(missing) > 8 else "")
+            )
+        import re
+
+        known = expected_sources(self.rules, source_layers)
+        ignored = [re.compile(p) for p in family.ignored_sources]
+        unexpected = sorted(n for n in present - known if not any(p.search(n) for p in ignored))
+        if unexpected:
+            raise CheckpointError(
+                f"{len(unexpected)} unexpected tensor(s) in {self.checkpoint.dir} that the {family.name} weight map "
+                f"does not use: {', '.join(unexpected[:8])}" + (" ..." if len(unexpected) > 8 else "")
+                + "; is this the right model family and config.json?"
+            )
+
+    def full_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        rule = find_rule(self.rules, name)
+        names = sources_for(rule, name)
+        tensors = [self.checkpoint.get(n) for n in names]
+        try:
+            full = TRANSFORMS[rule.transform](tensors, self.config)
+        except RuntimeError as err:  # a reshape that does not fit: the tensor has the wrong size
+            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, tensors))
+            raise CheckpointError(f"cannot make {name} from {shapes}: {err}") from err
+        if tuple(full.shape) != tuple(shape):
+            shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, tensors))
+            raise CheckpointError(
+                f"shape mismatch for {name}: made {tuple(full.shape)} from {shapes}, but config.json implies "
+                f"{tuple(shape)}"
+            )
+        return full
+
+
+class DummyWeightSource:
+    """Random weights at the model's real shapes: normal(0, 0.02) for matrices, ones for norm weights, zeros for
+    biases. Each tensor is seeded by its name, so every tp/pp split of the same dummy model holds the same numbers."""
+
+    def __init__(self, seed: int = 0, device: str = "cpu", std: float = 0.02) -> None:
+        self.seed, self.device, self.std = seed, torch.device(device), std
+
+    def full_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name.endswith(".bias"):
+            return torch.zeros(shape)
+        if len(shape) == 1 and "norm" in name:
+            return torch.ones(shape)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
+        return torch.randn(shape, generator=gen, device=self.device).mul_(self.std)

@@ -1,0 +1,40 @@
+"""kiln build: kiln checkpoint -> engine (flags as trtllm-build)."""
+
+from __future__ import annotations
+
+import argparse
+
+from kiln.build import build
+from kiln.checkpoint.kiln_format import load_artifact
+from kiln.config import BuildConfig
+from kiln.memory import describe
+
+HELP = "build an engine from a kiln checkpoint (validate, set limits, plan memory)"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--checkpoint_dir", required=True)
+    p.add_argument("--output_dir", default="kiln_engine")
+    p.add_argument("--max_batch_size", type=int, default=8, help="sequences running at once")
+    p.add_argument("--max_input_len", type=int, default=1024, help="longest prompt, in tokens")
+    p.add_argument("--max_seq_len", type=int, default=None,
+                   help="longest prompt + output (default: the model's max_position_embeddings)")
+    p.add_argument("--max_beam_width", type=int, default=1)
+    p.add_argument("--max_num_tokens", type=int, default=8192, help="tokens computed in one step")
+    p.add_argument("--tokens_per_block", "--kv_block_size", dest="kv_block_size", type=int, default=16,
+                   help="tokens per paged KV-cache block")
+    p.add_argument("--memory_gib", type=float, default=None,
+                   help="memory per rank to plan for (prints how many KV tokens fit; refuses if weights do not)")
+
+
+def main(args: argparse.Namespace) -> int:
+    model = load_artifact(args.checkpoint_dir, "checkpoint").model
+    max_seq_len = args.max_seq_len or model.max_position_embeddings
+    max_input_len = args.max_input_len if args.max_seq_len or args.max_input_len < max_seq_len else max_seq_len - 1
+    config = BuildConfig(args.max_batch_size, max_input_len, max_seq_len, args.max_beam_width,
+                         args.max_num_tokens, args.kv_block_size)
+    out, plan = build(args.checkpoint_dir, args.output_dir, config, args.memory_gib)
+    print(f"built engine {out}: max_batch_size {config.max_batch_size}, max_input_len {config.max_input_len}, "
+          f"max_seq_len {config.max_seq_len}")
+    print(describe(plan, config, args.memory_gib))
+    return 0

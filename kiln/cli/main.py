@@ -1,0 +1,47 @@
+"""`kiln <command>`: the command line, one module per command. Errors a user can fix are printed as one line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kiln.cli import build_cmd, convert_cmd, run_cmd
+
+COMMANDS = {"convert": convert_cmd, "build": build_cmd, "run": run_cmd}
+
+
+def hyphen_aliases(parser: argparse.ArgumentParser) -> None:
+    """Accept `--max-batch-size` for `--max_batch_size`, as a courtesy to hyphen habits."""
+    for action in list(parser._actions):
+        extra = [s.replace("_", "-") for s in action.option_strings if s.startswith("--") and "_" in s]
+        for alias in extra:
+            parser._option_string_actions[alias] = action
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kiln", description="Inference engine for DBRX, MPT and Baichuan.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, module in COMMANDS.items():
+        cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
+        module.add_arguments(cmd)
+        hyphen_aliases(cmd)
+        cmd.set_defaults(handler=module.main)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = make_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except (ValueError, FileNotFoundError, PermissionError) as err:
+        # kiln's own errors (ConfigError, CheckpointError, RequestError, ...) are ValueErrors that say what to do.
+        print(f"kiln {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"kiln {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

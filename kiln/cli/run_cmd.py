@@ -1,0 +1,150 @@
+"""kiln run: generate from an engine (flags as TensorRT-LLM's examples/run.py)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from kiln.config import ConfigError
+from kiln.llm import LLM, RequestOutput
+from kiln.sampling_params import SamplingParams
+
+HELP = "generate text from an engine"
+DEFAULT_PROMPT = "Born in north-east France, Soyer trained as a"  # run.py's default
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--engine_dir", default="kiln_engine")
+    p.add_argument("--tokenizer_dir", help="Hugging Face tokenizer directory (needed for text prompts and output)")
+    p.add_argument("--input_text", nargs="+", default=[DEFAULT_PROMPT], help="one or more prompts, batched together")
+    p.add_argument("--input_file", help=".txt (a prompt per line), .csv (token ids per row) or .npy (token ids, "
+                                        "padded with --pad_id)")
+    p.add_argument("--max_input_length", type=int, default=None,
+                   help="keep only the last N prompt tokens (default: no truncation; the engine's limit applies)")
+    p.add_argument("--max_output_len", type=int, required=True)
+    p.add_argument("--num_return_sequences", type=int, default=1)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top_k", type=int, default=1, help="1 (the default) is greedy; 0 disables top-k")
+    p.add_argument("--top_p", type=float, default=0.0, help="0 (the default) disables top-p")
+    p.add_argument("--min_p", type=float, default=0.0)
+    p.add_argument("--repetition_penalty", type=float, default=1.0)
+    p.add_argument("--presence_penalty", type=float, default=0.0)
+    p.add_argument("--frequency_penalty", type=float, default=0.0)
+    p.add_argument("--min_length", type=int, default=0, help="no end token before this many outputs")
+    p.add_argument("--random_seed", type=int, default=0)
+    p.add_argument("--end_id", type=int, default=None, help="end token (default: the tokenizer's end tokens)")
+    p.add_argument("--pad_id", type=int, default=None, help="padding of --output_npy/--output_csv and .npy input")
+    p.add_argument("--stop_words", nargs="+", default=[], help="stop strings")
+    p.add_argument("--bad_words", nargs="+", default=[], help="words never to produce")
+    p.add_argument("--ignore_eos", action="store_true", help="generate max_output_len tokens whatever comes")
+    p.add_argument("--streaming", action="store_true", help="print tokens as they are made")
+    p.add_argument("--streaming_interval", type=int, default=1, help="print every N tokens when streaming")
+    p.add_argument("--output_csv", help="token ids (prompt + output, padded) per sequence, run.py's layout")
+    p.add_argument("--output_npy", help="the same as an int32 [sequences, length] array")
+    p.add_argument("--output_json", help="one object per prompt: input_ids, output_ids per beam, text per beam")
+    p.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def sampling_params(args: argparse.Namespace, tokenizer) -> SamplingParams:
+    """run.py's conventions: top_k 1 means greedy, top_p 0 means off."""
+    greedy = args.top_k == 1
+    bad_ids = [tokenizer.encode(w) for w in args.bad_words] if args.bad_words and tokenizer else []
+    if args.bad_words and tokenizer is None:
+        raise ConfigError("--bad_words needs --tokenizer_dir to turn words into tokens")
+    return SamplingParams(
+        max_tokens=args.max_output_len, n=args.num_return_sequences,
+        temperature=0.0 if greedy else args.temperature, top_k=0 if greedy else args.top_k,
+        top_p=1.0 if args.top_p == 0 else args.top_p, min_p=args.min_p,
+        repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty, seed=None if greedy else args.random_seed,
+        end_id=args.end_id, stop=list(args.stop_words), bad_word_ids=bad_ids, ignore_eos=args.ignore_eos,
+        min_tokens=args.min_length,
+    )
+
+
+def read_prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
+    """Token ids of every prompt, truncated on the left to --max_input_length when given."""
+    if args.input_file:
+        prompts = read_input_file(Path(args.input_file), tokenizer, args.pad_id)
+    else:
+        if tokenizer is None:
+            raise ConfigError("text prompts need --tokenizer_dir (or give token ids with --input_file x.csv/.npy)")
+        prompts = [tokenizer.encode(text) for text in args.input_text]
+    if args.max_input_length is not None:
+        prompts = [ids[-args.max_input_length:] for ids in prompts]
+    return prompts
+
+
+def read_input_file(path: Path, tokenizer, pad_id: int | None) -> list[list[int]]:
+    if not path.is_file():
+        raise ConfigError(f"--input_file {path} does not exist")
+    if path.suffix == ".txt":
+        if tokenizer is None:
+            raise ConfigError("a .txt --input_file needs --tokenizer_dir")
+        return [tokenizer.encode(line.rstrip("\n")) for line in path.read_text().splitlines() if line.strip()]
+    if path.suffix == ".csv":
+        with open(path, newline="") as f:
+            return [[int(x) for x in row] for row in csv.reader(f) if row]
+    if path.suffix == ".npy":
+        rows = np.load(path, allow_pickle=False)
+        pad = pad_id if pad_id is not None else (tokenizer.pad_token_id if tokenizer else None)
+        return [[int(x) for x in row if pad is None or x != pad] for row in np.atleast_2d(rows)]
+    raise ConfigError(f"--input_file must end in .txt, .csv or .npy, not {path.suffix!r}")
+
+
+def write_outputs(args: argparse.Namespace, results: list[RequestOutput], pad: int) -> None:
+    if args.output_json:
+        data = [{"input_ids": r.prompt_token_ids, "output_ids": [o.token_ids for o in r.outputs],
+                 "text": [o.text for o in r.outputs]} for r in results]
+        Path(args.output_json).write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n")
+    rows = [r.prompt_token_ids + o.token_ids for r in results for o in r.outputs]
+    width = max(len(row) for row in rows)
+    padded = [row + [pad] * (width - len(row)) for row in rows]
+    if args.output_csv:
+        with open(args.output_csv, "w", newline="") as f:
+            csv.writer(f).writerows(padded)
+    if args.output_npy:
+        np.save(args.output_npy, np.array(padded, dtype=np.int32))
+
+
+def print_results(results: list[RequestOutput], tokenizer) -> None:
+    for i, r in enumerate(results):
+        prompt = tokenizer.decode(r.prompt_token_ids) if tokenizer else r.prompt_token_ids
+        print(f'Input [Text {i}]: "{prompt}"')
+        for o in r.outputs:
+            shown = o.text if tokenizer else o.token_ids
+            print(f'Output [Text {i} Beam {o.index}]: "{shown}"')
+
+
+def main(args: argparse.Namespace) -> int:
+    llm = LLM(args.engine_dir, tokenizer_dir=args.tokenizer_dir, device=args.device,
+              kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
+    tokenizer = llm.tokenizer
+    prompts = read_prompts(args, tokenizer)
+    params = sampling_params(args, tokenizer)
+    if args.streaming:
+        counts: dict[tuple[int, int], int] = {}
+        for delta in llm.stream(prompts, params):
+            key = (delta.request_id, delta.index)
+            counts[key] = counts.get(key, 0) + 1
+            shown = delta.text if tokenizer else f" {delta.token_id}"
+            print(f"[{delta.request_id}.{delta.index}]{shown}" if counts[key] % args.streaming_interval == 0
+                  or delta.finish_reason else "", end="\n" if delta.finish_reason else "", flush=True)
+        results = llm._requests
+    else:
+        results = llm.generate(prompts, params)
+    print_results(results, tokenizer)
+    pad = args.pad_id if args.pad_id is not None else (params.end_id if params.end_id is not None else
+                                                         (tokenizer.pad_token_id if tokenizer else 0)) or 0
+    write_outputs(args, results, pad)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(argparse.Namespace()))

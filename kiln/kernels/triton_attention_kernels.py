@@ -1,0 +1,171 @@
+"""Triton kernels of kiln's unified paged attention (the launcher is in triton_attention.py).
+
+One program owns a tile of BLOCK_M rows = BLOCK_Q query tokens of one sequence x the GROUP query heads that share
+one kv head (row r is token r // GROUP, head r % GROUP), so each K/V tile is loaded once for the whole group. It
+walks the sequence's keys in BLOCK_N steps through the block table with an online softmax in float32 (base 2:
+scores are pre-multiplied by log2(e)). With SPLIT the keys are cut into NUM_SPLITS partitions (flash-decoding);
+each program then writes its unnormalised partial result and _reduce_splits_kernel merges them.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E: tl.constexpr = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _find_sequence(query_start_loc_ptr, num_seqs, target, BLOCK_Q: tl.constexpr):
+    """Largest b with query_start_loc[b] // BLOCK_Q + b <= target: sequence b's first tile has that index, so the
+    grid needs no host-side table (and no GPU->CPU sync) to map programs to sequences."""
+    lo = tl.zeros([], dtype=tl.int32)
+    hi = tl.zeros([], dtype=tl.int32) + num_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_tile = tl.load(query_start_loc_ptr + mid).to(tl.int32) // BLOCK_Q + mid
+        if first_tile <= target:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit
+def _attend_block(
+    start, q, acc, m_i, l_i, q_pos, slope, qk_scale, k_cache_ptr, v_cache_ptr, block_table_ptr, kv_offset,
+    kv_end, dims, dim_ok, stride_kb, stride_ks, stride_vb, stride_vs,
+    BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Fold the keys start .. start + BLOCK_N - 1 (those < kv_end) into the running (acc, m_i, l_i) of q's rows."""
+    k_pos = start + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+    k_ok = k_pos < kv_end
+    block = tl.load(block_table_ptr + k_pos // BLOCK_SIZE, mask=k_ok, other=0).to(tl.int64)
+    within = k_pos % BLOCK_SIZE
+    k_off = block * stride_kb + within * stride_ks + kv_offset  # [BLOCK_N]
+    v_off = block * stride_vb + within * stride_vs + kv_offset
+    k = tl.load(k_cache_ptr + k_off[None, :] + dims[:, None], mask=k_ok[None, :] & dim_ok[:, None],
+                other=0.0)  # [HEAD_DIM_PAD, BLOCK_N]
+    v = tl.load(v_cache_ptr + v_off[:, None] + dims[None, :], mask=k_ok[:, None] & dim_ok[None, :],
+                other=0.0)  # [BLOCK_N, HEAD_DIM_PAD]
+    if DOT_F32:
+        s = tl.dot(q.to(tl.float32), k.to(tl.float32), input_precision=PRECISION)
+    else:
+        s = tl.dot(q, k.to(q.dtype), input_precision=PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+    s = s * qk_scale  # softmax scale x log2(e): the softmax runs in base 2
+    if USE_ALIBI:
+        s += slope[:, None] * (k_pos[None, :] - q_pos[:, None]).to(tl.float32)
+    visible = (k_pos[None, :] <= q_pos[:, None]) & k_ok[None, :]
+    s = tl.where(visible, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    # A row that has seen no visible key yet (possible in a split) keeps m = -inf; subtracting 0 instead keeps
+    # exp2 at 0 rather than NaN.
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.math.exp2(s - m_safe[:, None])
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DOT_F32:
+        pv = tl.dot(p, v.to(tl.float32), input_precision=PRECISION)
+    else:
+        pv = tl.dot(p.to(q.dtype), v.to(q.dtype), input_precision=PRECISION)
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
+@triton.jit
+def paged_attention_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, alibi_ptr,
+    part_acc_ptr, part_ml_ptr,
+    qk_scale, num_seqs, num_tokens, num_heads,
+    stride_qt, stride_qh, stride_ot, stride_oh,
+    stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    USE_ALIBI: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+):
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    seq = _find_sequence(query_start_loc_ptr, num_seqs, tl.program_id(0), BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
+    q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
+    tile = tl.program_id(0) - (q_start // BLOCK_Q + seq)
+    if tile * BLOCK_Q >= q_len:
+        return  # a spare program of the over-provisioned grid
+    seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+
+    rows = tl.arange(0, BLOCK_M)
+    tok = tile * BLOCK_Q + rows // GROUP  # token index within the sequence's new tokens
+    head = kv_head * GROUP + rows % GROUP
+    row_ok = (rows < BLOCK_Q * GROUP) & (tok < q_len)
+    q_pos = seq_len - q_len + tok  # absolute position of each row's query
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    token = (q_start + tok).to(tl.int64)
+    q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
+                mask=row_ok[:, None] & dim_ok[None, :], other=0.0)  # [BLOCK_M, HEAD_DIM_PAD]
+    slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if USE_ALIBI:
+        slope = tl.load(alibi_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+
+    # Causality bounds the keys of this tile by its last query's position.
+    kv_end = seq_len - q_len + tl.minimum(q_len, (tile + 1) * BLOCK_Q)
+    kv_start = 0
+    if NUM_SPLITS > 1:
+        chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS) * BLOCK_N
+        kv_start = split * chunk
+        kv_end = tl.minimum(kv_end, kv_start + chunk)
+
+    m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    kv_offset = kv_head * stride_kh
+    if WHILE_LOOP:
+        start = kv_start
+        while start < kv_end:
+            acc, m_i, l_i = _attend_block(
+                start, q, acc, m_i, l_i, q_pos, slope, qk_scale, k_cache_ptr, v_cache_ptr, table, kv_offset, kv_end,
+                dims, dim_ok, stride_kb, stride_ks, stride_vb, stride_vs,
+                BLOCK_SIZE, BLOCK_N, USE_ALIBI, DOT_F32, PRECISION)
+            start += BLOCK_N
+    else:
+        for start in range(kv_start, kv_end, BLOCK_N):
+            acc, m_i, l_i = _attend_block(
+                start, q, acc, m_i, l_i, q_pos, slope, qk_scale, k_cache_ptr, v_cache_ptr, table, kv_offset, kv_end,
+                dims, dim_ok, stride_kb, stride_ks, stride_vb, stride_vs,
+                BLOCK_SIZE, BLOCK_N, USE_ALIBI, DOT_F32, PRECISION)
+    out_mask = row_ok[:, None] & dim_ok[None, :]
+    if NUM_SPLITS > 1:
+        # Partials: acc [splits, tokens, heads, HEAD_DIM], (m, l) [splits, tokens, heads, 2].
+        row = (split * num_tokens + token) * num_heads + head  # [BLOCK_M] int64
+        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=out_mask)
+        tl.store(part_ml_ptr + row * 2, m_i, mask=row_ok)
+        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=row_ok)
+    else:
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def reduce_splits_kernel(
+    part_acc_ptr, part_ml_ptr, out_ptr, num_tokens, num_heads, stride_ot, stride_oh,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    """Merge the NUM_SPLITS partial softmax results of one (token, head) (grid: tokens x heads)."""
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    splits = tl.arange(0, SPLITS_PAD)
+    split_ok = splits < NUM_SPLITS
+    row = (splits * num_tokens + token) * num_heads + head  # [SPLITS_PAD]
+    m = tl.load(part_ml_ptr + row * 2, mask=split_ok, other=float("-inf"))
+    l = tl.load(part_ml_ptr + row * 2 + 1, mask=split_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    weight = tl.math.exp2(m - tl.where(m_max == float("-inf"), 0.0, m_max))  # 0 for empty splits
+    dims = tl.arange(0, HEAD_DIM_PAD)
+    dim_ok = dims < HEAD_DIM
+    acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + dims[None, :],
+                  mask=split_ok[:, None] & dim_ok[None, :], other=0.0)  # [SPLITS_PAD, HEAD_DIM_PAD]
+    out = tl.sum(acc * weight[:, None], 0) / tl.sum(weight * l, 0)
+    tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)

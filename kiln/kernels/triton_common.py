@@ -1,0 +1,93 @@
+"""Shared helpers of kiln's Triton launchers: input checks that raise clear errors, and device facts."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def check_tensor(
+    name: str,
+    tensor: object,
+    ndim: int,
+    dtypes: tuple[torch.dtype, ...],
+    device: torch.device | None = None,
+    last_dim_contiguous: bool = True,
+) -> torch.Tensor:
+    """Check rank, dtype, device and inner-dimension contiguity of one launcher argument; return it."""
+    if not isinstance(tensor, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
+    if tensor.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+    if tensor.dtype not in dtypes:
+        allowed = ", ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise ValueError(f"{name} has dtype {tensor.dtype}; the kernel takes {allowed}")
+    if device is not None and tensor.device != device:
+        raise ValueError(f"{name} is on {tensor.device} but the other inputs are on {device}; move it there")
+    if last_dim_contiguous and tensor.shape[-1] > 1 and tensor.stride(-1) != 1:
+        raise ValueError(f"{name} must be contiguous in its last dimension (stride {tensor.stride()}); "
+                         "call .contiguous() first")
+    return tensor
+
+
+def check_shape(name: str, tensor: torch.Tensor, shape: tuple[int, ...]) -> None:
+    """Raise when `tensor` does not have exactly `shape`."""
+    if tuple(tensor.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(tensor.shape)}")
+
+
+def check_contiguous(name: str, tensor: torch.Tensor) -> None:
+    """Raise when `tensor` is not contiguous (kernels that index it flat need that)."""
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be contiguous (stride {tensor.stride()}); call .contiguous() first")
+
+
+def check_device(device: torch.device) -> None:
+    """Triton kernels run on CUDA tensors, or on CPU tensors only under the interpreter (TRITON_INTERPRET=1)."""
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"Triton kernels need CUDA tensors, got tensors on {device}")
+
+
+def dot_upcast(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether tiles must be cast to float32 before tl.dot.
+
+    Triton 3.6's interpreter multiplies bfloat16 tiles as their raw uint16 bits (its create_dot skips the bf16
+    conversion), so on the CPU, which only the interpreter serves, bf16 tiles are upcast first. On a GPU the
+    tensor cores take bf16 directly."""
+    return device.type == "cpu" and dtype == torch.bfloat16
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """float32 inputs use exact fp32 products ("ieee"), not TF32, so results match the fp32 reference to ~1e-5."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+@functools.lru_cache(maxsize=None)
+def multiprocessor_count(device: torch.device) -> int:
+    """Number of SMs of a CUDA device (a small stand-in on the CPU, where the interpreter runs programs in turn)."""
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def next_power_of_2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1)."""
+    return 1 if n <= 1 else 1 << (n - 1).bit_length()
+
+
+def cdiv(a: int, b: int) -> int:
+    """Ceiling division of non-negative ints."""
+    return -(-a // b)
+
+
+def while_loops(device: torch.device) -> bool:
+    """Whether kernels must drive their runtime-bounded loops with `while` instead of `for ... in range`.
+
+    Triton 3.6's interpreter (the only way to run on the CPU) turns range() bounds into Python ints with int() of
+    1-element arrays, which NumPy >= 2.4 rejects. On the GPU the `for` form stays: only it is software-pipelined
+    (num_stages). Both forms call the same @triton.jit step function, so the interpreter still checks all the math."""
+    return device.type == "cpu"

@@ -1,0 +1,60 @@
+"""Multi-head / grouped-query attention over the paged KV cache, with RoPE or ALiBi."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from kiln.config import Mapping, ModelConfig
+from kiln.layers.context import ForwardContext
+from kiln.layers.linear import QKVParallelLinear, RowParallelLinear
+from kiln.layers.position import RotaryEmbedding, alibi_slopes
+
+
+class Attention(nn.Module):
+    """Fused QKV projection (optionally clamped to ±clip_qkv, on the fused output before the split, as DBRX and MPT
+    do), positions (RoPE on q and k, or ALiBi slopes passed to the kernel), the KV-cache write, paged causal
+    attention and the output projection. Holds this rank's heads only."""
+
+    def __init__(self, config: ModelConfig, mapping: Mapping) -> None:
+        super().__init__()
+        tp, rank = mapping.tp_size, mapping.tp_rank
+        dtype, head_dim = config.torch_dtype, config.head_size
+        self.qkv_proj = QKVParallelLinear(config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+                                          head_dim, config.linear_bias, dtype, tp, rank)
+        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
+                                        config.linear_bias, dtype, tp, rank)
+        self.num_heads, self.num_kv_heads = self.qkv_proj.local_heads, self.qkv_proj.local_kv_heads
+        self.head_dim = head_dim
+        self.scale = config.softmax_scale or head_dim**-0.5
+        self.clip_qkv = config.clip_qkv
+        self.rotary: RotaryEmbedding | None = None
+        self.alibi_slopes: torch.Tensor | None = None
+        if config.position_embedding_type == "alibi":
+            slopes = alibi_slopes(config.num_attention_heads, config.alibi_bias_max)
+            self.register_buffer("alibi_slopes", slopes[rank * self.num_heads : (rank + 1) * self.num_heads].clone(),
+                                 persistent=False)
+        else:
+            self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, config.rotary_base)
+        # Bound by the model runner once the cache is allocated: [num_blocks, block_size, kv_heads, head_dim] each.
+        self.k_cache = torch.empty(0)
+        self.v_cache = torch.empty(0)
+
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+        # positions [tokens]; hidden [tokens, hidden_size] -> [tokens, hidden_size]
+        tokens = hidden.shape[0]
+        qkv = self.qkv_proj(hidden)
+        if self.clip_qkv is not None:
+            qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = q.reshape(tokens, self.num_heads, self.head_dim)
+        k = k.reshape(tokens, self.num_kv_heads, self.head_dim)
+        v = v.reshape(tokens, self.num_kv_heads, self.head_dim)
+        if self.rotary is not None:
+            q, k = self.rotary(positions, q, k)
+        meta, kernels = ctx.attn, ctx.kernels
+        kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        out = kernels.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc,
+                                      meta.seq_lens, self.scale, self.alibi_slopes)
+        return self.o_proj(out.reshape(tokens, q_size))

@@ -1,0 +1,236 @@
+"""LLM: the offline batch API. `kiln.LLM(engine_dir).generate(prompts, kiln.SamplingParams(max_tokens=64))`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence as Seq
+
+import torch
+
+from kiln.checkpoint.kiln_format import load_artifact
+from kiln.engine.block_manager import BlockManager
+from kiln.engine.llm_engine import LLMEngine, TokenEvent
+from kiln.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
+from kiln.engine.sequence import FinishReason, Sequence
+from kiln.executor.model_runner import CacheConfig, ModelRunner
+from kiln.kernels import select_kernels
+from kiln.sampling_params import SamplingParams
+
+
+class RequestError(ValueError):
+    """A request the engine cannot serve, with the limit it breaks and how to fix it."""
+
+
+@dataclass
+class CompletionOutput:
+    """One generated sequence: its tokens (the end token included when generation stopped on it), text and why
+    it ended."""
+
+    index: int
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+
+    @property
+    def cumulative_logprob(self) -> float:
+        return float(sum(self.logprobs))
+
+
+@dataclass
+class RequestOutput:
+    """Everything generated for one prompt (several outputs when n > 1)."""
+
+    request_id: int
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput]
+
+    @property
+    def finished(self) -> bool:
+        return all(o.finish_reason is not None for o in self.outputs)
+
+
+@dataclass
+class StreamDelta:
+    """What one step added to one output (for streaming)."""
+
+    request_id: int
+    index: int
+    token_id: int
+    text: str
+    finish_reason: str | None
+
+
+class _Tracker:
+    """Follows one output: incremental text and stop strings."""
+
+    def __init__(self, llm: "LLM", out: CompletionOutput, prompt_ids: list[int], params: SamplingParams) -> None:
+        self.out, self.params = out, params
+        self.detok = llm._detokenizer(prompt_ids)
+
+    def add(self, event: TokenEvent) -> tuple[str, bool]:
+        """Record a token; return the new text and whether a stop string ended the output."""
+        self.out.token_ids.append(event.token_id)
+        if event.logprob is not None:
+            self.out.logprobs.append(event.logprob)
+        if event.top_logprobs:
+            self.out.top_logprobs.append(event.top_logprobs)
+        if self.detok is None:
+            return "", False
+        piece = self.detok.add(event.token_id)
+        if event.finished:
+            piece += self.detok.flush()
+        before = len(self.out.text)
+        self.out.text += piece
+        for stop in self.params.stop:
+            at = self.out.text.find(stop, max(0, before - len(stop)))
+            if at >= 0:
+                end = at + len(stop) if self.params.include_stop_str_in_output else at
+                self.out.text = self.out.text[:end]
+                return self.out.text[before:], True
+        return piece, False
+
+
+class LLM:
+    """A loaded engine with its runtime. Prompts are strings (with a tokenizer) or lists of token ids."""
+
+    def __init__(self, engine_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str | None = None,
+                 kv_cache_free_gpu_memory_fraction: float = 0.9, kv_cache_bytes: int | None = None,
+                 enable_prefix_caching: bool = True, kernel_backend: str = "auto") -> None:
+        self.info = load_artifact(engine_dir, "engine")
+        if self.info.mapping.world_size > 1:
+            raise RequestError(f"{engine_dir} has {self.info.mapping.world_size} ranks; this kiln runs one-rank "
+                               "engines only: convert with --tp_size 1 --pp_size 1")
+        self.build = self.info.build
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        runner = ModelRunner(self.info, self.info.mapping, dev, CacheConfig(kv_cache_free_gpu_memory_fraction,
+                             kv_cache_bytes), select_kernels(dev, kernel_backend))
+        blocks = BlockManager(runner.num_blocks, self.build.kv_block_size, enable_prefix_caching)
+        scheduler = Scheduler(blocks, self.build.max_batch_size, self.build.max_num_tokens, self.build.max_seq_len)
+        self.runner, self.engine = runner, LLMEngine(scheduler, runner)
+        self.tokenizer = None
+        if tokenizer_dir is not None:
+            from kiln.tokenizer import load_tokenizer
+
+            self.tokenizer = load_tokenizer(tokenizer_dir)
+
+    def _detokenizer(self, prompt_ids: list[int]) -> Any:
+        if self.tokenizer is None:
+            return None
+        from kiln.tokenizer import IncrementalDetokenizer
+
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids)
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise RequestError("text prompts need a tokenizer: pass tokenizer_dir (--tokenizer_dir)")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def stop_ids(self, params: SamplingParams) -> frozenset[int]:
+        """The request's stop ids: its own, its end_id, and the model's end tokens (tokenizer and
+        generation_config.json, else config.json's eos) unless an end_id overrides them."""
+        ids = set(params.stop_token_ids)
+        if params.end_id is not None:
+            ids.add(params.end_id)
+            return frozenset(ids)
+        if self.tokenizer is not None:
+            ids.update(self.tokenizer.stop_token_ids)
+        else:
+            eos = self.info.model.eos_token_id
+            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        return frozenset(ids)
+
+    def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        limit = self.build.max_input_len
+        if len(prompt_ids) > limit:
+            raise RequestError(f"a prompt has {len(prompt_ids)} tokens, more than this engine's max_input_len {limit}; "
+                               "rebuild with a larger --max_input_len or truncate the prompt (--max_input_length)")
+        if len(prompt_ids) + params.max_tokens > self.build.max_seq_len:
+            raise RequestError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this engine's "
+                f"max_seq_len {self.build.max_seq_len}; lower max_tokens or rebuild with a larger --max_seq_len")
+        if params.use_beam_search:
+            raise RequestError("beam search is not available in this kiln version; use greedy or sampling")
+
+    def _add_requests(self, prompts: Seq[str | list[int]], params: Seq[SamplingParams]) -> tuple[
+            list[RequestOutput], dict[int, tuple[int, _Tracker]]]:
+        requests, trackers = [], {}
+        encoded = [self.encode(p) for p in prompts]
+        for ids, p in zip(encoded, params):
+            self._check(ids, p)
+        for rid, (prompt, ids, p) in enumerate(zip(prompts, encoded, params)):
+            req = RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids, [])
+            stops = self.stop_ids(p)
+            for index in range(p.n):
+                out = CompletionOutput(index)
+                req.outputs.append(out)
+                seq = Sequence(self.engine.new_seq_id(), ids, p.max_tokens, stops, p.ignore_eos, p.min_tokens, p)
+                trackers[seq.seq_id] = (rid, _Tracker(self, out, ids, p))
+                self.engine.add(seq)
+            requests.append(req)
+        return requests, trackers
+
+    def stream(self, prompts: Seq[str | list[int]] | str,
+               sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> Iterator[StreamDelta]:
+        """Generate, yielding each output's new token and text as soon as it is made."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
+            params = [sampling_params or SamplingParams()] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise RequestError(f"{len(params)} sampling params for {len(prompts)} prompts; give one or one each")
+        requests, trackers = self._add_requests(prompts, params)
+        self._requests = requests
+        try:
+            while self.engine.has_unfinished():
+                for event in self.engine.step():
+                    yield self._apply(event, requests, trackers)
+        finally:
+            for seq_id in list(trackers):  # a consumer that stops early leaves nothing running
+                self.engine.abort(seq_id)
+
+    def _apply(self, event: TokenEvent, requests: list[RequestOutput],
+               trackers: dict[int, tuple[int, _Tracker]]) -> StreamDelta:
+        rid, tracker = trackers[event.seq.seq_id]
+        text, stopped = tracker.add(event)
+        if stopped and not event.finished:
+            self.engine.finish(event.seq.seq_id, FinishReason.STOP)
+        reason = FinishReason.STOP.value if stopped else (
+            event.seq.finish_reason.value if event.finished and event.seq.finish_reason else None)
+        if reason is not None:
+            tracker.out.finish_reason = reason
+            del trackers[event.seq.seq_id]
+        return StreamDelta(rid, tracker.out.index, event.token_id, text, reason)
+
+    def score(self, prompt: str | list[int]) -> torch.Tensor:  # [prompt tokens, vocab] float32
+        """The model's logits at every position of one prompt (for perplexity and checks against references).
+        Runs only while nothing else is running; it borrows the first cache blocks and then clears the prefix
+        cache, whose blocks it may have overwritten."""
+        if self.engine.has_unfinished():
+            raise RequestError("score() runs only while no generation is in flight")
+        ids = self.encode(prompt)
+        if not 0 < len(ids) <= self.build.max_seq_len:
+            raise RequestError(f"score() takes 1 to max_seq_len ({self.build.max_seq_len}) tokens, got {len(ids)}")
+        blocks = self.engine.scheduler.block_manager
+        needed = -(-len(ids) // self.build.kv_block_size)
+        if needed > self.runner.num_blocks:
+            raise RequestError(f"the KV cache holds {self.runner.num_blocks} blocks, the prompt needs {needed}")
+        seq = Sequence(-1, ids, 1)
+        seq.block_table = list(range(needed))
+        logits = self.runner.compute_logits(SchedulerOutput([ScheduledSeq(seq, len(ids))], [], [], len(ids)),
+                                            all_logits=True)
+        blocks.reset_prefix_cache()
+        return logits
+
+    def generate(self, prompts: Seq[str | list[int]] | str,
+                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate for every prompt (batched together) and return one RequestOutput per prompt, in order."""
+        for _ in self.stream(prompts, sampling_params):
+            pass
+        return self._requests

@@ -1,0 +1,55 @@
+"""The memory plan: what a rank needs for weights, KV cache and activations, said before anything is allocated."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from kiln.config import BuildConfig, Mapping, ModelConfig
+
+GiB = 1024**3
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes per rank. `kv_bytes_per_token` covers every layer of the rank's stage (keys and values)."""
+
+    weight_bytes: int
+    kv_bytes_per_token: int
+    activation_bytes: int
+
+    def kv_tokens_that_fit(self, memory_bytes: float) -> int:
+        free = memory_bytes - self.weight_bytes - self.activation_bytes
+        return max(0, int(free // self.kv_bytes_per_token))
+
+    def to_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def kv_bytes_per_token(model: ModelConfig, mapping: Mapping, num_layers: int, element_size: int) -> int:
+    kv_heads = max(1, model.num_key_value_heads // mapping.tp_size)
+    return 2 * num_layers * kv_heads * model.head_size * element_size
+
+
+def activation_bytes(model: ModelConfig, build: BuildConfig, element_size: int) -> int:
+    """A generous bound on one step's transient tensors: a few hidden-sized and ffn-sized buffers per token in the
+    step, and float32 logits for every sequence."""
+    tokens = build.max_num_tokens
+    per_token = (6 * model.hidden_size + 3 * model.intermediate_size * max(1, model.moe_top_k)) * element_size
+    logits = build.max_batch_size * build.max_beam_width * model.vocab_size * 4 * 2
+    return tokens * per_token + logits
+
+
+def describe(plan: MemoryPlan, build: BuildConfig, memory_gib: float | None) -> str:
+    """The plan as the lines `kiln build` prints."""
+    need_kv = build.max_batch_size * build.max_beam_width * build.max_seq_len * plan.kv_bytes_per_token
+    lines = [
+        f"weights per rank:        {plan.weight_bytes / GiB:10.3f} GiB",
+        f"KV cache per token:      {plan.kv_bytes_per_token / 1024:10.1f} KiB",
+        f"activations (max step):  {plan.activation_bytes / GiB:10.3f} GiB",
+        f"KV for max_batch_size x max_seq_len: {need_kv / GiB:.3f} GiB",
+    ]
+    if memory_gib:
+        fit = plan.kv_tokens_that_fit(memory_gib * GiB)
+        lines.append(f"in {memory_gib:g} GiB per rank: {fit} KV tokens fit "
+                     f"({fit // max(1, build.max_seq_len)} sequences of max_seq_len)")
+    return "\n".join(lines)

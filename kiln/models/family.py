@@ -1,0 +1,73 @@
+"""What a model family declares: its architecture names, how its Hugging Face config maps to kiln's, and its weight
+map as data (Hugging Face names -> kiln names, with fusions and named transforms)."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from kiln.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class WeightRule:
+    """One kiln parameter made from one or more Hugging Face tensors. `{layer}` in both patterns stands for the
+    layer index; `transform` names a function in kiln.models.transforms (applied to the sources in order)."""
+
+    kiln: str
+    sources: tuple[str, ...]
+    transform: str = "identity"
+
+    def regex(self) -> re.Pattern[str]:
+        return re.compile("^" + re.escape(self.kiln).replace(r"\{layer\}", r"(?P<layer>\d+)") + "$")
+
+
+@dataclass(frozen=True)
+class Family:
+    """A registered model family. `presets` are Hugging Face style config dicts for dummy weights at real shapes."""
+
+    name: str
+    architectures: tuple[str, ...]
+    model_class: type
+    config_from_hf: Callable[..., ModelConfig]
+    weight_rules: Callable[[ModelConfig], list[WeightRule]]
+    presets: dict[str, dict[str, Any]] = field(default_factory=dict)
+    ignored_sources: tuple[str, ...] = ()  # regexes of checkpoint tensors that carry nothing kiln needs
+
+
+def hf_dtype(hf: dict[str, Any], default: str = "float32") -> str:
+    """The dtype a Hugging Face config declares (`torch_dtype` in older files, `dtype` in newer ones)."""
+    value = hf.get("torch_dtype") or hf.get("dtype") or default
+    return str(value).replace("torch.", "")
+
+
+def sources_for(rule: WeightRule, kiln_name: str) -> list[str]:
+    match = rule.regex().match(kiln_name)
+    if match is None:
+        raise KeyError(kiln_name)
+    layer = match.groupdict().get("layer")
+    return [s.replace("{layer}", layer) if layer is not None else s for s in rule.sources]
+
+
+def find_rule(rules: list[WeightRule], kiln_name: str) -> WeightRule:
+    for rule in rules:
+        if rule.regex().match(kiln_name):
+            return rule
+    raise KeyError(f"no weight rule makes {kiln_name}")
+
+
+def expected_sources(rules: list[WeightRule], num_layers: int) -> set[str]:
+    """Every Hugging Face tensor name the rules read for a model of `num_layers` layers."""
+    names: set[str] = set()
+    for rule in rules:
+        layers = range(num_layers) if "{layer}" in rule.kiln else [None]
+        for layer in layers:
+            names.update(s.replace("{layer}", str(layer)) if layer is not None else s for s in rule.sources)
+    return names
+
+
+def identity(tensors: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:
+    return tensors[0]

@@ -1,0 +1,39 @@
+"""Named weight transforms that weight rules refer to. Each takes the source tensors (in the rule's order) and the
+model config and returns the full, unsharded kiln tensor."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from kiln.config import ModelConfig
+from kiln.models.family import identity
+
+
+def dbrx_experts_w13(tensors: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:
+    """DBRX's fused gate (w1) and up (v1) parameters, each [experts * ffn, hidden] [DBX modeling_dbrx.py], into
+    kiln's w13 [experts, 2 * ffn, hidden] with rows gate then up."""
+    w1, v1 = (t.reshape(config.moe_num_experts, config.intermediate_size, config.hidden_size) for t in tensors)
+    return torch.cat([w1, v1], dim=1)
+
+
+def dbrx_experts_w2(tensors: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:
+    """DBRX's down parameter is stored [experts * ffn, hidden] and used without a transpose (`act @ W2`); kiln's w2
+    is [experts, hidden, ffn] so that every expert is applied as `act @ w2[e].T` like a Linear."""
+    w2 = tensors[0].reshape(config.moe_num_experts, config.intermediate_size, config.hidden_size)
+    return w2.transpose(1, 2).contiguous()
+
+
+def l2_normalize_rows(tensors: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:
+    """Baichuan2's NormHead divides each vocabulary row by its L2 norm at inference [BC2]; done once here, in float32."""
+    w = tensors[0]
+    return torch.nn.functional.normalize(w.float(), dim=1).to(w.dtype)
+
+
+TRANSFORMS: dict[str, Callable[[list[torch.Tensor], ModelConfig], torch.Tensor]] = {
+    "identity": identity,
+    "dbrx_experts_w13": dbrx_experts_w13,
+    "dbrx_experts_w2": dbrx_experts_w2,
+    "l2_normalize_rows": l2_normalize_rows,
+}
