@@ -25,6 +25,11 @@ def dbrx_experts_w2(tensors: list[torch.Tensor], config: ModelConfig) -> torch.T
     return w2.transpose(1, 2).contiguous()
 
 
+def concat_rows(tensors: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:
+    """Fuse several [out_i, in] weights into one [sum(out_i), in] (e.g. gate and up into gate_up)."""
+    return torch.cat(tensors, dim=0)
+
+
 def l2_normalize_rows(tensors: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:
     """Baichuan2's NormHead divides each vocabulary row by its L2 norm at inference [BC2]; done once here, in float32."""
     w = tensors[0]
@@ -36,4 +41,5 @@ TRANSFORMS: dict[str, Callable[[list[torch.Tensor], ModelConfig], torch.Tensor]]
     "dbrx_experts_w13": dbrx_experts_w13,
     "dbrx_experts_w2": dbrx_experts_w2,
     "l2_normalize_rows": l2_normalize_rows,
+    "concat_rows": concat_rows,
 }
