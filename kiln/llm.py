@@ -186,7 +186,7 @@ class LLM:
             if len(params) != len(prompts):
                 raise RequestError(f"{len(params)} sampling params for {len(prompts)} prompts; give one or one each")
         requests, trackers = self._add_requests(prompts, params)
-        self._requests = requests
+        self.last_results = requests
         try:
             while self.engine.has_unfinished():
                 for event in self.engine.step():
@@ -228,9 +228,20 @@ class LLM:
         blocks.reset_prefix_cache()
         return logits
 
+    def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Generate replies to one conversation or a batch of them ([{"role": ..., "content": ...}, ...]), formatted
+        with the family's chat format (the tokenizer's chat_template, or Baichuan's user/assistant tokens)."""
+        if self.tokenizer is None:
+            raise RequestError("chat needs a tokenizer: pass tokenizer_dir (--tokenizer_dir)")
+        if conversations and isinstance(conversations[0], dict):
+            conversations = [conversations]  # type: ignore[list-item]
+        prompts = [self.tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]
+        return self.generate(prompts, sampling_params)
+
     def generate(self, prompts: Seq[str | list[int]] | str,
                  sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
         """Generate for every prompt (batched together) and return one RequestOutput per prompt, in order."""
         for _ in self.stream(prompts, sampling_params):
             pass
-        return self._requests
+        return self.last_results

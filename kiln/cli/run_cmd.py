@@ -24,6 +24,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--input_text", nargs="+", default=[DEFAULT_PROMPT], help="one or more prompts, batched together")
     p.add_argument("--input_file", help=".txt (a prompt per line), .csv (token ids per row) or .npy (token ids, "
                                         "padded with --pad_id)")
+    p.add_argument("--chat", action="store_true",
+                   help="treat each --input_text as a user message and apply the model's chat format")
+    p.add_argument("--system_prompt", default=None, help="system message for --chat")
     p.add_argument("--max_input_length", type=int, default=None,
                    help="keep only the last N prompt tokens (default: no truncation; the engine's limit applies)")
     p.add_argument("--max_output_len", type=int, required=True)
@@ -75,10 +78,16 @@ def read_prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
     else:
         if tokenizer is None:
             raise ConfigError("text prompts need --tokenizer_dir (or give token ids with --input_file x.csv/.npy)")
-        prompts = [tokenizer.encode(text) for text in args.input_text]
+        prompts = [chat_prompt(tokenizer, text, args.system_prompt) if args.chat else tokenizer.encode(text)
+                   for text in args.input_text]
     if args.max_input_length is not None:
         prompts = [ids[-args.max_input_length:] for ids in prompts]
     return prompts
+
+
+def chat_prompt(tokenizer, text: str, system: str | None) -> list[int]:
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
 def read_input_file(path: Path, tokenizer, pad_id: int | None) -> list[list[int]]:
@@ -122,6 +131,19 @@ def print_results(results: list[RequestOutput], tokenizer) -> None:
             print(f'Output [Text {i} Beam {o.index}]: "{shown}"')
 
 
+def stream_to_stdout(llm: LLM, prompts: list[list[int]], params: SamplingParams, interval: int,
+                     has_text: bool) -> list[RequestOutput]:
+    """Print each output's new text (or token ids) every `interval` tokens as `[prompt.output] piece`."""
+    pending: dict[tuple[int, int], list[str]] = {}
+    for delta in llm.stream(prompts, params):
+        key = (delta.request_id, delta.index)
+        pending.setdefault(key, []).append(delta.text if has_text else f" {delta.token_id}")
+        if len(pending[key]) >= interval or delta.finish_reason:
+            end = f" [{delta.finish_reason}]" if delta.finish_reason else ""
+            print(f"[{key[0]}.{key[1]}] {''.join(pending.pop(key))!r}{end}", flush=True)
+    return llm.last_results
+
+
 def main(args: argparse.Namespace) -> int:
     llm = LLM(args.engine_dir, tokenizer_dir=args.tokenizer_dir, device=args.device,
               kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
@@ -129,14 +151,7 @@ def main(args: argparse.Namespace) -> int:
     prompts = read_prompts(args, tokenizer)
     params = sampling_params(args, tokenizer)
     if args.streaming:
-        counts: dict[tuple[int, int], int] = {}
-        for delta in llm.stream(prompts, params):
-            key = (delta.request_id, delta.index)
-            counts[key] = counts.get(key, 0) + 1
-            shown = delta.text if tokenizer else f" {delta.token_id}"
-            print(f"[{delta.request_id}.{delta.index}]{shown}" if counts[key] % args.streaming_interval == 0
-                  or delta.finish_reason else "", end="\n" if delta.finish_reason else "", flush=True)
-        results = llm._requests
+        results = stream_to_stdout(llm, prompts, params, args.streaming_interval, tokenizer is not None)
     else:
         results = llm.generate(prompts, params)
     print_results(results, tokenizer)
