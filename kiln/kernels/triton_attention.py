@@ -75,7 +75,8 @@ def _check_attention_inputs(query, k_cache, v_cache, block_tables, query_start_l
     seqs = seq_lens.shape[0]
     check_shape("query_start_loc", query_start_loc, (seqs + 1,))
     if block_tables.shape[0] < seqs:
-        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {seqs} sequences; it needs one per sequence")
+        raise ValueError(f"block_tables has {block_tables.shape[0]} rows for {seqs} sequences; "
+                         "it needs one row per sequence")
     if alibi_slopes is not None:
         check_tensor("alibi_slopes", alibi_slopes, 1, FLOAT_DTYPES, device)
         check_shape("alibi_slopes", alibi_slopes, (heads,))
@@ -141,7 +142,8 @@ def paged_attention(
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, BLOCK_SIZE=block_size,
         BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n, NUM_SPLITS=num_splits,
         USE_ALIBI=alibi_slopes is not None, DOT_F32=dot_upcast(query.dtype, query.device),
-        PRECISION=dot_precision(query.dtype), WHILE_LOOP=while_loops(query.device), num_warps=config.num_warps, num_stages=config.num_stages,
+        PRECISION=dot_precision(query.dtype), WHILE_LOOP=while_loops(query.device),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1:
         reduce_splits_kernel[(tokens, heads)](

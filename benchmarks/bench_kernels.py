@@ -1,0 +1,149 @@
+"""Time kiln's Triton kernels against torch at DBRX and MPT-7B shapes on a GPU; print bandwidth / TFLOPs.
+
+    python benchmarks/bench_kernels.py [--only kv,attn,moe] [--tune]
+
+Every row gives the Triton time, the torch time (the reference, or torch's own fused op where the reference is a
+Python loop), their ratio, and the achieved rate against the memory-copy bandwidth measured here first. Inputs are
+random (never zeros); times are CUDA-event medians from triton.testing.do_bench."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from kiln.kernels import reference
+from kiln.kernels.triton_ops import fused_moe, paged_attention, tune_fused_moe, write_kv_cache
+
+DTYPE = torch.bfloat16
+ROWS: list[str] = []
+
+
+def bench(fn) -> float:
+    """Median milliseconds of fn()."""
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def row(name: str, ms: float, torch_ms: float | None, nbytes: float = 0.0, flops: float = 0.0, peak_bw=1.0) -> None:
+    gbs = nbytes / ms / 1e6
+    tflops = flops / ms / 1e9
+    ratio = f"{torch_ms / ms:6.2f}x" if torch_ms else "   -   "
+    torch_txt = f"{torch_ms:9.4f}" if torch_ms else "        -"
+    text = (f"{name:44s} {ms:9.4f} {torch_txt} {ratio}  {gbs:8.1f} GB/s ({100 * gbs / peak_bw:5.1f}% of copy)"
+            f"  {tflops:7.1f} TFLOP/s")
+    ROWS.append(text)
+    print(text, flush=True)
+
+
+def copy_bandwidth() -> float:
+    """GB/s of a large device-to-device copy (bytes read + bytes written)."""
+    src = torch.randn(256 * 1024 * 1024 // 2, dtype=DTYPE, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench(lambda: dst.copy_(src))
+    return 2 * src.numel() * src.element_size() / ms / 1e6
+
+
+def bench_kv_write(peak: float) -> None:
+    for name, tokens, kv_heads in (("dbrx", 2048, 8), ("dbrx", 64, 8), ("mpt7b", 2048, 32), ("mpt7b", 64, 32)):
+        key = torch.randn(tokens, kv_heads, 128, dtype=DTYPE, device="cuda")
+        value = torch.randn_like(key)
+        blocks = 4096
+        k_cache = torch.randn(blocks, 16, kv_heads, 128, dtype=DTYPE, device="cuda")
+        v_cache = torch.randn_like(k_cache)
+        slots = torch.randperm(blocks * 16, device="cuda")[:tokens]
+        nbytes = 4 * key.numel() * key.element_size()  # k and v, read once and written once
+        ms = bench(lambda: write_kv_cache(key, value, k_cache, v_cache, slots))
+        ref = bench(lambda: reference.write_kv_cache(key, value, k_cache, v_cache, slots))
+        row(f"kv_write {name} tokens={tokens}", ms, ref, nbytes, peak_bw=peak)
+
+
+def paged_inputs(batch: int, q_len: int, ctx: int, heads: int, kv_heads: int):
+    blocks_per_seq = -(-ctx // 16)
+    tables = torch.randperm(batch * blocks_per_seq, device="cuda").view(batch, -1).to(torch.int32)
+    k_cache = torch.randn(batch * blocks_per_seq, 16, kv_heads, 128, dtype=DTYPE, device="cuda")
+    v_cache = torch.randn_like(k_cache)
+    query = torch.randn(batch * q_len, heads, 128, dtype=DTYPE, device="cuda")
+    starts = (torch.arange(batch + 1, device="cuda") * q_len).to(torch.int32)
+    lens = torch.full((batch,), ctx, dtype=torch.int32, device="cuda")
+    return query, k_cache, v_cache, tables, starts, lens
+
+
+def sdpa_equivalent(query, k_cache, v_cache, tables, batch, q_len, ctx, heads, alibi):
+    """torch's fused attention on the same K/V gathered contiguous beforehand (no paging; ALiBi as a float mask)."""
+    kv_heads = k_cache.shape[2]
+    k = k_cache[tables.long()].reshape(batch, -1, kv_heads, 128)[:, :ctx].transpose(1, 2)
+    v = v_cache[tables.long()].reshape(batch, -1, kv_heads, 128)[:, :ctx].transpose(1, 2)
+    q = query.view(batch, q_len, heads, 128).transpose(1, 2)
+    mask = None
+    if alibi is not None:
+        pos = torch.arange(ctx, device="cuda")
+        q_pos = pos[ctx - q_len:]
+        bias = alibi[:, None, None] * (pos[None, None, :] - q_pos[None, :, None]).float()
+        mask = bias.masked_fill(pos[None, None, :] > q_pos[None, :, None], float("-inf")).to(DTYPE)[None]
+    causal = mask is None and q_len > 1
+    return lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
+                                                  enable_gqa=kv_heads != heads)
+
+
+def bench_attention(peak: float) -> None:
+    models = {"mpt7b": (32, 32, True), "dbrx": (48, 8, False)}
+    cases = [(b, 1, c) for b in (1, 8, 32, 64) for c in (512, 4096)] + [(1, 2048, 2048), (4, 512, 512)]
+    for model, (heads, kv_heads, use_alibi) in models.items():
+        slopes = torch.tensor([2 ** (-8 * (i + 1) / heads) for i in range(heads)], device="cuda")
+        alibi = slopes if use_alibi else None
+        for batch, q_len, ctx in cases:
+            query, k_cache, v_cache, tables, starts, lens = paged_inputs(batch, q_len, ctx, heads, kv_heads)
+            fn = lambda: paged_attention(query, k_cache, v_cache, tables, starts, lens, 128**-0.5, alibi)  # noqa: E731
+            ms = bench(fn)
+            torch_ms = bench(sdpa_equivalent(query, k_cache, v_cache, tables, batch, q_len, ctx, heads, alibi))
+            kv_bytes = 2 * batch * ctx * kv_heads * 128 * 2
+            causal_pairs = batch * (q_len * ctx - q_len * (q_len - 1) / 2)
+            flops = 4 * causal_pairs * heads * 128
+            phase = "decode" if q_len == 1 else "prefill"
+            row(f"attn {model} {phase} b={batch} q={q_len} ctx={ctx}", ms, torch_ms, kv_bytes, flops, peak)
+
+
+def bench_moe(peak: float, tune: bool) -> None:
+    size, ffn, experts, top_k = 6144, 10752, 16, 4  # DBRX, one GPU holding every expert
+    w13 = torch.randn(experts, 2 * ffn, size, dtype=DTYPE, device="cuda") * size**-0.5
+    w2 = torch.randn(experts, size, ffn, dtype=DTYPE, device="cuda") * ffn**-0.5
+    for tokens in (1, 8, 64, 256, 2048):
+        hidden = torch.randn(tokens, size, dtype=DTYPE, device="cuda")
+        weights, ids = torch.softmax(torch.randn(tokens, experts, device="cuda"), -1).topk(top_k, dim=-1)
+        config = tune_fused_moe(tokens, size, ffn, experts, top_k, DTYPE) if tune else None
+        ms = bench(lambda: fused_moe(hidden, w13, w2, weights, ids, config=config))
+        ref = bench(lambda: reference.fused_moe(hidden, w13, w2, weights, ids))
+        active = torch.unique(ids).numel()
+        nbytes = active * 3 * ffn * size * 2 + 2 * hidden.numel() * 2
+        flops = 2 * tokens * top_k * 3 * ffn * size
+        row(f"moe dbrx tokens={tokens} ({active} experts){' tuned' if tune else ''}", ms, ref, nbytes, flops, peak)
+        if tune:
+            print(f"    config: {config}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="kv,attn,moe", help="comma list of kv, attn, moe")
+    parser.add_argument("--tune", action="store_true", help="tune the MoE tiles per shape first")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_kernels.py needs a CUDA GPU")
+    torch.manual_seed(0)
+    peak = copy_bandwidth()
+    props = torch.cuda.get_device_properties(0)
+    print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}; copy bandwidth {peak:.0f} GB/s")
+    print(f"{'case':44s} {'triton ms':>9s} {'torch ms':>9s} speedup")
+    only = set(args.only.split(","))
+    if "kv" in only:
+        bench_kv_write(peak)
+    if "attn" in only:
+        bench_attention(peak)
+    if "moe" in only:
+        bench_moe(peak, args.tune)
+    print("\nsummary\n" + "\n".join(ROWS))
+
+
+if __name__ == "__main__":
+    main()

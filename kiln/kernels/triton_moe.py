@@ -1,0 +1,253 @@
+"""Launcher of kiln's fused MoE (contract: reference.fused_moe; kernels in triton_moe_kernels.py).
+
+Four launches whatever the batch: align (sort assignments by expert), one grouped GEMM for gate+up with SiLU-GLU in
+its epilogue, one grouped GEMM for down with the routing weight applied, and a sum over the top-k choices. Tile
+shapes come from a table keyed by (token bucket, hidden, ffn, experts), filled by `tune_fused_moe` on the GPU at
+build time, with a size-based default where it has no entry. Nothing syncs with the host, so it captures in a CUDA
+graph."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.kernels.triton_common import FLOAT_DTYPES, INDEX_DTYPES, cdiv, check_device, check_shape, check_tensor
+from kiln.kernels.triton_common import dot_precision, dot_upcast, next_power_of_2, while_loops
+from kiln.kernels.triton_moe_kernels import moe_align_kernel, moe_down_kernel, moe_gate_up_kernel, moe_sum_kernel
+
+
+@dataclass(frozen=True)
+class GemmTile:
+    """Column and reduction tile of one grouped GEMM, with its launch shape."""
+
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class MoeConfig:
+    """Tiles of the fused MoE: rows per sorted block (shared by both GEMMs), L2 grouping, and each GEMM's tile."""
+
+    block_m: int
+    group_m: int
+    up: GemmTile
+    down: GemmTile
+
+
+MoeKey = tuple[int, int, int, int]  # (token bucket, hidden, ffn, local experts)
+_MOE_CONFIGS: dict[MoeKey, MoeConfig] = {}
+
+
+def token_bucket(num_tokens: int) -> int:
+    """Tokens rounded up to a power of two (capped at 4096): the batch sizes that share one tuned config."""
+    return min(next_power_of_2(max(num_tokens, 1)), 4096)
+
+
+def moe_config_key(num_tokens: int, hidden: int, ffn: int, num_experts: int) -> MoeKey:
+    """The table key of a call's shape."""
+    return (token_bucket(num_tokens), hidden, ffn, num_experts)
+
+
+def register_moe_config(key: MoeKey, config: MoeConfig) -> None:
+    """Record a (tuned) config for a shape key; later fused_moe calls of that shape use it."""
+    _MOE_CONFIGS[key] = config
+
+
+def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoeConfig:
+    """Tiles by rows per expert: decode-sized blocks stream the weights with the smallest M tl.dot takes and deep
+    K tiles; prefill-sized blocks use 64-128 rows so each weight tile feeds the tensor cores many times."""
+    rows_per_expert = num_tokens * top_k / max(num_experts, 1)
+    if rows_per_expert <= 16:
+        return MoeConfig(16, 1, GemmTile(64, 128, 4, 4), GemmTile(64, 128, 4, 4))
+    if rows_per_expert <= 64:
+        return MoeConfig(32, 4, GemmTile(64, 128, 4, 4), GemmTile(64, 128, 4, 4))
+    if rows_per_expert <= 256:
+        return MoeConfig(64, 8, GemmTile(64, 64, 4, 4), GemmTile(128, 64, 4, 4))
+    return MoeConfig(128, 8, GemmTile(64, 64, 8, 4), GemmTile(128, 64, 8, 4))
+
+
+def lookup_moe_config(num_tokens: int, hidden: int, ffn: int, num_experts: int, top_k: int) -> MoeConfig:
+    """The registered config of this shape's key, else the default."""
+    key = moe_config_key(num_tokens, hidden, ffn, num_experts)
+    return _MOE_CONFIGS.get(key) or default_moe_config(num_tokens, top_k, num_experts)
+
+
+def _check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids, expert_start) -> None:
+    check_tensor("hidden", hidden, 2, FLOAT_DTYPES)
+    device = hidden.device
+    check_device(device)
+    check_tensor("w13", w13, 3, (hidden.dtype,), device)
+    check_tensor("w2", w2, 3, (hidden.dtype,), device)
+    check_tensor("topk_weights", topk_weights, 2, FLOAT_DTYPES, device, last_dim_contiguous=False)
+    check_tensor("topk_ids", topk_ids, 2, INDEX_DTYPES, device, last_dim_contiguous=False)
+    tokens, size = hidden.shape
+    experts, two_ffn = w13.shape[0], w13.shape[1]
+    if two_ffn % 2 != 0:
+        raise ValueError(f"w13 must stack [gate; up] rows (2 * ffn), got {two_ffn} rows")
+    check_shape("w13", w13, (experts, two_ffn, size))
+    check_shape("w2", w2, (experts, size, two_ffn // 2))
+    check_shape("topk_ids", topk_ids, (tokens, topk_ids.shape[1]))
+    check_shape("topk_weights", topk_weights, tuple(topk_ids.shape))
+    if not isinstance(expert_start, int) or expert_start < 0:
+        raise ValueError(f"expert_start must be a non-negative int, got {expert_start!r}")
+
+
+@dataclass(frozen=True)
+class AlignedRouting:
+    """The align step's output: assignment ids sorted by expert in BLOCK_M-padded runs, and each block's expert."""
+
+    sorted_ids: torch.Tensor  # [num_blocks * block_m] int32; num_assignments marks padding
+    block_expert: torch.Tensor  # [num_blocks] int32; -1 for blocks past the padded total
+    block_m: int
+
+
+def align_routing(topk_ids: torch.Tensor, num_experts: int, expert_start: int, block_m: int) -> AlignedRouting:
+    """Sort the local (token, choice) assignments by expert (as vLLM's moe_align_block_size), in one launch.
+    The grid bound needs no sync: every non-empty block holds a real assignment, and each expert adds at most
+    one partial block."""
+    ids = topk_ids.contiguous()  # [tokens, top_k]
+    assignments = ids.numel()
+    num_blocks = max(1, min(assignments, assignments // block_m + num_experts))
+    sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=ids.device)
+    block_expert = torch.empty(num_blocks, dtype=torch.int32, device=ids.device)
+    experts_pad = max(16, next_power_of_2(num_experts))
+    moe_align_kernel[(1,)](
+        ids, sorted_ids, block_expert, assignments, expert_start, num_experts, sorted_ids.numel(), num_blocks,
+        BLOCK_M=block_m, EXPERTS_PAD=experts_pad, CHUNK=max(16, min(256, 4096 // experts_pad)), num_warps=4,
+    )
+    return AlignedRouting(sorted_ids, block_expert, block_m)
+
+
+def _launch_gate_up(hidden, w13, act, routing: AlignedRouting, top_k: int, config: MoeConfig) -> None:
+    ffn, size = w13.shape[1] // 2, w13.shape[2]
+    tile = config.up
+    num_m = routing.block_expert.numel()
+    moe_gate_up_kernel[(num_m * cdiv(ffn, tile.block_n),)](
+        hidden, w13, act, routing.sorted_ids, routing.block_expert, act.shape[0], top_k, ffn, size, num_m,
+        hidden.stride(0), w13.stride(0), w13.stride(1), act.stride(0),
+        BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=config.group_m,
+        EVEN_K=size % tile.block_k == 0, DOT_F32=dot_upcast(hidden.dtype, hidden.device),
+        PRECISION=dot_precision(hidden.dtype), WHILE_LOOP=while_loops(hidden.device),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+
+
+def _launch_down(act, w2, weights, part, routing: AlignedRouting, config: MoeConfig) -> None:
+    size, ffn = w2.shape[1], w2.shape[2]
+    tile = config.down
+    num_m = routing.block_expert.numel()
+    moe_down_kernel[(num_m * cdiv(size, tile.block_n),)](
+        act, w2, part, weights, routing.sorted_ids, routing.block_expert, act.shape[0], size, ffn, num_m,
+        act.stride(0), w2.stride(0), w2.stride(1), part.stride(0),
+        BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=config.group_m,
+        EVEN_K=ffn % tile.block_k == 0, DOT_F32=dot_upcast(act.dtype, act.device),
+        PRECISION=dot_precision(act.dtype), WHILE_LOOP=while_loops(act.device),
+        num_warps=tile.num_warps, num_stages=tile.num_stages,
+    )
+
+
+def _launch_sum(part, out, topk_ids, expert_start: int, num_experts: int) -> None:
+    tokens, size = out.shape
+    top_k = topk_ids.shape[1]
+    block = min(1024, max(16, next_power_of_2(size)))
+    moe_sum_kernel[(tokens, cdiv(size, block))](
+        part, out, topk_ids, top_k, size, expert_start, num_experts, out.stride(0),
+        TOP_K_PAD=max(2, next_power_of_2(top_k)), BLOCK=block, num_warps=4,
+    )
+
+
+def fused_moe(
+    hidden: torch.Tensor,  # [tokens, hidden]
+    w13: torch.Tensor,  # [local_experts, 2 * ffn, hidden]: rows [gate; up]
+    w2: torch.Tensor,  # [local_experts, hidden, ffn]
+    topk_weights: torch.Tensor,  # [tokens, top_k] float
+    topk_ids: torch.Tensor,  # [tokens, top_k] int, global expert ids
+    expert_start: int = 0,
+    *,
+    config: MoeConfig | None = None,
+) -> torch.Tensor:  # [tokens, hidden]
+    """Triton version of reference.fused_moe (choices of experts outside this rank's range add nothing)."""
+    _check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids, expert_start)
+    tokens, size = hidden.shape
+    experts, ffn, top_k = w13.shape[0], w13.shape[1] // 2, topk_ids.shape[1]
+    out = torch.empty(tokens, size, dtype=hidden.dtype, device=hidden.device)
+    if tokens == 0 or top_k == 0 or experts == 0:
+        return out.zero_()
+    if config is None:
+        config = lookup_moe_config(tokens, size, ffn, experts, top_k)
+    ids = topk_ids.contiguous()
+    weights = topk_weights.contiguous()
+    routing = align_routing(ids, experts, expert_start, config.block_m)
+    act = torch.empty(tokens * top_k, ffn, dtype=hidden.dtype, device=hidden.device)  # [assignments, ffn]
+    _launch_gate_up(hidden, w13, act, routing, top_k, config)
+    part = torch.empty(tokens * top_k, size, dtype=torch.float32, device=hidden.device)  # [assignments, hidden]
+    _launch_down(act, w2, weights, part, routing, config)
+    _launch_sum(part, out, ids, expert_start, experts)
+    return out
+
+
+_BLOCK_M_CANDIDATES = (16, 32, 64, 128)
+_TILE_CANDIDATES = tuple(
+    GemmTile(n, k, w, s)
+    for n, k, w, s in ((64, 64, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (64, 64, 8, 4),
+                       (128, 128, 8, 3), (256, 64, 8, 3), (32, 128, 4, 5))
+)
+
+
+def _time_best(launch, tiles: tuple[GemmTile, ...]) -> tuple[GemmTile, float]:
+    """The fastest tile for `launch(tile)` by median CUDA-event time (tiles that do not fit are skipped)."""
+    import triton.testing
+    from triton.runtime.errors import OutOfResources
+
+    best, best_ms = tiles[0], float("inf")
+    for tile in tiles:
+        try:
+            ms = triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=20, return_mode="median")
+        except OutOfResources:
+            continue
+        if ms < best_ms:
+            best, best_ms = tile, ms
+    return best, best_ms
+
+
+def tune_fused_moe(
+    num_tokens: int, hidden: int, ffn: int, num_experts: int, top_k: int,
+    dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None, register: bool = True,
+) -> MoeConfig:
+    """Time candidate tiles of both grouped GEMMs at this shape on the current GPU (random routing) and return the
+    fastest config, registering it for the shape's key unless `register` is False. On the CPU it returns the
+    default: interpreter timings say nothing about a GPU."""
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    default = default_moe_config(num_tokens, top_k, num_experts)
+    if device.type != "cuda":
+        return default
+    x = torch.randn(num_tokens, hidden, dtype=dtype, device=device)
+    w13 = torch.randn(num_experts, 2 * ffn, hidden, dtype=dtype, device=device) * hidden**-0.5
+    w2 = torch.randn(num_experts, hidden, ffn, dtype=dtype, device=device) * ffn**-0.5
+    scores = torch.rand(num_tokens, num_experts, device=device)
+    weights, ids = scores.softmax(-1).topk(top_k, dim=-1)
+    act = torch.empty(num_tokens * top_k, ffn, dtype=dtype, device=device)
+    part = torch.empty(num_tokens * top_k, hidden, dtype=torch.float32, device=device)
+    best, best_ms = default, float("inf")
+    for block_m in _BLOCK_M_CANDIDATES:
+        routing = align_routing(ids, num_experts, 0, block_m)
+        probe = MoeConfig(block_m, default.group_m, default.up, default.down)
+
+        def up(tile: GemmTile) -> None:
+            _launch_gate_up(x, w13, act, routing, top_k, MoeConfig(block_m, probe.group_m, tile, probe.down))
+
+        def down(tile: GemmTile) -> None:
+            _launch_down(act, w2, weights, part, routing, MoeConfig(block_m, probe.group_m, probe.up, tile))
+
+        up_tile, up_ms = _time_best(up, _TILE_CANDIDATES)
+        down_tile, down_ms = _time_best(down, _TILE_CANDIDATES)
+        if up_ms + down_ms < best_ms:
+            best, best_ms = MoeConfig(block_m, default.group_m, up_tile, down_tile), up_ms + down_ms
+    if register:
+        register_moe_config(moe_config_key(num_tokens, hidden, ffn, num_experts), best)
+    return best

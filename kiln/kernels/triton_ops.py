@@ -1,0 +1,20 @@
+"""The Triton kernel set: kiln's hot operations as Triton kernels, with the signatures of reference.py."""
+
+from __future__ import annotations
+
+from kiln.kernels import KernelSet
+from kiln.kernels.triton_attention import paged_attention
+from kiln.kernels.triton_kv_cache import write_kv_cache
+from kiln.kernels.triton_moe import MoeConfig, MoeKey, fused_moe, register_moe_config, tune_fused_moe
+
+__all__ = ["triton_kernels", "write_kv_cache", "paged_attention", "fused_moe", "tune_fused_moe", "MoeConfig",
+           "register_moe_config"]
+
+
+def triton_kernels(moe_configs: dict[MoeKey, MoeConfig] | None = None) -> KernelSet:
+    """The "triton" KernelSet. `moe_configs` (tuned at build time by tune_fused_moe, keyed by
+    triton_moe.moe_config_key) are registered for fused_moe before the set is returned."""
+    for key, config in (moe_configs or {}).items():
+        register_moe_config(key, config)
+    return KernelSet(name="triton", write_kv_cache=write_kv_cache, paged_attention=paged_attention,
+                     fused_moe=fused_moe)
