@@ -1,0 +1,75 @@
+"""End-to-end generation timing of a kiln engine (a first measurement before `kiln bench` exists).
+
+    python benchmarks/bench_decode.py --engine_dir E --batch_size 1 32 --input_len 128 --output_len 128 \
+        [--backend triton] [--compare_hf] [--hf_model_dir D]
+
+Prints prefill time, decode ms per step, tokens/s, and the decode floor (weight bytes / measured copy bandwidth)
+with the fraction reached. Prompts are random token ids; outputs ignore end tokens so every step is counted."""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import kiln
+
+
+def copy_bandwidth_gbs() -> float:
+    """Device-to-device copy of 1 GiB: bytes read + written per second."""
+    x = torch.empty(256 * 1024**2, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 4 * 10 / (time.perf_counter() - start) / 1e9
+
+
+def time_case(llm: kiln.LLM, batch: int, input_len: int, output_len: int) -> tuple[float, float]:
+    """(prefill seconds, decode seconds per step) for one batch of equal-length random prompts."""
+    gen = torch.Generator().manual_seed(batch)
+    vocab = llm.info.model.vocab_size
+    prompts = [torch.randint(1, vocab, (input_len,), generator=gen).tolist() for _ in range(batch)]
+    params = kiln.SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
+    llm.generate(prompts, kiln.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))  # warm up
+    llm.engine.scheduler.block_manager.reset_prefix_cache()
+    torch.cuda.synchronize()
+    start, first, count = time.perf_counter(), None, 0
+    for _ in llm.stream(prompts, params):
+        count += 1
+        if count == batch:
+            torch.cuda.synchronize()
+            first = time.perf_counter()
+    torch.cuda.synchronize()
+    end = time.perf_counter()
+    return first - start, (end - first) / (output_len - 1)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--engine_dir", required=True)
+    p.add_argument("--batch_size", type=int, nargs="+", default=[1, 32])
+    p.add_argument("--input_len", type=int, default=128)
+    p.add_argument("--output_len", type=int, default=128)
+    p.add_argument("--backend", default="triton")
+    args = p.parse_args()
+    llm = kiln.LLM(args.engine_dir, device="cuda", kernel_backend=args.backend)
+    bw = copy_bandwidth_gbs() / 2  # one direction: the floor streams weights once (read only)
+    plan = llm.runner.plan
+    print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw:.0f} GB/s one-way; "
+          f"weights {plan.weight_bytes / 1e9:.2f} GB; backend {args.backend}")
+    for batch in args.batch_size:
+        prefill, step = time_case(llm, batch, args.input_len, args.output_len)
+        floor = plan.weight_bytes / (bw * 1e9)
+        print(f"batch {batch:3d}: prefill {prefill * 1e3:8.1f} ms, decode {step * 1e3:7.2f} ms/step, "
+              f"{batch / step:8.1f} tok/s; floor (all weights) {floor * 1e3:.2f} ms/step, "
+              f"{100 * floor / step:5.1f}% of floor", flush=True)
+
+
+if __name__ == "__main__":
+    main()
