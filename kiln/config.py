@@ -61,6 +61,7 @@ class ModelConfig:
     softmax_scale: float | None = None  # None means head_dim ** -0.5
     tie_word_embeddings: bool = False
     logit_scale: float | None = None
+    norm_head: bool = False  # Baichuan2's NormHead: LM head rows L2-normalised, applied once at convert
     moe_num_experts: int = 0
     moe_top_k: int = 0
     moe_normalize_p: float | None = None  # renormalise top-k weights by their p-norm (DBRX: 1)

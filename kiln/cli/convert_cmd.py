@@ -30,6 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="experts: 1 = expert parallel (whole experts per rank), 2 = tensor parallel (default)")
     p.add_argument("--moe_tp_size", type=int, default=-1, help="tensor parallel size over each expert")
     p.add_argument("--moe_ep_size", type=int, default=-1, help="expert parallel size")
+    p.add_argument("--model_version", choices=["v1_7b", "v1_13b", "v2_7b", "v2_13b"], default=None,
+                   help="Baichuan only: which Baichuan (v1/v2) and size (7b RoPE, 13b ALiBi); needed only when the "
+                        "config's sizes are not the published ones (default: recognised from config.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
     p.add_argument("--dummy_device", default="cpu", help="device that generates dummy weights (cuda is faster)")
     quant = p.add_argument_group("quantization (not in this version; refused with a message)")
@@ -75,7 +78,11 @@ def make_plan(args: argparse.Namespace) -> ConvertPlan:
                           "--use_weight_only/--smoothquant/--int8_kv_cache/--fp8_kv_cache")
     hf, checkpoint = resolve_source(args)
     family = family_for_hf_config(hf)
-    config = family.config_from_hf(hf, args.dtype)
+    if args.model_version is not None and family.name != "baichuan":
+        raise ConfigError(f"--model_version applies to Baichuan checkpoints only, and this is a {family.name} model; "
+                          "drop the flag")
+    extra = {"model_version": args.model_version} if args.model_version is not None else {}
+    config = family.config_from_hf(hf, args.dtype, **extra)
     source_layers = config.num_hidden_layers
     if args.num_layers is not None:
         if not 1 <= args.num_layers <= source_layers:

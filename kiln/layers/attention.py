@@ -29,7 +29,9 @@ class Attention(nn.Module):
         self.scale = config.softmax_scale or head_dim**-0.5
         self.clip_qkv = config.clip_qkv
         self.rotary: RotaryEmbedding | None = None
-        self.alibi_slopes: torch.Tensor | None = None
+        # A buffer slot from the start ([local heads] float32 under ALiBi, else None): a plain attribute of the
+        # same name would make register_buffer refuse it.
+        self.register_buffer("alibi_slopes", None, persistent=False)
         if config.position_embedding_type == "alibi":
             slopes = alibi_slopes(config.num_attention_heads, config.alibi_bias_max)
             self.register_buffer("alibi_slopes", slopes[rank * self.num_heads : (rank + 1) * self.num_heads].clone(),
