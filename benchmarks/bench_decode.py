@@ -50,6 +50,40 @@ def time_case(llm: kiln.LLM, batch: int, input_len: int, output_len: int) -> tup
     return first - start, (end - first) / (output_len - 1)
 
 
+def hf_model(llm: kiln.LLM):
+    """transformers' model of the same family and shapes (random weights: speed does not depend on values)."""
+    from transformers import DbrxConfig, DbrxForCausalLM
+
+    m = llm.info.model
+    if m.family != "dbrx":
+        raise SystemExit(f"--compare_hf knows dbrx only so far, not {m.family}")
+    cfg = DbrxConfig(d_model=m.hidden_size, n_heads=m.num_attention_heads, n_layers=m.num_hidden_layers,
+                     max_seq_len=m.max_position_embeddings, vocab_size=m.vocab_size,
+                     attn_config={"clip_qkv": m.clip_qkv, "kv_n_heads": m.num_key_value_heads,
+                                  "rope_theta": m.rotary_base},
+                     ffn_config={"ffn_hidden_size": m.intermediate_size, "moe_num_experts": m.moe_num_experts,
+                                 "moe_top_k": m.moe_top_k})
+    with torch.device("cuda"):
+        model = DbrxForCausalLM(cfg).to(m.torch_dtype).eval()
+    return model
+
+
+def time_hf(model, batch: int, input_len: int, output_len: int) -> float:
+    """transformers generate: seconds per decode step, (t(output_len) - t(1)) / (output_len - 1)."""
+    ids = torch.randint(1, model.config.vocab_size, (batch, input_len), device="cuda")
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+        torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    run(2)
+    return (run(output_len) - run(1)) / (output_len - 1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--engine_dir", required=True)
@@ -57,18 +91,24 @@ def main() -> None:
     p.add_argument("--input_len", type=int, default=128)
     p.add_argument("--output_len", type=int, default=128)
     p.add_argument("--backend", default="triton")
+    p.add_argument("--compare_hf", action="store_true", help="time transformers' generate at the same shapes")
     args = p.parse_args()
     llm = kiln.LLM(args.engine_dir, device="cuda", kernel_backend=args.backend)
     bw = copy_bandwidth_gbs() / 2  # one direction: the floor streams weights once (read only)
     plan = llm.runner.plan
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw:.0f} GB/s one-way; "
           f"weights {plan.weight_bytes / 1e9:.2f} GB; backend {args.backend}")
+    hf = hf_model(llm) if args.compare_hf else None
     for batch in args.batch_size:
         prefill, step = time_case(llm, batch, args.input_len, args.output_len)
         floor = plan.weight_bytes / (bw * 1e9)
-        print(f"batch {batch:3d}: prefill {prefill * 1e3:8.1f} ms, decode {step * 1e3:7.2f} ms/step, "
-              f"{batch / step:8.1f} tok/s; floor (all weights) {floor * 1e3:.2f} ms/step, "
-              f"{100 * floor / step:5.1f}% of floor", flush=True)
+        line = (f"batch {batch:3d}: prefill {prefill * 1e3:8.1f} ms, decode {step * 1e3:7.2f} ms/step, "
+                f"{batch / step:8.1f} tok/s; floor (all weights) {floor * 1e3:.2f} ms/step, "
+                f"{100 * floor / step:5.1f}% of floor")
+        if hf is not None:
+            hf_step = time_hf(hf, batch, args.input_len, args.output_len)
+            line += f"; transformers {hf_step * 1e3:.2f} ms/step ({batch / hf_step:.1f} tok/s), kiln/hf {hf_step / step:.2f}x"
+        print(line, flush=True)
 
 
 if __name__ == "__main__":
