@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from kiln.config import Mapping, ModelConfig
+from kiln.config import ConfigError, Mapping, ModelConfig
 from kiln.layers.context import ForwardContext
 from kiln.layers.linear import QKVParallelLinear, RowParallelLinear
+from kiln.layers.norm import make_norm
 from kiln.layers.position import RotaryEmbedding, alibi_slopes
 
 
@@ -28,6 +29,16 @@ class Attention(nn.Module):
         self.head_dim = head_dim
         self.scale = config.softmax_scale or head_dim**-0.5
         self.clip_qkv = config.clip_qkv
+        self.q_norm: nn.Module | None = None
+        self.k_norm: nn.Module | None = None
+        if config.qk_layernorm:
+            # MPT's qk_ln normalises the whole query (d_model) and the whole key (kv_heads * head_dim) before the
+            # heads are split [LLMF attention.py]; a rank holding a slice of the heads cannot compute those statistics.
+            if tp > 1:
+                raise ConfigError("qk_ln (LayerNorm over the whole query and key vectors) is not supported with "
+                                  f"tp_size {tp} yet; convert with --tp_size 1")
+            self.q_norm = make_norm(config, config.num_attention_heads * head_dim)
+            self.k_norm = make_norm(config, config.num_key_value_heads * head_dim)
         self.rotary: RotaryEmbedding | None = None
         # A buffer slot from the start ([local heads] float32 under ALiBi, else None): a plain attribute of the
         # same name would make register_buffer refuse it.
@@ -50,6 +61,8 @@ class Attention(nn.Module):
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)  # [tokens, heads * head_dim], [tokens, kv_heads * head_dim]
         q = q.reshape(tokens, self.num_heads, self.head_dim)
         k = k.reshape(tokens, self.num_kv_heads, self.head_dim)
         v = v.reshape(tokens, self.num_kv_heads, self.head_dim)

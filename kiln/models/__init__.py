@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 from kiln.config import ConfigError
-from kiln.models import baichuan, dbrx
+from kiln.models import baichuan, dbrx, mpt
 from kiln.models.family import Family
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (dbrx.FAMILY, baichuan.FAMILY)}
+FAMILIES: dict[str, Family] = {f.name: f for f in (dbrx.FAMILY, mpt.FAMILY, baichuan.FAMILY)}
 
 ARCHITECTURES: dict[str, Family] = {arch: f for f in FAMILIES.values() for arch in f.architectures}
 
