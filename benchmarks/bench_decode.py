@@ -52,11 +52,17 @@ def time_case(llm: kiln.LLM, batch: int, input_len: int, output_len: int) -> tup
 
 def hf_model(llm: kiln.LLM):
     """transformers' model of the same family and shapes (random weights: speed does not depend on values)."""
-    from transformers import DbrxConfig, DbrxForCausalLM
+    from transformers import DbrxConfig, DbrxForCausalLM, MptConfig, MptForCausalLM
 
     m = llm.info.model
+    if m.family == "mpt":
+        cfg = MptConfig(d_model=m.hidden_size, n_heads=m.num_attention_heads, n_layers=m.num_hidden_layers,
+                        expansion_ratio=m.intermediate_size // m.hidden_size, max_seq_len=m.max_position_embeddings,
+                        vocab_size=m.vocab_size, no_bias=not m.linear_bias)
+        with torch.device("cuda"):
+            return MptForCausalLM(cfg).to(m.torch_dtype).eval()
     if m.family != "dbrx":
-        raise SystemExit(f"--compare_hf knows dbrx only so far, not {m.family}")
+        raise SystemExit(f"--compare_hf knows dbrx and mpt, not {m.family}")
     cfg = DbrxConfig(d_model=m.hidden_size, n_heads=m.num_attention_heads, n_layers=m.num_hidden_layers,
                      max_seq_len=m.max_position_embeddings, vocab_size=m.vocab_size,
                      attn_config={"clip_qkv": m.clip_qkv, "kv_n_heads": m.num_key_value_heads,
@@ -91,9 +97,12 @@ def main() -> None:
     p.add_argument("--input_len", type=int, default=128)
     p.add_argument("--output_len", type=int, default=128)
     p.add_argument("--backend", default="triton")
+    p.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.3,
+                   help="leave room for the transformers model of --compare_hf")
     p.add_argument("--compare_hf", action="store_true", help="time transformers' generate at the same shapes")
     args = p.parse_args()
-    llm = kiln.LLM(args.engine_dir, device="cuda", kernel_backend=args.backend)
+    llm = kiln.LLM(args.engine_dir, device="cuda", kernel_backend=args.backend,
+                   kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction)
     bw = copy_bandwidth_gbs() / 2  # one direction: the floor streams weights once (read only)
     plan = llm.runner.plan
     print(f"GPU {torch.cuda.get_device_name()}, torch {torch.__version__}, copy bandwidth {bw:.0f} GB/s one-way; "
