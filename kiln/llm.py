@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence as Seq
@@ -169,7 +170,9 @@ class LLM:
             for index in range(p.n):
                 out = CompletionOutput(index)
                 req.outputs.append(out)
-                seq = Sequence(self.engine.new_seq_id(), ids, p.max_tokens, stops, p.ignore_eos, p.min_tokens, p)
+                # The n samples of a seeded request each get their own stream: seed, seed + 1, ...
+                sp = p if p.seed is None or index == 0 else dataclasses.replace(p, seed=(p.seed + index) % 2**64)
+                seq = Sequence(self.engine.new_seq_id(), ids, p.max_tokens, stops, p.ignore_eos, p.min_tokens, sp)
                 trackers[seq.seq_id] = (rid, _Tracker(self, out, ids, p))
                 self.engine.add(seq)
             requests.append(req)

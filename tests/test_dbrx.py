@@ -160,3 +160,13 @@ def test_seeded_sampling_is_reproducible(dbrx_fp32):
     assert batched[0].outputs[0].token_ids == alone
     other = llm.generate([PROMPTS[0]], kiln.SamplingParams(max_tokens=16, temperature=1.0, top_k=50, seed=8))
     assert other[0].outputs[0].token_ids != alone
+
+
+def test_n_samples_of_a_seeded_request_differ_and_repeat(dbrx_fp32):
+    engine, _, _ = dbrx_fp32
+    llm = kiln.LLM(engine)
+    params = kiln.SamplingParams(max_tokens=10, temperature=1.0, seed=3, n=3)
+    first = [o.token_ids for o in llm.generate([PROMPTS[0]], params)[0].outputs]
+    again = [o.token_ids for o in llm.generate([PROMPTS[0]], params)[0].outputs]
+    assert first == again
+    assert len({tuple(t) for t in first}) == 3
