@@ -3,6 +3,7 @@ or dummy random weights made without any source file."""
 
 from __future__ import annotations
 
+import re
 import zlib
 
 import torch
@@ -31,8 +32,6 @@ class HFWeightSource:
                 f"{len(missing)} tensor(s) missing from {self.checkpoint.dir}: {', '.join(missing[:8])}"
                 + (" ..." if len(missing) > 8 else "")
             )
-        import re
-
         known = expected_sources(self.rules, source_layers)
         ignored = [re.compile(p) for p in family.ignored_sources]
         unexpected = sorted(n for n in present - known if not any(p.search(n) for p in ignored))
