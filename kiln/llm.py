@@ -14,8 +14,8 @@ from kiln.engine.block_manager import BlockManager
 from kiln.engine.llm_engine import LLMEngine, TokenEvent
 from kiln.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from kiln.engine.sequence import FinishReason, Sequence
-from kiln.executor.model_runner import CacheConfig, ModelRunner
-from kiln.kernels import select_kernels
+from kiln.executor import create_executor
+from kiln.executor.model_runner import CacheConfig
 from kiln.sampling_params import SamplingParams
 
 
@@ -102,13 +102,10 @@ class LLM:
                  kv_cache_free_gpu_memory_fraction: float = 0.9, kv_cache_bytes: int | None = None,
                  enable_prefix_caching: bool = True, kernel_backend: str = "auto") -> None:
         self.info = load_artifact(engine_dir, "engine")
-        if self.info.mapping.world_size > 1:
-            raise RequestError(f"{engine_dir} has {self.info.mapping.world_size} ranks; this kiln runs one-rank "
-                               "engines only: convert with --tp_size 1 --pp_size 1")
         self.build = self.info.build
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        runner = ModelRunner(self.info, self.info.mapping, dev, CacheConfig(kv_cache_free_gpu_memory_fraction,
-                             kv_cache_bytes), select_kernels(dev, kernel_backend))
+        runner = create_executor(self.info, dev, CacheConfig(kv_cache_free_gpu_memory_fraction, kv_cache_bytes),
+                                 kernel_backend)
         blocks = BlockManager(runner.num_blocks, self.build.kv_block_size, enable_prefix_caching)
         scheduler = Scheduler(blocks, self.build.max_batch_size, self.build.max_num_tokens, self.build.max_seq_len)
         self.runner, self.engine = runner, LLMEngine(scheduler, runner)
@@ -117,6 +114,16 @@ class LLM:
             from kiln.tokenizer import load_tokenizer
 
             self.tokenizer = load_tokenizer(tokenizer_dir)
+
+    def close(self) -> None:
+        """Stop the engine's worker processes (multi-rank engines); the LLM cannot generate afterwards."""
+        self.runner.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _detokenizer(self, prompt_ids: list[int]) -> Any:
         if self.tokenizer is None:

@@ -176,3 +176,6 @@ class ModelRunner:
     def release(self, seq_id: int) -> None:
         """Forget per-request state (the seeded generator) of a finished request."""
         self.generators.pop(seq_id, None)
+
+    def shutdown(self) -> None:
+        """Nothing to stop for one rank in this process (the multi-rank driver stops its workers here)."""
