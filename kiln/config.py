@@ -187,7 +187,7 @@ class BuildConfig:
     max_batch_size: int = 8
     max_input_len: int = 1024
     max_seq_len: int = 2048
-    max_beam_width: int = 1
+    max_beam_width: int = 4
     max_num_tokens: int = 8192  # tokens computed in one step (prefill chunks + decodes)
     kv_block_size: int = 16
 

@@ -19,7 +19,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_input_len", type=int, default=1024, help="longest prompt, in tokens")
     p.add_argument("--max_seq_len", type=int, default=None,
                    help="longest prompt + output (default: the model's max_position_embeddings)")
-    p.add_argument("--max_beam_width", type=int, default=1)
+    p.add_argument("--max_beam_width", type=int, default=4,
+                   help="most beams one request may use (default 4; the paged KV cache makes this free at build)")
     p.add_argument("--max_num_tokens", type=int, default=8192, help="tokens computed in one step")
     p.add_argument("--tokens_per_block", "--kv_block_size", dest="kv_block_size", type=int, default=16,
                    help="tokens per paged KV-cache block")
