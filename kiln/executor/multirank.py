@@ -1,0 +1,153 @@
+"""The driver of a multi-rank engine: rank 0 runs the scheduler and the sampler in the caller's process, its own
+share of the model, and drives the other ranks (spawned here, or started by torchrun/mpirun) step by step.
+
+Each step it broadcasts a StepPlan over the gloo control group; every rank rebuilds the same batch and runs its
+stage; the logits come back to rank 0, which samples with ModelRunner's own code (beams, seeds and logprobs behave
+as on one rank). Any rank's failure ends every rank and is raised here as one WorkerError naming the rank.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from multiprocessing.process import BaseProcess
+
+import torch
+import torch.distributed as dist
+
+from kiln.checkpoint.kiln_format import ArtifactInfo
+from kiln.distributed import launch
+from kiln.engine.scheduler import SchedulerOutput
+from kiln.executor.model_runner import CacheConfig
+from kiln.executor.step_plan import PlanEncoder, WorkerError
+from kiln.executor.worker import STEP, STOP, StageRunner, is_peer_failure, spawned_worker
+
+# A NCCL collective does not notice a dead peer; after this long the watchdog ends the driver itself.
+WATCHDOG_GRACE_S = float(os.environ.get("KILN_WATCHDOG_GRACE", "15"))
+
+
+class MultiRankDriver(StageRunner):
+    """Rank 0 of a multi-rank engine. It is an executor like ModelRunner (`num_blocks`, `execute`,
+    `compute_logits`, `release`, `shutdown`); `execute` is ModelRunner's, sampling the logits gathered here."""
+
+    def __init__(self, info: ArtifactInfo, device: torch.device, cache: CacheConfig, kernel_backend: str = "auto",
+                 store: dist.Store | None = None, local_rank: int = 0) -> None:
+        self.procs: list[BaseProcess] = []
+        self.encoder = PlanEncoder()
+        self._closed, self._failed = False, False
+        self._store = store
+        try:
+            if store is None:  # one command: spawn ranks 1.. here
+                self._store = launch.create_store(0, info.mapping.world_size, "127.0.0.1", 0)
+                self.procs = launch.spawn_ranks(info.mapping.world_size, spawned_worker, (
+                    info.mapping, self._store.port, str(info.path), device.type, cache, kernel_backend, os.getpid()))
+                launch.wait_alive(self._store, self.procs)
+            world = launch.join_world(info.mapping.for_rank(0), launch.rank_device(device, local_rank), self._store)
+            if self.procs and world.device.type == "cuda":
+                threading.Thread(target=self._watchdog, daemon=True).start()
+            super().__init__(info, world, cache, kernel_backend)
+        except BaseException as err:
+            raise self._fail(err) from None
+
+    # ---- failures ------------------------------------------------------------------------------------------------
+
+    def _fail(self, err: BaseException) -> BaseException:
+        """Stop every rank and turn the first-hand failure (a worker's, else this rank's) into one WorkerError."""
+        if isinstance(err, WorkerError) or isinstance(err, KeyboardInterrupt):
+            self._abort()
+            return err
+        errors = launch.read_errors(self._store, len(self.procs) + 1 if self.procs else self._world_size()) \
+            if self._store is not None else {}
+        first_hand = sorted(r for r, (_, secondary) in errors.items() if not secondary)
+        mine = f"{type(err).__name__}: {err}".splitlines()[0]
+        if first_hand:
+            rank, text = first_hand[0], errors[first_hand[0]][0]
+        elif not is_peer_failure(err) or not errors:
+            rank, text = 0, mine
+        else:
+            rank, text = min(errors), errors[min(errors)][0]
+        self._abort()
+        return WorkerError(f"rank {rank} failed: {text}")
+
+    def _world_size(self) -> int:
+        world = getattr(self, "world", None)
+        return world.mapping.world_size if world is not None else 1
+
+    def _abort(self) -> None:
+        self._failed = self._closed = True
+        for proc in self.procs:
+            if proc.is_alive():
+                proc.kill()
+        launch.stop_processes(self.procs, grace_s=0)
+        try:
+            launch.leave_world()
+        except Exception:
+            pass
+
+    def _watchdog(self) -> None:
+        """NCCL only: a spawned rank that died while this process waits inside a collective would hang it."""
+        while not self._closed:
+            dead = [(r, p.exitcode) for r, p in enumerate(self.procs, start=1) if p.exitcode not in (None, 0)]
+            if dead:
+                time.sleep(WATCHDOG_GRACE_S)
+                if not self._closed:
+                    errors = launch.read_errors(self._store, len(self.procs) + 1, wait_s=0)
+                    rank = dead[0][0]
+                    text = errors.get(rank, (f"exited with code {dead[0][1]}", False))[0]
+                    print(f"kiln: error: rank {rank} failed: {text}", file=sys.stderr, flush=True)
+                    for proc in self.procs:
+                        proc.kill()
+                    os._exit(2)
+                return
+            time.sleep(0.2)
+
+    def _check_usable(self) -> None:
+        if self._failed:
+            raise WorkerError("this multi-rank engine stopped after a rank failed; load it again")
+        if self._closed:
+            raise WorkerError("this multi-rank engine was shut down; load it again")
+
+    # ---- the executor --------------------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def compute_logits(self, output: SchedulerOutput, all_logits: bool = False) -> torch.Tensor:
+        # -> [rows, vocab] float32, gathered from the last stage: the same rows ModelRunner.compute_logits gives
+        self._check_usable()
+        try:
+            plan = self.encoder.encode(output, all_logits)
+            dist.broadcast_object_list([(STEP, plan)], src=0, group=self.world.control)
+            logits = self.run_step(output, all_logits)
+            if logits is None:
+                raise RuntimeError("rank 0 received no logits; the pipeline's last stage did not send them")
+            return logits
+        except BaseException as err:
+            raise self._fail(err) from None
+
+    def release(self, seq_id: int) -> None:
+        """Forget a finished request here and, with the next step, on every rank."""
+        super().release(seq_id)
+        self.encoder.release(seq_id)
+
+    def shutdown(self) -> None:
+        """Tell every rank to stop, wait for them (killing any that do not end) and leave the world. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            dist.broadcast_object_list([(STOP, None)], src=0, group=self.world.control)
+        except Exception:
+            pass
+        launch.stop_processes(self.procs)
+        try:
+            launch.leave_world()
+        except Exception:
+            pass
+
+    def __del__(self) -> None:
+        try:
+            if not self._closed:
+                self.shutdown()
+        except Exception:
+            pass

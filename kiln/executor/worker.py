@@ -1,0 +1,157 @@
+"""One rank of a multi-rank engine: its stage of the model (a ModelRunner that agrees on the KV cache size with the
+other ranks and passes hidden states between pipeline stages) and the loop that runs the driver's steps.
+
+A step on every rank: rebuild the batch from the driver's plan; the first stage embeds, later stages receive the
+previous stage's hidden states from their tp counterpart; the last stage computes full-vocabulary logits (the
+vocab-parallel gather happens inside the LM head) and its tp rank 0 sends them to the driver, which samples.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import threading
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+
+from kiln.checkpoint.kiln_format import ArtifactInfo, load_artifact
+from kiln.config import Mapping
+from kiln.distributed import launch
+from kiln.engine.scheduler import SchedulerOutput
+from kiln.executor.model_runner import CacheConfig, ModelRunner, StepBatch
+from kiln.executor.step_plan import PlanDecoder
+from kiln.kernels import select_kernels
+from kiln.layers.context import ForwardContext
+
+STOP = "stop"
+STEP = "step"
+
+
+class StageRunner(ModelRunner):
+    """A ModelRunner for one rank of a world: the KV cache is allocated only once every rank has said how many
+    blocks it can hold (the minimum is taken, so the driver's block manager is valid on every rank)."""
+
+    def __init__(self, info: ArtifactInfo, world: launch.World, cache: CacheConfig, kernel_backend: str) -> None:
+        self.world = world
+        self._cache_agreed = False
+        if getattr(cache, "use_cuda_graphs", False):
+            # Captured decode graphs would hold this rank's collectives and be captured before the cache exists.
+            cache = dataclasses.replace(cache, use_cuda_graphs=False)
+        super().__init__(info, world.mapping, world.device, cache, select_kernels(world.device, kernel_backend))
+        blocks = torch.tensor([self.num_blocks], dtype=torch.int64)
+        dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=world.control)
+        self.num_blocks = int(blocks.item())
+        self._cache_agreed = True
+        self._allocate_cache()
+
+    def _allocate_cache(self) -> None:
+        if self._cache_agreed:
+            super()._allocate_cache()
+
+    @property
+    def logits_rank(self) -> int:
+        """The rank that hands the logits to the driver: tp rank 0 of the last stage."""
+        return (self.world.mapping.pp_size - 1) * self.world.mapping.tp_size
+
+    def run_step(self, output: SchedulerOutput, all_logits: bool) -> torch.Tensor | None:
+        """This rank's share of one step; returns the logits on the driver, None elsewhere."""
+        mapping = self.world.mapping
+        if mapping.pp_size == 1:
+            logits = ModelRunner.compute_logits(self, output, all_logits)
+            return logits if mapping.rank == 0 else None
+        with torch.inference_mode():
+            return self._pipeline_step(output, all_logits)
+
+    def _pipeline_step(self, output: SchedulerOutput, all_logits: bool) -> torch.Tensor | None:
+        mapping, cfg = self.world.mapping, self.info.model
+        self.copy_blocks(output.block_copies)
+        batch: StepBatch = self.prepare(output, all_logits)
+        hidden = None
+        if mapping.pp_rank > 0:
+            hidden = torch.empty(batch.input_ids.shape[0], cfg.hidden_size, dtype=cfg.torch_dtype, device=self.device)
+            dist.recv(hidden, self.world.stage_peer(mapping.pp_rank - 1))  # [tokens, hidden_size]
+        hidden = self.model(batch.input_ids, batch.positions, ForwardContext(self.kernels, batch.attn), hidden=hidden)
+        if mapping.pp_rank < mapping.pp_size - 1:
+            dist.send(hidden.contiguous(), self.world.stage_peer(mapping.pp_rank + 1))
+            if mapping.rank != 0:
+                return None
+            logits = torch.empty(batch.logits_indices.shape[0], cfg.vocab_size, dtype=torch.float32,
+                                 device=self.device)
+            dist.recv(logits, self.logits_rank)  # [rows, vocab]
+            return logits
+        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [rows, vocab] float32
+        if mapping.rank == self.logits_rank:
+            dist.send(logits.contiguous(), 0)
+        return None
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """Whether an error means another rank went away (its sockets closed) rather than a failure of this rank."""
+    dist_error = getattr(dist, "DistError", None)
+    if dist_error is not None and isinstance(err, dist_error):
+        return True
+    text = str(err)
+    return any(s in text for s in ("Connection closed", "Connection reset", "Broken pipe", "Socket Timeout",
+                                   "Timed out", "NCCL communicator was aborted"))
+
+
+def serve(runner: StageRunner) -> None:
+    """Run the driver's steps until it says stop."""
+    decoder = PlanDecoder()
+    control = runner.world.control
+    while True:
+        box: list[object] = [None]
+        dist.broadcast_object_list(box, src=0, group=control)
+        kind, plan = box[0]  # type: ignore[misc]
+        if kind == STOP:
+            return
+        for seq_id in plan.released:
+            runner.release(seq_id)
+        runner.run_step(decoder.decode(plan), plan.all_logits)
+
+
+def run_rank(engine: ArtifactInfo | str, mapping: Mapping, device: torch.device, local_rank: int,
+             store: dist.Store, cache: CacheConfig, kernel_backend: str) -> int:
+    """A worker rank's whole life: join, load, serve, leave. Returns the process exit code; a failure is left in
+    the store for the driver (one line), with the traceback on stderr when KILN_DEBUG is set. The world is joined
+    first, so that any later failure closes this rank's connections and the driver notices at once."""
+    joined = False
+    try:
+        world = launch.join_world(mapping, launch.rank_device(device, local_rank), store)
+        joined = True
+        info = load_artifact(engine, "engine") if isinstance(engine, str) else engine
+        serve(StageRunner(info, world, cache, kernel_backend))
+        return 0
+    except BaseException as err:  # noqa: BLE001 - any failure must reach the driver, never hang it
+        secondary = joined and is_peer_failure(err)
+        launch.post_error(store, rank, f"{type(err).__name__}: {err}".splitlines()[0], secondary)
+        if os.environ.get("KILN_DEBUG"):
+            traceback.print_exc()
+        return 1
+    finally:
+        try:
+            launch.leave_world()
+        except Exception:
+            pass
+
+
+def _exit_with_parent(parent_pid: int) -> None:
+    """A spawned rank whose driver vanished (killed, crashed) ends itself instead of waiting forever."""
+    while True:
+        time.sleep(0.5)
+        if os.getppid() != parent_pid:
+            os._exit(1)
+
+
+def spawned_worker(rank: int, mapping: Mapping, port: int, engine_dir: str, device_type: str, cache: CacheConfig,
+                   kernel_backend: str, parent_pid: int) -> None:
+    """Entry point of a rank the driver spawned (multiprocessing target)."""
+    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
+    store = launch.create_store(rank, mapping.world_size, "127.0.0.1", port)
+    store.set(launch.ALIVE_KEY.format(rank=rank), "1")
+    sys.exit(run_rank(engine_dir, mapping.for_rank(rank), torch.device(device_type), rank, store, cache,
+                      kernel_backend))
