@@ -62,7 +62,11 @@ class MultiRankDriver(StageRunner):
             if self._store is not None else {}
         first_hand = sorted(r for r, (_, secondary) in errors.items() if not secondary)
         mine = f"{type(err).__name__}: {err}".splitlines()[0]
-        if first_hand:
+        dead = self._dead_ranks() if is_peer_failure(err) else []
+        if dead and not first_hand:  # killed (out of host memory, a signal) before it could say anything
+            rank, code = dead[0]
+            text = f"its process ended with exit code {code}" + (f" (signal {-code})" if code < 0 else "")
+        elif first_hand:
             rank, text = first_hand[0], errors[first_hand[0]][0]
         elif not is_peer_failure(err) or not errors:
             rank, text = 0, mine
@@ -70,6 +74,15 @@ class MultiRankDriver(StageRunner):
             rank, text = min(errors), errors[min(errors)][0]
         self._abort()
         return WorkerError(f"rank {rank} failed: {text}")
+
+    def _dead_ranks(self, wait_s: float = 1.0) -> list[tuple[int, int]]:
+        """(rank, exit code) of spawned ranks that ended with an error, waiting briefly for a dying one to end."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            dead = [(r, p.exitcode) for r, p in enumerate(self.procs, start=1) if p.exitcode not in (None, 0)]
+            if dead or time.monotonic() >= deadline:
+                return dead
+            time.sleep(0.05)
 
     def _world_size(self) -> int:
         world = getattr(self, "world", None)

@@ -128,7 +128,7 @@ def run_rank(engine: ArtifactInfo | str, mapping: Mapping, device: torch.device,
         return 0
     except BaseException as err:  # noqa: BLE001 - any failure must reach the driver, never hang it
         secondary = joined and is_peer_failure(err)
-        launch.post_error(store, rank, f"{type(err).__name__}: {err}".splitlines()[0], secondary)
+        launch.post_error(store, mapping.rank, f"{type(err).__name__}: {err}".splitlines()[0], secondary)
         if os.environ.get("KILN_DEBUG"):
             traceback.print_exc()
         return 1
