@@ -1,6 +1,6 @@
 """Multi-rank engines on the CPU (gloo, fp32, tiny models) against the same model on one rank: for every family
 tp 2, pp 2 and tp 2 x pp 2; DBRX expert parallel (ep 2, ep 4) and tensor parallel over experts; MPT's 6 heads at
-tp 3; greedy tokens identical, logits (LLM.score) within 1e-4, seeded sampling with
+tp 3 and its qk_ln under tp (KV heads split and replicated); greedy tokens identical, logits (LLM.score) within 1e-4, seeded sampling with
 logprobs identical. Each engine is started once (kiln spawns its ranks) and checked on several prompts."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import kiln
 from fixtures_baichuan import make_baichuan_checkpoint
 from fixtures_dbrx import make_dbrx_checkpoint
-from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, save_checkpoint
+from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, random_state, save_checkpoint
 from kiln.cli.main import main as kiln_main
 
 # Lengths 1 to 21: single tokens, a prompt spanning two KV blocks of 16, and different lengths batched together.
@@ -82,6 +82,18 @@ def mpt_ref(tmp_path_factory) -> Reference:
     return reference_for(tmp / "one", hf_dir)
 
 
+@pytest.fixture(scope="module", params=["gqa", "mqa"])
+def mpt_qk_ln_ref(request, tmp_path_factory) -> tuple[str, Reference]:
+    """qk_ln with 2 KV heads (split over tp 2: the key LayerNorm spans both ranks) or with one (MQA: replicated on
+    every rank at tp 3, so its statistics must not be counted three times)."""
+    tmp = tmp_path_factory.mktemp(f"mpt_qk_ln_{request.param}")
+    attn = {"qk_ln": True, "attn_type": "grouped_query_attention", "kv_n_heads": 2} if request.param == "gqa" else \
+        {"qk_ln": True, "attn_type": "multiquery_attention"}
+    cfg = mpt_published_config(attn_config=attn, no_bias=False)
+    hf_dir = save_checkpoint(random_state(cfg), cfg, tmp / "hf", shards=1)
+    return request.param, reference_for(tmp / "one", hf_dir)
+
+
 @pytest.fixture(scope="module")
 def baichuan_ref(tmp_path_factory) -> Reference:
     tmp = tmp_path_factory.mktemp("baichuan")
@@ -108,6 +120,11 @@ def test_dbrx(tmp_path, dbrx_ref, extra):
 ], ids=["tp2", "pp2", "tp2xpp2", "tp3"])
 def test_mpt(tmp_path, mpt_ref, extra):
     check_engine(tmp_path, mpt_ref, *extra)
+
+
+def test_mpt_qk_ln(tmp_path, mpt_qk_ln_ref):
+    kind, ref = mpt_qk_ln_ref
+    check_engine(tmp_path, ref, "--tp_size", "2" if kind == "gqa" else "3")
 
 
 @pytest.mark.parametrize("extra", [

@@ -7,9 +7,10 @@ from torch import nn
 
 from kiln.config import ConfigError, Mapping, ModelConfig
 from kiln.layers.context import ForwardContext
-from kiln.layers.linear import QKVParallelLinear, RowParallelLinear
-from kiln.layers.norm import make_norm
+from kiln.layers.linear import QKVParallelLinear, RowParallelLinear, kv_segment
+from kiln.layers.norm import TPLayerNorm, make_norm, tp_layer_norms
 from kiln.layers.position import RotaryEmbedding, alibi_slopes
+from kiln.layers.sharding import split_evenly
 
 
 class Attention(nn.Module):
@@ -31,14 +32,23 @@ class Attention(nn.Module):
         self.clip_qkv = config.clip_qkv
         self.q_norm: nn.Module | None = None
         self.k_norm: nn.Module | None = None
+        self.tp_qk_norm = False
         if config.qk_layernorm:
             # MPT's qk_ln normalises the whole query (d_model) and the whole key (kv_heads * head_dim) before the
-            # heads are split [LLMF attention.py]; a rank holding a slice of the heads cannot compute those statistics.
-            if tp > 1:
-                raise ConfigError("qk_ln (LayerNorm over the whole query and key vectors) is not supported with "
-                                  f"tp_size {tp} yet; convert with --tp_size 1")
-            self.q_norm = make_norm(config, config.num_attention_heads * head_dim)
-            self.k_norm = make_norm(config, config.num_key_value_heads * head_dim)
+            # heads are split [LLMF attention.py]; under tp each rank holds a slice of the heads, so the statistics
+            # are summed over the ranks (TPLayerNorm), each rank keeping the norm weights of its own elements.
+            if tp == 1:
+                self.q_norm = make_norm(config, config.num_attention_heads * head_dim)
+                self.k_norm = make_norm(config, config.num_key_value_heads * head_dim)
+            elif config.norm_type != "layernorm":
+                raise ConfigError(f"qk_layernorm with {config.norm_type} under tp_size {tp} is not supported; "
+                                  "convert with --tp_size 1")
+            else:
+                self.tp_qk_norm = True
+                kv_seg = kv_segment(config.num_key_value_heads, head_dim, tp, rank)
+                q_seg = split_evenly(config.num_attention_heads * head_dim, tp, rank, "attention heads")
+                args = (tp, config.norm_epsilon, config.norm_bias, dtype)
+                self.q_norm, self.k_norm = TPLayerNorm(q_seg, *args), TPLayerNorm(kv_seg, *args)
         self.rotary: RotaryEmbedding | None = None
         # A buffer slot from the start ([local heads] float32 under ALiBi, else None): a plain attribute of the
         # same name would make register_buffer refuse it.
@@ -61,7 +71,9 @@ class Attention(nn.Module):
             qkv = qkv.clamp(-self.clip_qkv, self.clip_qkv)
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        if self.q_norm is not None and self.k_norm is not None:
+        if self.tp_qk_norm:
+            q, k = tp_layer_norms([q, k], [self.q_norm, self.k_norm])  # this rank's heads, whole-vector statistics
+        elif self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)  # [tokens, heads * head_dim], [tokens, kv_heads * head_dim]
         q = q.reshape(tokens, self.num_heads, self.head_dim)
         k = k.reshape(tokens, self.num_kv_heads, self.head_dim)

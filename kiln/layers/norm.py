@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig
+from kiln.distributed.collectives import tp_all_reduce
+from kiln.layers.sharding import Segment, set_shard
 
 
 class LayerNorm(nn.Module):
@@ -45,3 +47,39 @@ def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:
     if config.norm_type == "rmsnorm":
         return RMSNorm(dim, config.norm_epsilon, config.torch_dtype)
     return LayerNorm(dim, config.norm_epsilon, config.norm_bias, config.torch_dtype)
+
+
+class TPLayerNorm(nn.Module):
+    """LayerNorm over a vector whose elements are spread over the tensor-parallel ranks (MPT's qk_ln normalises the
+    whole query, d_model wide, and the whole key [LLMF attention.py], while each rank holds only its heads). Each
+    rank keeps the weight and bias of its own elements; the statistics are summed over the ranks (see
+    `tp_layer_norms`). Elements replicated on several ranks (KV heads when tp exceeds them) are replicated equally
+    often, so sums over ranks count every element the same number of times and the mean is still exact."""
+
+    def __init__(self, segment: Segment, tp_size: int, eps: float, bias: bool, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.eps = eps
+        self.count = tp_size * segment.local_size  # elements summed over the ranks, replicas included
+        self.weight = set_shard(nn.Parameter(torch.empty(segment.local_size, dtype=dtype), requires_grad=False),
+                                0, segment)
+        self.bias = set_shard(nn.Parameter(torch.empty(segment.local_size, dtype=dtype), requires_grad=False),
+                              0, segment) if bias else None
+
+
+def tp_layer_norms(xs: list[torch.Tensor], norms: list[TPLayerNorm]) -> list[torch.Tensor]:
+    """Apply each norm to its [tokens, local_dim] slice, in float32, with two-pass statistics (mean, then the
+    centred square) and one all-reduce per pass for all the tensors together."""
+    xf = [x.float() for x in xs]
+    counts = torch.tensor([n.count for n in norms], dtype=torch.float32, device=xs[0].device)
+    sums = tp_all_reduce(torch.stack([x.sum(-1) for x in xf], dim=-1))  # [tokens, len(xs)]
+    means = sums / counts
+    centred = [x - means[:, i : i + 1] for i, x in enumerate(xf)]
+    squares = tp_all_reduce(torch.stack([(c * c).sum(-1) for c in centred], dim=-1))
+    rstd = torch.rsqrt(squares / counts + torch.tensor([n.eps for n in norms], device=xs[0].device))
+    out = []
+    for i, (x, c, norm) in enumerate(zip(xs, centred, norms)):
+        y = c * rstd[:, i : i + 1] * norm.weight.float()
+        if norm.bias is not None:
+            y = y + norm.bias.float()
+        out.append(y.to(x.dtype))
+    return out
