@@ -134,3 +134,13 @@ def test_mpt_qk_ln(tmp_path, mpt_qk_ln_ref):
 ], ids=["tp2", "pp2", "tp2xpp2"])
 def test_baichuan(tmp_path, baichuan_ref, extra):
     check_engine(tmp_path, baichuan_ref, *extra)
+
+
+def test_convert_workers_flag_is_accepted_and_changes_nothing(tmp_path, mpt_ref):
+    base = ("--model_dir", str(mpt_ref.hf_dir), "--tp_size", "2")
+    assert kiln_main(["convert", *base, "--output_dir", str(tmp_path / "a")]) == 0
+    assert kiln_main(["convert", *base, "--workers", "4", "--output_dir", str(tmp_path / "b")]) == 0
+    for rank in range(2):
+        name = f"rank{rank}.safetensors"
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    assert kiln_main(["convert", *base, "--workers", "0", "--output_dir", str(tmp_path / "c")]) == 2

@@ -26,6 +26,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_layers", type=int, help="keep only the first N layers (a slice of a big model)")
     p.add_argument("--tp_size", type=int, default=1)
     p.add_argument("--pp_size", type=int, default=1)
+    p.add_argument("--workers", type=int, default=1,
+                   help="accepted for TensorRT-LLM compatibility; kiln reads each tensor once and writes every rank's "
+                        "shard of it in the same pass, so more workers would buy nothing and the value is ignored")
     p.add_argument("--moe_tp_mode", type=int, choices=[1, 2], default=2,
                    help="experts: 1 = expert parallel (whole experts per rank), 2 = tensor parallel (default)")
     p.add_argument("--moe_tp_size", type=int, default=-1, help="tensor parallel size over each expert")
@@ -73,6 +76,8 @@ def resolve_source(args: argparse.Namespace) -> tuple[dict, object | None]:
 
 
 def make_plan(args: argparse.Namespace) -> ConvertPlan:
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     if args.use_weight_only or args.smoothquant is not None or args.int8_kv_cache or args.fp8_kv_cache:
         raise ConfigError("quantization is not available in this kiln version yet; convert without "
                           "--use_weight_only/--smoothquant/--int8_kv_cache/--fp8_kv_cache")
