@@ -11,7 +11,7 @@ import torch
 
 from kiln.checkpoint.kiln_format import load_artifact
 from kiln.engine.block_manager import BlockManager
-from kiln.engine.llm_engine import LLMEngine, TokenEvent
+from kiln.engine.llm_engine import BeamEvent, LLMEngine, TokenEvent
 from kiln.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from kiln.engine.sequence import FinishReason, Sequence
 from kiln.executor import create_executor
@@ -26,7 +26,9 @@ class RequestError(ValueError):
 @dataclass
 class CompletionOutput:
     """One generated sequence: its tokens (the end token included when generation stopped on it), text and why
-    it ended."""
+    it ended. For beam search, `logprobs` are the processed log-probabilities the beam was scored with and `score`
+    is the beam's score (cumulative logprob / generated length ** length_penalty, transformers' sequences_scores);
+    `score` is None otherwise."""
 
     index: int
     token_ids: list[int] = field(default_factory=list)
@@ -34,6 +36,7 @@ class CompletionOutput:
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    score: float | None = None
 
     @property
     def cumulative_logprob(self) -> float:
@@ -93,6 +96,25 @@ class _Tracker:
                 self.out.text = self.out.text[:end]
                 return self.out.text[before:], True
         return piece, False
+
+
+class _BeamTracker:
+    """Follows one beam-search request: nothing until the search ends, then every returned beam at once."""
+
+    def __init__(self, llm: "LLM", request: "RequestOutput") -> None:
+        self.llm, self.request = llm, request
+
+    def finish(self, event: BeamEvent) -> list[CompletionOutput]:
+        outs = self.request.outputs
+        for out, beam in zip(outs, event.beams):
+            out.token_ids, out.logprobs, out.score = list(beam.token_ids), list(beam.logprobs), beam.score
+            out.finish_reason = beam.finish_reason.value
+            detok = self.llm._detokenizer(self.request.prompt_token_ids)
+            if detok is not None:
+                out.text = "".join(detok.add(t) for t in beam.token_ids) + detok.flush()
+        for out in outs[len(event.beams):]:  # cannot happen when the search ran to its end; kept honest
+            out.finish_reason = FinishReason.ABORT.value
+        return outs
 
 
 class LLM:
@@ -163,7 +185,21 @@ class LLM:
                 f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds this engine's "
                 f"max_seq_len {self.build.max_seq_len}; lower max_tokens or rebuild with a larger --max_seq_len")
         if params.use_beam_search:
-            raise RequestError("beam search is not available in this kiln version; use greedy or sampling")
+            self._check_beams(params)
+
+    def _check_beams(self, params: SamplingParams) -> None:
+        width = self.build.max_beam_width
+        if params.num_beams > width:
+            raise RequestError(f"num_beams {params.num_beams} exceeds this engine's max_beam_width {width}; rebuild "
+                               f"with --max_beam_width {params.num_beams} or use fewer beams")
+        if params.num_beams > self.build.max_batch_size:
+            raise RequestError(
+                f"num_beams {params.num_beams} exceeds this engine's max_batch_size {self.build.max_batch_size} (each "
+                f"beam is one sequence of the batch); rebuild with --max_batch_size {params.num_beams} or use fewer "
+                "beams")
+        if params.stop:
+            raise RequestError("stop strings are not supported with beam search (transformers has none either); "
+                               "use stop_token_ids or end_id")
 
     def _add_requests(self, prompts: Seq[str | list[int]], params: Seq[SamplingParams]) -> tuple[
             list[RequestOutput], dict[int, tuple[int, _Tracker]]]:
@@ -174,6 +210,13 @@ class LLM:
         for rid, (prompt, ids, p) in enumerate(zip(prompts, encoded, params)):
             req = RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids, [])
             stops = self.stop_ids(p)
+            if p.use_beam_search:  # one sequence: the engine forks the beams from it
+                req.outputs = [CompletionOutput(index) for index in range(p.n)]
+                seq = Sequence(self.engine.new_seq_id(), ids, p.max_tokens, stops, p.ignore_eos, p.min_tokens, p)
+                trackers[seq.seq_id] = (rid, _BeamTracker(self, req))
+                self.engine.add(seq)
+                requests.append(req)
+                continue
             for index in range(p.n):
                 out = CompletionOutput(index)
                 req.outputs.append(out)
@@ -187,7 +230,9 @@ class LLM:
 
     def stream(self, prompts: Seq[str | list[int]] | str,
                sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> Iterator[StreamDelta]:
-        """Generate, yielding each output's new token and text as soon as it is made."""
+        """Generate, yielding each output's new token and text as soon as it is made. A beam-search request yields
+        nothing while it searches (a beam's tokens can still be replaced by another's) and, when it ends, one delta
+        per returned beam holding the beam's whole text (token_id: its last token) and its finish reason."""
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
             params = [sampling_params or SamplingParams()] * len(prompts)
@@ -200,7 +245,10 @@ class LLM:
         try:
             while self.engine.has_unfinished():
                 for event in self.engine.step():
-                    yield self._apply(event, requests, trackers)
+                    if isinstance(event, BeamEvent):
+                        yield from self._apply_beams(event, trackers)
+                    else:
+                        yield self._apply(event, requests, trackers)
         finally:
             for seq_id in list(trackers):  # a consumer that stops early leaves nothing running
                 self.engine.abort(seq_id)
@@ -217,6 +265,12 @@ class LLM:
             tracker.out.finish_reason = reason
             del trackers[event.seq.seq_id]
         return StreamDelta(rid, tracker.out.index, event.token_id, text, reason)
+
+    def _apply_beams(self, event: BeamEvent, trackers: dict[int, tuple[int, Any]]) -> list[StreamDelta]:
+        """A beam request ended: fill its outputs, best beam first; stream each whole beam once."""
+        rid, tracker = trackers.pop(event.seq.seq_id)
+        return [StreamDelta(rid, out.index, out.token_ids[-1] if out.token_ids else -1, out.text, out.finish_reason)
+                for out in tracker.finish(event)]
 
     def score(self, prompt: str | list[int]) -> torch.Tensor:  # [prompt tokens, vocab] float32
         """The model's logits at every position of one prompt (for perplexity and checks against references).

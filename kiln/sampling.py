@@ -16,6 +16,11 @@ Processing order for each row (a step runs only for rows whose parameters ask fo
    ``vocab`` draws per step, so the same seed gives the same tokens whatever else is in the batch.
 
 Logprobs are those of the raw logits, before any of the above (vLLM's default), so that they describe the model.
+
+Beam-search rows (``params.use_beam_search``) are not sampled: as transformers' beam search does, the sampler takes
+the log-softmax of the raw logits, applies steps 1-3 to those log-probabilities, and returns the row's K best
+(token, log-prob) pairs in ``SamplerOutput.beam_candidates`` (K from ``kiln.engine.beam_search.num_candidates``:
+at least 2 * num_beams), from which the engine's beam group chooses. Temperature, top-k/p and min-p do not apply.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.engine.beam_search import num_candidates
 from kiln.sampling_params import SamplingParams
 
 # Temperatures below this are clamped to it, as dividing by a tiny temperature would overflow float32 logits to
@@ -59,11 +65,15 @@ class SamplerOutput:
     ``logprobs[i]`` is the raw log-softmax at the chosen token. ``top_logprobs`` is None when no row asked for
     logprobs; otherwise ``top_logprobs[i]`` lists ``(token_id, logprob)`` for the row's ``params.logprobs`` most
     likely tokens (raw logits, most likely first), and is empty for rows that did not ask or asked for 0.
+    ``beam_candidates`` is None when no row is a beam-search row; otherwise ``beam_candidates[i]`` lists a beam
+    row's best ``(token_id, logprob)`` continuations (processed log-probs, best first), empty for other rows; the
+    ``token_ids`` entry of a beam row is its best candidate and means nothing more.
     """
 
     token_ids: list[int]
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]] | None
+    beam_candidates: list[list[tuple[int, float]]] | None = None
 
 
 class Sampler:
@@ -82,7 +92,23 @@ class Sampler:
             tokens = logits.argmax(dim=-1)  # the every-step fast path: nothing to process
         else:
             tokens = _sample_processed(logits, rows)
-        return _build_output(logits, tokens, rows)
+        out = _build_output(logits, tokens, rows)
+        beam = [i for i, row in enumerate(rows) if row.params.use_beam_search]
+        if beam:
+            out.beam_candidates = [[] for _ in rows]
+            for i, cands in zip(beam, beam_candidates(logits[beam], [rows[i] for i in beam])):
+                out.beam_candidates[i] = cands
+        return out
+
+
+def beam_candidates(logits: torch.Tensor, rows: list[SamplingRow]) -> list[list[tuple[int, float]]]:
+    """Each beam row's best continuations: the top K of its processed log-probabilities, as transformers' beam
+    search scores them (log-softmax of the raw logits, then bans and penalties). ``logits``: ``[rows, vocab]``."""
+    log_probs = process_logits(torch.log_softmax(logits.float(), dim=-1), rows)  # [rows, vocab]
+    wanted = [min(num_candidates(row.params.num_beams, len(row.stop_token_ids)), log_probs.shape[1]) for row in rows]
+    values, indices = log_probs.topk(max(wanted), dim=-1)  # [rows, max K], best first
+    values_host, indices_host = values.tolist(), indices.tolist()
+    return [list(zip(indices_host[i][:k], values_host[i][:k])) for i, k in enumerate(wanted)]
 
 
 def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -243,7 +269,8 @@ def _sample_processed(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
     """Steps 1-9 for a batch with at least one row that is not plain greedy. Returns ``[rows]`` token ids."""
     processed = process_logits(logits, rows)  # [rows, vocab]
     tokens = processed.argmax(dim=-1)  # greedy rows keep this
-    sampled = [i for i, row in enumerate(rows) if not row.params.greedy]
+    # Beam rows keep the argmax too (their beam group chooses from beam_candidates): they draw no random numbers.
+    sampled = [i for i, row in enumerate(rows) if not row.params.greedy and not row.params.use_beam_search]
     if not sampled:
         return tokens
     if len(sampled) == len(rows):

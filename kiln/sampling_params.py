@@ -66,6 +66,13 @@ class SamplingParams:
     sequences that must never be produced; ``bad_words`` are strings the engine tokenizes into such sequences.
     ``end_id`` is TensorRT-LLM's end-of-sequence id, added to the stop ids by the engine. Values are checked on
     construction and a ValueError names the wrong one and its allowed range.
+
+    Beam search (``num_beams > 1``, which sets ``use_beam_search``) follows transformers' ``generate``:
+    ``length_penalty`` is the exponent of the generated length that finished scores are divided by,
+    ``early_stopping`` is True (stop once ``num_beams`` beams have finished), False (stop when no running beam is
+    likely to beat them) or ``"never"`` (stop only when none can), and ``n`` (<= num_beams) beams are returned, best
+    first. Sampling settings (temperature, top-k/p, min-p, seed) do not apply to beam search; penalties, bad words
+    and min_tokens do.
     """
 
     max_tokens: int = 16
@@ -100,6 +107,10 @@ class SamplingParams:
         self._check_sampling()
         self._check_penalties()
         self._check_stopping()
+        # num_beams > 1 means beam search, as in transformers' generate(num_beams=...) and TensorRT-LLM's run.py.
+        if isinstance(self.num_beams, int) and not isinstance(self.num_beams, bool) and self.num_beams > 1:
+            if self.use_beam_search is False:
+                self.use_beam_search = True
         self._check_beam_search()
 
     @property
@@ -167,10 +178,6 @@ class SamplingParams:
             raise ValueError(
                 f"SamplingParams.num_beams must be >= 2 with use_beam_search=True, got {self.num_beams}; "
                 "set num_beams to the beam width")
-        if not self.use_beam_search and self.num_beams > 1:
-            raise ValueError(
-                f"SamplingParams.num_beams={self.num_beams} needs use_beam_search=True; "
-                "set it, or leave num_beams at 1 for sampling")
         if self.use_beam_search and self.n > self.num_beams:
             raise ValueError(
                 f"SamplingParams.n ({self.n}) must not exceed num_beams ({self.num_beams}) in beam search: "

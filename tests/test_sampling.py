@@ -105,7 +105,7 @@ def test_params_defaults_and_greedy():
         ({"ignore_eos": "yes"}, "ignore_eos"),
         ({"early_stopping": "always"}, "early_stopping"),
         ({"use_beam_search": True, "num_beams": 1}, "num_beams"),
-        ({"num_beams": 3}, "num_beams"),
+        ({"num_beams": 3, "n": 4}, "n"),  # num_beams > 1 alone means beam search
         ({"num_beams": 0}, "num_beams"),
         ({"use_beam_search": True, "num_beams": 2, "n": 3}, "n"),
         ({"length_penalty": float("nan")}, "length_penalty"),

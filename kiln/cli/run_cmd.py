@@ -30,7 +30,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_input_length", type=int, default=None,
                    help="keep only the last N prompt tokens (default: no truncation; the engine's limit applies)")
     p.add_argument("--max_output_len", type=int, required=True)
-    p.add_argument("--num_return_sequences", type=int, default=1)
+    p.add_argument("--num_return_sequences", type=int, default=None,
+                   help="outputs per prompt (default: 1, or every beam with --num_beams)")
+    p.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (1: no beam search)")
+    p.add_argument("--length_penalty", type=float, default=1.0,
+                   help="beam search: finished beams score cumulative logprob / length ** length_penalty")
+    p.add_argument("--early_stopping", type=early_stopping, default=True,
+                   help="beam search: 1 (default) stops once num_beams beams finished, 0 when no running beam is "
+                        "likely to beat them, 'never' when none can (transformers' True/False/'never')")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=1, help="1 (the default) is greedy; 0 disables top-k")
     p.add_argument("--top_p", type=float, default=0.0, help="0 (the default) disables top-p")
@@ -54,18 +61,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
+def early_stopping(text: str) -> bool | str:
+    """--early_stopping: run.py's integers (1 true, 0 false) or transformers' spellings."""
+    value = text.strip().lower()
+    if value in ("1", "true"):
+        return True
+    if value in ("0", "false"):
+        return False
+    if value == "never":
+        return "never"
+    raise argparse.ArgumentTypeError(f"{text!r} is not 1, 0, true, false or never")
+
+
 def sampling_params(args: argparse.Namespace, tokenizer) -> SamplingParams:
-    """run.py's conventions: top_k 1 means greedy, top_p 0 means off."""
+    """run.py's conventions: top_k 1 means greedy, top_p 0 means off; --num_beams > 1 means beam search (sampling
+    flags are then ignored, penalties and --bad_words still apply)."""
     greedy = args.top_k == 1
     bad_ids = [tokenizer.encode(w) for w in args.bad_words] if args.bad_words and tokenizer else []
     if args.bad_words and tokenizer is None:
         raise ConfigError("--bad_words needs --tokenizer_dir to turn words into tokens")
+    if args.num_beams < 1:
+        raise ConfigError(f"--num_beams is {args.num_beams}; it must be >= 1 (1: no beam search)")
+    beams = args.num_beams > 1
+    n = args.num_return_sequences if args.num_return_sequences is not None else args.num_beams
+    if beams and n > args.num_beams:
+        raise ConfigError(f"--num_return_sequences {n} exceeds --num_beams {args.num_beams}; beam search returns "
+                          "at most num_beams beams")
     return SamplingParams(
-        max_tokens=args.max_output_len, n=args.num_return_sequences,
+        num_beams=args.num_beams, length_penalty=args.length_penalty, early_stopping=args.early_stopping,
+        max_tokens=args.max_output_len, n=n,
         temperature=0.0 if greedy else args.temperature, top_k=0 if greedy else args.top_k,
         top_p=1.0 if args.top_p == 0 else args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
-        frequency_penalty=args.frequency_penalty, seed=None if greedy else args.random_seed,
+        frequency_penalty=args.frequency_penalty, seed=None if greedy or beams else args.random_seed,
         end_id=args.end_id, stop=list(args.stop_words), bad_word_ids=bad_ids, ignore_eos=args.ignore_eos,
         min_tokens=args.min_length,
     )
@@ -110,7 +138,11 @@ def read_input_file(path: Path, tokenizer, pad_id: int | None) -> list[list[int]
 def write_outputs(args: argparse.Namespace, results: list[RequestOutput], pad: int) -> None:
     if args.output_json:
         data = [{"input_ids": r.prompt_token_ids, "output_ids": [o.token_ids for o in r.outputs],
-                 "text": [o.text for o in r.outputs]} for r in results]
+                 "text": [o.text for o in r.outputs], "cum_log_probs": [o.cumulative_logprob for o in r.outputs],
+                 "finish_reason": [o.finish_reason for o in r.outputs]} for r in results]
+        for item, r in zip(data, results):
+            if any(o.score is not None for o in r.outputs):  # beam search: every beam with its score
+                item["score"] = [o.score for o in r.outputs]
         Path(args.output_json).write_text(json.dumps(data, ensure_ascii=False, indent=1) + "\n")
     rows = [r.prompt_token_ids + o.token_ids for r in results for o in r.outputs]
     width = max(len(row) for row in rows)
@@ -128,7 +160,8 @@ def print_results(results: list[RequestOutput], tokenizer) -> None:
         print(f'Input [Text {i}]: "{prompt}"')
         for o in r.outputs:
             shown = o.text if tokenizer else o.token_ids
-            print(f'Output [Text {i} Beam {o.index}]: "{shown}"')
+            score = f" (score {o.score:.4f})" if o.score is not None else ""
+            print(f'Output [Text {i} Beam {o.index}]: "{shown}"{score}')
 
 
 def stream_to_stdout(llm: LLM, prompts: list[list[int]], params: SamplingParams, interval: int,

@@ -142,18 +142,35 @@ class Scheduler:
             )
 
     def fork(self, parent_id: int, child: Sequence) -> None:
-        """Add `child` (made by `parent.fork(new_id)`) as a running sequence sharing the parent's KV blocks."""
+        """Add `child` (made by `parent.fork(new_id)`) beside its parent: a running parent shares its KV blocks with
+        it (copy on write); a waiting (preempted) parent has none, so the child waits right behind it and is
+        computed from its tokens, like its parent."""
         parent = self._seqs.get(parent_id)
-        if parent is None or parent.status is not SequenceStatus.RUNNING:
-            raise ValueError(f"fork: sequence {parent_id} is not running; only a running sequence can be forked")
+        if parent is None or parent.status is SequenceStatus.FINISHED:
+            raise ValueError(f"fork: sequence {parent_id} is not running or waiting; only a live one can be forked")
         if child.seq_id in self._seqs:
             raise ValueError(f"fork: a request with id {child.seq_id} already exists; ids must be unique")
-        self.block_manager.fork(parent, child)
+        if child.token_ids[: parent.num_tokens] != parent.token_ids:
+            raise ValueError(f"fork: sequence {child.seq_id} does not start with the tokens of parent {parent_id}; "
+                             "create it with parent.fork(new_id)")
         child.arrival = self._next_arrival
         self._next_arrival += 1
+        self._seqs[child.seq_id] = child
+        if parent.status is SequenceStatus.WAITING:
+            child.status = SequenceStatus.WAITING
+            self.waiting.insert(self.waiting.index(parent) + 1, child)
+            return
+        self.block_manager.fork(parent, child)
         child.status = SequenceStatus.RUNNING
         self.running.append(child)  # the newest arrival sorts last
-        self._seqs[child.seq_id] = child
+
+    def resume(self, seq_id: int, token_id: int) -> None:
+        """Give a paused beam its next token (chosen by its beam group) and let it be scheduled again."""
+        seq = self._seqs.get(seq_id)
+        if seq is None:
+            raise ValueError(f"resume: sequence {seq_id} is not running or waiting")
+        seq.append_token(token_id)
+        seq.paused = False
 
     def abort(self, seq_id: int) -> Sequence | None:
         """Cancel a waiting or running request; returns it (finished with ABORT), or None if it is not here."""
@@ -185,8 +202,9 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled_ids: set[int] = set()
-        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1]
-        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1]
+        # Paused beams have computed every token and wait for their group: they are in neither list.
+        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1 and not s.paused]
+        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1 and not s.paused]
         for seq in decodes + prefills:  # both in arrival order
             if budget == 0 or len(out.scheduled) == self.max_num_seqs:
                 break
@@ -201,7 +219,20 @@ class Scheduler:
         # Freshly preempted sequences wait at the queue front; admitting them now would only thrash.
         if not out.preempted:
             self._admit_waiting(out, budget, scheduled_ids)
+            if not out.scheduled:
+                self._unblock(out, budget, scheduled_ids)
         return out
+
+    def _unblock(self, out: SchedulerOutput, budget: int, scheduled_ids: set[int]) -> None:
+        """Nothing could run: the running sequences are all paused beams (waiting for a sibling) and the waiting
+        ones do not fit. Paused beams already reported their candidates, so their K/V can go (they are recomputed
+        when resumed): preempt them, newest first, until a waiting sequence is admitted."""
+        while not out.scheduled and any(not s.paused for s in self.waiting):
+            paused = [s for s in self.running if s.paused]
+            if not paused:
+                return
+            self._preempt(paused[-1], out)
+            self._admit_waiting(out, budget, scheduled_ids)
 
     def _add_scheduled(
         self, out: SchedulerOutput, seq: Sequence, n: int, copies: list[tuple[int, int]], ids: set[int]
@@ -235,10 +266,14 @@ class Scheduler:
         self.num_preemptions += 1
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int, scheduled_ids: set[int]) -> None:
-        """Admit waiting sequences in order while they fit; stop at the first that does not (FIFO fairness)."""
+        """Admit waiting sequences in order while they fit; stop at the first that does not (FIFO fairness).
+        Paused beams (preempted while waiting for their group) are passed over until they are resumed."""
         bm = self.block_manager
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            seq = self.waiting[0]
+        for seq in list(self.waiting):
+            if budget == 0 or len(self.running) >= self.max_num_seqs:
+                break
+            if seq.paused:
+                continue
             if not bm.can_allocate(seq):
                 break
             to_compute = seq.num_tokens - bm.peek_prefix_hit_tokens(seq)
@@ -246,7 +281,7 @@ class Scheduler:
             # can exceed the whole budget, and that one is chunked rather than left to wait forever.
             if not self.enable_chunked_prefill and budget < to_compute <= self.max_num_batched_tokens:
                 break
-            self.waiting.popleft()
+            self.waiting.remove(seq)
             bm.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             bisect.insort(self.running, seq, key=lambda s: s.arrival)
@@ -259,8 +294,9 @@ class Scheduler:
 
     def postprocess(self, output: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
         """Apply a step's results: advance computed counts, register computed blocks in the prefix cache, append
-        the sampled tokens (seq_id -> token for the sequences with needs_sample) and finish sequences. Returns the
-        sequences that finished in this step (their blocks are already freed)."""
+        the sampled tokens (seq_id -> token for the sequences with needs_sample) and finish sequences. Beams
+        (`group_id` set) get no token here: they are paused until their group resumes them. Returns the sequences
+        that finished in this step (their blocks are already freed)."""
         finished: list[Sequence] = []
         for item in output.scheduled:
             seq = item.seq
@@ -269,6 +305,9 @@ class Scheduler:
             seq.num_computed_tokens += item.num_new_tokens
             self.block_manager.mark_computed(seq)
             if not item.needs_sample:
+                continue
+            if seq.group_id is not None:
+                seq.paused = True  # a beam: its group chooses the next token once every beam has reported
                 continue
             if seq.seq_id not in sampled:
                 raise ValueError(f"postprocess: no sampled token for sequence {seq.seq_id}, which needed one")

@@ -67,6 +67,11 @@ class Sequence:
     # Chained hashes of the full blocks of token_ids, filled lazily by the block manager (tokens only ever grow,
     # so a computed hash stays valid; kept here so that a preempted sequence does not hash its prompt again).
     block_hashes: list[bytes] = field(default_factory=list, init=False, repr=False)
+    # Beam search: the id of the request (its first sequence) whose beam group chooses this sequence's tokens; None
+    # for ordinary requests. A beam's step reports candidates instead of appending a token, and the beam is
+    # `paused` (neither scheduled nor admitted) until its group has heard from every beam and resumes it.
+    group_id: int | None = field(default=None, init=False)
+    paused: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = _token_list(self.prompt_token_ids, "prompt_token_ids")
@@ -121,4 +126,5 @@ class Sequence:
         )
         child.token_ids = list(self.token_ids)
         child.block_hashes = list(self.block_hashes)
+        child.group_id = self.group_id
         return child
