@@ -1,4 +1,5 @@
-"""build: a kiln checkpoint -> an engine directory (validated rank files, build limits, memory plan)."""
+"""build: a kiln checkpoint -> an engine directory (validated rank files, build limits, kernel choices tuned for the
+GPU it runs on, memory plan)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,15 @@ import json
 import os
 import shutil
 from pathlib import Path
+from typing import Any, Callable
+
+import torch
 
 from kiln.checkpoint.atomic import atomic_output_dir
 from kiln.checkpoint.convert import meta_model
 from kiln.checkpoint.kiln_format import ArtifactInfo, check_rank_file, load_artifact
 from kiln.config import BuildConfig, ConfigError
+from kiln.kernels import MoeShape, kernels_section
 from kiln.memory import GiB, MemoryPlan, activation_bytes, kv_bytes_per_token
 from kiln.models.decoder import stage_layers
 
@@ -28,6 +33,29 @@ def plan_memory(info: ArtifactInfo, build: BuildConfig) -> MemoryPlan:
                       activation_bytes(info.model, build, element))
 
 
+def moe_shape(info: ArtifactInfo) -> MoeShape | None:
+    """The fused-MoE shape of one rank (every rank's is the same: experts and ffn split evenly), or None for a dense
+    model."""
+    if not info.model.is_moe:
+        return None
+    params = meta_model(info.family, info.model, info.mapping.for_rank(0)).named_parameters()
+    w13 = next(p for name, p in params if name.endswith(".w13"))  # [local experts, 2 * local ffn, hidden]
+    return MoeShape(hidden=w13.shape[2], ffn=w13.shape[1] // 2, experts=w13.shape[0], top_k=info.model.moe_top_k)
+
+
+def choose_kernels(info: ArtifactInfo, build_config: BuildConfig, tune: bool = True,
+                   log: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """The engine's "kernels" section: on a GPU (unless `tune` is off) the fused-MoE tiles tuned for this rank's
+    expert shape over every token bucket up to max_num_tokens, else the defaults. Tuned for the GPU this build runs
+    on; `run` on another GPU falls back to the defaults."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    shape = moe_shape(info)
+    if log is not None and shape is not None and tune and device.type == "cuda":
+        log(f"tuning fused MoE tiles on {torch.cuda.get_device_name(device)} for {shape.experts} experts x ffn "
+            f"{shape.ffn} x hidden {shape.hidden}, token buckets up to {build_config.max_num_tokens}")
+    return kernels_section(device, shape, info.model.torch_dtype, build_config.max_num_tokens, tune, log=log)
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     """Engines share the checkpoint's bytes where the filesystem allows (DBRX is 264 GB)."""
     try:
@@ -37,7 +65,10 @@ def _link_or_copy(src: Path, dst: Path) -> None:
 
 
 def build(checkpoint_dir: str | Path, output_dir: str | Path, build_config: BuildConfig,
-          memory_gib: float | None = None) -> tuple[Path, MemoryPlan]:
+          memory_gib: float | None = None, tune: bool = True,
+          log: Callable[[str], None] | None = None) -> tuple[Path, MemoryPlan]:
+    """Validate the checkpoint against the limits, plan memory, choose (and on a GPU tune) kernels, and write the
+    engine atomically. `tune=False` records the default kernel tiles without timing anything."""
     info = load_artifact(checkpoint_dir, "checkpoint")
     build_config.validate(info.model)
     plan = plan_memory(info, build_config)
@@ -47,7 +78,8 @@ def build(checkpoint_dir: str | Path, output_dir: str | Path, build_config: Buil
             f"of activations per rank, more than the {memory_gib:g} GiB given; use more ranks (--tp_size/--pp_size "
             "at convert) or smaller limits"
         )
-    config = dict(info.raw, kind="engine", build=build_config.to_dict(), memory_plan=plan.to_dict())
+    kernels = choose_kernels(info, build_config, tune, log)
+    config = dict(info.raw, kind="engine", build=build_config.to_dict(), memory_plan=plan.to_dict(), kernels=kernels)
     with atomic_output_dir(output_dir) as tmp:
         for rank in range(info.mapping.world_size):
             _link_or_copy(info.rank_file(rank), tmp / f"rank{rank}.safetensors")

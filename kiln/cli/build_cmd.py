@@ -9,7 +9,19 @@ from kiln.checkpoint.kiln_format import load_artifact
 from kiln.config import BuildConfig
 from kiln.memory import describe
 
-HELP = "build an engine from a kiln checkpoint (validate, set limits, plan memory)"
+
+def describe_kernels(section: dict) -> str:
+    """One line on the kernel choices the build recorded."""
+    moe = section.get("fused_moe")
+    if moe is None:
+        return "kernels: no build-time choices for this model (attention tiles are chosen at run time)"
+    tuned = sum(1 for c in moe["configs"] if c["tuned"])
+    if tuned == 0:
+        return f"kernels: default fused-MoE tiles recorded for {len(moe['configs'])} token buckets (not tuned)"
+    return (f"kernels: fused-MoE tiles tuned on {section['device']} for {tuned} of {len(moe['configs'])} token "
+            f"buckets in {section['tune_seconds']:.0f} s")
+
+HELP = "build an engine from a kiln checkpoint (validate, set limits, tune kernels on a GPU, plan memory)"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -26,6 +38,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="tokens per paged KV-cache block")
     p.add_argument("--memory_gib", type=float, default=None,
                    help="memory per rank to plan for (prints how many KV tokens fit; refuses if weights do not)")
+    p.add_argument("--no_tune", action="store_true",
+                   help="record the default kernel tiles instead of tuning them on this GPU (tuning takes a minute "
+                        "or two for MoE models; nothing is tuned without a GPU)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -34,8 +49,10 @@ def main(args: argparse.Namespace) -> int:
     max_input_len = args.max_input_len if args.max_seq_len or args.max_input_len < max_seq_len else max_seq_len - 1
     config = BuildConfig(args.max_batch_size, max_input_len, max_seq_len, args.max_beam_width,
                          args.max_num_tokens, args.kv_block_size)
-    out, plan = build(args.checkpoint_dir, args.output_dir, config, args.memory_gib)
+    out, plan = build(args.checkpoint_dir, args.output_dir, config, args.memory_gib, tune=not args.no_tune,
+                      log=lambda line: print(line, flush=True))
     print(f"built engine {out}: max_batch_size {config.max_batch_size}, max_input_len {config.max_input_len}, "
           f"max_seq_len {config.max_seq_len}")
+    print(describe_kernels(load_artifact(out, "engine").raw.get("kernels") or {}))
     print(describe(plan, config, args.memory_gib))
     return 0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from kiln.cli import build_cmd, convert_cmd, run_cmd
+from kiln.cli import bench_cmd, build_cmd, convert_cmd, run_cmd
 
-COMMANDS = {"convert": convert_cmd, "build": build_cmd, "run": run_cmd}
+COMMANDS = {"convert": convert_cmd, "build": build_cmd, "run": run_cmd, "bench": bench_cmd}
 
 
 def hyphen_aliases(parser: argparse.ArgumentParser) -> None:

@@ -2,77 +2,27 @@
 
 Four launches whatever the batch: align (sort assignments by expert), one grouped GEMM for gate+up with SiLU-GLU in
 its epilogue, one grouped GEMM for down with the routing weight applied, and a sum over the top-k choices. Tile
-shapes come from a table keyed by (token bucket, hidden, ffn, experts), filled by `tune_fused_moe` on the GPU at
-build time, with a size-based default where it has no entry. Nothing syncs with the host, so it captures in a CUDA
-graph."""
+shapes come from a table keyed by (token bucket, hidden, ffn, experts) (triton_moe_configs.py), filled by
+`tune_moe_buckets` on the GPU at build time, with a size-based default where it has no entry. Nothing syncs with
+the host, so it captures in a CUDA graph."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 from kiln.kernels.triton_common import FLOAT_DTYPES, INDEX_DTYPES, cdiv, check_device, check_shape, check_tensor
 from kiln.kernels.triton_common import dot_precision, dot_upcast, next_power_of_2, while_loops
+from kiln.kernels.triton_moe_configs import GemmTile, MoeConfig, MoeKey, default_moe_config, lookup_moe_config
+from kiln.kernels.triton_moe_configs import moe_config_key, register_moe_config, token_bucket
 from kiln.kernels.triton_moe_kernels import moe_align_kernel, moe_down_kernel, moe_gate_up_kernel, moe_sum_kernel
 
-
-@dataclass(frozen=True)
-class GemmTile:
-    """Column and reduction tile of one grouped GEMM, with its launch shape."""
-
-    block_n: int
-    block_k: int
-    num_warps: int
-    num_stages: int
-
-
-@dataclass(frozen=True)
-class MoeConfig:
-    """Tiles of the fused MoE: rows per sorted block (shared by both GEMMs), L2 grouping, and each GEMM's tile."""
-
-    block_m: int
-    group_m: int
-    up: GemmTile
-    down: GemmTile
-
-
-MoeKey = tuple[int, int, int, int]  # (token bucket, hidden, ffn, local experts)
-_MOE_CONFIGS: dict[MoeKey, MoeConfig] = {}
-
-
-def token_bucket(num_tokens: int) -> int:
-    """Tokens rounded up to a power of two (capped at 4096): the batch sizes that share one tuned config."""
-    return min(next_power_of_2(max(num_tokens, 1)), 4096)
-
-
-def moe_config_key(num_tokens: int, hidden: int, ffn: int, num_experts: int) -> MoeKey:
-    """The table key of a call's shape."""
-    return (token_bucket(num_tokens), hidden, ffn, num_experts)
-
-
-def register_moe_config(key: MoeKey, config: MoeConfig) -> None:
-    """Record a (tuned) config for a shape key; later fused_moe calls of that shape use it."""
-    _MOE_CONFIGS[key] = config
-
-
-def default_moe_config(num_tokens: int, top_k: int, num_experts: int) -> MoeConfig:
-    """Tiles by rows per expert: decode-sized blocks stream the weights with the smallest M tl.dot takes and deep
-    K tiles; prefill-sized blocks use 64-128 rows so each weight tile feeds the tensor cores many times."""
-    rows_per_expert = num_tokens * top_k / max(num_experts, 1)
-    if rows_per_expert <= 16:
-        return MoeConfig(16, 1, GemmTile(64, 128, 4, 4), GemmTile(64, 128, 4, 4))
-    if rows_per_expert <= 64:
-        return MoeConfig(32, 4, GemmTile(64, 128, 4, 4), GemmTile(64, 128, 4, 4))
-    if rows_per_expert <= 256:
-        return MoeConfig(64, 8, GemmTile(64, 64, 4, 4), GemmTile(128, 64, 4, 4))
-    return MoeConfig(128, 8, GemmTile(64, 64, 8, 4), GemmTile(128, 64, 8, 4))
-
-
-def lookup_moe_config(num_tokens: int, hidden: int, ffn: int, num_experts: int, top_k: int) -> MoeConfig:
-    """The registered config of this shape's key, else the default."""
-    key = moe_config_key(num_tokens, hidden, ffn, num_experts)
-    return _MOE_CONFIGS.get(key) or default_moe_config(num_tokens, top_k, num_experts)
+__all__ = ["GemmTile", "MoeConfig", "MoeKey", "AlignedRouting", "align_routing", "default_moe_config", "fused_moe",
+           "lookup_moe_config", "moe_config_key", "register_moe_config", "token_bucket", "tune_fused_moe",
+           "tune_moe_buckets"]
 
 
 def _check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids, expert_start) -> None:
@@ -195,18 +145,29 @@ _TILE_CANDIDATES = tuple(
     for n, k, w, s in ((64, 64, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (128, 64, 8, 3), (64, 64, 8, 4),
                        (128, 128, 8, 3), (256, 64, 8, 3), (32, 128, 4, 5))
 )
+# Short timings: the build tunes every token bucket of an engine's MoE shape, and should finish in a minute or two.
+_WARMUP_MS, _REP_MS = 3, 10
+
+
+def block_m_candidates(num_tokens: int, top_k: int, num_experts: int) -> tuple[int, ...]:
+    """Row-block sizes worth timing: up to twice the expected rows per expert (at least 16). Larger blocks would be
+    mostly padding, so only prefill-sized buckets try them; this keeps build-time tuning short."""
+    rows = num_tokens * top_k / max(num_experts, 1)
+    return tuple(m for m in _BLOCK_M_CANDIDATES if m == 16 or m <= 2 * rows)
 
 
 def _time_best(launch, tiles: tuple[GemmTile, ...]) -> tuple[GemmTile, float]:
-    """The fastest tile for `launch(tile)` by median CUDA-event time (tiles that do not fit are skipped)."""
+    """The fastest tile for `launch(tile)` by median CUDA-event time (tiles that do not fit or do not compile for
+    this GPU are skipped; if none works the time is inf and the caller keeps its default)."""
     import triton.testing
+    from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
     best, best_ms = tiles[0], float("inf")
     for tile in tiles:
         try:
-            ms = triton.testing.do_bench(lambda: launch(tile), warmup=5, rep=20, return_mode="median")
-        except OutOfResources:
+            ms = triton.testing.do_bench(lambda: launch(tile), warmup=_WARMUP_MS, rep=_REP_MS, return_mode="median")
+        except (OutOfResources, CompilationError):
             continue
         if ms < best_ms:
             best, best_ms = tile, ms
@@ -216,10 +177,11 @@ def _time_best(launch, tiles: tuple[GemmTile, ...]) -> tuple[GemmTile, float]:
 def tune_fused_moe(
     num_tokens: int, hidden: int, ffn: int, num_experts: int, top_k: int,
     dtype: torch.dtype = torch.bfloat16, device: torch.device | str | None = None, register: bool = True,
+    block_ms: tuple[int, ...] | None = None,
 ) -> MoeConfig:
     """Time candidate tiles of both grouped GEMMs at this shape on the current GPU (random routing) and return the
-    fastest config, registering it for the shape's key unless `register` is False. On the CPU it returns the
-    default: interpreter timings say nothing about a GPU."""
+    fastest config, registering it for the shape's key unless `register` is False. `block_ms` limits the row
+    blocks tried (default: all). On the CPU it returns the default: interpreter timings say nothing about a GPU."""
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -234,7 +196,7 @@ def tune_fused_moe(
     act = torch.empty(num_tokens * top_k, ffn, dtype=dtype, device=device)
     part = torch.empty(num_tokens * top_k, hidden, dtype=torch.float32, device=device)
     best, best_ms = default, float("inf")
-    for block_m in _BLOCK_M_CANDIDATES:
+    for block_m in block_ms or _BLOCK_M_CANDIDATES:
         routing = align_routing(ids, num_experts, 0, block_m)
         probe = MoeConfig(block_m, default.group_m, default.up, default.down)
 
@@ -251,3 +213,25 @@ def tune_fused_moe(
     if register:
         register_moe_config(moe_config_key(num_tokens, hidden, ffn, num_experts), best)
     return best
+
+
+def tune_moe_buckets(
+    buckets: list[int], hidden: int, ffn: int, num_experts: int, top_k: int, dtype: torch.dtype,
+    device: torch.device, budget_s: float = 120.0, log: Callable[[str], None] | None = None,
+) -> dict[int, tuple[MoeConfig, bool]]:
+    """Tune one MoE shape (this rank's experts) for each token bucket, smallest first, and return
+    {bucket: (config, tuned)}. Buckets left when `budget_s` seconds have passed keep their default (tuned False),
+    so a build never runs away; so do all buckets on a CPU."""
+    start = time.perf_counter()
+    table: dict[int, tuple[MoeConfig, bool]] = {}
+    for bucket in buckets:
+        if device.type != "cuda" or time.perf_counter() - start > budget_s:
+            table[bucket] = (default_moe_config(bucket, top_k, num_experts), False)
+            continue
+        config = tune_fused_moe(bucket, hidden, ffn, num_experts, top_k, dtype, device, register=False,
+                                block_ms=block_m_candidates(bucket, top_k, num_experts))
+        table[bucket] = (config, True)
+        if log is not None:
+            log(f"  fused MoE {bucket:5d} tokens: block_m {config.block_m}, up {config.up}, down {config.down} "
+                f"({time.perf_counter() - start:.0f} s)")
+    return table

@@ -1,0 +1,75 @@
+"""An engine of dummy random weights at a preset's or config's shapes, converted and built into a temporary
+directory that is removed however the run ends."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from kiln.bench.options import BenchOptions
+from kiln.build import build
+from kiln.checkpoint.convert import ConvertPlan, convert
+from kiln.checkpoint.hf_reader import read_json
+from kiln.checkpoint.sources import DummyWeightSource
+from kiln.config import BuildConfig, ConfigError, Mapping, ModelConfig, QuantConfig
+from kiln.models import PRESETS, family_for_hf_config
+
+
+def dummy_model_config(options: BenchOptions) -> tuple[ConvertPlan, ModelConfig]:
+    """The convert plan of the dummy model (one rank), with --num_layers and --dtype applied."""
+    if options.preset is not None:
+        hf = json.loads(json.dumps(PRESETS[options.preset][1]))
+    else:
+        hf = read_json(Path(str(options.config)), "--config file")
+    family = family_for_hf_config(hf)
+    config = family.config_from_hf(hf, options.dtype)
+    if options.num_layers is not None:
+        if options.num_layers > config.num_hidden_layers:
+            raise ConfigError(f"--num_layers {options.num_layers} is more than the model's {config.num_hidden_layers} "
+                              "layers")
+        config.num_hidden_layers = options.num_layers
+    plan = ConvertPlan(family, config, Mapping(), DummyWeightSource(options.seed, _dummy_device(options)),
+                       QuantConfig(), {"preset": options.preset, "config": options.config, "dummy": True,
+                                       "seed": options.seed})
+    return plan, config
+
+
+def _dummy_device(options: BenchOptions) -> str:
+    """Random weights are drawn on the GPU when there is one (as convert's --dummy_device cuda): minutes faster for
+    real shapes."""
+    device = options.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device).type
+
+
+def bench_build_config(options: BenchOptions, config: ModelConfig) -> BuildConfig:
+    """Limits that fit every case exactly: the largest batch, prefilled in one step."""
+    seq_len = options.input_len + options.output_len
+    if seq_len > config.max_position_embeddings:
+        raise ConfigError(f"--input_len + --output_len = {seq_len} exceeds the model's max_position_embeddings "
+                          f"{config.max_position_embeddings}; shorten the case")
+    batch = max(options.batch_sizes)
+    return BuildConfig(max_batch_size=batch, max_input_len=options.input_len, max_seq_len=seq_len, max_beam_width=1,
+                       max_num_tokens=batch * options.input_len)
+
+
+@contextlib.contextmanager
+def dummy_engine(options: BenchOptions, log: Callable[[str], None] = print) -> Iterator[Path]:
+    """Convert dummy weights and build an engine for the bench's cases in a temporary directory (kernels tuned on a
+    GPU unless options.tune is off); yield the engine directory and remove everything afterwards."""
+    plan, config = dummy_model_config(options)
+    limits = bench_build_config(options, config)
+    tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
+    try:
+        log(f"dummy {config.architecture} ({config.dtype}, {config.num_hidden_layers} layers): converting and "
+            f"building in {tmp}")
+        convert(plan, tmp / "checkpoint", progress=False)
+        build(tmp / "checkpoint", tmp / "engine", limits, tune=options.tune, log=log)
+        yield tmp / "engine"
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

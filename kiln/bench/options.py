@@ -1,0 +1,79 @@
+"""What one `kiln bench` run measures: the engine (given, or made from dummy weights) and the cases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kiln.config import DTYPES, ConfigError
+from kiln.models import PRESETS
+
+
+@dataclass
+class BenchOptions:
+    """A benchmark run: one engine (`engine_dir`, or dummy weights of `preset`/`config`), every batch size in
+    `batch_sizes` with random prompts of `input_len` tokens and `output_len` generated tokens (end tokens ignored)."""
+
+    engine_dir: str | None = None
+    preset: str | None = None
+    config: str | None = None  # a Hugging Face style config.json for dummy weights
+    num_layers: int | None = None  # dummy weights: keep only the first N layers (a slice at full width)
+    dtype: str | None = None  # dummy weights' dtype (default: the preset's or config's)
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
+    input_len: int = 128
+    output_len: int = 128
+    warmup: int = 1  # untimed runs of each case before the timed one
+    compare_hf: bool = False
+    output_json: str | None = None
+    kv_cache_free_gpu_memory_fraction: float | None = None  # default 0.9, or 0.3 with compare_hf
+    kernel_backend: str = "auto"
+    device: str | None = None  # default: cuda when present
+    tune: bool = True  # dummy engines: tune the kernels at build (on a GPU)
+    seed: int = 0
+
+    @property
+    def dummy(self) -> bool:
+        return self.engine_dir is None
+
+    @property
+    def kv_fraction(self) -> float:
+        """The KV cache's share of free GPU memory: less with compare_hf, so that transformers' model fits even if
+        freeing kiln's memory before it does not give everything back (the cases need little KV cache anyway)."""
+        if self.kv_cache_free_gpu_memory_fraction is not None:
+            return self.kv_cache_free_gpu_memory_fraction
+        return 0.3 if self.compare_hf else 0.9
+
+    def validate(self) -> None:
+        """Raise ConfigError (one line: what is wrong and what to do) for options no run can use."""
+        sources = [name for name in ("engine_dir", "preset", "config") if getattr(self, name)]
+        if not sources:
+            raise ConfigError("nothing to benchmark: give --engine_dir E, or --preset NAME / --config FILE for an "
+                              "engine of dummy weights")
+        if len(sources) > 1:
+            given = " and ".join("--" + s for s in sources)
+            raise ConfigError(f"give one of --engine_dir, --preset or --config, not {given}")
+        if self.preset is not None and self.preset not in PRESETS:
+            raise ConfigError(f"unknown preset {self.preset!r}; known presets: {', '.join(sorted(PRESETS))}")
+        if self.engine_dir is not None and (self.num_layers is not None or self.dtype is not None):
+            raise ConfigError("--num_layers and --dtype shape dummy weights (--preset/--config); an engine "
+                              "(--engine_dir) already has its layers and dtype")
+        if self.dtype is not None and self.dtype not in DTYPES:
+            raise ConfigError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
+        self._check_numbers()
+
+    def _check_numbers(self) -> None:
+        if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):
+            raise ConfigError(f"--batch_size needs one or more sizes >= 1, got {self.batch_sizes}")
+        if self.input_len < 1:
+            raise ConfigError(f"--input_len must be >= 1, got {self.input_len}")
+        if self.output_len < 2:
+            raise ConfigError(f"--output_len must be >= 2 (decode steps are timed after the first token), "
+                              f"got {self.output_len}")
+        if self.warmup < 0:
+            raise ConfigError(f"--warmup must be >= 0, got {self.warmup}")
+        if self.num_layers is not None and self.num_layers < 1:
+            raise ConfigError(f"--num_layers must be >= 1, got {self.num_layers}")
+        fraction = self.kv_cache_free_gpu_memory_fraction
+        if fraction is not None and not 0 < fraction <= 1:
+            raise ConfigError(f"--kv_cache_free_gpu_memory_fraction must be in (0, 1], got {fraction}")
+        if self.kernel_backend not in ("auto", "torch", "triton"):
+            raise ConfigError(f"unknown --kernel_backend {self.kernel_backend!r}; choose auto, torch or triton")

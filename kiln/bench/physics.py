@@ -1,0 +1,110 @@
+"""The decode floor: the bytes a decode step must read (active weights + KV cache) over the memory bandwidth
+measured in the same process with a large copy."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from kiln.checkpoint.convert import meta_model
+from kiln.checkpoint.kiln_format import ArtifactInfo
+from kiln.memory import MemoryPlan
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU, where work is done when the call returns)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def copy_bandwidth_gbs(device: torch.device, nbytes: int | None = None, reps: int | None = None) -> float:
+    """Memory bandwidth from a large copy on `device` (1 GiB on a GPU, 128 MiB on the CPU): bytes read + bytes
+    written per second, in GB/s. Decode reads each weight once, so its floor is bytes read over this rate."""
+    if nbytes is None:
+        nbytes = 2**30 if device.type == "cuda" else 2**27
+    reps = reps or (10 if device.type == "cuda" else 5)
+    src = torch.ones(nbytes // 4, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    for _ in range(3):
+        dst.copy_(src)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        dst.copy_(src)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    del src, dst
+    return 2 * nbytes * reps / elapsed / 1e9
+
+
+def expected_active_experts(num_experts: int, top_k: int, batch: int) -> float:
+    """Expected number of distinct experts a layer runs for `batch` tokens that each pick top_k of num_experts
+    uniformly: E * (1 - (1 - k/E)^B). (Real routers are not uniform; this is the floor's assumption.)"""
+    if num_experts == 0:
+        return 0.0
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch)
+
+
+@dataclass(frozen=True)
+class WeightBytes:
+    """One rank's weight bytes, split into what a decode step does and does not stream."""
+
+    total: int  # the memory plan's weight bytes
+    experts: int  # fused-MoE expert weights (w13 + w2) of every layer
+    embedding: int  # the input embedding table: decode gathers only B rows of it, so it is not counted
+    num_experts: int  # the model's experts per layer (global)
+    top_k: int
+
+    def active(self, batch: int) -> float:
+        """Bytes a decode step of `batch` tokens reads: everything but the input embedding, with the experts
+        scaled to the expected share that the batch's routing touches."""
+        dense = self.total - self.experts - self.embedding
+        if self.num_experts == 0:
+            return float(dense)
+        share = expected_active_experts(self.num_experts, self.top_k, batch) / self.num_experts
+        return dense + self.experts * share
+
+
+def weight_bytes(info: ArtifactInfo, plan: MemoryPlan) -> WeightBytes:
+    """Split rank 0's weights (the engine's memory plan counts the largest rank) by what decode reads."""
+    params = meta_model(info.family, info.model, info.mapping.for_rank(0)).named_parameters()
+    experts = embedding = 0
+    for name, param in params:
+        nbytes = param.numel() * param.element_size()
+        if name.endswith((".w13", ".w2")):
+            experts += nbytes
+        elif name == "embed_tokens.weight":
+            embedding += nbytes
+    return WeightBytes(plan.weight_bytes, experts, embedding, info.model.moe_num_experts, info.model.moe_top_k)
+
+
+def mean_decode_context(input_len: int, output_len: int) -> float:
+    """Average tokens attended to per sequence over the output_len - 1 decode steps: step j (1-based) computes
+    output token j + 1 against input_len + j cached tokens, so the mean is input_len + output_len / 2."""
+    steps = output_len - 1
+    return input_len + sum(range(1, steps + 1)) / steps
+
+
+@dataclass(frozen=True)
+class Floor:
+    """A decode step's floor at one batch size: the bytes it must read and the time that takes at `bandwidth_gbs`."""
+
+    active_weight_bytes: float
+    kv_bytes: float
+    expected_experts: float | None
+    bandwidth_gbs: float
+
+    @property
+    def ms(self) -> float:
+        return (self.active_weight_bytes + self.kv_bytes) / (self.bandwidth_gbs * 1e9) * 1e3
+
+
+def decode_floor(weights: WeightBytes, kv_bytes_per_token: int, batch: int, input_len: int, output_len: int,
+                 bandwidth_gbs: float) -> Floor:
+    """The floor of the mean decode step of a case (KV read at the mean context of its decode steps)."""
+    kv = batch * mean_decode_context(input_len, output_len) * kv_bytes_per_token
+    experts = (expected_active_experts(weights.num_experts, weights.top_k, batch)
+               if weights.num_experts else None)
+    return Floor(weights.active(batch), kv, experts, bandwidth_gbs)

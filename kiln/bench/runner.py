@@ -1,0 +1,171 @@
+"""`kiln bench`: time an engine's prefill and decode step by step, set them against the decode floor measured in the
+same process, and (with compare_hf) against transformers' generate on the same weights and shapes."""
+
+from __future__ import annotations
+
+import gc
+import platform
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from kiln.bench.hf import HFUnavailable, load_hf_model, time_hf_case
+from kiln.bench.options import BenchOptions
+from kiln.bench.physics import WeightBytes, copy_bandwidth_gbs, decode_floor, weight_bytes
+from kiln.bench.report import GB, BenchReport, CaseResult, case_line, table
+from kiln.bench.timing import KilnTiming, time_kiln_case
+from kiln.checkpoint.kiln_format import ArtifactInfo, load_artifact
+from kiln.kernels import apply_engine_kernel_choices
+from kiln.memory import MemoryPlan
+
+Log = Callable[[str], None]
+
+
+def run_bench(options: BenchOptions, log: Log = print) -> BenchReport:
+    """Run every case of `options` (on a dummy engine built for them, or on the given engine) and return the report;
+    also printed through `log` and written to options.output_json."""
+    options.validate()
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if options.dummy:
+        from kiln.bench.dummy import dummy_engine
+
+        with dummy_engine(options, log) as engine_dir:
+            return bench_engine(engine_dir, options, device, log)
+    return bench_engine(Path(str(options.engine_dir)), options, device, log)
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    import kiln
+
+    versions = {"kiln": getattr(kiln, "__version__", "?"), "torch": torch.__version__,
+                "transformers": transformers.__version__, "python": platform.python_version()}
+    try:
+        import triton
+
+        versions["triton"] = triton.__version__
+    except ImportError:
+        versions["triton"] = "not installed"
+    return versions
+
+
+def _device_text(device: torch.device) -> str:
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        return f"{props.name} ({props.total_memory / 2**30:.0f} GiB)"
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def _notes(info: ArtifactInfo, weights: WeightBytes, options: BenchOptions, device: torch.device) -> list[str]:
+    size = "1 GiB" if device.type == "cuda" else "128 MiB"
+    notes = [f"bandwidth: a {size} copy on {device.type} timed in this process, (bytes read + written) / s",
+             f"floor per decode step = (active weight bytes + KV bytes read) / copy bandwidth; the input embedding "
+             f"({weights.embedding / GB:.2f} GB) is not counted: decode gathers only B rows of it",
+             f"KV bytes at the mean context of the decode steps (input_len + output_len / 2 = "
+             f"{options.input_len + options.output_len / 2:g} tokens per sequence)"]
+    if weights.num_experts:
+        notes.append(f"MoE: expected distinct experts per layer at batch B = E * (1 - (1 - k/E)^B), E = "
+                     f"{weights.num_experts}, k = {weights.top_k} (uniform routing); the floor counts that share of "
+                     f"the {weights.experts / GB:.2f} GB of experts")
+    return notes
+
+
+def _engine_text(info: ArtifactInfo, options: BenchOptions, kernels: str, weights: WeightBytes) -> dict[str, Any]:
+    m = info.model
+    source = str(info.path) if not options.dummy else f"dummy weights of {options.preset or options.config}"
+    return {"source": source, "architecture": m.architecture, "dtype": m.dtype, "num_layers": m.num_hidden_layers,
+            "world_size": info.mapping.world_size, "weight_bytes": weights.total, "expert_bytes": weights.experts,
+            "embedding_bytes": weights.embedding, "kv_bytes_per_token": info.raw["memory_plan"]["kv_bytes_per_token"],
+            "build": info.raw.get("build"), "kernels": kernels, "kernel_backend": options.kernel_backend}
+
+
+def _case(batch: int, options: BenchOptions, timing: KilnTiming, weights: WeightBytes, kv_per_token: int,
+          bandwidth: float) -> CaseResult:
+    floor = decode_floor(weights, kv_per_token, batch, options.input_len, options.output_len, bandwidth)
+    return CaseResult(
+        batch, options.input_len, options.output_len, timing.prefill_ms, timing.prefill_steps, timing.decode_ms,
+        timing.decode_steps, batch * 1000.0 / timing.decode_ms, weights.total, floor.active_weight_bytes,
+        floor.expected_experts, floor.kv_bytes, floor.ms, floor.ms / timing.decode_ms)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _time_kiln(engine_dir: Path, options: BenchOptions, device: torch.device, report: BenchReport,
+               weights: WeightBytes, log: Log) -> None:
+    """Every case through kiln; kiln's model and cache are freed before returning (room for transformers)."""
+    import kiln
+
+    llm = kiln.LLM(engine_dir, device=str(device), kv_cache_free_gpu_memory_fraction=options.kv_fraction,
+                   enable_prefix_caching=False, kernel_backend=options.kernel_backend)
+    try:
+        kernels = getattr(llm.runner, "kernels", None)
+        report.engine["kernel_set"] = getattr(kernels, "name", None)
+        kv_per_token = report.engine["kv_bytes_per_token"]
+        for batch in options.batch_sizes:
+            timing = time_kiln_case(llm, batch, options.input_len, options.output_len, options.warmup, device,
+                                    options.seed * 1000 + batch)
+            case = _case(batch, options, timing, weights, kv_per_token, report.bandwidth_gbs)
+            report.cases.append(case)
+            log(case_line(case))
+    finally:
+        llm.close()
+        del llm
+        _free(device)
+    if device.type == "cuda":  # what kiln still holds after letting go (should be ~0: room for transformers)
+        report.engine["gpu_gib_after_kiln"] = round(torch.cuda.memory_allocated(device) / 2**30, 3)
+
+
+def _compare_hf(info: ArtifactInfo, options: BenchOptions, device: torch.device, report: BenchReport,
+                log: Log) -> None:
+    """transformers' generate for every case, after kiln has let go of its memory."""
+    try:
+        hf = load_hf_model(info, device)
+    except HFUnavailable as err:
+        report.hf = {"available": False, "note": str(err)}
+        log(f"transformers: {err}")
+        return
+    report.hf = {"available": True, "class": type(hf.model).__name__, "same_weights": hf.same_weights,
+                 "note": hf.note}
+    log(f"transformers {type(hf.model).__name__} with {hf.note}")
+    try:
+        for case in report.cases:
+            timing = time_hf_case(hf.model, case.batch_size, options.input_len, options.output_len, device,
+                                  options.seed * 1000 + case.batch_size, options.warmup)
+            case.add_hf(timing.prefill_ms, timing.decode_ms)
+            log(f"batch {case.batch_size:4d}: transformers {case.hf_ms_per_step:.3f} ms/step, "
+                f"{case.hf_tokens_per_s:.1f} tok/s; kiln {case.kiln_over_hf:.2f}x")
+    finally:
+        del hf
+        _free(device)
+
+
+def bench_engine(engine_dir: Path, options: BenchOptions, device: torch.device, log: Log = print) -> BenchReport:
+    """The benchmark of one engine directory (see run_bench)."""
+    info = load_artifact(engine_dir, "engine")
+    kernels = apply_engine_kernel_choices(info.raw, device) if options.kernel_backend != "torch" else \
+        "kernels: torch reference (no tiles)"
+    weights = weight_bytes(info, MemoryPlan(**info.raw["memory_plan"]))
+    bandwidth = copy_bandwidth_gbs(device)  # before the engine takes its memory
+    report = BenchReport(_device_text(device), _versions(), bandwidth, _engine_text(info, options, kernels, weights),
+                         {k: v for k, v in vars(options).items()}, _notes(info, weights, options, device))
+    v = report.versions
+    log(f"kiln bench on {report.device}: torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']}; "
+        f"copy bandwidth {bandwidth:.1f} GB/s")
+    log(f"{info.model.architecture} {info.model.dtype}, {info.model.num_hidden_layers} layers, weights "
+        f"{weights.total / GB:.3f} GB; {kernels}")
+    for note in report.notes:
+        log(f"note: {note}")
+    _time_kiln(engine_dir, options, device, report, weights, log)
+    if options.compare_hf:
+        _compare_hf(info, options, device, report, log)
+    log(table(report))
+    if options.output_json:
+        report.write_json(options.output_json)
+        log(f"wrote {options.output_json}")
+    return report

@@ -1,0 +1,45 @@
+"""kiln bench: prefill and decode timing of an engine (or of dummy weights at a preset's shapes), the decode floor,
+and transformers beside it."""
+
+from __future__ import annotations
+
+import argparse
+
+from kiln.bench import BenchOptions, run_bench
+
+HELP = "time prefill and decode against the memory-bandwidth floor and transformers"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("engine (one of)")
+    src.add_argument("--engine_dir", help="a built engine")
+    src.add_argument("--preset", help="dummy random weights of a built-in config (converted and built in a temporary "
+                                      "directory that is removed afterwards)")
+    src.add_argument("--config", help="dummy random weights of this Hugging Face style config.json")
+    p.add_argument("--num_layers", type=int, help="dummy weights: keep only the first N layers (a slice at full width)")
+    p.add_argument("--dtype", help="dummy weights' dtype: float32, float16 or bfloat16 (default: the config's)")
+    p.add_argument("--batch_size", type=int, nargs="+", default=[1, 8, 32], help="batch sizes, one case each")
+    p.add_argument("--input_len", type=int, default=128, help="prompt tokens (random ids)")
+    p.add_argument("--output_len", type=int, default=128, help="generated tokens (end tokens ignored)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each case first")
+    p.add_argument("--compare_hf", action="store_true",
+                   help="also time transformers' generate on the same weights and shapes, in this process")
+    p.add_argument("--output_json", help="write every number to this JSON file")
+    p.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=None,
+                   help="share of free GPU memory for kiln's KV cache (default 0.9, 0.3 with --compare_hf)")
+    p.add_argument("--kernel_backend", default="auto", help="auto, triton or torch")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
+    p.add_argument("--no_tune", action="store_true", help="dummy engines: record default kernel tiles, skip tuning")
+    p.add_argument("--seed", type=int, default=0, help="seed of dummy weights and random prompts")
+
+
+def main(args: argparse.Namespace) -> int:
+    options = BenchOptions(
+        engine_dir=args.engine_dir, preset=args.preset, config=args.config, num_layers=args.num_layers,
+        dtype=args.dtype, batch_sizes=list(args.batch_size), input_len=args.input_len, output_len=args.output_len,
+        warmup=args.warmup, compare_hf=args.compare_hf, output_json=args.output_json,
+        kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction, kernel_backend=args.kernel_backend,
+        device=args.device, tune=not args.no_tune, seed=args.seed,
+    )
+    run_bench(options, log=lambda line: print(line, flush=True))
+    return 0
