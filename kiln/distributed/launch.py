@@ -8,12 +8,11 @@ and the key-value store of the rendezvous, through which a failing rank leaves i
 from __future__ import annotations
 
 import datetime
-import multiprocessing as mp
 import os
+import subprocess
+import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
-
 import torch
 import torch.distributed as dist
 
@@ -164,19 +163,45 @@ def read_errors(store: dist.Store, world_size: int, wait_s: float = 2.0) -> dict
         time.sleep(0.05)
 
 
-def spawn_ranks(world_size: int, target: Callable[..., Any], args: tuple[Any, ...]) -> list[mp.process.BaseProcess]:
-    """Start ranks 1..world_size-1 as `target(rank, *args)` in fresh interpreters (spawn: CUDA and fork do not
-    mix). Daemon processes: they die with the driver whatever ends it."""
-    ctx = mp.get_context("spawn")
-    procs = []
-    for rank in range(1, world_size):
-        proc = ctx.Process(target=target, args=(rank, *args), name=f"kiln-rank{rank}", daemon=True)
-        proc.start()
-        procs.append(proc)
-    return procs
+class RankProcess:
+    """A rank kiln started itself: a fresh interpreter running `python -m <module> <args>`. A plain subprocess,
+    not multiprocessing, so that the caller's __main__ (a script without a main guard, stdin, a notebook) is never
+    imported again in the children. The interface follows multiprocessing.Process where kiln uses it."""
+
+    def __init__(self, rank: int, module: str, args: list[str]) -> None:
+        self.rank = rank
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)  # kiln importable as it is here
+        self.popen = subprocess.Popen([sys.executable, "-m", module, *args], env=env, stdin=subprocess.DEVNULL)
+
+    @property
+    def exitcode(self) -> int | None:
+        return self.popen.poll()
+
+    def is_alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def terminate(self) -> None:
+        if self.is_alive():
+            self.popen.terminate()
+
+    def kill(self) -> None:
+        if self.is_alive():
+            self.popen.kill()
 
 
-def wait_alive(store: dist.Store, procs: list[mp.process.BaseProcess], timeout_s: float = INIT_TIMEOUT_S) -> None:
+def spawn_ranks(world_size: int, module: str, args: list[str]) -> list[RankProcess]:
+    """Start ranks 1..world_size-1 as `python -m module <rank> *args`; each ends itself when this process goes."""
+    return [RankProcess(rank, module, [str(rank), *args]) for rank in range(1, world_size)]
+
+
+def wait_alive(store: dist.Store, procs: list[RankProcess], timeout_s: float = INIT_TIMEOUT_S) -> None:
     """Wait until every spawned rank has reached the store; a rank that dies first is an error naming it."""
     deadline = time.monotonic() + timeout_s
     pending = {rank: proc for rank, proc in enumerate(procs, start=1)}
@@ -194,7 +219,7 @@ def wait_alive(store: dist.Store, procs: list[mp.process.BaseProcess], timeout_s
         time.sleep(0.02)
 
 
-def stop_processes(procs: list[mp.process.BaseProcess], grace_s: float = 5.0) -> None:
+def stop_processes(procs: list[RankProcess], grace_s: float = 5.0) -> None:
     """Let spawned ranks finish for `grace_s`, then terminate, then kill what is left."""
     deadline = time.monotonic() + grace_s
     for proc in procs:

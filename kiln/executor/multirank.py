@@ -8,12 +8,12 @@ as on one rank). Any rank's failure ends every rank and is raised here as one Wo
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 import threading
 import time
-from multiprocessing.process import BaseProcess
-
+import weakref
 import torch
 import torch.distributed as dist
 
@@ -22,7 +22,7 @@ from kiln.distributed import launch
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.executor.model_runner import CacheConfig
 from kiln.executor.step_plan import PlanEncoder, WorkerError
-from kiln.executor.worker import STEP, STOP, StageRunner, is_peer_failure, spawned_worker
+from kiln.executor.worker import STEP, STOP, StageRunner, is_peer_failure, spawn_spec
 
 # A NCCL collective does not notice a dead peer; after this long the watchdog ends the driver itself.
 WATCHDOG_GRACE_S = float(os.environ.get("KILN_WATCHDOG_GRACE", "15"))
@@ -34,15 +34,15 @@ class MultiRankDriver(StageRunner):
 
     def __init__(self, info: ArtifactInfo, device: torch.device, cache: CacheConfig, kernel_backend: str = "auto",
                  store: dist.Store | None = None, local_rank: int = 0) -> None:
-        self.procs: list[BaseProcess] = []
+        self.procs: list[launch.RankProcess] = []
         self.encoder = PlanEncoder()
         self._closed, self._failed = False, False
         self._store = store
         try:
             if store is None:  # one command: spawn ranks 1.. here
                 self._store = launch.create_store(0, info.mapping.world_size, "127.0.0.1", 0)
-                self.procs = launch.spawn_ranks(info.mapping.world_size, spawned_worker, (
-                    info.mapping, self._store.port, str(info.path), device.type, cache, kernel_backend, os.getpid()))
+                spec = spawn_spec(info, self._store.port, device, cache, kernel_backend)
+                self.procs = launch.spawn_ranks(info.mapping.world_size, "kiln.executor.worker", [spec])
                 launch.wait_alive(self._store, self.procs)
             world = launch.join_world(info.mapping.for_rank(0), launch.rank_device(device, local_rank), self._store)
             if self.procs and world.device.type == "cuda":
@@ -50,6 +50,9 @@ class MultiRankDriver(StageRunner):
             super().__init__(info, world, cache, kernel_backend)
         except BaseException as err:
             raise self._fail(err) from None
+        # A script that never calls LLM.close() still stops its ranks cleanly (exit 0 under torchrun) at exit.
+        ref = weakref.ref(self)
+        atexit.register(lambda: (lambda driver: driver is not None and driver.shutdown())(ref()))
 
     # ---- failures ------------------------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ vocab-parallel gather happens inside the LM head) and its tp rank 0 sends them t
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import threading
@@ -147,11 +148,23 @@ def _exit_with_parent(parent_pid: int) -> None:
             os._exit(1)
 
 
-def spawned_worker(rank: int, mapping: Mapping, port: int, engine_dir: str, device_type: str, cache: CacheConfig,
-                   kernel_backend: str, parent_pid: int) -> None:
-    """Entry point of a rank the driver spawned (multiprocessing target)."""
-    threading.Thread(target=_exit_with_parent, args=(parent_pid,), daemon=True).start()
-    store = launch.create_store(rank, mapping.world_size, "127.0.0.1", port)
+def spawned_worker(argv: list[str]) -> int:
+    """Entry point of a rank the driver spawned: `python -m kiln.executor.worker RANK SPEC_JSON`."""
+    rank, spec = int(argv[0]), json.loads(argv[1])
+    mapping = Mapping(**spec["mapping"])
+    threading.Thread(target=_exit_with_parent, args=(spec["parent_pid"],), daemon=True).start()
+    store = launch.create_store(rank, mapping.world_size, "127.0.0.1", spec["port"])
     store.set(launch.ALIVE_KEY.format(rank=rank), "1")
-    sys.exit(run_rank(engine_dir, mapping.for_rank(rank), torch.device(device_type), rank, store, cache,
-                      kernel_backend))
+    return run_rank(spec["engine_dir"], mapping.for_rank(rank), torch.device(spec["device"]), rank, store,
+                    CacheConfig(**spec["cache"]), spec["kernel_backend"])
+
+
+def spawn_spec(info: ArtifactInfo, port: int, device: torch.device, cache: CacheConfig, kernel_backend: str) -> str:
+    """What a spawned rank needs to know, as its command-line argument."""
+    return json.dumps({"mapping": info.mapping.to_dict(), "port": port, "engine_dir": str(info.path),
+                       "device": device.type, "cache": dataclasses.asdict(cache), "kernel_backend": kernel_backend,
+                       "parent_pid": os.getpid()})
+
+
+if __name__ == "__main__":
+    sys.exit(spawned_worker(sys.argv[1:]))
