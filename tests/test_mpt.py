@@ -272,6 +272,8 @@ def test_tiny_preset_converts_builds_and_generates(tmp_path):
                       "--max_input_len", "32", "--max_seq_len", "64"]) == 0
     out = kiln.LLM(tmp_path / "engine").generate(PROMPTS[:2], kiln.SamplingParams(max_tokens=8, temperature=0.0))
     assert [len(o.outputs[0].token_ids) for o in out] == [8, 8]
+    with safe_open(str(tmp_path / "ckpt" / "rank0.safetensors"), "pt") as f:  # dummy weights tie the head too
+        assert torch.equal(f.get_tensor("lm_head.weight"), f.get_tensor("embed_tokens.weight"))
 
 
 def test_mpt7b_preset_one_layer_shapes(tmp_path):

@@ -34,9 +34,9 @@ def dummy_model_config(options: BenchOptions) -> tuple[ConvertPlan, ModelConfig]
             raise ConfigError(f"--num_layers {options.num_layers} is more than the model's {config.num_hidden_layers} "
                               "layers")
         config.num_hidden_layers = options.num_layers
-    plan = ConvertPlan(family, config, Mapping(), DummyWeightSource(options.seed, _dummy_device(options)),
-                       QuantConfig(), {"preset": options.preset, "config": options.config, "dummy": True,
-                                       "seed": options.seed})
+    source = DummyWeightSource(options.seed, _dummy_device(options), tied_head=config.tie_word_embeddings)
+    provenance = {"preset": options.preset, "config": options.config, "dummy": True, "seed": options.seed}
+    plan = ConvertPlan(family, config, Mapping(), source, QuantConfig(), provenance)
     return plan, config
 
 

@@ -62,12 +62,15 @@ class HFWeightSource:
 
 class DummyWeightSource:
     """Random weights at the model's real shapes: normal(0, 0.02) for matrices, ones for norm weights, zeros for
-    biases. Each tensor is seeded by its name, so every tp/pp split of the same dummy model holds the same numbers."""
+    biases. Each tensor is seeded by its name, so every tp/pp split of the same dummy model holds the same numbers.
+    With `tied_head` (a model whose LM head is its embedding, as MPT's), the head is seeded as the embedding."""
 
-    def __init__(self, seed: int = 0, device: str = "cpu", std: float = 0.02) -> None:
-        self.seed, self.device, self.std = seed, torch.device(device), std
+    def __init__(self, seed: int = 0, device: str = "cpu", std: float = 0.02, tied_head: bool = False) -> None:
+        self.seed, self.device, self.std, self.tied_head = seed, torch.device(device), std, tied_head
 
     def full_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.tied_head and name == "lm_head.weight":
+            name = "embed_tokens.weight"
         if name.endswith(".bias"):
             return torch.zeros(shape)
         if len(shape) == 1 and "norm" in name:

@@ -99,7 +99,7 @@ def make_plan(args: argparse.Namespace) -> ConvertPlan:
         source = HFWeightSource(checkpoint, family, config, source_layers)
         provenance = {"model_dir": str(Path(args.model_dir).resolve()), "dummy": False}
     else:
-        source = DummyWeightSource(args.seed, args.dummy_device)
+        source = DummyWeightSource(args.seed, args.dummy_device, tied_head=config.tie_word_embeddings)
         provenance = {"preset": args.preset, "config": args.config, "dummy": True, "seed": args.seed}
     return ConvertPlan(family, config, mapping, source, QuantConfig(), provenance)
 
