@@ -1,7 +1,8 @@
 """Multi-rank engines on the CPU (gloo, fp32, tiny models) against the same model on one rank: for every family
 tp 2, pp 2 and tp 2 x pp 2; DBRX expert parallel (ep 2, ep 4) and tensor parallel over experts; MPT's 6 heads at
-tp 3 and its qk_ln under tp (KV heads split and replicated); greedy tokens identical, logits (LLM.score) within 1e-4, seeded sampling with
-logprobs identical. Each engine is started once (kiln spawns its ranks) and checked on several prompts."""
+tp 3 and its qk_ln under tp (KV heads split and replicated); greedy tokens identical, logits (LLM.score) within
+1e-4, seeded sampling with logprobs and beam search identical. Each engine is started once (kiln spawns its ranks)
+and checked on several prompts."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from kiln.cli.main import main as kiln_main
 PROMPTS = [[5, 17, 33, 2, 99, 150, 7], [250, 3], list(range(40, 61)), [42], [101, 7, 7, 203, 64, 9, 11, 12]]
 GREEDY = kiln.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
 SEEDED = kiln.SamplingParams(max_tokens=5, temperature=0.9, top_k=50, seed=1234, ignore_eos=True, logprobs=3)
+BEAMS = kiln.SamplingParams(max_tokens=5, num_beams=3, n=2, ignore_eos=True)  # forked sequences, block copies
 
 
 @dataclasses.dataclass
@@ -32,6 +34,7 @@ class Reference:
     tokens: list[list[int]]
     scores: list[torch.Tensor]
     sampled: list[tuple[list[int], list[float]]]
+    beams: list[list[tuple[list[int], float]]]
 
 
 def convert_build(tmp: Path, model_dir: Path, *extra: str) -> Path:
@@ -47,7 +50,8 @@ def run_engine(engine: Path) -> Reference:
         tokens = [r.outputs[0].token_ids for r in llm.generate(PROMPTS, GREEDY)]
         scores = [llm.score(PROMPTS[0]), llm.score(PROMPTS[2])]
         sampled = [(r.outputs[0].token_ids, r.outputs[0].logprobs) for r in llm.generate(PROMPTS[:3], SEEDED)]
-    return Reference(Path(), (), tokens, scores, sampled)
+        beams = [[(o.token_ids, o.cumulative_logprob) for o in r.outputs] for r in llm.generate(PROMPTS[:2], BEAMS)]
+    return Reference(Path(), (), tokens, scores, sampled, beams)
 
 
 def reference_for(tmp: Path, hf_dir: Path, *base_args: str) -> Reference:
@@ -65,6 +69,9 @@ def check_engine(tmp: Path, ref: Reference, *extra: str) -> None:
     for (toks, lps), (ref_toks, ref_lps) in zip(got.sampled, ref.sampled):
         assert toks == ref_toks
         assert max(abs(a - b) for a, b in zip(lps, ref_lps)) < 1e-4
+    for outs, ref_outs in zip(got.beams, ref.beams):
+        assert [t for t, _ in outs] == [t for t, _ in ref_outs]
+        assert all(abs(a - b) < 1e-4 for (_, a), (_, b) in zip(outs, ref_outs))
 
 
 @pytest.fixture(scope="module")
