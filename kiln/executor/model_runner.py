@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -11,6 +12,8 @@ from kiln.checkpoint.hf_reader import CheckpointError
 from kiln.checkpoint.kiln_format import ArtifactInfo
 from kiln.config import ConfigError, Mapping
 from kiln.engine.scheduler import SchedulerOutput
+from kiln.executor.cuda_graphs import DecodeGraphs, GraphLimits
+from kiln.executor.input_batch import DeviceStaging, HostBatch, build_host_batch
 from kiln.kernels import KernelSet, select_kernels
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.memory import GiB, MemoryPlan
@@ -21,10 +24,13 @@ from kiln.sampling import Sampler, SamplerOutput, SamplingRow
 class CacheConfig:
     """How much memory the paged KV cache takes: a fraction of the GPU's free memory (TensorRT-LLM's
     --kv_cache_free_gpu_memory_fraction) or, on the CPU, a byte budget (default: enough for max_batch_size
-    sequences of max_seq_len)."""
+    sequences of max_seq_len); and whether decode steps use CUDA graphs, whose memory is reserved before the KV
+    cache is sized."""
 
     free_gpu_memory_fraction: float = 0.9
     cpu_bytes: int | None = None
+    # Decode-only steps replay CUDA graphs (CUDA with the triton kernels only; prefill and mixed steps run eagerly).
+    use_cuda_graphs: bool = True
 
 
 @dataclass
@@ -63,6 +69,8 @@ class ModelRunner:
 
     def __init__(self, info: ArtifactInfo, mapping: Mapping, device: torch.device,
                  cache: CacheConfig | None = None, kernels: KernelSet | None = None) -> None:
+        # With cache.use_cuda_graphs (the default) on CUDA with the triton kernels, decode-only steps of up to
+        # build.max_batch_size sequences replay CUDA graphs captured here, after the KV cache is allocated.
         self.info, self.device = info, device
         self.build = info.build
         self.block_size = self.build.kv_block_size
@@ -72,8 +80,16 @@ class ModelRunner:
             self.model = info.family.model_class(info.model, mapping)
         load_weights(self.model, str(info.rank_file(mapping.rank)), device)
         self.model.eval()
-        self.num_blocks = self._num_blocks(cache or CacheConfig())
+        cache = cache or CacheConfig()
+        # Several ranks would capture collectives too: not yet, they decode eagerly.
+        self.use_cuda_graphs = (cache.use_cuda_graphs and device.type == "cuda" and self.kernels.name == "triton"
+                                and mapping.world_size == 1)
+        self.num_blocks = self._num_blocks(cache)
         self._allocate_cache()
+        self.staging = DeviceStaging(device)
+        self.graphs: DecodeGraphs | None = None
+        if self.use_cuda_graphs:
+            self.graphs = self._capture_graphs()
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
 
@@ -83,6 +99,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
             budget = free * cache.free_gpu_memory_fraction - self.plan.activation_bytes
+            if self.use_cuda_graphs:
+                budget -= self._graph_reserve_bytes()
         else:
             budget = cache.cpu_bytes if cache.cpu_bytes is not None else \
                 self.build.max_batch_size * (per_seq + 1) * block_bytes
@@ -95,6 +113,31 @@ class ModelRunner:
                 "or build with a smaller --max_seq_len"
             )
         return blocks
+
+    def _graph_limits(self) -> GraphLimits:
+        return GraphLimits(max_batch_size=self.build.max_batch_size,
+                           max_blocks_per_seq=-(-self.build.max_seq_len // self.block_size),
+                           max_seq_len=self.build.max_seq_len, vocab_size=self.info.model.vocab_size)
+
+    def _graph_reserve_bytes(self) -> int:
+        """Memory the decode graphs take besides the eager pool: their own pool of decode-step activations (a few
+        hidden- and ffn-sized rows per padded sequence, attention partials) and the static logits, with slack."""
+        model, limits = self.info.model, self._graph_limits()
+        element = torch.empty(0, dtype=model.torch_dtype).element_size()
+        per_token = (8 * model.hidden_size + 4 * model.intermediate_size * max(1, model.moe_top_k)) * element
+        attention = 32 * model.num_attention_heads * model.head_size * 4 * 2  # split-K partials, 32 splits max
+        logits = 3 * limits.vocab_size * 4  # static buffer, the head's output and its float copy
+        return 256 * 2**20 + limits.max_batch_size * (per_token + attention + logits)
+
+    def _capture_graphs(self) -> DecodeGraphs | None:
+        graphs = DecodeGraphs(self.model, self.kernels, self._graph_limits(), self.device)
+        try:
+            graphs.capture()
+        except torch.OutOfMemoryError:
+            warnings.warn("not enough GPU memory to capture the decode CUDA graphs; decoding eagerly (lower "
+                          "kv_cache_free_gpu_memory_fraction to leave room for them)", RuntimeWarning, stacklevel=3)
+            return None
+        return graphs
 
     def _allocate_cache(self) -> None:
         for attn in self.model.attention_layers():
@@ -113,43 +156,28 @@ class ModelRunner:
             attn.v_cache[dst] = attn.v_cache[src]
 
     def prepare(self, output: SchedulerOutput, all_logits: bool = False) -> StepBatch:
-        """Pack the scheduled sequences' new tokens with their positions, cache slots and block tables.
-        Logits are taken at each sampling sequence's last token, or at every token with `all_logits`."""
-        ids, positions, slots, starts, lens, sample_at = [], [], [], [0], [], []
-        bs = self.block_size
-        for item in output.scheduled:
-            seq, begin = item.seq, item.seq.num_computed_tokens
-            end = begin + item.num_new_tokens
-            ids.extend(seq.token_ids[begin:end])
-            positions.extend(range(begin, end))
-            table = seq.block_table
-            slots.extend(table[p // bs] * bs + p % bs for p in range(begin, end))
-            starts.append(len(ids))
-            lens.append(end)
-            if all_logits:
-                sample_at.extend(range(starts[-2], len(ids)))
-            elif item.needs_sample:
-                sample_at.append(len(ids) - 1)
-        width = max(len(item.seq.block_table) for item in output.scheduled)
-        tables = [item.seq.block_table + [0] * (width - len(item.seq.block_table)) for item in output.scheduled]
-        dev = self.device
-        attn = AttentionMetadata(
-            slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
-            query_start_loc=torch.tensor(starts, dtype=torch.int32, device=dev),
-            seq_lens=torch.tensor(lens, dtype=torch.int32, device=dev),
-            block_tables=torch.tensor(tables, dtype=torch.int32, device=dev),
-            max_query_len=max(b - a for a, b in zip(starts, starts[1:])),
-            max_seq_len=max(lens),
-        )
-        return StepBatch(torch.tensor(ids, dtype=torch.int64, device=dev),
-                         torch.tensor(positions, dtype=torch.int64, device=dev), attn,
-                         torch.tensor(sample_at, dtype=torch.int64, device=dev))
+        """Pack the scheduled sequences' new tokens with their positions, cache slots and block tables. Logits are
+        taken at each sampling sequence's last token, or at every token with `all_logits`. On CUDA the tensors are
+        views of a persistent device buffer, valid until the next `prepare`."""
+        return self._to_device(build_host_batch(output, self.block_size, all_logits))
+
+    def _to_device(self, host: HostBatch) -> StepBatch:
+        ids, positions, slots, starts, lens, tables, sample_at = self.staging.upload(host.arrays())
+        attn = AttentionMetadata(slot_mapping=slots, query_start_loc=starts, seq_lens=lens, block_tables=tables,
+                                 max_query_len=host.max_query_len, max_seq_len=host.max_seq_len)
+        return StepBatch(ids, positions, attn, sample_at)
 
     @torch.inference_mode()
     def compute_logits(self, output: SchedulerOutput, all_logits: bool = False) -> torch.Tensor:
         # -> [rows, vocab] float32: one row per sampling sequence, or per new token with all_logits
         self.copy_blocks(output.block_copies)
-        batch = self.prepare(output, all_logits)
+        host = build_host_batch(output, self.block_size, all_logits)
+        if self.graphs is not None and not all_logits and self.graphs.can_run(host):
+            logits = self.graphs.run(host)  # [seqs, vocab]: every row of a decode batch
+            if host.logits_indices.shape[0] == host.num_seqs:
+                return logits
+            return logits[torch.from_numpy(host.logits_indices).to(self.device)]
+        batch = self._to_device(host)
         ctx = ForwardContext(self.kernels, batch.attn)
         hidden = self.model(batch.input_ids, batch.positions, ctx)
         return self.model.compute_logits(hidden[batch.logits_indices])

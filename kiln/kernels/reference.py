@@ -51,10 +51,14 @@ def paged_attention(
     seq_lens: torch.Tensor,  # [seqs] int32
     scale: float,
     alibi_slopes: torch.Tensor | None = None,  # [heads] float32
+    *,
+    max_query_len: int | None = None,
+    max_seq_len: int | None = None,
 ) -> torch.Tensor:  # [tokens, heads, head_dim]
     """Causal attention of the new tokens over everything cached for their sequence (prefill, chunked prefill and
     decode alike). ALiBi adds `slope_h * (key_pos - query_pos)` to the scores, the query-relative form, which is
-    softmax-equivalent to MPT's and Baichuan's own. Scores and softmax run in float32."""
+    softmax-equivalent to MPT's and Baichuan's own. Scores and softmax run in float32. `max_query_len` and
+    `max_seq_len` are the batch's bounds, hints that the Triton version uses to pick tiles; here they are unused."""
     out = torch.empty_like(query)
     heads, kv_heads = query.shape[1], k_cache.shape[2]
     group = heads // kv_heads

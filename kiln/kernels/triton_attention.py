@@ -14,9 +14,9 @@ from kiln.kernels.triton_common import FLOAT_DTYPES, INDEX_DTYPES, cdiv, check_d
 from kiln.kernels.triton_common import dot_precision, dot_upcast, multiprocessor_count, next_power_of_2, while_loops
 
 MAX_HEAD_DIM = 256
-# A split-K partition covers at least this many keys: below it the partials' write and merge cost more than the
-# parallelism gains.
-MIN_KEYS_PER_SPLIT = 256
+# A split-K partition covers at least this many keys (two BLOCK_N steps, so the loads of one overlap the math of
+# the other): below it the partials' write and merge cost more than the parallelism gains.
+MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 32
 
 
@@ -86,7 +86,9 @@ def choose_num_splits(
     num_programs: int, max_context: int, device: torch.device, decode: bool
 ) -> int:
     """Split-K partitions for a decode batch: enough programs to fill the GPU twice over, each with at least
-    MIN_KEYS_PER_SPLIT keys. Prefill tiles already give parallelism over queries, so it never splits."""
+    MIN_KEYS_PER_SPLIT keys of `max_context`. Prefill tiles already give parallelism over queries, so it never
+    splits. The count depends only on the arguments, so a CUDA graph captured with the engine's max_seq_len keeps
+    a valid grid for every context up to it (the kernel spreads each sequence's actual keys over the splits)."""
     if not decode or max_context < 2 * MIN_KEYS_PER_SPLIT:
         return 1
     wanted = cdiv(2 * multiprocessor_count(device), max(num_programs, 1))
@@ -108,8 +110,10 @@ def paged_attention(
     num_splits: int | None = None,
 ) -> torch.Tensor:  # [tokens, heads, head_dim]
     """Triton version of reference.paged_attention. Never syncs with the host: `max_query_len` (1 marks a decode
-    batch; without it a batch with one token per sequence is taken as decode) and `max_seq_len` (else the block
-    table's width bounds the context) only steer tile and split choices; `num_splits` forces a split count."""
+    batch; without it a batch with one token per sequence is taken as decode; when it fits one query tile, each
+    sequence gets exactly one program row and no search) and `max_seq_len` (else the block table's width bounds the
+    context) only steer tile and split choices; `num_splits` forces a split count. The grid depends on the shapes
+    and these bounds only, never on tensor contents, so the launch can be captured in a CUDA graph."""
     _check_attention_inputs(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, alibi_slopes)
     tokens, heads, head_dim = query.shape
     seqs = seq_lens.shape[0]
@@ -122,7 +126,10 @@ def paged_attention(
     decode = max_query_len == 1 if max_query_len is not None else tokens == seqs
     config = attention_config(decode, head_dim_pad, group)
     block_q = config.block_m // group
-    q_tiles = tokens // block_q + seqs  # an upper bound: programs past a sequence's last tile return at once
+    one_tile = max_query_len is not None and max_query_len <= block_q
+    # Without a bound every sequence may need several tiles: this upper bound of the tile count needs no sync, and
+    # programs past a sequence's last tile return at once.
+    q_tiles = seqs if one_tile else tokens // block_q + seqs
     max_context = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
     if num_splits is None:
         num_splits = choose_num_splits(seqs * kv_heads, max_context, query.device, decode)
@@ -141,7 +148,7 @@ def paged_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
         HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, BLOCK_SIZE=block_size,
         BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n, NUM_SPLITS=num_splits,
-        USE_ALIBI=alibi_slopes is not None, DOT_F32=dot_upcast(query.dtype, query.device),
+        ONE_TILE=one_tile, USE_ALIBI=alibi_slopes is not None, DOT_F32=dot_upcast(query.dtype, query.device),
         PRECISION=dot_precision(query.dtype), WHILE_LOOP=while_loops(query.device),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )

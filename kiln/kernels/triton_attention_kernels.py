@@ -82,14 +82,21 @@ def paged_attention_kernel(
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    USE_ALIBI: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    ONE_TILE: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
-    seq = _find_sequence(query_start_loc_ptr, num_seqs, tl.program_id(0), BLOCK_Q)
-    q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
-    q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
-    tile = tl.program_id(0) - (q_start // BLOCK_Q + seq)
+    if ONE_TILE:
+        # Every sequence's new tokens fit one tile (decode): program row b is sequence b, no search needed.
+        seq = tl.program_id(0)
+        q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
+        q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
+        tile = 0
+    else:
+        seq = _find_sequence(query_start_loc_ptr, num_seqs, tl.program_id(0), BLOCK_Q)
+        q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
+        q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
+        tile = tl.program_id(0) - (q_start // BLOCK_Q + seq)
     if tile * BLOCK_Q >= q_len:
         return  # a spare program of the over-provisioned grid
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
@@ -167,5 +174,7 @@ def reduce_splits_kernel(
     dim_ok = dims < HEAD_DIM
     acc = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + dims[None, :],
                   mask=split_ok[:, None] & dim_ok[None, :], other=0.0)  # [SPLITS_PAD, HEAD_DIM_PAD]
-    out = tl.sum(acc * weight[:, None], 0) / tl.sum(weight * l, 0)
+    denom = tl.sum(weight * l, 0)
+    # A row with no visible key at all (a padding row of a CUDA graph) has denom 0: give it 0, not NaN.
+    out = tl.sum(acc * weight[:, None], 0) / tl.where(denom == 0.0, 1.0, denom)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + dims, out.to(out_ptr.dtype.element_ty), mask=dim_ok)

@@ -82,6 +82,8 @@ class Attention(nn.Module):
             q, k = self.rotary(positions, q, k)
         meta, kernels = ctx.attn, ctx.kernels
         kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        # max_query_len / max_seq_len only steer tiles and the split count (fixed ones inside a CUDA graph).
         out = kernels.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc,
-                                      meta.seq_lens, self.scale, self.alibi_slopes)
+                                      meta.seq_lens, self.scale, self.alibi_slopes,
+                                      max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
         return self.o_proj(out.reshape(tokens, q_size))
