@@ -134,13 +134,6 @@ def test_refusal_through_the_cli_writes_nothing(tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
-def test_qk_ln_refused_with_tensor_parallel(tmp_path, capsys):
-    cfg_path = tmp_path / "config.json"
-    cfg_path.write_text(json.dumps(mpt_published_config(attn_config={"qk_ln": True})))
-    assert kiln_main(["convert", "--config", str(cfg_path), "--tp_size", "2", "--output_dir", str(tmp_path / "o")]) == 2
-    assert "qk_ln" in capsys.readouterr().err and not (tmp_path / "o").exists()
-
-
 # ---- against transformers ----
 
 @pytest.fixture(scope="module")

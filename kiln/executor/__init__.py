@@ -28,7 +28,7 @@ def create_executor(info: ArtifactInfo, device: torch.device, cache: CacheConfig
         raise ConfigError(f"{info.path} is a {world}-rank engine but the launcher started {env.world_size} "
                           f"processes; start it with {world} (e.g. torchrun --nproc_per_node {world})")
     if world == 1:
-        return ModelRunner(info, info.mapping, device, cache, select_kernels(device, kernel_backend))
+        return ModelRunner(info, info.mapping, device, cache, select_kernels(device, kernel_backend, info.raw))
     from kiln.executor.multirank import MultiRankDriver
 
     if env is None:

@@ -42,7 +42,7 @@ class StageRunner(ModelRunner):
         if getattr(cache, "use_cuda_graphs", False):
             # Captured decode graphs would hold this rank's collectives and be captured before the cache exists.
             cache = dataclasses.replace(cache, use_cuda_graphs=False)
-        super().__init__(info, world.mapping, world.device, cache, select_kernels(world.device, kernel_backend))
+        super().__init__(info, world.mapping, world.device, cache, select_kernels(world.device, kernel_backend, info.raw))
         blocks = torch.tensor([self.num_blocks], dtype=torch.int64)
         dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=world.control)
         self.num_blocks = int(blocks.item())
