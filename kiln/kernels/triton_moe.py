@@ -8,6 +8,7 @@ the host, so it captures in a CUDA graph."""
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -71,6 +72,23 @@ def align_routing(topk_ids: torch.Tensor, num_experts: int, expert_start: int, b
     return AlignedRouting(sorted_ids, block_expert, block_m)
 
 
+@functools.lru_cache(maxsize=None)
+def _shared_memory_bytes(device: torch.device) -> int:
+    """Shared memory one program may use on this GPU (opt-in limit); 160 KiB where torch does not say."""
+    if device.type != "cuda":
+        return 1 << 30  # the interpreter has no limit
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 160 * 1024))
+
+
+def _fitting_stages(tile: GemmTile, block_m: int, b_tiles: int, dtype: torch.dtype, device: torch.device) -> int:
+    """The tile's pipeline depth, lowered until its buffers (A and B tiles per stage) fit in shared memory: a
+    config tuned for 2-byte types would not fit for fp32 otherwise."""
+    per_stage = (block_m + b_tiles * tile.block_n) * tile.block_k * torch.empty((), dtype=dtype).element_size()
+    budget = _shared_memory_bytes(device) - 8 * 1024  # room for the kernel's own scratch
+    return max(1, min(tile.num_stages, budget // per_stage))
+
+
 def _launch_gate_up(hidden, w13, act, routing: AlignedRouting, top_k: int, config: MoeConfig) -> None:
     ffn, size = w13.shape[1] // 2, w13.shape[2]
     tile = config.up
@@ -81,7 +99,7 @@ def _launch_gate_up(hidden, w13, act, routing: AlignedRouting, top_k: int, confi
         BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=config.group_m,
         EVEN_K=size % tile.block_k == 0, DOT_F32=dot_upcast(hidden.dtype, hidden.device),
         PRECISION=dot_precision(hidden.dtype), WHILE_LOOP=while_loops(hidden.device),
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        num_warps=tile.num_warps, num_stages=_fitting_stages(tile, config.block_m, 2, hidden.dtype, hidden.device),
     )
 
 
@@ -95,7 +113,7 @@ def _launch_down(act, w2, weights, part, routing: AlignedRouting, config: MoeCon
         BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=tile.block_k, GROUP_M=config.group_m,
         EVEN_K=ffn % tile.block_k == 0, DOT_F32=dot_upcast(act.dtype, act.device),
         PRECISION=dot_precision(act.dtype), WHILE_LOOP=while_loops(act.device),
-        num_warps=tile.num_warps, num_stages=tile.num_stages,
+        num_warps=tile.num_warps, num_stages=_fitting_stages(tile, config.block_m, 1, act.dtype, act.device),
     )
 
 
