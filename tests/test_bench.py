@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 import kiln
@@ -131,9 +132,17 @@ def test_inverted_weights_give_transformers_kilns_logits(family, dbrx_engine, tm
 
 
 def test_tied_head_that_differs_is_reported(tmp_path):
-    """Dummy MPT weights draw kiln's embedding and head apart; transformers can hold only one of them."""
-    info = load_artifact(make_engine(tmp_path, "mpt-tiny"), "engine")
-    hf = load_hf_model(info, torch.device("cpu"))
+    """Dummy MPT weights tie the head; an engine whose head was changed apart from its embedding cannot be held by
+    transformers' tied model, and bench says so."""
+    engine = make_engine(tmp_path, "mpt-tiny")
+    info = load_artifact(engine, "engine")
+    assert load_hf_model(info, torch.device("cpu")).same_weights
+    rank_file = info.rank_file(0)
+    tensors = load_file(str(rank_file))
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] + 1.0
+    rank_file.unlink()  # a hard link to the checkpoint's file: write a new file, not through the link
+    save_file(tensors, str(rank_file))
+    hf = load_hf_model(load_artifact(engine, "engine"), torch.device("cpu"))
     assert not hf.same_weights and "transformer.wte.weight" in hf.note
 
 
