@@ -17,12 +17,13 @@ from kiln.build import build
 from kiln.checkpoint.convert import ConvertPlan, convert
 from kiln.checkpoint.hf_reader import read_json
 from kiln.checkpoint.sources import DummyWeightSource
-from kiln.config import BuildConfig, ConfigError, Mapping, ModelConfig, QuantConfig
+from kiln.config import BuildConfig, ConfigError, ModelConfig, QuantConfig
 from kiln.models import PRESETS, family_for_hf_config
 
 
 def dummy_model_config(options: BenchOptions) -> tuple[ConvertPlan, ModelConfig]:
-    """The convert plan of the dummy model (one rank), with --num_layers and --dtype applied."""
+    """The convert plan of the dummy model (sharded as --tp_size/--pp_size/--moe_* say), with --num_layers and
+    --dtype applied."""
     if options.preset is not None:
         hf = json.loads(json.dumps(PRESETS[options.preset][1]))
     else:
@@ -36,7 +37,9 @@ def dummy_model_config(options: BenchOptions) -> tuple[ConvertPlan, ModelConfig]
         config.num_hidden_layers = options.num_layers
     source = DummyWeightSource(options.seed, _dummy_device(options), tied_head=config.tie_word_embeddings)
     provenance = {"preset": options.preset, "config": options.config, "dummy": True, "seed": options.seed}
-    plan = ConvertPlan(family, config, Mapping(), source, QuantConfig(), provenance)
+    from kiln.bench.multirank import dummy_mapping
+
+    plan = ConvertPlan(family, config, dummy_mapping(options, config), source, QuantConfig(), provenance)
     return plan, config
 
 

@@ -29,6 +29,12 @@ class BenchOptions:
     device: str | None = None  # default: cuda when present
     tune: bool = True  # dummy engines: tune the kernels at build (on a GPU)
     seed: int = 0
+    # dummy weights converted sharded, as `kiln convert` (kiln.bench.multirank): tp x pp ranks, experts split
+    tp_size: int = 1
+    pp_size: int = 1
+    moe_tp_mode: int = 2  # 1: experts placed whole (expert parallel), 2: every expert split (tensor parallel)
+    moe_tp_size: int = -1
+    moe_ep_size: int = -1
 
     @property
     def dummy(self) -> bool:
@@ -59,6 +65,9 @@ class BenchOptions:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         self._check_numbers()
+        from kiln.bench.multirank import validate
+
+        validate(self)
 
     def _check_numbers(self) -> None:
         if not self.batch_sizes or any(b < 1 for b in self.batch_sizes):

@@ -10,6 +10,7 @@ from typing import Any, Callable
 
 import torch
 
+from kiln.bench import multirank
 from kiln.bench.hf import HFUnavailable, load_hf_model, time_hf_case
 from kiln.bench.options import BenchOptions
 from kiln.bench.physics import WeightBytes, copy_bandwidth_gbs, decode_floor, weight_bytes
@@ -151,9 +152,14 @@ def bench_engine(engine_dir: Path, options: BenchOptions, device: torch.device, 
     kernels = apply_engine_kernel_choices(info.raw, device) if options.kernel_backend != "torch" else \
         "kernels: torch reference (no tiles)"
     weights = weight_bytes(info, MemoryPlan(**info.raw["memory_plan"]))
+    if info.mapping.world_size > 1:  # per-GPU floor: kiln.bench.multirank
+        multirank.check_engine(info, options)
+        weights = multirank.staged_weight_bytes(info)
     bandwidth = copy_bandwidth_gbs(device)  # before the engine takes its memory
     report = BenchReport(_device_text(device), _versions(), bandwidth, _engine_text(info, options, kernels, weights),
                          {k: v for k, v in vars(options).items()}, _notes(info, weights, options, device))
+    if isinstance(weights, multirank.StagedWeightBytes):
+        multirank.annotate(report, info, weights)
     v = report.versions
     log(f"kiln bench on {report.device}: torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']}; "
         f"copy bandwidth {bandwidth:.1f} GB/s")

@@ -31,6 +31,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--no_tune", action="store_true", help="dummy engines: record default kernel tiles, skip tuning")
     p.add_argument("--seed", type=int, default=0, help="seed of dummy weights and random prompts")
+    par = p.add_argument_group("dummy weights sharded over GPUs (as kiln convert; the floor is then per GPU)")
+    par.add_argument("--tp_size", type=int, default=1)
+    par.add_argument("--pp_size", type=int, default=1)
+    par.add_argument("--moe_tp_mode", type=int, default=2, help="1: experts placed whole on ranks (expert parallel), "
+                                                                 "2: every expert split (tensor parallel)")
+    par.add_argument("--moe_tp_size", type=int, default=-1, help="tensor parallel size over each expert")
+    par.add_argument("--moe_ep_size", type=int, default=-1, help="expert parallel size")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -39,7 +46,8 @@ def main(args: argparse.Namespace) -> int:
         dtype=args.dtype, batch_sizes=list(args.batch_size), input_len=args.input_len, output_len=args.output_len,
         warmup=args.warmup, compare_hf=args.compare_hf, output_json=args.output_json,
         kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction, kernel_backend=args.kernel_backend,
-        device=args.device, tune=not args.no_tune, seed=args.seed,
+        device=args.device, tune=not args.no_tune, seed=args.seed, tp_size=args.tp_size, pp_size=args.pp_size,
+        moe_tp_mode=args.moe_tp_mode, moe_tp_size=args.moe_tp_size, moe_ep_size=args.moe_ep_size,
     )
     run_bench(options, log=lambda line: print(line, flush=True))
     return 0
