@@ -1,12 +1,13 @@
 """Multi-rank engines on the CPU (gloo, fp32, tiny models) against the same model on one rank: for every family
 tp 2, pp 2 and tp 2 x pp 2; DBRX expert parallel (ep 2, ep 4) and tensor parallel over experts; MPT's 6 heads at
 tp 3 and its qk_ln under tp (KV heads split and replicated); greedy tokens identical, logits (LLM.score) within
-1e-4, seeded sampling with logprobs and beam search identical. Each engine is started once (kiln spawns its ranks)
-and checked on several prompts."""
+1e-4, seeded sampling with logprobs and beam search identical; pipeline engines run every step of several sequences
+as pp micro-batches here. Each engine is started once (kiln spawns its ranks) and checked on several prompts."""
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,7 @@ class Reference:
     scores: list[torch.Tensor]
     sampled: list[tuple[list[int], list[float]]]
     beams: list[list[tuple[list[int], float]]]
+    micro_batched: int = 0  # pipeline steps the driver ran as micro-batches
 
 
 def convert_build(tmp: Path, model_dir: Path, *extra: str) -> Path:
@@ -51,7 +53,8 @@ def run_engine(engine: Path) -> Reference:
         scores = [llm.score(PROMPTS[0]), llm.score(PROMPTS[2])]
         sampled = [(r.outputs[0].token_ids, r.outputs[0].logprobs) for r in llm.generate(PROMPTS[:3], SEEDED)]
         beams = [[(o.token_ids, o.cumulative_logprob) for o in r.outputs] for r in llm.generate(PROMPTS[:2], BEAMS)]
-    return Reference(Path(), (), tokens, scores, sampled, beams)
+        micro_batched = getattr(llm.runner, "micro_batched_steps", 0)
+    return Reference(Path(), (), tokens, scores, sampled, beams, micro_batched)
 
 
 def reference_for(tmp: Path, hf_dir: Path, *base_args: str) -> Reference:
@@ -61,7 +64,14 @@ def reference_for(tmp: Path, hf_dir: Path, *base_args: str) -> Reference:
 
 
 def check_engine(tmp: Path, ref: Reference, *extra: str) -> None:
-    got = run_engine(convert_build(tmp, ref.hf_dir, *ref.base_args, *extra))
+    pipeline = "--pp_size" in extra
+    if pipeline:  # every step of several sequences runs as pp micro-batches (prefill and decode, beams, sampling)
+        os.environ["KILN_PP_MICROBATCH_MIN_TOKENS"] = "0"
+    try:
+        got = run_engine(convert_build(tmp, ref.hf_dir, *ref.base_args, *extra))
+    finally:
+        os.environ.pop("KILN_PP_MICROBATCH_MIN_TOKENS", None)
+    assert (got.micro_batched > 10) == pipeline
     assert got.tokens == ref.tokens
     for ours, theirs in zip(got.scores, ref.scores):
         assert ours.shape == theirs.shape

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from kiln.checkpoint.kiln_format import ArtifactInfo
+from kiln.config import ConfigError
 from kiln.distributed import launch
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.executor.model_runner import CacheConfig
@@ -26,6 +27,25 @@ from kiln.executor.worker import STEP, STOP, StageRunner, is_peer_failure, spawn
 
 # A NCCL collective does not notice a dead peer; after this long the watchdog ends the driver itself.
 WATCHDOG_GRACE_S = float(os.environ.get("KILN_WATCHDOG_GRACE", "15"))
+# Pipeline engines split a step of at least this many new tokens (prefill: compute-bound, where stages working on
+# different micro-batches at once pay) into pp micro-batches. Decode steps are bound by reading the weights, which
+# each micro-batch would read again, so they stay whole by default. 0: every step of several sequences is split.
+PP_MICROBATCH_ENV = "KILN_PP_MICROBATCH_MIN_TOKENS"
+PP_MICROBATCH_DEFAULT = 256
+
+
+def microbatch_min_tokens() -> int:
+    """The threshold from KILN_PP_MICROBATCH_MIN_TOKENS (default 256)."""
+    raw = os.environ.get(PP_MICROBATCH_ENV, "").strip()
+    if not raw:
+        return PP_MICROBATCH_DEFAULT
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(f"{PP_MICROBATCH_ENV} must be a number of tokens >= 0, got {raw!r}")
+    return value
 
 
 class MultiRankDriver(StageRunner):
@@ -38,6 +58,8 @@ class MultiRankDriver(StageRunner):
         self.encoder = PlanEncoder()
         self._closed, self._failed = False, False
         self._store = store
+        self.microbatch_min_tokens = microbatch_min_tokens()
+        self.micro_batched_steps = 0  # pipeline steps run as micro-batches so far
         try:
             if store is None:  # one command: spawn ranks 1.. here
                 self._store = launch.create_store(0, info.mapping.world_size, "127.0.0.1", 0)
@@ -133,13 +155,22 @@ class MultiRankDriver(StageRunner):
         self._check_usable()
         try:
             plan = self.encoder.encode(output, all_logits)
+            plan.micro_batches = self._micro_batches(output)
             dist.broadcast_object_list([(STEP, plan)], src=0, group=self.world.control)
-            logits = self.run_step(output, all_logits)
+            logits = self.run_step(output, all_logits, plan.micro_batches)
             if logits is None:
                 raise RuntimeError("rank 0 received no logits; the pipeline's last stage did not send them")
             return logits
         except BaseException as err:
             raise self._fail(err) from None
+
+    def _micro_batches(self, output: SchedulerOutput) -> int:
+        """pp micro-batches for a step that computes enough tokens and has at least two sequences, else 1."""
+        pp, seqs = self.world.mapping.pp_size, len(output.scheduled)
+        if pp == 1 or seqs < 2 or output.num_batched_tokens < self.microbatch_min_tokens:
+            return 1
+        self.micro_batched_steps += 1
+        return min(pp, seqs)
 
     def release(self, seq_id: int) -> None:
         """Forget a finished request here and, with the next step, on every rank."""

@@ -42,6 +42,7 @@ class StepPlan:
     num_batched_tokens: int = 0
     all_logits: bool = False
     released: list[int] = field(default_factory=list)
+    micro_batches: int = 1  # pipeline engines: how many groups of sequences the step runs as (StageRunner)
 
 
 class PlanEncoder:

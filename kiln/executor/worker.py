@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -23,6 +24,7 @@ from kiln.checkpoint.kiln_format import ArtifactInfo, load_artifact
 from kiln.config import Mapping
 from kiln.distributed import launch
 from kiln.engine.scheduler import SchedulerOutput
+from kiln.executor.cuda_graphs import DecodeGraphs
 from kiln.executor.model_runner import CacheConfig, ModelRunner, StepBatch
 from kiln.executor.step_plan import PlanDecoder
 from kiln.kernels import select_kernels
@@ -34,60 +36,148 @@ STEP = "step"
 
 class StageRunner(ModelRunner):
     """A ModelRunner for one rank of a world: the KV cache is allocated only once every rank has said how many
-    blocks it can hold (the minimum is taken, so the driver's block manager is valid on every rank)."""
+    blocks it can hold (the minimum is taken, so the driver's block manager is valid on every rank); decode CUDA
+    graphs (NCCL, one pipeline stage) are captured after that, on every rank or on none; pipeline steps may run as
+    micro-batches that keep the stages busy together."""
 
     def __init__(self, info: ArtifactInfo, world: launch.World, cache: CacheConfig, kernel_backend: str) -> None:
         self.world = world
         self._cache_agreed = False
-        if getattr(cache, "use_cuda_graphs", False):
-            # Captured decode graphs would hold this rank's collectives and be captured before the cache exists.
-            cache = dataclasses.replace(cache, use_cuda_graphs=False)
-        super().__init__(info, world.mapping, world.device, cache, select_kernels(world.device, kernel_backend, info.raw))
+        kernels = select_kernels(world.device, kernel_backend, info.raw)
+        self._want_graphs = graphs_possible(cache, world, kernels.name)
+        # ModelRunner captures graphs for one rank only, before a cache exists here: this class captures them itself.
+        super().__init__(info, world.mapping, world.device, dataclasses.replace(cache, use_cuda_graphs=False), kernels)
         blocks = torch.tensor([self.num_blocks], dtype=torch.int64)
         dist.all_reduce(blocks, op=dist.ReduceOp.MIN, group=world.control)
         self.num_blocks = int(blocks.item())
         self._cache_agreed = True
         self._allocate_cache()
+        if graphs_possible(cache, world, kernels.name):  # the same answer on every rank: all take part below
+            self.graphs = self._capture_on_every_rank()
+
+    def _num_blocks(self, cache: CacheConfig) -> int:
+        """ModelRunner's count, less the memory the decode graphs will take (as ModelRunner reserves on one rank)."""
+        blocks = super()._num_blocks(cache)
+        if self._want_graphs:
+            block_bytes = self.plan.kv_bytes_per_token * self.block_size
+            reserve = -(-self._graph_reserve_bytes() // block_bytes)
+            if blocks - reserve >= -(-self.build.max_seq_len // self.block_size):
+                return blocks - reserve
+            self._want_graphs = False  # too little memory: this rank says so and every rank decodes eagerly
+        return blocks
 
     def _allocate_cache(self) -> None:
         if self._cache_agreed:
             super()._allocate_cache()
+
+    def _capture_on_every_rank(self) -> DecodeGraphs | None:
+        """Capture the decode graphs where every rank can (agreed first: a capture's warm-up runs the collectives,
+        which a rank that stayed out would leave waiting), then keep them only if every rank's capture succeeded."""
+        control = self.world.control
+        if not _agree(self._want_graphs, control):
+            _warn_eager("a rank has too little GPU memory left for them")
+            return None
+        graphs, error = DecodeGraphs(self.model, self.kernels, self._graph_limits(), self.device), ""
+        try:
+            graphs.capture()
+        except Exception as err:  # noqa: BLE001 - out of memory, an operation that cannot be captured: go eager
+            graphs, error = None, f"{type(err).__name__}: {err}".splitlines()[0]
+        if not _agree(graphs is not None, control):
+            _warn_eager(f"rank {self.world.rank}: {error}" if error else "another rank's capture failed")
+            return None
+        return graphs
 
     @property
     def logits_rank(self) -> int:
         """The rank that hands the logits to the driver: tp rank 0 of the last stage."""
         return (self.world.mapping.pp_size - 1) * self.world.mapping.tp_size
 
-    def run_step(self, output: SchedulerOutput, all_logits: bool) -> torch.Tensor | None:
-        """This rank's share of one step; returns the logits on the driver, None elsewhere."""
+    def run_step(self, output: SchedulerOutput, all_logits: bool, micro_batches: int = 1) -> torch.Tensor | None:
+        """This rank's share of one step; returns the logits on the driver, None elsewhere. A pipeline step runs as
+        `micro_batches` groups of sequences (every rank is told the same number)."""
         mapping = self.world.mapping
         if mapping.pp_size == 1:
             logits = ModelRunner.compute_logits(self, output, all_logits)
             return logits if mapping.rank == 0 else None
         with torch.inference_mode():
-            return self._pipeline_step(output, all_logits)
+            return self._pipeline_step(output, all_logits, micro_batches)
 
-    def _pipeline_step(self, output: SchedulerOutput, all_logits: bool) -> torch.Tensor | None:
+    def _pipeline_step(self, output: SchedulerOutput, all_logits: bool, micro_batches: int) -> torch.Tensor | None:
+        """Stage s runs micro-batch m while stage s+1 runs m-1: hidden states go on with isend (waited at the end
+        of the step), and every transfer flows forward, so no two ranks wait on each other. The last stage sends
+        the logits of all micro-batches to the driver together, after the last one."""
         mapping, cfg = self.world.mapping, self.info.model
         self.copy_blocks(output.block_copies)
-        batch: StepBatch = self.prepare(output, all_logits)
-        hidden = None
-        if mapping.pp_rank > 0:
-            hidden = torch.empty(batch.input_ids.shape[0], cfg.hidden_size, dtype=cfg.torch_dtype, device=self.device)
-            dist.recv(hidden, self.world.stage_peer(mapping.pp_rank - 1))  # [tokens, hidden_size]
-        hidden = self.model(batch.input_ids, batch.positions, ForwardContext(self.kernels, batch.attn), hidden=hidden)
-        if mapping.pp_rank < mapping.pp_size - 1:
-            dist.send(hidden.contiguous(), self.world.stage_peer(mapping.pp_rank + 1))
-            if mapping.rank != 0:
-                return None
-            logits = torch.empty(batch.logits_indices.shape[0], cfg.vocab_size, dtype=torch.float32,
-                                 device=self.device)
-            dist.recv(logits, self.logits_rank)  # [rows, vocab]
-            return logits
-        logits = self.model.compute_logits(hidden[batch.logits_indices])  # [rows, vocab] float32
-        if mapping.rank == self.logits_rank:
-            dist.send(logits.contiguous(), 0)
-        return None
+        first, last = mapping.pp_rank == 0, mapping.pp_rank == mapping.pp_size - 1
+        sends: list[tuple[dist.Work, torch.Tensor]] = []
+        logits_parts, rows = [], 0
+        for part in split_output(output, micro_batches):
+            # prepare() reuses one staging buffer: each micro-batch is prepared just before it runs (stream order
+            # keeps the previous one's kernels ahead of the next upload)
+            batch: StepBatch = self.prepare(part, all_logits)
+            rows += batch.logits_indices.shape[0]
+            hidden = None
+            if not first:
+                hidden = torch.empty(batch.input_ids.shape[0], cfg.hidden_size, dtype=cfg.torch_dtype,
+                                     device=self.device)
+                dist.recv(hidden, self.world.stage_peer(mapping.pp_rank - 1))  # [tokens, hidden_size]
+            hidden = self.model(batch.input_ids, batch.positions, ForwardContext(self.kernels, batch.attn),
+                                hidden=hidden)
+            if not last:
+                out = hidden.contiguous()
+                sends.append((dist.isend(out, self.world.stage_peer(mapping.pp_rank + 1)), out))
+            else:
+                logits_parts.append(self.model.compute_logits(hidden[batch.logits_indices]))  # [rows, vocab]
+        for work, _ in sends:
+            work.wait()
+        if last:
+            if mapping.rank == self.logits_rank:
+                dist.send(torch.cat(logits_parts).contiguous(), 0)
+            return None
+        if mapping.rank != 0:
+            return None
+        logits = torch.empty(rows, cfg.vocab_size, dtype=torch.float32, device=self.device)
+        dist.recv(logits, self.logits_rank)  # [rows, vocab]
+        return logits
+
+
+def graphs_possible(cache: CacheConfig, world: launch.World, kernel_set: str) -> bool:
+    """Whether this world's ranks try decode graphs: asked for, NCCL on CUDA with the triton kernels, one pipeline
+    stage (a stage's graph would also have to hold its point-to-point transfers; pipelines decode eagerly)."""
+    return (getattr(cache, "use_cuda_graphs", False) and world.device.type == "cuda" and kernel_set == "triton"
+            and world.mapping.pp_size == 1)
+
+
+def _agree(ok: bool, group: dist.ProcessGroup) -> bool:
+    """True when every rank says `ok` (a MIN all-reduce over the gloo control group)."""
+    flag = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
+    return bool(flag.item())
+
+
+def _warn_eager(why: str) -> None:
+    warnings.warn(f"multi-rank decode CUDA graphs are off, every rank decodes eagerly: {why}", RuntimeWarning,
+                  stacklevel=3)
+
+
+def split_output(output: SchedulerOutput, parts: int) -> list[SchedulerOutput]:
+    """The step's sequences in at most `parts` contiguous groups of about equal new tokens (batch order kept, so the
+    logits rows of the groups, one after another, are those of the whole step). Block copies stay with the step."""
+    scheduled = output.scheduled
+    parts = max(1, min(parts, len(scheduled)))
+    if parts == 1:
+        return [output]
+    total = sum(item.num_new_tokens for item in scheduled)
+    groups: list[list] = [[]]
+    done = 0
+    for i, item in enumerate(scheduled):
+        left_items, left_groups = len(scheduled) - i, parts - len(groups) + 1
+        # close a group once it has its share, or when each later group needs one of the sequences left
+        if groups[-1] and len(groups) < parts and (done >= total * len(groups) / parts or left_items < left_groups):
+            groups.append([])
+        groups[-1].append(item)
+        done += item.num_new_tokens
+    return [SchedulerOutput(group, [], [], sum(item.num_new_tokens for item in group)) for group in groups]
 
 
 def is_peer_failure(err: BaseException) -> bool:
@@ -112,7 +202,7 @@ def serve(runner: StageRunner) -> None:
             return
         for seq_id in plan.released:
             runner.release(seq_id)
-        runner.run_step(decoder.decode(plan), plan.all_logits)
+        runner.run_step(decoder.decode(plan), plan.all_logits, plan.micro_batches)
 
 
 def run_rank(engine: ArtifactInfo | str, mapping: Mapping, device: torch.device, local_rank: int,
