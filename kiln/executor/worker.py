@@ -32,6 +32,7 @@ from kiln.layers.context import ForwardContext
 
 STOP = "stop"
 STEP = "step"
+GRAPHS_ENV = "KILN_CUDA_GRAPHS"  # "0": multi-rank engines decode eagerly
 
 
 class StageRunner(ModelRunner):
@@ -77,8 +78,9 @@ class StageRunner(ModelRunner):
         if not _agree(self._want_graphs, control):
             _warn_eager("a rank has too little GPU memory left for them")
             return None
-        graphs, error = DecodeGraphs(self.model, self.kernels, self._graph_limits(), self.device), ""
+        graphs, error = None, ""
         try:
+            graphs = DecodeGraphs(self.model, self.kernels, self._graph_limits(), self.device)
             graphs.capture()
         except Exception as err:  # noqa: BLE001 - out of memory, an operation that cannot be captured: go eager
             graphs, error = None, f"{type(err).__name__}: {err}".splitlines()[0]
@@ -143,9 +145,10 @@ class StageRunner(ModelRunner):
 
 def graphs_possible(cache: CacheConfig, world: launch.World, kernel_set: str) -> bool:
     """Whether this world's ranks try decode graphs: asked for, NCCL on CUDA with the triton kernels, one pipeline
-    stage (a stage's graph would also have to hold its point-to-point transfers; pipelines decode eagerly)."""
-    return (getattr(cache, "use_cuda_graphs", False) and world.device.type == "cuda" and kernel_set == "triton"
-            and world.mapping.pp_size == 1)
+    stage (a stage's graph would also have to hold its point-to-point transfers; pipelines decode eagerly), and not
+    turned off with KILN_CUDA_GRAPHS=0 (inherited by spawned ranks; set it alike on every rank under torchrun)."""
+    return (getattr(cache, "use_cuda_graphs", False) and os.environ.get(GRAPHS_ENV, "1").strip() != "0"
+            and world.device.type == "cuda" and kernel_set == "triton" and world.mapping.pp_size == 1)
 
 
 def _agree(ok: bool, group: dist.ProcessGroup) -> bool:
