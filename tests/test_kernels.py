@@ -30,7 +30,7 @@ from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
 
 _KERNEL_MODULES = (
     "kiln.kernels.triton_attention_kernels", "kiln.kernels.triton_moe_kernels", "kiln.kernels.triton_kv_cache",
-    "kiln.kernels.triton_attention", "kiln.kernels.triton_moe", "kiln.kernels.triton_ops",
+    "kiln.kernels.triton_attention", "kiln.kernels.triton_moe", "kiln.kernels.triton_norm", "kiln.kernels.triton_ops",
 )
 
 
@@ -58,6 +58,7 @@ if INTERPRET:
 from kiln.kernels import KernelSet, reference  # noqa: E402
 from kiln.kernels import triton_attention as attention  # noqa: E402
 from kiln.kernels import triton_moe as moe  # noqa: E402
+from kiln.kernels import triton_norm  # noqa: E402
 from kiln.kernels import triton_ops as ops  # noqa: E402
 
 TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.float16: (2e-3, 2e-3), torch.bfloat16: (1.6e-2, 2e-2)}
@@ -281,3 +282,60 @@ def test_align_routing_many_chunks_is_a_stable_sort():
     assert torch.equal(got.long(), want)
     assert all((flat[row[row < flat.numel()].long()] == e).all() for row, e in zip(sorted_ids[used], experts[used]))
     assert experts[used].tolist() == sorted(experts[used].tolist()) and not used[used.sum():].any()
+
+
+# ---- residual add + LayerNorm / RMSNorm -----------------------------------------------------------------------
+
+
+def make_norm_inputs(tokens, dim, dtype, bias):
+    x = torch.randn(tokens, dim, dtype=dtype, device=DEVICE) * 3 + 1  # an offset mean: centring matters
+    residual = torch.randn(tokens, dim, dtype=dtype, device=DEVICE)
+    weight = (torch.rand(dim, device=DEVICE) + 0.5).to(dtype)
+    b = torch.randn(dim, dtype=dtype, device=DEVICE) if bias else None
+    return x, residual, weight, b
+
+
+@pytest.mark.parametrize("rms,bias,with_residual,dim,dtype", [
+    (False, True, True, 48, torch.float32), (False, False, True, 37, torch.bfloat16),
+    (False, True, False, 100, torch.float16), (True, False, True, 80, torch.float32),
+    (True, False, True, 19, torch.bfloat16), (True, False, False, 64, torch.float16)])
+def test_add_norm_matches_reference(rms, bias, with_residual, dim, dtype):
+    x, residual, weight, b = make_norm_inputs(5, dim, dtype, bias)
+    residual = residual if with_residual else None
+    out, summed = triton_norm.add_norm(x, residual, weight, b, 1e-5, rms)
+    ref_out, ref_summed = reference.add_norm(x, residual, weight, b, 1e-5, rms)
+    if INTERPRET and dtype == torch.bfloat16:
+        # Triton 3.6's interpreter casts float32 to bfloat16 by truncation, not round-to-nearest: one ulp apart.
+        torch.testing.assert_close(summed.float(), ref_summed.float(), rtol=2**-7, atol=0)
+    else:  # the sum is rounded once to the dtype, exactly as torch's add rounds it
+        assert torch.equal(summed, ref_summed)
+    assert_close(out, ref_out)
+
+
+def test_add_norm_reference_is_the_unfused_block():
+    """reference.add_norm is `x + residual` then the norm modules' own math (float64 check of the LayerNorm)."""
+    x, residual, weight, b = make_norm_inputs(3, 24, torch.float32, True)
+    out, summed = reference.add_norm(x, residual, weight, b, 1e-5, False)
+    s = (x + residual).double()
+    want = (s - s.mean(-1, keepdim=True)) / torch.sqrt(s.var(-1, unbiased=False, keepdim=True) + 1e-5)
+    torch.testing.assert_close(out.double(), want * weight.double() + b.double(), rtol=1e-5, atol=1e-5)
+    rms_out, _ = reference.add_norm(x, residual, weight, None, 1e-6, True)
+    want = s / torch.sqrt(s.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()
+    torch.testing.assert_close(rms_out.double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.equal(summed, x + residual)
+
+
+def test_add_norm_rejects_bad_inputs():
+    x, residual, weight, b = make_norm_inputs(2, 16, torch.float32, True)
+    with pytest.raises(ValueError, match="residual"):
+        triton_norm.add_norm(x, residual[:, :8], weight, b, 1e-5, False)
+    with pytest.raises(ValueError, match="dtype"):
+        triton_norm.add_norm(x, residual.half(), weight, b, 1e-5, False)
+    with pytest.raises(ValueError, match="weight"):
+        triton_norm.add_norm(x, residual, weight[:8], b, 1e-5, False)
+    with pytest.raises(ValueError, match="no bias"):
+        triton_norm.add_norm(x, residual, weight, b, 1e-5, True)
+    with pytest.raises(ValueError, match="2 dimensions"):
+        triton_norm.add_norm(x[0], None, weight, b, 1e-5, False)
+    with pytest.raises(ValueError, match="eps"):
+        triton_norm.add_norm(x, None, weight, b, 0.0, False)

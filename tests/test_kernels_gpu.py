@@ -194,3 +194,29 @@ def test_graph_fused_moe():
         graph.replay()
         exact = reference.fused_moe(hidden.float(), w13.float(), w2.float(), weights, ids)
         assert relative_error(out, exact) < 1.5e-2
+
+
+@pytest.mark.parametrize("dim,rms,dtype", [(4096, False, torch.bfloat16), (6144, False, torch.float16),
+                                           (5120, True, torch.bfloat16), (4099, True, torch.float32)])
+def test_add_norm_realistic(dim, rms, dtype):
+    for tokens in (1, 37, 2048):
+        x = torch.randn(tokens, dim, dtype=dtype, device="cuda") * 4
+        residual = torch.randn_like(x)
+        weight = (torch.rand(dim, device="cuda") + 0.5).to(dtype)
+        bias = None if rms else torch.randn(dim, dtype=dtype, device="cuda")
+        out, summed = ops().add_norm(x, residual, weight, bias, 1e-5, rms)
+        ref_out, ref_summed = reference.add_norm(x, residual, weight, bias, 1e-5, rms)
+        assert torch.equal(summed, ref_summed)
+        assert_close(out, ref_out)
+
+
+def test_graph_add_norm():
+    x = torch.randn(8, 4096, dtype=torch.bfloat16, device="cuda")
+    residual, weight = torch.randn_like(x), torch.rand(4096, dtype=torch.bfloat16, device="cuda") + 0.5
+    graph, (out, summed) = capture(lambda: ops().add_norm(x, residual, weight, None, 1e-5, False))
+    for _ in range(2):
+        x.normal_(), residual.normal_()
+        graph.replay()
+        ref_out, ref_summed = reference.add_norm(x, residual, weight, None, 1e-5, False)
+        assert torch.equal(summed, ref_summed)
+        assert_close(out, ref_out)

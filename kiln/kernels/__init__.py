@@ -34,6 +34,7 @@ class KernelSet:
     write_kv_cache: Callable[..., None]
     paged_attention: Callable[..., torch.Tensor]
     fused_moe: Callable[..., torch.Tensor]
+    add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.add_norm
 
 
 REFERENCE = KernelSet(
@@ -41,6 +42,7 @@ REFERENCE = KernelSet(
     write_kv_cache=reference.write_kv_cache,
     paged_attention=reference.paged_attention,
     fused_moe=reference.fused_moe,
+    add_norm=reference.add_norm,
 )
 
 

@@ -111,3 +111,36 @@ def fused_moe(
         y = act @ w2[e].t()  # [n, hidden]
         out.index_add_(0, token_idx, y.float() * topk_weights[token_idx, slot, None].float())
     return out.to(hidden.dtype)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm over the last dimension with float32 statistics and affine part, rounded once to x's dtype."""
+    if x.is_cuda and x.dtype == weight.dtype:
+        # CUDA's layer_norm accumulates fp16/bf16 inputs in float32 and applies the affine part in float32 before
+        # the single rounding: the float path below in one kernel.
+        return F.layer_norm(x, weight.shape, weight, bias, eps)
+    y = F.layer_norm(x.float(), weight.shape, weight.float(), None if bias is None else bias.float(), eps)
+    return y.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as Baichuan computes it: variance in float32, the normalised value cast to the weight's dtype
+    before the multiply."""
+    xf = x.float()
+    variance = xf.pow(2).mean(-1, keepdim=True)
+    return weight * (xf * torch.rsqrt(variance + eps)).to(weight.dtype)
+
+
+def add_norm(
+    x: torch.Tensor,  # [tokens, dim]
+    residual: torch.Tensor | None,  # [tokens, dim] or None
+    weight: torch.Tensor,  # [dim]
+    bias: torch.Tensor | None,  # [dim] (LayerNorm only)
+    eps: float,
+    rms: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # normed [tokens, dim], summed [tokens, dim]
+    """The pre-norm block's `summed = x + residual` (rounded to x's dtype, as a separate add would be; `x` itself
+    when residual is None) and `norm(summed)`: RMSNorm when `rms`, else LayerNorm with the optional bias."""
+    summed = x if residual is None else x + residual
+    normed = rms_norm(summed, weight, eps) if rms else layer_norm(summed, weight, bias, eps)
+    return normed, summed

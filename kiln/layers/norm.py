@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ModelConfig
 from kiln.distributed.collectives import tp_all_reduce
+from kiln.kernels import KernelSet, reference
 from kiln.layers.sharding import Segment, set_shard
 
 
@@ -22,14 +22,7 @@ class LayerNorm(nn.Module):
         self.bias = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, dim]
-        if x.is_cuda and x.dtype == self.weight.dtype:
-            # One kernel: CUDA's layer_norm accumulates fp16/bf16 inputs in float32 and applies the affine part in
-            # float32 before the single rounding, as the explicit float path below does in five launches (which
-            # cost more than the math at decode batch sizes).
-            return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
-        bias = None if self.bias is None else self.bias.float()
-        y = F.layer_norm(x.float(), self.weight.shape, self.weight.float(), bias, self.eps)
-        return y.to(x.dtype)
+        return reference.layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(nn.Module):
@@ -42,9 +35,18 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.empty(dim, dtype=dtype), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, dim]
-        xf = x.float()
-        variance = xf.pow(2).mean(-1, keepdim=True)
-        return self.weight * (xf * torch.rsqrt(variance + self.eps)).to(self.weight.dtype)
+        return reference.rms_norm(x, self.weight, self.eps)
+
+
+def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
+                 kernels: KernelSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """`summed = x + residual` (x when residual is None) and `norm(summed)` through the engine's kernels: one
+    Triton launch on the GPU instead of an add and a norm. Returns (normed, summed), both [tokens, dim]."""
+    if isinstance(norm, RMSNorm):
+        return kernels.add_norm(x, residual, norm.weight, None, norm.eps, True)
+    if isinstance(norm, LayerNorm):
+        return kernels.add_norm(x, residual, norm.weight, norm.bias, norm.eps, False)
+    raise TypeError(f"add_and_norm takes a LayerNorm or RMSNorm, got {type(norm).__name__}")
 
 
 def make_norm(config: ModelConfig, dim: int | None = None) -> nn.Module:

@@ -2,6 +2,9 @@
 
     h = x + attn(norm_1(x));  y = h + ffn(norm_2(h));  logits = lm_head(norm_f(h_last))
 
+Each residual add is done by the kernel of the norm that follows it (KernelSet.add_norm): a block hands the next one
+its ffn output and the residual stream separately, and the stage adds them once at its end.
+
 A pipeline stage builds only its own layers (named by their global index, so checkpoint names do not depend on the
 split); the first stage owns the embedding and the last the final norm and LM head.
 """
@@ -17,7 +20,7 @@ from kiln.layers.context import ForwardContext
 from kiln.layers.embedding import LMHead, VocabEmbedding
 from kiln.layers.mlp import GatedMLP, GeluMLP
 from kiln.layers.moe import MoE
-from kiln.layers.norm import make_norm
+from kiln.layers.norm import add_and_norm, make_norm
 
 
 def stage_layers(num_layers: int, mapping: Mapping) -> range:
@@ -45,10 +48,15 @@ class DecoderBlock(nn.Module):
         else:
             self.ffn = GeluMLP(config, mapping)
 
-    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        hidden = hidden + self.attn(positions, self.input_norm(hidden), ctx)
-        normed = self.post_attn_norm(hidden)
-        return hidden + (self.ffn(normed, ctx) if self.is_moe else self.ffn(normed))
+    def forward(self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor | None,
+                ctx: ForwardContext) -> tuple[torch.Tensor, torch.Tensor]:
+        # hidden [tokens, hidden_size]: the previous block's branch output, added to `residual` here (the first
+        # block gets residual None: hidden is the stream itself). Each residual add rides in the norm's kernel.
+        # -> (this block's ffn output, the residual stream before it); their sum is the block's output.
+        normed, residual = add_and_norm(self.input_norm, hidden, residual, ctx.kernels)
+        attn_out = self.attn(positions, normed, ctx)
+        normed, residual = add_and_norm(self.post_attn_norm, attn_out, residual, ctx.kernels)
+        return (self.ffn(normed, ctx) if self.is_moe else self.ffn(normed)), residual
 
 
 class DecoderForCausalLM(nn.Module):
@@ -72,9 +80,10 @@ class DecoderForCausalLM(nn.Module):
         # input_ids, positions [tokens]; hidden [tokens, hidden_size] from the previous stage, if any
         if self.is_first_stage:
             hidden = self.embed_tokens(input_ids)
+        residual = None
         for block in self.layers.values():
-            hidden = block(positions, hidden, ctx)
-        return hidden  # [tokens, hidden_size]
+            hidden, residual = block(positions, hidden, residual, ctx)
+        return hidden if residual is None else hidden + residual  # [tokens, hidden_size]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:  # [rows, hidden] -> [rows, vocab] float32
         return self.lm_head(self.norm(hidden))
