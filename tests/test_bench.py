@@ -14,7 +14,7 @@ from safetensors import safe_open
 
 import kiln
 from kiln.bench import BenchOptions, physics
-from kiln.bench.dummy import dummy_model_config
+from kiln.bench.dummy import bench_build_config, dummy_model_config
 from kiln.bench.hf import INVERSES, HFUnavailable, hf_config, load_hf_model
 from kiln.checkpoint.kiln_format import load_artifact
 from kiln.cli.main import main as kiln_main
@@ -26,7 +26,7 @@ CASE = ["--batch_size", "1", "3", "--input_len", "8", "--output_len", "4", "--wa
 CASE_FIELDS = {"batch_size", "input_len", "output_len", "prefill_ms", "prefill_steps", "decode_ms_per_step",
                "decode_steps", "tokens_per_s", "weight_bytes", "active_weight_bytes", "expected_active_experts",
                "kv_bytes_per_step", "floor_ms_per_step", "fraction_of_floor", "hf_prefill_ms", "hf_ms_per_step",
-               "hf_tokens_per_s", "kiln_over_hf"}
+               "hf_tokens_per_s", "kiln_over_hf", "prefill_tflops", "prefill_fraction_of_matmul"}
 
 
 def make_engine(tmp: Path, preset: str) -> Path:
@@ -63,8 +63,10 @@ def file_bytes(engine: Path, select) -> int:
 
 def test_json_has_every_field_and_consistent_numbers(dbrx_engine, dbrx_report):
     report = dbrx_report
-    assert {"device", "versions", "bandwidth_gbs", "engine", "options", "notes", "hf", "cases"} <= set(report)
+    assert {"device", "versions", "bandwidth_gbs", "matmul_tflops", "engine", "options", "notes", "hf",
+            "cases"} <= set(report)
     assert report["bandwidth_gbs"] > 0 and [c["batch_size"] for c in report["cases"]] == [1, 3]
+    assert report["matmul_tflops"] > 0
     plan = json.loads((dbrx_engine / "config.json").read_text())["memory_plan"]
     assert report["engine"]["weight_bytes"] == plan["weight_bytes"] == file_bytes(dbrx_engine, lambda n: True)
     experts = file_bytes(dbrx_engine, lambda n: n.endswith((".w13", ".w2")))
@@ -89,6 +91,11 @@ def test_json_has_every_field_and_consistent_numbers(dbrx_engine, dbrx_report):
         assert case["hf_prefill_ms"] > 0 and case["hf_ms_per_step"] > 0  # per-step clock inside generate
         assert case["hf_tokens_per_s"] == pytest.approx(b * 1000 / case["hf_ms_per_step"], rel=1e-9)
         assert case["kiln_over_hf"] == pytest.approx(case["hf_ms_per_step"] / case["decode_ms_per_step"], rel=1e-9)
+        head = file_bytes(dbrx_engine, lambda n: n == "lm_head.weight")
+        per_token = (plan["weight_bytes"] - embedding - head - experts / 2) / 4  # float32 params; top 2 of 4 experts
+        flops = 2 * (per_token * b * 8 + head / 4 * b)  # the head runs once per sequence
+        assert case["prefill_tflops"] == pytest.approx(flops / (case["prefill_ms"] * 1e-3) / 1e12, rel=1e-9)
+        assert case["prefill_fraction_of_matmul"] == pytest.approx(case["prefill_tflops"] / report["matmul_tflops"])
 
 
 def test_compare_hf_uses_the_engine_weights(dbrx_report):
@@ -177,6 +184,20 @@ def test_dummy_engine_run_cleans_up_and_mpt_compares(tmp_path, monkeypatch, caps
     assert [p.name for p in tmp_path.iterdir()] == ["mpt.json"]  # the temporary engine is gone
     printed = capsys.readouterr().out
     assert "of floor" in printed and "| batch |" in printed
+
+
+def test_dummy_case_longer_than_the_config_stretches_its_positions():
+    """MPT-7B has 2048 positions; the issue's 2048-token prefill with its outputs needs more (dummy weights only)."""
+    options = BenchOptions(preset="mpt-tiny", batch_sizes=[1], input_len=510, output_len=8)
+    plan, config = dummy_model_config(options)
+    assert config.max_position_embeddings == 518 and plan.provenance["max_position_embeddings_of_the_config"] == 512
+    assert bench_build_config(options, config).max_seq_len == 518
+    plan, config = dummy_model_config(BenchOptions(preset="mpt-tiny", input_len=8, output_len=4))
+    assert config.max_position_embeddings == 512 and "max_position_embeddings_of_the_config" not in plan.provenance
+
+
+def test_matmul_rate_is_measured():
+    assert physics.matmul_tflops(torch.device("cpu"), torch.bfloat16, n=64, reps=2) > 0
 
 
 def test_expected_experts_formula_matches_simulation():

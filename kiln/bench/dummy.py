@@ -35,8 +35,15 @@ def dummy_model_config(options: BenchOptions) -> tuple[ConvertPlan, ModelConfig]
             raise ConfigError(f"--num_layers {options.num_layers} is more than the model's {config.num_hidden_layers} "
                               "layers")
         config.num_hidden_layers = options.num_layers
-    source = DummyWeightSource(options.seed, _dummy_device(options), tied_head=config.tie_word_embeddings)
     provenance = {"preset": options.preset, "config": options.config, "dummy": True, "seed": options.seed}
+    seq_len = options.input_len + options.output_len
+    if seq_len > config.max_position_embeddings:
+        # The cases include a 2048-token prefill of the MPT-7B shape (2048 positions) with its outputs.
+        # Dummy weights model nothing, and ALiBi or RoPE compute the same numbers at the first positions whatever
+        # the table's length, so a dummy model's position limit is stretched to the case rather than refused.
+        provenance["max_position_embeddings_of_the_config"] = config.max_position_embeddings
+        config.max_position_embeddings = seq_len
+    source = DummyWeightSource(options.seed, _dummy_device(options), tied_head=config.tie_word_embeddings)
     from kiln.bench.multirank import dummy_mapping
 
     plan = ConvertPlan(family, config, dummy_mapping(options, config), source, QuantConfig(), provenance)
@@ -71,6 +78,10 @@ def dummy_engine(options: BenchOptions, log: Callable[[str], None] = print) -> I
     try:
         log(f"dummy {config.architecture} ({config.dtype}, {config.num_hidden_layers} layers): converting and "
             f"building in {tmp}")
+        stretched = plan.provenance.get("max_position_embeddings_of_the_config")
+        if stretched is not None:
+            log(f"note: the case needs {config.max_position_embeddings} positions, the config has {stretched}: the "
+                "dummy model's limit is raised to the case (dummy weights; positions are computed the same way)")
         convert(plan, tmp / "checkpoint", progress=False)
         build(tmp / "checkpoint", tmp / "engine", limits, tune=options.tune, log=log)
         yield tmp / "engine"

@@ -4,7 +4,7 @@ measured in the same process with a large copy."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -56,6 +56,18 @@ class WeightBytes:
     embedding: int  # the input embedding table: decode gathers only B rows of it, so it is not counted
     num_experts: int  # the model's experts per layer (global)
     top_k: int
+    # Keyword-only, so that subclasses' positional fields (multirank.StagedWeightBytes.stages) keep their place.
+    head: int = field(default=0, kw_only=True)  # the LM head: prefill runs it for one row per sequence, not per token
+    element_size: int = field(default=2, kw_only=True)  # bytes per weight element: the model dtype's
+
+    def prefill_flops(self, batch: int, input_len: int) -> float:
+        """Matmul FLOPs of a prefill of `batch` prompts of `input_len` tokens: 2 x active params per token (every
+        weight but the embedding and the head, experts at top_k / E) plus the head for one row per sequence.
+        Attention's own score and value products are not counted (they are not weights)."""
+        dense = self.total - self.experts - self.embedding - self.head
+        experts = self.experts * (self.top_k / self.num_experts if self.num_experts else 0.0)
+        per_token = (dense + experts) / self.element_size
+        return 2.0 * (per_token * batch * input_len + self.head / self.element_size * batch)
 
     def active(self, batch: int) -> float:
         """Bytes a decode step of `batch` tokens reads: everything but the input embedding, with the experts
@@ -70,14 +82,40 @@ class WeightBytes:
 def weight_bytes(info: ArtifactInfo, plan: MemoryPlan) -> WeightBytes:
     """Split rank 0's weights (the engine's memory plan counts the largest rank) by what decode reads."""
     params = meta_model(info.family, info.model, info.mapping.for_rank(0)).named_parameters()
-    experts = embedding = 0
+    experts = embedding = head = 0
+    element = torch.empty(0, dtype=info.model.torch_dtype).element_size()
     for name, param in params:
         nbytes = param.numel() * param.element_size()
         if name.endswith((".w13", ".w2")):
             experts += nbytes
         elif name == "embed_tokens.weight":
             embedding += nbytes
-    return WeightBytes(plan.weight_bytes, experts, embedding, info.model.moe_num_experts, info.model.moe_top_k)
+        elif name == "lm_head.weight":
+            head += nbytes
+    return WeightBytes(plan.weight_bytes, experts, embedding, info.model.moe_num_experts, info.model.moe_top_k,
+                       head=head, element_size=element)
+
+
+def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int | None = None) -> float:
+    """The dense matmul rate in TFLOP/s from an n x n x n GEMM in `dtype` timed in this process (n = 8192 on a
+    GPU: large enough to run at the tensor cores' sustained rate; 512 in float32 on the CPU, a token figure)."""
+    if device.type != "cuda":
+        dtype = torch.float32
+    n = n or (8192 if device.type == "cuda" else 512)
+    reps = reps or (20 if device.type == "cuda" else 3)
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    for _ in range(3):
+        torch.mm(a, b, out=out)
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(reps):
+        torch.mm(a, b, out=out)
+    synchronize(device)
+    elapsed = time.perf_counter() - start
+    del a, b, out
+    return 2.0 * n**3 * reps / elapsed / 1e12
 
 
 def mean_decode_context(input_len: int, output_len: int) -> float:

@@ -34,6 +34,8 @@ class CaseResult:
     hf_ms_per_step: float | None = None
     hf_tokens_per_s: float | None = None
     kiln_over_hf: float | None = None
+    prefill_tflops: float | None = None  # matmul FLOPs of the prefill (WeightBytes.prefill_flops) / prefill time
+    prefill_fraction_of_matmul: float | None = None  # prefill_tflops / the bf16 matmul rate measured in-process
 
     def add_hf(self, prefill_ms: float, ms_per_step: float) -> None:
         self.hf_prefill_ms, self.hf_ms_per_step = prefill_ms, ms_per_step
@@ -49,6 +51,7 @@ class BenchReport:
     versions: dict[str, str]
     bandwidth_gbs: float
     engine: dict[str, Any]
+    matmul_tflops: float | None
     options: dict[str, Any]
     notes: list[str] = field(default_factory=list)
     hf: dict[str, Any] = field(default_factory=dict)
@@ -72,16 +75,24 @@ def case_line(c: CaseResult) -> str:
     return (f"batch {c.batch_size:4d}: prefill {c.prefill_ms:9.2f} ms | decode {c.decode_ms_per_step:8.3f} ms/step, "
             f"{c.tokens_per_s:9.1f} tok/s | floor {c.floor_ms_per_step:7.3f} ms (weights "
             f"{c.active_weight_bytes / GB:.2f} GB + KV {c.kv_bytes_per_step / GB:.3f} GB{experts}), "
-            f"{100 * c.fraction_of_floor:5.1f}% of floor")
+            f"{100 * c.fraction_of_floor:5.1f}% of floor{_prefill_text(c)}")
+
+
+def _prefill_text(c: CaseResult) -> str:
+    if c.prefill_tflops is None or c.prefill_fraction_of_matmul is None:
+        return ""
+    return f" | prefill {c.prefill_tflops:.1f} TFLOP/s = {100 * c.prefill_fraction_of_matmul:.1f}% of matmul"
 
 
 def table(report: BenchReport) -> str:
     """The cases as a Markdown table (the form docs/performance.md records)."""
-    head = ("| batch | prefill ms | decode ms/step | tok/s | floor ms/step | of floor | transformers ms/step "
-            "| transformers tok/s | kiln / transformers |")
-    rows = [head, "|" + "---|" * 9]
+    head = ("| batch | prefill ms | prefill of matmul | decode ms/step | tok/s | floor ms/step | of floor "
+            "| transformers ms/step | transformers tok/s | kiln / transformers |")
+    rows = [head, "|" + "---|" * 10]
     for c in report.cases:
-        rows.append(f"| {c.batch_size} | {c.prefill_ms:.2f} | {c.decode_ms_per_step:.3f} | {c.tokens_per_s:.1f} | "
+        matmul = "-" if c.prefill_fraction_of_matmul is None else f"{100 * c.prefill_fraction_of_matmul:.0f}%"
+        rows.append(f"| {c.batch_size} | {c.prefill_ms:.2f} | {matmul} | {c.decode_ms_per_step:.3f} | "
+                    f"{c.tokens_per_s:.1f} | "
                     f"{c.floor_ms_per_step:.3f} | {100 * c.fraction_of_floor:.0f}% | {_fmt(c.hf_ms_per_step, '.2f')} | "
                     f"{_fmt(c.hf_tokens_per_s, '.1f')} | {_fmt(c.kiln_over_hf, '.2f')}"
                     f"{'' if c.kiln_over_hf is None else 'x'} |")

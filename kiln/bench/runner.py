@@ -13,7 +13,7 @@ import torch
 from kiln.bench import multirank
 from kiln.bench.hf import HFUnavailable, load_hf_model, time_hf_case
 from kiln.bench.options import BenchOptions
-from kiln.bench.physics import WeightBytes, copy_bandwidth_gbs, decode_floor, weight_bytes
+from kiln.bench.physics import WeightBytes, copy_bandwidth_gbs, decode_floor, matmul_tflops, weight_bytes
 from kiln.bench.report import GB, BenchReport, CaseResult, case_line, table
 from kiln.bench.timing import KilnTiming, time_kiln_case
 from kiln.checkpoint.kiln_format import ArtifactInfo, load_artifact
@@ -66,6 +66,9 @@ def _notes(info: ArtifactInfo, weights: WeightBytes, options: BenchOptions, devi
              f"({weights.embedding / GB:.2f} GB) is not counted: decode gathers only B rows of it",
              f"KV bytes at the mean context of the decode steps (input_len + output_len / 2 = "
              f"{options.input_len + options.output_len / 2:g} tokens per sequence)"]
+    notes.append("prefill of matmul = 2 x active params x prompt tokens (the head once per sequence, experts at "
+                 "top_k / E) / prefill time, over the rate of an 8192^3 GEMM in the model dtype timed in this process "
+                 "(512^3 in float32 on the CPU); attention's score and value products are not counted")
     if weights.num_experts:
         notes.append(f"MoE: expected distinct experts per layer at batch B = E * (1 - (1 - k/E)^B), E = "
                      f"{weights.num_experts}, k = {weights.top_k} (uniform routing); the floor counts that share of "
@@ -83,12 +86,18 @@ def _engine_text(info: ArtifactInfo, options: BenchOptions, kernels: str, weight
 
 
 def _case(batch: int, options: BenchOptions, timing: KilnTiming, weights: WeightBytes, kv_per_token: int,
-          bandwidth: float) -> CaseResult:
-    floor = decode_floor(weights, kv_per_token, batch, options.input_len, options.output_len, bandwidth)
-    return CaseResult(
+          report: BenchReport) -> CaseResult:
+    floor = decode_floor(weights, kv_per_token, batch, options.input_len, options.output_len, report.bandwidth_gbs)
+    case = CaseResult(
         batch, options.input_len, options.output_len, timing.prefill_ms, timing.prefill_steps, timing.decode_ms,
         timing.decode_steps, batch * 1000.0 / timing.decode_ms, weights.total, floor.active_weight_bytes,
         floor.expected_experts, floor.kv_bytes, floor.ms, floor.ms / timing.decode_ms)
+    if report.engine["world_size"] > 1:
+        return case  # the prefill rate is a one-GPU measure: per-GPU FLOPs of a sharded step are not tracked
+    case.prefill_tflops = weights.prefill_flops(batch, options.input_len) / (timing.prefill_ms * 1e-3) / 1e12
+    if report.matmul_tflops:
+        case.prefill_fraction_of_matmul = case.prefill_tflops / report.matmul_tflops
+    return case
 
 
 def _free(device: torch.device) -> None:
@@ -111,7 +120,7 @@ def _time_kiln(engine_dir: Path, options: BenchOptions, device: torch.device, re
         for batch in options.batch_sizes:
             timing = time_kiln_case(llm, batch, options.input_len, options.output_len, options.warmup, device,
                                     options.seed * 1000 + batch)
-            case = _case(batch, options, timing, weights, kv_per_token, report.bandwidth_gbs)
+            case = _case(batch, options, timing, weights, kv_per_token, report)
             report.cases.append(case)
             log(case_line(case))
     finally:
@@ -156,13 +165,15 @@ def bench_engine(engine_dir: Path, options: BenchOptions, device: torch.device, 
         multirank.check_engine(info, options)
         weights = multirank.staged_weight_bytes(info)
     bandwidth = copy_bandwidth_gbs(device)  # before the engine takes its memory
+    rate = matmul_tflops(device, info.model.torch_dtype)
     report = BenchReport(_device_text(device), _versions(), bandwidth, _engine_text(info, options, kernels, weights),
-                         {k: v for k, v in vars(options).items()}, _notes(info, weights, options, device))
+                         rate, {k: v for k, v in vars(options).items()}, _notes(info, weights, options, device))
     if isinstance(weights, multirank.StagedWeightBytes):
         multirank.annotate(report, info, weights)
     v = report.versions
     log(f"kiln bench on {report.device}: torch {v['torch']}, triton {v['triton']}, transformers {v['transformers']}; "
-        f"copy bandwidth {bandwidth:.1f} GB/s")
+        f"copy bandwidth {bandwidth:.1f} GB/s; {info.model.dtype if device.type == 'cuda' else 'float32'} matmul "
+        f"{rate:.1f} TFLOP/s")
     log(f"{info.model.architecture} {info.model.dtype}, {info.model.num_hidden_layers} layers, weights "
         f"{weights.total / GB:.3f} GB; {kernels}")
     for note in report.notes:
