@@ -282,20 +282,19 @@ def _sample_processed(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
 
 def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     """Temperature, top-k/top-p/min-p and the draw for non-greedy rows. ``logits``: ``[rows, vocab]``."""
-    device = logits.device
     temps = [max(row.params.temperature, _MIN_TEMPERATURE) for row in rows]
-    if any(t != 1.0 for t in temps):
-        logits = logits / torch.tensor(temps, device=device).unsqueeze(1)
     top_k = [row.params.top_k for row in rows]
     top_p = [row.params.top_p for row in rows]
     min_p = [row.params.min_p for row in rows]
-    if any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p) or any(m > 0.0 for m in min_p):
-        logits = apply_top_k_top_p_min_p(
-            logits,
-            torch.tensor(top_k, dtype=torch.long, device=device),
-            torch.tensor(top_p, dtype=torch.float32, device=device),
-            torch.tensor(min_p, dtype=torch.float32, device=device),
-        )
+    scale = any(t != 1.0 for t in temps)
+    truncate = any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p) or any(m > 0.0 for m in min_p)
+    if scale or truncate:
+        # Every row's parameters reach the device in one float64 copy (ids and float32 values are exact in it).
+        params = torch.tensor([temps, top_k, top_p, min_p], dtype=torch.float64).to(logits.device)  # [4, rows]
+        if scale:
+            logits = logits / params[0].float().unsqueeze(1)
+        if truncate:
+            logits = apply_top_k_top_p_min_p(logits, params[1].long(), params[2].float(), params[3].float())
     probs = logits.softmax(dim=-1)  # [rows, vocab]
     return _exponential_race(probs, [row.generator for row in rows])
 
@@ -306,13 +305,20 @@ def _exponential_race(probs: torch.Tensor, generators: list[torch.Generator | No
     seeded = [i for i, g in enumerate(generators) if g is not None]
     if len(seeded) < len(generators):
         noise.exponential_()  # global RNG; the seeded rows' share is overwritten below
+    elsewhere = []
     for i in seeded:
         gen = generators[i]
         if gen.device == probs.device:
             noise[i].exponential_(generator=gen)
         else:
-            # A CPU generator with GPU logits: draw where the generator lives, then move the draws.
-            noise[i].copy_(torch.empty(probs.shape[1], device=gen.device).exponential_(generator=gen))
+            elsewhere.append(i)
+    if elsewhere:
+        # CPU generators with GPU logits: each row draws where its generator lives (the same draws as on a CPU
+        # run), and all those rows travel in one copy.
+        drawn = torch.empty(len(elsewhere), probs.shape[1], dtype=probs.dtype)
+        for j, i in enumerate(elsewhere):
+            drawn[j].exponential_(generator=generators[i])
+        noise[torch.tensor(elsewhere, device=probs.device)] = drawn.to(probs.device)
     # Exponential draws can be exactly 0; a banned token (probability 0) must not win by 0 / 0 = nan.
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
     return (probs / noise).argmax(dim=-1)
