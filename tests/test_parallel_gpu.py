@@ -15,7 +15,6 @@ import kiln.llm
 from fixtures_dbrx import make_dbrx_checkpoint
 from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, save_checkpoint
 from kiln.cli.main import main as kiln_main
-from kiln.executor.model_runner import CacheConfig
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                                                   reason="needs 2 CUDA GPUs")]
@@ -71,12 +70,11 @@ def test_full_width_two_gpus_close_to_one(tmp_path, preset, extra):
         assert max_rel(ours, ref) < 3e-2  # bf16: the all-reduce adds partial sums in another order
 
 
-def graph_tokens(engine: Path, graphs: bool, monkeypatch) -> tuple[list[list[int]], list[int]]:
+def graph_tokens(engine: Path, graphs: bool) -> tuple[list[list[int]], list[int]]:
     """Greedy tokens (batches of 1 to 4 decoding together) with decode graphs on every rank or on none, and the
     decode batch sizes the driver replayed."""
     # the cache config reaches every spawned rank: graphs are on or off for all of them
-    monkeypatch.setattr(kiln.llm, "CacheConfig", lambda *a: CacheConfig(*a, use_cuda_graphs=graphs))
-    with kiln.LLM(engine, device="cuda", kv_cache_free_gpu_memory_fraction=0.3) as llm:
+    with kiln.LLM(engine, device="cuda", kv_cache_free_gpu_memory_fraction=0.3, use_cuda_graphs=graphs) as llm:
         runner, replays = llm.runner, []
         assert (runner.graphs is not None) == graphs
         if graphs:
@@ -89,10 +87,10 @@ def graph_tokens(engine: Path, graphs: bool, monkeypatch) -> tuple[list[list[int
 
 @pytest.mark.parametrize("family,extra", [("mpt", ("--tp_size", "2")), ("dbrx", ("--tp_size", "2", "--moe_tp_mode", "1"))],
                          ids=["mpt-tp2", "dbrx-ep2"])
-def test_graphs_on_two_gpus_equal_eager(tmp_path, monkeypatch, family, extra):
+def test_graphs_on_two_gpus_equal_eager(tmp_path, family, extra):
     engine = build(tmp_path / "two", tiny_sources(tmp_path, family), *extra)
-    with_graphs, replays = graph_tokens(engine, True, monkeypatch)
-    eager, _ = graph_tokens(engine, False, monkeypatch)
+    with_graphs, replays = graph_tokens(engine, True)
+    eager, _ = graph_tokens(engine, False)
     assert with_graphs == eager
     assert 4 in replays and 1 in replays  # every decode step of both generate calls replayed a graph
     assert len(replays) == 2 * (GREEDY.max_tokens - 1)
