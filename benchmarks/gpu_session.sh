@@ -13,7 +13,7 @@ out=${OUT:-./out}; mkdir -p "$out"
 cases=" ${CASES:-dbrx mpt7b baichuan2_13b prefill_2048} "
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/versions.txt"
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)" | tee -a "$out/versions.txt"
-[ -n "${TESTS-1}" ] && timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py tests/test_cuda_graphs_gpu.py tests/test_gpu_models.py tests/test_build_tuning.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
+[ -n "${TESTS-1}" ] && timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_gpu.py tests/test_gpu_models.py tests/test_build_tuning.py tests/test_cuda_graphs_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
 bench() {  # name, timeout seconds, kiln bench arguments...
     local name=$1 limit=$2; shift 2
     [[ "$cases" == *" $name "* ]] || return 0

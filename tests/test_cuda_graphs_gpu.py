@@ -4,6 +4,8 @@ and as on the CPU in fp32, in batches of mixed lengths where requests join mid-g
 
 from __future__ import annotations
 
+import gc
+
 import random
 
 import pytest
@@ -145,6 +147,16 @@ def _requests(seed: int = 0) -> tuple[list[list[int]], list[kiln.SamplingParams]
     params = [kiln.SamplingParams(max_tokens=rng.randrange(2, 31), temperature=0.0, ignore_eos=True)
               for _ in range(10)]
     return prompts, params
+
+
+@pytest.fixture(autouse=True)
+def _free_gpu_memory():
+    """Each engine here takes 90% of free GPU memory for its KV cache and its graph wrapper forms a reference
+    cycle: collect it after every test, so that tests run later in the same process (builds that tune kernels,
+    other engines) find the memory free."""
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def _tokens(llm: kiln.LLM, prompts, params) -> list[list[int]]:
