@@ -11,6 +11,7 @@ import datetime
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 import torch
@@ -129,11 +130,28 @@ def join_world(mapping: Mapping, device: torch.device, store: dist.Store) -> Wor
     return World(mapping, device, store, control, tp_group)
 
 
-def leave_world() -> None:
-    """Forget the groups (also the tensor-parallel group the layers use), so that a later engine can start over."""
+def leave_world(timeout_s: float = 20.0) -> bool:
+    """Forget the groups (also the tensor-parallel group the layers use), so that a later engine can start over.
+    Every rank calls this at the same time (NCCL tears a communicator down with its peers present). The teardown
+    runs in a helper thread bounded by `timeout_s`, so that a peer that is already gone can never hang shutdown;
+    returns False (with a warning) when it did not finish, leaving the groups to the process's exit."""
     set_tp_group(None, 1)
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return True
+    done = threading.Event()
+
+    def destroy() -> None:
+        try:
+            dist.destroy_process_group()
+        finally:
+            done.set()
+
+    threading.Thread(target=destroy, daemon=True).start()
+    if done.wait(timeout_s):
+        return True
+    print(f"kiln: warning: the process groups did not shut down within {timeout_s:.0f} s; left to process exit",
+          file=sys.stderr, flush=True)
+    return False
 
 
 def post_error(store: dist.Store, rank: int, text: str, secondary: bool) -> None:

@@ -3,7 +3,6 @@ driver that runs rank 0's share and drives the other ranks' workers."""
 
 from __future__ import annotations
 
-import sys
 
 import torch
 
@@ -36,6 +35,6 @@ def create_executor(info: ArtifactInfo, device: torch.device, cache: CacheConfig
     store = launcher_store(env)
     if env.rank == 0:
         return MultiRankDriver(info, device, cache, kernel_backend, store=store, local_rank=env.local_rank)
-    from kiln.executor.worker import run_rank
+    from kiln.executor.worker import exit_rank, run_rank
 
-    sys.exit(run_rank(info, info.mapping.for_rank(env.rank), device, env.local_rank, store, cache, kernel_backend))
+    exit_rank(run_rank(info, info.mapping.for_rank(env.rank), device, env.local_rank, store, cache, kernel_backend))

@@ -186,11 +186,16 @@ class MultiRankDriver(StageRunner):
             dist.broadcast_object_list([(STOP, None)], src=0, group=self.world.control)
         except Exception:
             pass
-        launch.stop_processes(self.procs)
+        # Every rank now drops its graphs and leaves the world at the same time; the processes are waited for
+        # after that (waiting first would leave the workers' NCCL teardown without its peer).
+        self.graphs = None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         try:
             launch.leave_world()
         except Exception:
             pass
+        launch.stop_processes(self.procs)
 
     def __del__(self) -> None:
         try:

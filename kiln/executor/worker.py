@@ -218,7 +218,11 @@ def run_rank(engine: ArtifactInfo | str, mapping: Mapping, device: torch.device,
         world = launch.join_world(mapping, launch.rank_device(device, local_rank), store)
         joined = True
         info = load_artifact(engine, "engine") if isinstance(engine, str) else engine
-        serve(StageRunner(info, world, cache, kernel_backend))
+        runner = StageRunner(info, world, cache, kernel_backend)
+        serve(runner)
+        runner.graphs = None  # captured collectives go before their communicator (leave_world below)
+        if runner.device.type == "cuda":
+            torch.cuda.synchronize(runner.device)
         return 0
     except BaseException as err:  # noqa: BLE001 - any failure must reach the driver, never hang it
         secondary = joined and is_peer_failure(err)
@@ -259,5 +263,13 @@ def spawn_spec(info: ArtifactInfo, port: int, device: torch.device, cache: Cache
                        "parent_pid": os.getpid()})
 
 
+def exit_rank(code: int) -> None:
+    """End a worker rank's process now: its work is done and its groups are left, so nothing at interpreter exit
+    (a process group's destructor waiting on a peer that is gone) may hold it up."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(spawned_worker(sys.argv[1:]))
+    exit_rank(spawned_worker(sys.argv[1:]))
