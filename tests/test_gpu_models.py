@@ -16,7 +16,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def dbrx(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gpu_dbrx")
     model_dir, hf, _ = make_dbrx_checkpoint(tmp)
-    return convert_build(tmp, model_dir), hf
+    # Kernel tuning at build has its own GPU test (test_build_tuning.py); here it would only take minutes.
+    return convert_build(tmp, model_dir, build_args=("--no_tune",)), hf
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
