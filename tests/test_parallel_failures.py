@@ -144,3 +144,21 @@ def test_torchrun_style_launch(engines, tmp_path):
         rows = [[int(x) for x in row] for row in csv.reader(f)]
     width = max(len(r) for r in expected)
     assert [row[: len(e)] for row, e in zip(rows, expected)] == expected and all(len(r) == width for r in rows)
+
+
+def test_group_teardown_that_never_ends_is_abandoned_in_bounded_time(monkeypatch, capsys):
+    """A process group whose teardown waits forever (a NCCL peer already gone) must not hang shutdown."""
+    import threading
+    import time
+
+    from kiln.distributed import launch
+
+    never = threading.Event()
+    monkeypatch.setattr(launch.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(launch.dist, "destroy_process_group", lambda: never.wait())
+    monkeypatch.setattr(launch, "TEARDOWN_ABANDONED", False)
+    start = time.monotonic()
+    assert launch.leave_world(timeout_s=0.3) is False
+    assert time.monotonic() - start < 2.0
+    assert launch.TEARDOWN_ABANDONED and "did not shut down" in capsys.readouterr().err
+    never.set()

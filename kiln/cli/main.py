@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from kiln.cli import bench_cmd, build_cmd, convert_cmd, run_cmd
@@ -32,6 +33,16 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    code = _run(args)
+    launch = sys.modules.get("kiln.distributed.launch")
+    if launch is not None and launch.TEARDOWN_ABANDONED:  # a multi-rank engine could not leave its world cleanly
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         return args.handler(args) or 0
     except (ValueError, FileNotFoundError, PermissionError) as err:

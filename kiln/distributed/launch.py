@@ -130,6 +130,11 @@ def join_world(mapping: Mapping, device: torch.device, store: dist.Store) -> Wor
     return World(mapping, device, store, control, tp_group)
 
 
+# Set when a teardown did not finish: the command line then ends its process at once rather than let a process
+# group's destructor wait at interpreter exit on a peer that is gone.
+TEARDOWN_ABANDONED = False
+
+
 def leave_world(timeout_s: float = 20.0) -> bool:
     """Forget the groups (also the tensor-parallel group the layers use), so that a later engine can start over.
     Every rank calls this at the same time (NCCL tears a communicator down with its peers present). The teardown
@@ -151,6 +156,8 @@ def leave_world(timeout_s: float = 20.0) -> bool:
         return True
     print(f"kiln: warning: the process groups did not shut down within {timeout_s:.0f} s; left to process exit",
           file=sys.stderr, flush=True)
+    global TEARDOWN_ABANDONED
+    TEARDOWN_ABANDONED = True
     return False
 
 
