@@ -144,3 +144,12 @@ def add_norm(
     summed = x if residual is None else x + residual
     normed = rms_norm(summed, weight, eps) if rms else layer_norm(summed, weight, bias, eps)
     return normed, summed
+
+
+def linear(
+    x: torch.Tensor,  # [rows, in_features]
+    weight: torch.Tensor,  # [out_features, in_features]
+    bias: torch.Tensor | None = None,  # [out_features]
+) -> torch.Tensor:  # [rows, out_features]
+    """y = x @ weight^T + bias, as torch's Linear computes it (the thin-matrix GEMM's contract)."""
+    return F.linear(x, weight, bias)
