@@ -16,6 +16,8 @@ from kiln.checkpoint.convert import meta_model
 from kiln.checkpoint.kiln_format import ArtifactInfo, check_rank_file, load_artifact
 from kiln.config import BuildConfig, ConfigError
 from kiln.kernels import MoeShape, kernels_section
+from kiln.layers.embedding import LMHead
+from kiln.layers.linear import LinearBase
 from kiln.memory import GiB, MemoryPlan, activation_bytes, kv_bytes_per_token
 from kiln.models.decoder import stage_layers
 
@@ -43,17 +45,35 @@ def moe_shape(info: ArtifactInfo) -> MoeShape | None:
     return MoeShape(hidden=w13.shape[2], ffn=w13.shape[1] // 2, experts=w13.shape[0], top_k=info.model.moe_top_k)
 
 
+def linear_shapes(info: ArtifactInfo) -> list[tuple[int, int]]:
+    """The distinct (out, in) weight shapes of the linear layers the ranks run (attention, dense MLP, router, LM
+    head), as each rank holds them: what the build times the GEMV on. Sorted, each once."""
+    shapes: set[tuple[int, int]] = set()
+    for rank in range(info.mapping.world_size):
+        model = meta_model(info.family, info.model, info.mapping.for_rank(rank))
+        for module in model.modules():
+            if isinstance(module, (LinearBase, LMHead)):
+                shapes.add((int(module.weight.shape[0]), int(module.weight.shape[1])))
+    return sorted(shapes)
+
+
 def choose_kernels(info: ArtifactInfo, build_config: BuildConfig, tune: bool = True,
                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """The engine's "kernels" section: on a GPU (unless `tune` is off) the fused-MoE tiles tuned for this rank's
-    expert shape over every token bucket up to max_num_tokens, else the defaults. Tuned for the GPU this build runs
+    """The engine's "kernels" section: on a GPU (unless `tune` is off) the winner of cuBLAS and the Triton GEMV for
+    each linear weight shape and decode row bucket, and the fused-MoE tiles tuned for this rank's expert shape over
+    every token bucket up to max_num_tokens; else cuBLAS and the default tiles. Tuned for the GPU this build runs
     on; `run` on another GPU falls back to the defaults."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = moe_shape(info)
-    if log is not None and shape is not None and tune and device.type == "cuda":
-        log(f"tuning fused MoE tiles on {torch.cuda.get_device_name(device)} for {shape.experts} experts x ffn "
-            f"{shape.ffn} x hidden {shape.hidden}, token buckets up to {build_config.max_num_tokens}")
-    return kernels_section(device, shape, info.model.torch_dtype, build_config.max_num_tokens, tune, log=log)
+    linear = linear_shapes(info)
+    if log is not None and tune and device.type == "cuda":
+        log(f"timing the Triton GEMV against cuBLAS on {torch.cuda.get_device_name(device)} for {len(linear)} "
+            "linear weight shapes at 1, 2, 4, 8 and 16 rows")
+        if shape is not None:
+            log(f"tuning fused MoE tiles for {shape.experts} experts x ffn {shape.ffn} x hidden {shape.hidden}, "
+                f"token buckets up to {build_config.max_num_tokens}")
+    return kernels_section(device, shape, info.model.torch_dtype, build_config.max_num_tokens, tune, log=log,
+                           linear_shapes=linear)
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

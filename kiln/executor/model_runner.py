@@ -14,7 +14,7 @@ from kiln.config import ConfigError, Mapping
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.executor.cuda_graphs import DecodeGraphs, GraphLimits
 from kiln.executor.input_batch import DeviceStaging, HostBatch, build_host_batch
-from kiln.kernels import KernelSet, select_kernels
+from kiln.kernels import KernelSet, bind_linear_matmuls, select_kernels
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.memory import GiB, MemoryPlan
 from kiln.sampling import Sampler, SamplerOutput, SamplingRow
@@ -80,6 +80,8 @@ class ModelRunner:
             self.model = info.family.model_class(info.model, mapping)
         load_weights(self.model, str(info.rank_file(mapping.rank)), device)
         self.model.eval()
+        # The build's Triton GEMV choices (CUDA, triton kernels only), before any graph captures the layers.
+        self.gemv_layers = bind_linear_matmuls(self.model, self.kernels, device)
         cache = cache or CacheConfig()
         # Several ranks would capture collectives too: not yet, they decode eagerly.
         self.use_cuda_graphs = (cache.use_cuda_graphs and device.type == "cuda" and self.kernels.name == "triton"

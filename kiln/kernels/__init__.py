@@ -1,14 +1,17 @@
 """Kernels: Triton on CUDA, plain torch elsewhere. A `KernelSet` is chosen once, when an engine is loaded.
 
 What `kiln build` decided about kernels for the GPU it saw lives in the engine's config.json under "kernels" (see
-`kernels_section`); `apply_engine_kernel_choices` (called by `select_kernels` when it is given the engine's config)
-registers it when the engine is loaded, so `run` never tunes."""
+`kernels_section`): fused-MoE tiles, and per linear weight shape and decode row bucket whether the Triton GEMV beats
+cuBLAS. `select_kernels`, given the engine's config, registers the MoE tiles (`apply_engine_kernel_choices`) and
+carries the GEMV table in the KernelSet; `bind_linear_matmuls` hands it to the model's linear layers after loading.
+So `run` never tunes."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
@@ -16,6 +19,7 @@ import torch
 from kiln.kernels import reference
 from kiln.kernels.triton_moe_configs import config_from_dict, config_to_dict, default_moe_config
 from kiln.kernels.triton_moe_configs import register_moe_config, token_buckets
+from kiln.kernels.triton_gemv_configs import ROW_BUCKETS, GemvConfig, GemvKey, entry_to_dict, table_from_entries
 
 KERNELS_FORMAT = 1
 
@@ -35,6 +39,9 @@ class KernelSet:
     paged_attention: Callable[..., torch.Tensor]
     fused_moe: Callable[..., torch.Tensor]
     add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.add_norm
+    # {(row bucket, N, K): config} where the engine's build found the Triton GEMV faster than cuBLAS; empty: cuBLAS
+    # everywhere (the torch set, an untuned engine, one tuned on another GPU).
+    gemv: dict[GemvKey, GemvConfig] = field(default_factory=dict, hash=False, compare=False)
 
 
 REFERENCE = KernelSet(
@@ -54,11 +61,13 @@ def select_kernels(device: torch.device, backend: str = "auto",
         raise ValueError(f"unknown kernel backend {backend!r}; choose auto, torch or triton")
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return REFERENCE
+    gemv: dict[GemvKey, GemvConfig] = {}
     if engine_config is not None:
         apply_engine_kernel_choices(engine_config, device)
+        gemv = engine_gemv_table(engine_config, device)
     from kiln.kernels.triton_ops import triton_kernels  # imported only when chosen: triton is optional on CPU
 
-    return triton_kernels()
+    return dataclasses.replace(triton_kernels(), gemv=gemv)
 
 
 def device_name(device: torch.device) -> str:
@@ -91,17 +100,38 @@ def _moe_section(shape: MoeShape, dtype: torch.dtype, device: torch.device, max_
             "dtype": str(dtype).replace("torch.", ""), "configs": configs}
 
 
+# The GEMV's share of the build's tuning time (it runs first: every dense layer of a decode step uses it); the MoE
+# tuning gets what is left of the whole budget.
+LINEAR_BUDGET_S = 40.0
+
+
+def _linear_section(shapes: list[tuple[int, int]], dtype: torch.dtype, device: torch.device, tune: bool,
+                    budget_s: float, log: Callable[[str], None] | None) -> dict[str, Any]:
+    if tune and device.type == "cuda":
+        from kiln.kernels.triton_gemv import tune_linear_shapes  # needs triton and a GPU
+
+        entries = tune_linear_shapes(shapes, dtype, device, budget_s, log)
+    else:
+        entries = [entry_to_dict(rows, n, k, None, False) for n, k in sorted(set(shapes)) for rows in ROW_BUCKETS]
+    return {"dtype": str(dtype).replace("torch.", ""), "entries": entries}
+
+
 def kernels_section(device: torch.device, moe: MoeShape | None, dtype: torch.dtype, max_num_tokens: int,
-                    tune: bool = True, budget_s: float = 120.0,
-                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """What `kiln build` stores under "kernels": the device it saw, and for an MoE model the fused-MoE tiles of
-    every token bucket up to max_num_tokens, tuned on that GPU when `tune` is set and the device is CUDA (within
-    about `budget_s` seconds), else the defaults."""
+                    tune: bool = True, budget_s: float = 120.0, log: Callable[[str], None] | None = None,
+                    linear_shapes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+    """What `kiln build` stores under "kernels": the device it saw; for every distinct linear weight shape (N, K)
+    in `linear_shapes` and decode row bucket (1, 2, 4, 8, 16), whether the Triton GEMV or cuBLAS is faster; and
+    for an MoE model the fused-MoE tiles of every token bucket up to max_num_tokens. Tuned on that GPU when `tune`
+    is set and the device is CUDA (within about `budget_s` seconds in all), else cuBLAS and the default tiles."""
     start = time.perf_counter()
-    moe_part = None if moe is None else _moe_section(moe, dtype, device, max_num_tokens, tune, budget_s, log)
-    tuned = moe_part is not None and any(c["tuned"] for c in moe_part["configs"])
+    linear_part = None if linear_shapes is None else \
+        _linear_section(linear_shapes, dtype, device, tune, min(LINEAR_BUDGET_S, budget_s), log)
+    moe_budget = max(0.0, budget_s - (time.perf_counter() - start))
+    moe_part = None if moe is None else _moe_section(moe, dtype, device, max_num_tokens, tune, moe_budget, log)
+    tuned = (moe_part is not None and any(c["tuned"] for c in moe_part["configs"])) or \
+        (linear_part is not None and any(e["tuned"] for e in linear_part["entries"]))
     return {"format": KERNELS_FORMAT, "device": device_name(device), "tuned": tuned,
-            "tune_seconds": round(time.perf_counter() - start, 1), "fused_moe": moe_part,
+            "tune_seconds": round(time.perf_counter() - start, 1), "fused_moe": moe_part, "linear": linear_part,
             "attention": dict(ATTENTION_CHOICE)}
 
 
@@ -125,27 +155,64 @@ def _tuned_entries(moe: dict[str, Any]) -> list[tuple[tuple[int, int, int, int],
                          "(kiln build)") from None
 
 
-def apply_engine_kernel_choices(engine_config: dict[str, Any], device: torch.device) -> str:
-    """Register the fused-MoE tiles an engine's build tuned, if they were tuned on this device's GPU; otherwise the
-    defaults stay (with a warning, once, when the engine was tuned on another GPU). Returns one line saying which.
-    An engine built before kernel choices were recorded has no "kernels" section: defaults, silently."""
+def _usable_section(engine_config: dict[str, Any], device: torch.device) -> tuple[dict[str, Any] | None, str]:
+    """The engine's "kernels" section if it holds choices tuned on this device's GPU, else None; and a line saying
+    which. A section of another format is a ValueError; one tuned on another GPU warns once."""
     section = engine_config.get("kernels")
     if section is None:
-        return "kernels: defaults (the engine records no kernel choices)"
+        return None, "kernels: defaults (the engine records no kernel choices)"
     found = section.get("format") if isinstance(section, dict) else section
     if found != KERNELS_FORMAT:
         raise ValueError(f"the engine's \"kernels\" section has format {found!r}, this kiln reads format "
                          f"{KERNELS_FORMAT}; rebuild the engine with this kiln (kiln build)")
     built_on, here = section.get("device"), device_name(device)
-    moe = section.get("fused_moe")
-    if not section.get("tuned") or moe is None:
-        return f"kernels: defaults (nothing was tuned at build on {built_on})"
+    if not section.get("tuned"):
+        return None, f"kernels: defaults (nothing was tuned at build on {built_on})"
     if built_on != here:
         _warn_once((str(built_on), here),
                    f"this engine's kernel tiles were tuned on {built_on}, but this is {here}: using the default "
-                   "tiles; rebuild the engine on this GPU (kiln build) to tune for it")
-        return f"kernels: defaults (tuned on {built_on}, not on this {here})"
-    entries = _tuned_entries(moe)
+                   "tiles and cuBLAS; rebuild the engine on this GPU (kiln build) to tune for it")
+        return None, f"kernels: defaults (tuned on {built_on}, not on this {here})"
+    return section, ""
+
+
+def apply_engine_kernel_choices(engine_config: dict[str, Any], device: torch.device) -> str:
+    """Register the fused-MoE tiles an engine's build tuned, if they were tuned on this device's GPU; otherwise the
+    defaults stay (with a warning, once, when the engine was tuned on another GPU). Returns one line saying which.
+    An engine built before kernel choices were recorded has no "kernels" section: defaults, silently. (The GEMV
+    choices travel in the KernelSet instead: engine_gemv_table.)"""
+    section, line = _usable_section(engine_config, device)
+    if section is None:
+        return line
+    moe = section.get("fused_moe")
+    entries = [] if moe is None else _tuned_entries(moe)
     for key, config in entries:
         register_moe_config(key, config)
-    return f"kernels: {len(entries)} tuned fused-MoE tile configs from the build on {here}"
+    gemv = engine_gemv_table(engine_config, device)
+    return (f"kernels: {len(entries)} tuned fused-MoE tile configs, {len(gemv)} Triton GEMV choices from the build "
+            f"on {device_name(device)}")
+
+
+def engine_gemv_table(engine_config: dict[str, Any], device: torch.device) -> dict[GemvKey, GemvConfig]:
+    """{(row bucket, N, K): config} where the engine's build, on this device's GPU, found the Triton GEMV faster
+    than cuBLAS; empty for an untuned engine, one tuned elsewhere, or one built before GEMV choices existed."""
+    section, _ = _usable_section(engine_config, device)
+    linear = None if section is None else section.get("linear")
+    if linear is None:
+        return {}
+    try:
+        return table_from_entries(linear.get("entries") if isinstance(linear, dict) else linear)
+    except ValueError as err:
+        raise ValueError(f"the engine's kernels.linear section is malformed ({err}); rebuild the engine "
+                         "(kiln build)") from None
+
+
+def bind_linear_matmuls(model: torch.nn.Module, kernels: KernelSet, device: torch.device) -> int:
+    """After loading: give each linear layer whose weight shape has a Triton GEMV choice in `kernels.gemv` its
+    per-layer matmul (kiln.kernels.triton_gemv.GemvMatmul). CUDA with the triton set only: CPU and torch-backend
+    engines keep F.linear everywhere. Returns how many layers were bound."""
+    if device.type != "cuda" or kernels.name != "triton" or not kernels.gemv:
+        return 0
+    from kiln.kernels.triton_gemv import bind_gemv  # needs triton
+
+    return bind_gemv(model, kernels.gemv)

@@ -17,6 +17,10 @@ from kiln.layers.sharding import Segment, set_shard, split_evenly
 class LinearBase(nn.Module):
     """A bias-optional linear map over local shapes; subclasses attach the shard specs."""
 
+    # How the layer multiplies: F.linear, unless loading a CUDA engine bound a per-layer Triton GEMV for the decode
+    # row counts where its build measured that faster (kiln.kernels.bind_linear_matmuls); chosen once, not per call.
+    matmul = staticmethod(F.linear)
+
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype: torch.dtype) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
@@ -24,7 +28,7 @@ class LinearBase(nn.Module):
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, in] -> [tokens, out]
-        return F.linear(x, self.weight, self.bias)
+        return self.matmul(x, self.weight, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
@@ -94,5 +98,5 @@ class RowParallelLinear(LinearBase):
         set_shard(self.weight, 1, seg)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, in_local] -> [tokens, out]
-        y = tp_all_reduce(F.linear(x, self.weight))
+        y = tp_all_reduce(self.matmul(x, self.weight, None))
         return y if self.bias is None else y + self.bias
