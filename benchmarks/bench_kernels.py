@@ -1,6 +1,6 @@
 """Time kiln's Triton kernels against torch at DBRX and MPT-7B shapes on a GPU; print bandwidth / TFLOPs.
 
-    python benchmarks/bench_kernels.py [--only kv,attn,moe] [--tune]
+    python benchmarks/bench_kernels.py [--only kv,attn,moe,gemv] [--tune]
 
 Every row gives the Triton time, the torch time (the reference, or torch's own fused op where the reference is a
 Python loop), their ratio, and the achieved rate against the memory-copy bandwidth measured here first. Inputs are
@@ -123,9 +123,38 @@ def bench_moe(peak: float, tune: bool) -> None:
             print(f"    config: {config}")
 
 
+# Decode weight shapes (N, K) at one GPU: MPT-7B qkv, o, up, down, LM head; Baichuan2-13B W_pack, o, gate_up, down;
+# the 10240x5120 of the brief; DBRX qkv and o.
+GEMV_SHAPES = {
+    "mpt7b": [(12288, 4096), (4096, 4096), (16384, 4096), (4096, 16384), (50432, 4096)],
+    "baichuan2-13b": [(15360, 5120), (5120, 5120), (27392, 5120), (5120, 13696), (10240, 5120)],
+    "dbrx": [(8192, 6144), (6144, 6144)],
+}
+
+
+def bench_gemv(peak: float, rows_list=(1, 2, 4, 8, 16)) -> None:
+    """The build's choice, measured: per decode shape and row count, the fastest Triton GEMV config (the build's
+    candidates, timed as the build times them) against cuBLAS (F.linear), each as GB/s of weight + activations
+    against the copy bandwidth. "won" marks where the build would pick Triton (by its 3% margin)."""
+    from kiln.kernels.triton_gemv import tune_gemv
+
+    for model, shapes in GEMV_SHAPES.items():
+        for n, k in shapes:
+            weight = torch.randn(n, k, dtype=DTYPE, device="cuda") * k**-0.5
+            for rows in rows_list:
+                timing = tune_gemv(rows, weight)
+                nbytes = (n * k + rows * k + rows * n) * weight.element_size()
+                cublas_pct = 100 * nbytes / timing.cublas_ms / 1e6 / peak
+                tag = "won" if timing.winner is not None else "cuBLAS kept"
+                row(f"gemv {model} {n}x{k} rows={rows} [{tag}; cuBLAS {cublas_pct:4.1f}%]", timing.triton_ms,
+                    timing.cublas_ms, nbytes, 2 * rows * n * k, peak)
+                print(f"    best: {timing.best}")
+            del weight
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="kv,attn,moe", help="comma list of kv, attn, moe")
+    parser.add_argument("--only", default="kv,attn,moe,gemv", help="comma list of kv, attn, moe, gemv")
     parser.add_argument("--tune", action="store_true", help="tune the MoE tiles per shape first")
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -142,6 +171,8 @@ def main() -> None:
         bench_attention(peak)
     if "moe" in only:
         bench_moe(peak, args.tune)
+    if "gemv" in only:
+        bench_gemv(peak)
     print("\nsummary\n" + "\n".join(ROWS))
 
 

@@ -313,3 +313,14 @@ def test_cpu_engine_output_is_unchanged_by_recorded_choices(mpt_engine, tmp_path
         outs.append(llm.generate([[1, 2, 3, 4, 5]], params)[0].outputs[0])
         llm.close()
     assert outs[0].token_ids == outs[1].token_ids and outs[0].logprobs == outs[1].logprobs
+
+
+def test_triton_wins_only_by_the_margin_and_an_exhausted_budget_keeps_cublas():
+    assert tg.GemvTiming(DOT, 0.9, 1.0).winner == DOT
+    assert tg.GemvTiming(DOT, 0.98, 1.0).winner is None  # within 3% of cuBLAS: not worth leaving it
+    assert tg.GemvTiming(None, float("inf"), 1.0).winner is None  # no candidate ran
+    # Past the budget nothing is timed (nor allocated on the device): every row bucket records cuBLAS, untuned.
+    entries = tg.tune_linear_shapes([(8, 16), (8, 16), (32, 8)], torch.bfloat16, torch.device("cuda"), budget_s=-1)
+    assert [(e["n"], e["k"], e["rows"]) for e in entries] == [(32, 8, r) for r in cfg.ROW_BUCKETS] + \
+        [(8, 16, r) for r in cfg.ROW_BUCKETS]
+    assert all(e["kernel"] == "cublas" and not e["tuned"] for e in entries)

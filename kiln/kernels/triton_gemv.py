@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -21,7 +22,7 @@ from kiln.kernels.triton_gemv_configs import DOT_ROWS, MAX_ROWS, ROW_BUCKETS, Ge
 from kiln.kernels.triton_gemv_configs import candidate_configs, default_config, entry_to_dict, rows_table
 from kiln.kernels.triton_gemv_kernels import gemv_kernel, gemv_reduce_kernel
 
-__all__ = ["GemvConfig", "GemvMatmul", "bind_gemv", "gemv", "tune_gemv", "tune_linear_shapes"]
+__all__ = ["GemvConfig", "GemvMatmul", "GemvTiming", "bind_gemv", "gemv", "tune_gemv", "tune_linear_shapes"]
 
 
 def _check_inputs(x, weight, bias, config: GemvConfig) -> None:
@@ -68,10 +69,11 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
-        block = min(1024, max(64, next_power_of_2(n)))
+        split_pad = max(2, next_power_of_2(splits))
+        block = min(1024, 8192 // split_pad, max(64, next_power_of_2(n)))  # <= 8192 partials in registers
         gemv_reduce_kernel[(cdiv(n, block), rows)](
             part, bias_arg, y, rows, n, splits, y.stride(0),
-            HAS_BIAS=bias is not None, SPLIT_PAD=max(2, next_power_of_2(splits)), BLOCK=block, num_warps=4,
+            HAS_BIAS=bias is not None, SPLIT_PAD=split_pad, BLOCK=block, num_warps=4,
         )
     return y
 
@@ -150,10 +152,25 @@ def _agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
     return bool(torch.isfinite(out).all()) and torch.allclose(out.float(), ref.float(), rtol=tol, atol=tol)
 
 
+@dataclass(frozen=True)
+class GemvTiming:
+    """One (rows, N, K) timed on the GPU: the fastest correct Triton config (None if none ran) and its median ms,
+    and cuBLAS's (F.linear) median ms."""
+
+    best: GemvConfig | None
+    triton_ms: float
+    cublas_ms: float
+
+    @property
+    def winner(self) -> GemvConfig | None:
+        """The Triton config when it beat cuBLAS by the margin, else None (cuBLAS)."""
+        return self.best if self.best is not None and self.triton_ms < _WIN_MARGIN * self.cublas_ms else None
+
+
 def tune_gemv(rows: int, weight: torch.Tensor, sms: int | None = None,
-              log: Callable[[str], None] | None = None) -> tuple[GemvConfig | None, float, float]:
-    """Time F.linear and the candidate configs at `rows` rows of random input against `weight` [N, K] on its GPU.
-    Returns (the Triton config if it won by the margin, else None; best Triton ms; cuBLAS ms)."""
+              log: Callable[[str], None] | None = None) -> GemvTiming:
+    """Time F.linear and the candidate configs at `rows` rows of random input against `weight` [N, K] on its GPU
+    (median CUDA-event times, L2 flushed between calls, as a decode step finds the weights)."""
     import triton.testing
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
@@ -175,8 +192,7 @@ def tune_gemv(rows: int, weight: torch.Tensor, sms: int | None = None,
             continue
         if ms < best_ms:
             best, best_ms = config, ms
-    winner = best if best is not None and best_ms < _WIN_MARGIN * cublas_ms else None
-    return winner, best_ms, cublas_ms
+    return GemvTiming(best, best_ms, cublas_ms)
 
 
 def tune_linear_shapes(shapes: list[tuple[int, int]], dtype: torch.dtype, device: torch.device,
@@ -192,12 +208,12 @@ def tune_linear_shapes(shapes: list[tuple[int, int]], dtype: torch.dtype, device
             continue
         weight = torch.randn(n, k, dtype=dtype, device=device) * k**-0.5
         for rows in ROW_BUCKETS:
-            config, triton_ms, cublas_ms = tune_gemv(rows, weight, log=log)
-            entries.append(entry_to_dict(rows, n, k, config, True,
-                                         triton_ms * 1e3 if math.isfinite(triton_ms) else None, cublas_ms * 1e3))
+            timing = tune_gemv(rows, weight, log=log)
+            triton_us = timing.triton_ms * 1e3 if math.isfinite(timing.triton_ms) else None
+            entries.append(entry_to_dict(rows, n, k, timing.winner, True, triton_us, timing.cublas_ms * 1e3))
             if log is not None:
-                who = "cuBLAS" if config is None else f"triton {config}"
-                log(f"  linear {n}x{k} rows {rows:2d}: {who} (triton {triton_ms * 1e3:.1f} us, cuBLAS "
-                    f"{cublas_ms * 1e3:.1f} us; {time.perf_counter() - start:.0f} s)")
+                who = "cuBLAS" if timing.winner is None else f"triton {timing.winner}"
+                log(f"  linear {n}x{k} rows {rows:2d}: {who} (triton {timing.triton_ms * 1e3:.1f} us, cuBLAS "
+                    f"{timing.cublas_ms * 1e3:.1f} us; {time.perf_counter() - start:.0f} s)")
         del weight
     return entries
