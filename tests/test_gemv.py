@@ -4,6 +4,7 @@ CPU engines never use it. The GPU half (real shapes, CUDA graphs) is tests/test_
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import os
@@ -48,7 +49,8 @@ if INTERPRET:
 
 from kiln.checkpoint.kiln_format import load_artifact  # noqa: E402
 from kiln.cli.main import main as kiln_main  # noqa: E402
-from kiln.kernels import REFERENCE, bind_linear_matmuls, engine_gemv_table, kernels_section, select_kernels  # noqa: E402
+from kiln.kernels import REFERENCE, bind_linear_matmuls, engine_gemv_table  # noqa: E402
+from kiln.kernels import kernels_section, select_kernels  # noqa: E402
 from kiln.kernels import reference  # noqa: E402
 from kiln.kernels import triton_gemv as tg  # noqa: E402
 from kiln.kernels import triton_gemv_configs as cfg  # noqa: E402
@@ -285,8 +287,6 @@ def test_cpu_and_torch_engines_never_bind():
     kernels = select_kernels(CPU, "triton")
     table = {(1, 80, 48): DOT}
     assert bind_linear_matmuls(mods, REFERENCE, torch.device("cuda")) == 0  # the torch set
-    import dataclasses
-
     assert bind_linear_matmuls(mods, dataclasses.replace(kernels, gemv=table), CPU) == 0
     assert all(m.matmul is F.linear for m in mods)
 
