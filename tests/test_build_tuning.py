@@ -177,3 +177,14 @@ def test_gpu_build_tunes_and_load_uses_the_stored_configs(monkeypatch):
         assert used[-1] == config  # the launch took the stored tiles
         torch.testing.assert_close(out.float(), reference.fused_moe(x, w13, w2, weights, ids).float(), rtol=2e-2,
                                    atol=2e-2)
+
+
+def test_build_describes_its_kernel_choices():
+    from kiln.cli.build_cmd import describe_kernels
+
+    assert "no build-time choices" in describe_kernels({})
+    entries = [{"rows": 1, "n": 64, "k": 32, "tuned": True, "kernel": k, "config": None} for k in ("triton", "cublas")]
+    section = {"device": "NVIDIA H200", "tuned": True, "tune_seconds": 12.0, "linear": {"entries": entries},
+               "fused_moe": {"configs": [{"tokens": 1, "tuned": True}, {"tokens": 2, "tuned": False}]}}
+    line = describe_kernels(section)
+    assert "on NVIDIA H200 in 12 s" in line and "1 of 2 token buckets" in line and "Triton wins 1 of 2" in line

@@ -11,15 +11,26 @@ from kiln.memory import describe
 
 
 def describe_kernels(section: dict) -> str:
-    """One line on the kernel choices the build recorded."""
+    """One line on the kernel choices the build recorded: fused-MoE tiles and decode matmul winners."""
+    parts = []
     moe = section.get("fused_moe")
-    if moe is None:
+    if moe is not None:
+        tuned = sum(1 for c in moe["configs"] if c["tuned"])
+        parts.append(f"fused-MoE tiles tuned for {tuned} of {len(moe['configs'])} token buckets" if tuned else
+                     f"default fused-MoE tiles for {len(moe['configs'])} token buckets (not tuned)")
+    linear = (section.get("linear") or {}).get("entries") or []
+    tuned_linear = [e for e in linear if e.get("tuned")]
+    if tuned_linear:
+        triton = sum(1 for e in tuned_linear if e.get("kernel") == "triton")
+        parts.append(f"decode matmuls: Triton wins {triton} of {len(tuned_linear)} (shape, rows) cases, cuBLAS the "
+                     "rest")
+    elif linear:
+        parts.append("decode matmuls: cuBLAS (not tuned)")
+    if not parts:
         return "kernels: no build-time choices for this model (attention tiles are chosen at run time)"
-    tuned = sum(1 for c in moe["configs"] if c["tuned"])
-    if tuned == 0:
-        return f"kernels: default fused-MoE tiles recorded for {len(moe['configs'])} token buckets (not tuned)"
-    return (f"kernels: fused-MoE tiles tuned on {section['device']} for {tuned} of {len(moe['configs'])} token "
-            f"buckets in {section['tune_seconds']:.0f} s")
+    where = f" on {section['device']} in {section.get('tune_seconds', 0):.0f} s" if section.get("tuned") else ""
+    return "kernels" + where + ": " + "; ".join(parts)
+
 
 HELP = "build an engine from a kiln checkpoint (validate, set limits, tune kernels on a GPU, plan memory)"
 
