@@ -120,7 +120,9 @@ def test_cli_end_to_end_with_tokenizer(tmp_path):
     out_json, out_csv, out_npy = tmp_path / "out.json", tmp_path / "out.csv", tmp_path / "out.npy"
     assert kiln_main(["run", "--engine_dir", str(engine), "--tokenizer_dir", str(tok_dir), "--input_text", *texts,
                       "--max_output_len", "20", "--ignore_eos", "--output_json", str(out_json),
-                      "--output_csv", str(out_csv), "--output_npy", str(out_npy)]) == 0
+                      "--output_csv", str(out_csv), "--output_npy", str(out_npy),
+                      "--output_log_probs_npy", str(tmp_path / "lp.npy"),
+                      "--output_cum_log_probs_npy", str(tmp_path / "cum.npy")]) == 0
     from transformers import AutoTokenizer
 
     ref_tok = AutoTokenizer.from_pretrained(str(tok_dir))
@@ -129,6 +131,7 @@ def test_cli_end_to_end_with_tokenizer(tmp_path):
     import numpy as np
 
     npy = np.load(out_npy)
+    log_probs, cum_log_probs = np.load(tmp_path / "lp.npy"), np.load(tmp_path / "cum.npy")
     for i, (text, result) in enumerate(zip(texts, results)):
         ids = ref_tok(text)["input_ids"]
         assert result["input_ids"] == ids
@@ -136,6 +139,12 @@ def test_cli_end_to_end_with_tokenizer(tmp_path):
         assert result["output_ids"] == [expected]
         assert result["text"] == [ref_tok.decode(expected, skip_special_tokens=True)]
         assert npy[i, : len(ids) + 20].tolist() == ids + expected
+        with torch.no_grad():  # the log-prob of each chosen token under transformers' distribution
+            logits = hf(torch.tensor([ids + expected])).logits[0, len(ids) - 1: -1].float()
+        ref_lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(expected)[:, None])[:, 0]
+        torch.testing.assert_close(torch.from_numpy(log_probs[i, 0]), ref_lp, rtol=0, atol=1e-4)
+        assert abs(float(cum_log_probs[i, 0]) - float(ref_lp.sum())) < 1e-3
+    assert log_probs.shape == (len(texts), 1, 20) and cum_log_probs.shape == (len(texts), 1)
     assert len(out_csv.read_text().splitlines()) == len(texts)
 
 

@@ -56,6 +56,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--streaming_interval", type=int, default=1, help="print every N tokens when streaming")
     p.add_argument("--output_csv", help="token ids (prompt + output, padded) per sequence, run.py's layout")
     p.add_argument("--output_npy", help="the same as an int32 [sequences, length] array")
+    p.add_argument("--output_log_probs_npy",
+                   help="log-probs of each generated token, float32 [prompts, outputs, max_output_len], 0-padded")
+    p.add_argument("--output_cum_log_probs_npy", help="cumulative log-prob of each output, float32 [prompts, outputs]")
     p.add_argument("--output_json", help="one object per prompt: input_ids, output_ids per beam, text per beam")
     p.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
     p.add_argument("--no_cuda_graphs", "--enforce_eager", dest="no_cuda_graphs", action="store_true",
@@ -154,6 +157,24 @@ def write_outputs(args: argparse.Namespace, results: list[RequestOutput], pad: i
             csv.writer(f).writerows(padded)
     if args.output_npy:
         np.save(args.output_npy, np.array(padded, dtype=np.int32))
+    write_log_probs(args, results)
+
+
+def write_log_probs(args: argparse.Namespace, results: list[RequestOutput]) -> None:
+    """run.py's log-prob outputs: per token (0 after an output ends) and cumulative, [prompts, outputs, ...]."""
+    if not (args.output_log_probs_npy or args.output_cum_log_probs_npy):
+        return
+    outputs = max(len(r.outputs) for r in results)
+    per_token = np.zeros((len(results), outputs, args.max_output_len), dtype=np.float32)
+    cumulative = np.zeros((len(results), outputs), dtype=np.float32)
+    for i, r in enumerate(results):
+        for j, o in enumerate(r.outputs):
+            per_token[i, j, : len(o.logprobs)] = o.logprobs
+            cumulative[i, j] = o.cumulative_logprob
+    if args.output_log_probs_npy:
+        np.save(args.output_log_probs_npy, per_token)
+    if args.output_cum_log_probs_npy:
+        np.save(args.output_cum_log_probs_npy, cumulative)
 
 
 def print_results(results: list[RequestOutput], tokenizer) -> None:
