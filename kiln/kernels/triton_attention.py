@@ -5,7 +5,7 @@ context is long relative to the work the batch gives the GPU."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -15,30 +15,70 @@ from kiln.kernels.triton_common import dot_precision, dot_upcast, multiprocessor
 
 MAX_HEAD_DIM = 256
 # A split-K partition covers at least this many keys (two BLOCK_N steps, so the loads of one overlap the math of
-# the other): below it the partials' write and merge cost more than the parallelism gains.
+# the other): below it the partials' write and merge cost more than the parallelism gains. The grid's split count
+# is bounded with it (from the context bound); each sequence's used splits with the config's keys_per_split.
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 32
+
+# Buckets of the launch-choice table: a value maps to the smallest bucket >= it (the last bucket above that).
+GROUP_BUCKETS = (1, 8, 16)  # MHA (MPT, Baichuan); GQA up to 8 heads per kv head (DBRX: 6); wider groups
+BATCH_BUCKETS = (1, 8, 32, 256)  # sequences in the launch (a CUDA graph's padded batch size)
+CONTEXT_BUCKETS = (256, 1024, 2048, 4096, 1 << 30)  # the context bound (max_seq_len under graphs)
 
 
 @dataclass(frozen=True)
 class AttentionConfig:
-    """Tile shape of the attention kernel: BLOCK_M rows (query tokens x heads of a kv group), BLOCK_N keys."""
+    """Launch choices of the attention kernel: BLOCK_M rows (query tokens x heads of a kv group), BLOCK_N keys per
+    step, warps and pipeline stages; for decode split-K, the fewest keys a sequence gives each split it uses
+    (`keys_per_split`, a multiple of block_n), the most splits of the grid, and whether the partials are merged in
+    the same kernel by the last split to finish (`fused_merge`) or by a second kernel."""
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    keys_per_split: int = 256
+    max_splits: int = MAX_SPLITS
+    fused_merge: bool = True
+
+    def __post_init__(self) -> None:
+        if self.block_n < 16 or self.keys_per_split % self.block_n != 0 or self.max_splits < 1:
+            raise ValueError(f"bad AttentionConfig {self}: block_n must be >= 16, keys_per_split a multiple of it, "
+                             "max_splits >= 1")
 
 
-# (phase, padded head_dim) -> tiles. Decode is bandwidth-bound: the smallest M that tl.dot takes (16) and a wide
-# key step to keep loads in flight. Prefill is matrix-bound: 128 query rows per K/V tile, as FlashAttention-2 on
-# Hopper, 64 rows where the fp32 accumulator of a 256-wide head would spill.
-_ATTENTION_CONFIGS: dict[tuple[str, int], AttentionConfig] = {
+@dataclass(frozen=True)
+class AttentionKey:
+    """Where a launch falls in the table: phase ("decode"/"prefill"), padded head_dim, and the buckets of the GQA
+    group, the batch's sequences and the context bound. All come from shapes and host-side bounds, never from
+    tensor contents, so a CUDA graph's launch keeps its choice."""
+
+    phase: str
+    head_dim: int
+    group: int
+    batch: int
+    context: int
+
+
+def _bucket(value: int, buckets: tuple[int, ...]) -> int:
+    return next((b for b in buckets if value <= b), buckets[-1])
+
+
+def attention_key(decode: bool, head_dim_pad: int, group: int, seqs: int, max_context: int) -> AttentionKey:
+    """The table key of a launch (see AttentionKey)."""
+    return AttentionKey("decode" if decode else "prefill", head_dim_pad, _bucket(group, GROUP_BUCKETS),
+                        _bucket(seqs, BATCH_BUCKETS), _bucket(max_context, CONTEXT_BUCKETS))
+
+
+# (phase, padded head_dim) -> tiles, the default of every bucket. Decode is bandwidth-bound: the smallest M that
+# tl.dot takes (16) and a wide key step to keep loads in flight. Prefill is matrix-bound: 128 query rows per K/V
+# tile, as FlashAttention-2 on Hopper, 64 rows where the fp32 accumulator of a 256-wide head would spill.
+_BASE_CONFIGS: dict[tuple[str, int], AttentionConfig] = {
     ("decode", 16): AttentionConfig(16, 64, 4, 2),
     ("decode", 32): AttentionConfig(16, 64, 4, 2),
     ("decode", 64): AttentionConfig(16, 64, 4, 3),
     ("decode", 128): AttentionConfig(16, 64, 4, 3),
-    ("decode", 256): AttentionConfig(16, 32, 4, 2),
+    ("decode", 256): AttentionConfig(16, 32, 4, 2, keys_per_split=128),
     ("prefill", 16): AttentionConfig(128, 64, 4, 2),
     ("prefill", 32): AttentionConfig(128, 64, 4, 2),
     ("prefill", 64): AttentionConfig(128, 64, 4, 2),
@@ -46,12 +86,56 @@ _ATTENTION_CONFIGS: dict[tuple[str, int], AttentionConfig] = {
     ("prefill", 256): AttentionConfig(64, 32, 8, 2),
 }
 
+# Decode choices by bucket where they differ from the base: the table the GPU sessions tune with
+# `benchmarks/bench_kernels.py --only attn --attn_sweep` (MPT-7B: head 128, group 1; DBRX: head 128, group 6 -> 8).
+# Not yet measured (2026-11 session without a GPU): reasoned starting points.
+# - batch 32 and up: 1024 programs (MPT) already fill the GPU without splits, so what matters is how many programs
+#   an SM holds: 2 stages of 64-key K+V tiles (32 KiB each) let 3 programs share an SM instead of 2 with 3 stages.
+# - batch 1: keys_per_split 256 keeps a 160-token context in one split (one kernel, no partials, no merge);
+#   longer contexts split in 256-key pieces up to the grid's count.
+_TUNED_CONFIGS: dict[AttentionKey, AttentionConfig] = {
+    AttentionKey("decode", 128, group, 32, context): AttentionConfig(16, 64, 4, 2)
+    for group in (1, 8) for context in CONTEXT_BUCKETS
+} | {
+    AttentionKey("decode", 128, group, 256, context): AttentionConfig(16, 64, 4, 2)
+    for group in (1, 8) for context in CONTEXT_BUCKETS
+}
 
-def attention_config(decode: bool, head_dim_pad: int, group: int) -> AttentionConfig:
-    """Tiles for a phase and padded head_dim; BLOCK_M grows to hold at least one token's whole kv group."""
-    config = _ATTENTION_CONFIGS[("decode" if decode else "prefill", head_dim_pad)]
-    block_m = max(config.block_m, next_power_of_2(group))
-    return AttentionConfig(block_m, config.block_n, config.num_warps, config.num_stages)
+
+def attention_config(decode: bool, head_dim_pad: int, group: int, seqs: int = 1,
+                     max_context: int = 0) -> AttentionConfig:
+    """Launch choices for a phase, padded head_dim, GQA group, batch and context bound: the table's entry for the
+    bucket, else the phase's default; BLOCK_M grows to hold at least one token's whole kv group."""
+    key = attention_key(decode, head_dim_pad, group, seqs, max_context)
+    config = _TUNED_CONFIGS.get(key) or _BASE_CONFIGS[(key.phase, head_dim_pad)]
+    return replace(config, block_m=max(config.block_m, next_power_of_2(group)))
+
+
+def register_attention_config(key: AttentionKey, config: AttentionConfig) -> None:
+    """Set the table's entry for one bucket (a tuning session's result; decode entries only matter for decode)."""
+    if key.phase not in ("decode", "prefill") or (key.phase, key.head_dim) not in _BASE_CONFIGS:
+        raise ValueError(f"no attention phase/head_dim {key.phase}/{key.head_dim}; head_dim is padded to 16..256")
+    _TUNED_CONFIGS[key] = config
+
+
+# Split counters of the fused merge, one int32 per (query tile, kv head), kept at 0 between launches by the kernel
+# itself (the last split of each resets its counter). One buffer per device, only grown (never freed: captured
+# graphs hold its address). Launches that share it must run in stream order, as one engine's layers do.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_OLD_COUNTERS: list[torch.Tensor] = []
+
+
+def _split_counters(count: int, device: torch.device) -> torch.Tensor:
+    counters = _COUNTERS.get(device)
+    if counters is not None and counters.numel() >= count:
+        return counters
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        # Zeroed by a memset inside this graph (so on every replay); not cached: eager launches never saw it run.
+        return torch.zeros(count, dtype=torch.int32, device=device)
+    if counters is not None:
+        _OLD_COUNTERS.append(counters)
+    _COUNTERS[device] = torch.zeros(max(count, 4096), dtype=torch.int32, device=device)
+    return _COUNTERS[device]
 
 
 def _check_attention_inputs(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, alibi_slopes) -> None:
@@ -83,16 +167,18 @@ def _check_attention_inputs(query, k_cache, v_cache, block_tables, query_start_l
 
 
 def choose_num_splits(
-    num_programs: int, max_context: int, device: torch.device, decode: bool
+    num_programs: int, max_context: int, device: torch.device, decode: bool,
+    keys_per_split: int = MIN_KEYS_PER_SPLIT, max_splits: int = MAX_SPLITS,
 ) -> int:
-    """Split-K partitions for a decode batch: enough programs to fill the GPU twice over, each with at least
-    MIN_KEYS_PER_SPLIT keys of `max_context`. Prefill tiles already give parallelism over queries, so it never
+    """Split-K partitions of the grid for a decode batch: enough programs to fill the GPU twice over, each with at
+    least `keys_per_split` keys of `max_context`. Prefill tiles already give parallelism over queries, so it never
     splits. The count depends only on the arguments, so a CUDA graph captured with the engine's max_seq_len keeps
-    a valid grid for every context up to it (the kernel spreads each sequence's actual keys over the splits)."""
-    if not decode or max_context < 2 * MIN_KEYS_PER_SPLIT:
+    a valid grid for every context up to it (the kernel spreads each sequence's actual keys over the splits, and
+    with the fused merge uses only as many as its length fills)."""
+    if not decode or max_context < 2 * keys_per_split:
         return 1
     wanted = cdiv(2 * multiprocessor_count(device), max(num_programs, 1))
-    return max(1, min(wanted, max_context // MIN_KEYS_PER_SPLIT, MAX_SPLITS))
+    return max(1, min(wanted, max_context // keys_per_split, max_splits))
 
 
 def paged_attention(
@@ -108,12 +194,14 @@ def paged_attention(
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
     num_splits: int | None = None,
+    config: AttentionConfig | None = None,
 ) -> torch.Tensor:  # [tokens, heads, head_dim]
     """Triton version of reference.paged_attention. Never syncs with the host: `max_query_len` (1 marks a decode
     batch; without it a batch with one token per sequence is taken as decode; when it fits one query tile, each
     sequence gets exactly one program row and no search) and `max_seq_len` (else the block table's width bounds the
-    context) only steer tile and split choices; `num_splits` forces a split count. The grid depends on the shapes
-    and these bounds only, never on tensor contents, so the launch can be captured in a CUDA graph."""
+    context) only steer the launch choices; `num_splits` forces the grid's split count and `config` the table's
+    choice (tuning). The grid depends on the shapes and these bounds only, never on tensor contents, so the launch
+    can be captured in a CUDA graph."""
     _check_attention_inputs(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, alibi_slopes)
     tokens, heads, head_dim = query.shape
     seqs = seq_lens.shape[0]
@@ -124,35 +212,52 @@ def paged_attention(
     group = heads // kv_heads
     head_dim_pad = max(16, next_power_of_2(head_dim))
     decode = max_query_len == 1 if max_query_len is not None else tokens == seqs
-    config = attention_config(decode, head_dim_pad, group)
+    max_context = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
+    if config is None:
+        config = attention_config(decode, head_dim_pad, group, seqs, max_context)
+    elif config.block_m < next_power_of_2(group):
+        raise ValueError(f"config.block_m {config.block_m} cannot hold a kv group of {group} heads; use >= "
+                         f"{next_power_of_2(group)}")
     block_q = config.block_m // group
     one_tile = max_query_len is not None and max_query_len <= block_q
     # Without a bound every sequence may need several tiles: this upper bound of the tile count needs no sync, and
     # programs past a sequence's last tile return at once.
     q_tiles = seqs if one_tile else tokens // block_q + seqs
-    max_context = max_seq_len if max_seq_len is not None else block_tables.shape[1] * block_size
     if num_splits is None:
-        num_splits = choose_num_splits(seqs * kv_heads, max_context, query.device, decode)
+        num_splits = choose_num_splits(seqs * kv_heads, max_context, query.device, decode, config.keys_per_split,
+                                       config.max_splits)
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
-    part_acc, part_ml = out, out  # unused unless split
+    return _launch(query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, alibi_slopes, scale,
+                   config, num_splits, q_tiles, one_tile)
+
+
+def _launch(query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, alibi_slopes, scale: float,
+            config: AttentionConfig, num_splits: int, q_tiles: int, one_tile: bool) -> torch.Tensor:
+    tokens, heads, head_dim = query.shape
+    kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
+    head_dim_pad = max(16, next_power_of_2(head_dim))
+    part_acc, part_ml, counters = out, out, seq_lens  # unused unless split
     if num_splits > 1:
         part_acc = torch.empty(num_splits, tokens, heads, head_dim, dtype=torch.float32, device=query.device)
         part_ml = torch.empty(num_splits, tokens, heads, 2, dtype=torch.float32, device=query.device)
+        if config.fused_merge:
+            counters = _split_counters(q_tiles * kv_heads, query.device)
     alibi = alibi_slopes if alibi_slopes is not None else query
     paged_attention_kernel[(q_tiles, kv_heads, num_splits)](
-        query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, alibi, part_acc, part_ml,
-        float(scale) * math.log2(math.e), seqs, tokens, heads,
+        query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, alibi, part_acc, part_ml, counters,
+        float(scale) * math.log2(math.e), seq_lens.shape[0], tokens, heads,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2), block_tables.stride(0),
-        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=group, BLOCK_SIZE=block_size,
-        BLOCK_M=config.block_m, BLOCK_Q=block_q, BLOCK_N=config.block_n, NUM_SPLITS=num_splits,
+        HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, GROUP=heads // kv_heads, BLOCK_SIZE=block_size,
+        BLOCK_M=config.block_m, BLOCK_Q=config.block_m // (heads // kv_heads), BLOCK_N=config.block_n,
+        NUM_SPLITS=num_splits, KEYS_PER_SPLIT=config.keys_per_split, FUSED_MERGE=config.fused_merge,
         ONE_TILE=one_tile, USE_ALIBI=alibi_slopes is not None, DOT_F32=dot_upcast(query.dtype, query.device),
         PRECISION=dot_precision(query.dtype), WHILE_LOOP=while_loops(query.device),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if num_splits > 1:
+    if num_splits > 1 and not config.fused_merge:
         reduce_splits_kernel[(tokens, heads)](
             part_acc, part_ml, out, tokens, heads, out.stride(0), out.stride(1),
             HEAD_DIM=head_dim, HEAD_DIM_PAD=head_dim_pad, NUM_SPLITS=num_splits,

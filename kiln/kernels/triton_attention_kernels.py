@@ -3,8 +3,17 @@
 One program owns a tile of BLOCK_M rows = BLOCK_Q query tokens of one sequence x the GROUP query heads that share
 one kv head (row r is token r // GROUP, head r % GROUP), so each K/V tile is loaded once for the whole group. It
 walks the sequence's keys in BLOCK_N steps through the block table with an online softmax in float32 (base 2:
-scores are pre-multiplied by log2(e)). With SPLIT the keys are cut into NUM_SPLITS partitions (flash-decoding);
-each program then writes its unnormalised partial result and _reduce_splits_kernel merges them.
+scores are pre-multiplied by log2(e)).
+
+Split-K (flash-decoding), NUM_SPLITS > 1 programs per (tile, kv head), two flavours:
+- FUSED_MERGE: the grid's NUM_SPLITS is only an upper bound fixed by the launch (so CUDA graphs keep it); each
+  sequence uses n_used = min(NUM_SPLITS, cdiv(seq_len, KEYS_PER_SPLIT)) splits, from its own length on the device.
+  Programs of the other splits return at once; with one split the program writes the output itself. Otherwise each
+  writes its unnormalised partial, counts itself in on a per-(tile, kv head) counter, and the program that counts
+  last merges the n_used partials in split order (so the result does not depend on which program finished last:
+  bitwise reproducible) and resets the counter to 0 for the next launch.
+- not fused: every split covers 1/NUM_SPLITS of the keys and reduce_splits_kernel merges all NUM_SPLITS partials
+  (two launches; kept as the table's fallback).
 """
 
 from __future__ import annotations
@@ -74,15 +83,102 @@ def _attend_block(
 
 
 @triton.jit
+def _split_range(seq_len, kv_end, split, NUM_SPLITS: tl.constexpr, KEYS_PER_SPLIT: tl.constexpr,
+                 BLOCK_N: tl.constexpr, FUSED_MERGE: tl.constexpr):
+    """(kv_start, kv_end, n_used) of this program's split. Fused: a sequence spreads its keys over as many splits
+    as it has KEYS_PER_SPLIT-key chunks (at most NUM_SPLITS), whole BLOCK_N tiles each, every used split non-empty;
+    not fused: always NUM_SPLITS equal chunks (some may be empty)."""
+    kv_tiles = tl.cdiv(tl.maximum(seq_len, 1), BLOCK_N)
+    if FUSED_MERGE:
+        wanted = tl.minimum(tl.cdiv(tl.maximum(seq_len, 1), KEYS_PER_SPLIT), NUM_SPLITS)
+        chunk = tl.cdiv(kv_tiles, wanted) * BLOCK_N
+        n_used = tl.cdiv(kv_tiles * BLOCK_N, chunk)
+    else:
+        chunk = tl.cdiv(kv_tiles, NUM_SPLITS) * BLOCK_N
+        n_used = tl.zeros([], dtype=tl.int32) + NUM_SPLITS
+    kv_start = split * chunk
+    return kv_start, tl.minimum(kv_end, kv_start + chunk), n_used
+
+
+@triton.jit
+def _store_partial(part_acc_ptr, part_ml_ptr, split, base, plane, acc, m_i, l_i, dims, out_mask, row_ok,
+                   HEAD_DIM: tl.constexpr):
+    """Partials: acc [splits, tokens, heads, HEAD_DIM], (m, l) [splits, tokens, heads, 2]; base = token * heads +
+    head per row, plane = tokens * heads."""
+    row = split * plane + base  # [BLOCK_M] int64
+    tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=out_mask)
+    tl.store(part_ml_ptr + row * 2, m_i, mask=row_ok)
+    tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_partial(split, acc, m_i, l_i, part_acc_ptr, part_ml_ptr, base, plane, dims, out_mask, row_ok,
+                   HEAD_DIM: tl.constexpr):
+    """Fold split `split`'s partial into the running (acc, m_i, l_i). Loads go to L2 (.cg): the partials were
+    written by other programs of this launch, never by an earlier read of this SM's L1."""
+    row = split * plane + base
+    m_s = tl.load(part_ml_ptr + row * 2, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+    l_s = tl.load(part_ml_ptr + row * 2 + 1, mask=row_ok, other=0.0, cache_modifier=".cg")
+    acc_s = tl.load(part_acc_ptr + row[:, None] * HEAD_DIM + dims[None, :], mask=out_mask, other=0.0,
+                    cache_modifier=".cg")  # [BLOCK_M, HEAD_DIM_PAD]
+    m_new = tl.maximum(m_i, m_s)
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows no split saw a key for stay 0, not NaN
+    alpha = tl.math.exp2(m_i - m_safe)
+    beta = tl.math.exp2(m_s - m_safe)
+    return acc * alpha[:, None] + acc_s * beta[:, None], m_new, l_i * alpha + l_s * beta
+
+
+@triton.jit
+def _store_out(out_ptr, out_off, acc, l_i, out_mask):
+    out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]  # a row with no visible key (graph padding) gets 0
+    tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _finish_fused(out_ptr, out_off, acc, m_i, l_i, part_acc_ptr, part_ml_ptr, counters_ptr, split, n_used, base,
+                  plane, dims, out_mask, row_ok, HEAD_DIM: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """Write the output directly when the sequence used one split; else publish this split's partial and, if this
+    program is the last of its (tile, kv head) to arrive, merge all n_used partials in split order."""
+    if n_used == 1:
+        _store_out(out_ptr, out_off, acc, l_i, out_mask)
+    else:
+        _store_partial(part_acc_ptr, part_ml_ptr, split, base, plane, acc, m_i, l_i, dims, out_mask, row_ok,
+                       HEAD_DIM)
+        # Every thread's partial stores precede the release of the counter (the CTA barrier, then acq_rel at GPU
+        # scope), so the program that sees n_used - 1 arrivals before its own sees every partial.
+        tl.debug_barrier()
+        counter = counters_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+        if arrived == n_used - 1:
+            tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch (or graph replay)
+            acc = tl.zeros(acc.shape, dtype=tl.float32)
+            m_i = tl.zeros(m_i.shape, dtype=tl.float32) - float("inf")
+            l_i = tl.zeros(l_i.shape, dtype=tl.float32)
+            if WHILE_LOOP:
+                s = 0
+                while s < n_used:
+                    acc, m_i, l_i = _merge_partial(s, acc, m_i, l_i, part_acc_ptr, part_ml_ptr, base, plane, dims,
+                                                   out_mask, row_ok, HEAD_DIM)
+                    s += 1
+            else:
+                for s in range(0, n_used):
+                    acc, m_i, l_i = _merge_partial(s, acc, m_i, l_i, part_acc_ptr, part_ml_ptr, base, plane, dims,
+                                                   out_mask, row_ok, HEAD_DIM)
+            _store_out(out_ptr, out_off, acc, l_i, out_mask)
+
+
+@triton.jit
 def paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, alibi_ptr,
-    part_acc_ptr, part_ml_ptr,
+    part_acc_ptr, part_ml_ptr, counters_ptr,
     qk_scale, num_seqs, num_tokens, num_heads,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    ONE_TILE: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    KEYS_PER_SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
+    ONE_TILE: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+    WHILE_LOOP: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -97,9 +193,16 @@ def paged_attention_kernel(
         q_start = tl.load(query_start_loc_ptr + seq).to(tl.int32)
         q_len = tl.load(query_start_loc_ptr + seq + 1).to(tl.int32) - q_start
         tile = tl.program_id(0) - (q_start // BLOCK_Q + seq)
-    if tile * BLOCK_Q >= q_len:
-        return  # a spare program of the over-provisioned grid
     seq_len = tl.load(seq_lens_ptr + seq).to(tl.int32)
+    # Causality bounds the keys of this tile by its last query's position.
+    kv_end = seq_len - q_len + tl.minimum(q_len, (tile + 1) * BLOCK_Q)
+    kv_start = 0
+    n_used = 1
+    if NUM_SPLITS > 1:
+        kv_start, kv_end, n_used = _split_range(seq_len, kv_end, split, NUM_SPLITS, KEYS_PER_SPLIT, BLOCK_N,
+                                                FUSED_MERGE)
+    if (tile * BLOCK_Q >= q_len) | (split >= n_used):
+        return  # a spare program of the over-provisioned grid, or a split this sequence is too short to use
 
     rows = tl.arange(0, BLOCK_M)
     tok = tile * BLOCK_Q + rows // GROUP  # token index within the sequence's new tokens
@@ -114,14 +217,6 @@ def paged_attention_kernel(
     slope = tl.zeros([BLOCK_M], dtype=tl.float32)
     if USE_ALIBI:
         slope = tl.load(alibi_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
-
-    # Causality bounds the keys of this tile by its last query's position.
-    kv_end = seq_len - q_len + tl.minimum(q_len, (tile + 1) * BLOCK_Q)
-    kv_start = 0
-    if NUM_SPLITS > 1:
-        chunk = tl.cdiv(tl.cdiv(seq_len, BLOCK_N), NUM_SPLITS) * BLOCK_N
-        kv_start = split * chunk
-        kv_end = tl.minimum(kv_end, kv_start + chunk)
 
     m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -143,16 +238,17 @@ def paged_attention_kernel(
                 dims, dim_ok, stride_kb, stride_ks, stride_vb, stride_vs,
                 BLOCK_SIZE, BLOCK_N, USE_ALIBI, DOT_F32, PRECISION)
     out_mask = row_ok[:, None] & dim_ok[None, :]
-    if NUM_SPLITS > 1:
-        # Partials: acc [splits, tokens, heads, HEAD_DIM], (m, l) [splits, tokens, heads, 2].
-        row = (split * num_tokens + token) * num_heads + head  # [BLOCK_M] int64
-        tl.store(part_acc_ptr + row[:, None] * HEAD_DIM + dims[None, :], acc, mask=out_mask)
-        tl.store(part_ml_ptr + row * 2, m_i, mask=row_ok)
-        tl.store(part_ml_ptr + row * 2 + 1, l_i, mask=row_ok)
+    out_off = token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
+    base = token * num_heads + head  # [BLOCK_M] int64: the row's (token, head) within a split's partials
+    plane = (tl.zeros([], dtype=tl.int64) + num_tokens) * num_heads
+    if NUM_SPLITS == 1:
+        _store_out(out_ptr, out_off, acc, l_i, out_mask)
+    elif FUSED_MERGE:
+        _finish_fused(out_ptr, out_off, acc, m_i, l_i, part_acc_ptr, part_ml_ptr, counters_ptr, split, n_used, base,
+                      plane, dims, out_mask, row_ok, HEAD_DIM, WHILE_LOOP)
     else:
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        _store_partial(part_acc_ptr, part_ml_ptr, split, base, plane, acc, m_i, l_i, dims, out_mask, row_ok,
+                       HEAD_DIM)
 
 
 @triton.jit
