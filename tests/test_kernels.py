@@ -125,8 +125,11 @@ def make_batch(q_lens, seq_lens, heads, kv_heads, head_dim, dtype, block_size=16
 
 def run_attention(q_lens, seq_lens, heads=4, kv_heads=2, head_dim=16, dtype=torch.float32, alibi=False, **kwargs):
     query, k_cache, v_cache, tables, starts, lens = make_batch(q_lens, seq_lens, heads, kv_heads, head_dim, dtype)
-    slopes = alibi_slopes(heads) if alibi else None
-    scale = head_dim**-0.5
+    run_attention_on(query, k_cache, v_cache, tables, starts, lens, alibi_slopes(heads) if alibi else None, **kwargs)
+
+
+def run_attention_on(query, k_cache, v_cache, tables, starts, lens, slopes=None, **kwargs):
+    scale = query.shape[2] ** -0.5
     out = ops.paged_attention(query, k_cache, v_cache, tables, starts, lens, scale, slopes, **kwargs)
     ref = reference.paged_attention(query, k_cache, v_cache, tables, starts, lens, scale, slopes)
     assert_close(out, ref)
@@ -179,6 +182,71 @@ def test_attention_split_k_chosen_for_long_decode_context():
 
 def test_attention_split_k_with_multi_token_queries():
     run_attention([4, 1], [90, 40], heads=4, kv_heads=2, num_splits=2)
+
+
+# Small tiles so that tiny contexts give many splits: 32 keys per split, 16 per step.
+SMALL_SPLITS = attention.AttentionConfig(16, 16, 4, 1, keys_per_split=32)
+
+
+@pytest.mark.parametrize("heads,kv_heads,alibi", [(4, 4, True), (12, 2, True)])
+def test_attention_fused_split_short_and_empty_splits(heads, kv_heads, alibi):
+    # An 8-split grid: lengths 1 and 20 use one split (direct write), 33 two, 150 five, 260 all eight; the others
+    # return at once and the merge reads only the used ones. Group 6 as DBRX; ALiBi as MPT.
+    run_attention([1] * 5, [1, 20, 33, 150, 260], heads=heads, kv_heads=kv_heads, alibi=alibi, num_splits=8,
+                  max_query_len=1, config=SMALL_SPLITS)
+
+
+def test_attention_fused_split_deterministic_and_counters_reset():
+    query, k_cache, v_cache, tables, starts, lens = make_batch([1] * 3, [97, 5, 64], 6, 2, 16, torch.float32)
+    run = lambda: ops.paged_attention(query, k_cache, v_cache, tables, starts, lens, 0.25, max_query_len=1,  # noqa
+                                      num_splits=4, config=SMALL_SPLITS)
+    first = run()
+    counters = attention._COUNTERS[query.device]
+    assert counters.abs().sum().item() == 0  # every (sequence, kv head) counter was reset by its last split
+    assert torch.equal(first, run())
+    assert_close(first, reference.paged_attention(query, k_cache, v_cache, tables, starts, lens, 0.25))
+
+
+def test_attention_graph_padding_rows_and_multi_token_tiles():
+    # As a CUDA graph's padded batch: rows past the real ones have one query token, seq_len 1 and a zero block
+    # table row (their KV write was skipped), in a grid split for a 256-token bound.
+    query, k_cache, v_cache, tables, starts, lens = make_batch([1] * 5, [70, 3, 130, 1, 1], 4, 2, 16, torch.float32)
+    tables[3:] = 0
+    run_attention_on(query, k_cache, v_cache, tables, starts, lens, max_query_len=1, max_seq_len=256,
+                     config=SMALL_SPLITS)
+    # Several new tokens per sequence in one tile (max_query_len <= BLOCK_Q), split and fused.
+    run_attention([3, 1, 2], [90, 40, 2], heads=4, kv_heads=4, alibi=True, max_query_len=3, num_splits=4,
+                  config=attention.AttentionConfig(64, 16, 4, 1, keys_per_split=16))
+
+
+def test_attention_two_kernel_merge_fallback():
+    config = attention.AttentionConfig(16, 16, 4, 1, keys_per_split=32, fused_merge=False)
+    run_attention([1, 1, 1], [150, 9, 77], heads=6, kv_heads=2, alibi=True, num_splits=6, config=config)
+
+
+def test_attention_launch_table():
+    key = attention.attention_key(True, 128, 6, 32, 2048)
+    assert key == attention.AttentionKey("decode", 128, 8, 32, 2048)
+    assert attention.attention_key(True, 128, 1, 33, 5000) == attention.AttentionKey("decode", 128, 1, 256, 1 << 30)
+    assert attention.attention_config(True, 128, 6, 1, 2048).block_m == 16
+    assert attention.attention_config(False, 128, 32, 4, 512).block_m == 128
+    tuned = attention.AttentionConfig(16, 32, 8, 3, keys_per_split=64)
+    old = attention._TUNED_CONFIGS.get(key)
+    attention.register_attention_config(key, tuned)
+    try:
+        assert attention.attention_config(True, 128, 6, 20, 1500) == tuned
+    finally:
+        if old is None:
+            attention._TUNED_CONFIGS.pop(key)
+        else:
+            attention._TUNED_CONFIGS[key] = old
+    with pytest.raises(ValueError, match="keys_per_split"):
+        attention.AttentionConfig(16, 64, 4, 2, keys_per_split=100)
+    with pytest.raises(ValueError, match="head_dim"):
+        attention.register_attention_config(attention.AttentionKey("decode", 96, 1, 1, 256), tuned)
+    # Fused merge: the grid's split count comes from the config's keys per split and the context bound only.
+    assert attention.choose_num_splits(1, 2048, DEVICE, True, keys_per_split=256) == 8
+    assert attention.choose_num_splits(1, 300, DEVICE, True, keys_per_split=256) == 1
 
 
 def test_attention_rejects_bad_inputs():
