@@ -184,6 +184,70 @@ def test_graph_paged_attention_decode():
         assert_close(out, reference.paged_attention(query, k_cache, v_cache, tables, starts, lens, 0.088, slopes))
 
 
+SPLIT_SHAPES = {"mpt7b": (32, 32, True), "dbrx": (48, 8, False)}
+
+
+@pytest.mark.parametrize("batch", [1, 32])
+@pytest.mark.parametrize("model", list(SPLIT_SHAPES))
+def test_graph_paged_attention_fused_split(model, batch):
+    """Decode at the engine's bound (max_seq_len 4096: a split grid) captured once and replayed with short,
+    mixed and padded contexts: sequences use only the splits their length fills, the last split merges in the
+    same kernel, padding rows (seq_len 1, table row 0) stay finite, replays are bitwise reproducible, and every
+    split counter is back at 0 after each replay."""
+    from kiln.kernels import triton_attention
+
+    heads, kv_heads, use_alibi = SPLIT_SHAPES[model]
+    query, k_cache, v_cache, tables, starts, lens = make_batch([1] * batch, [4096] * batch, heads, kv_heads, 128,
+                                                               torch.bfloat16)
+    slopes = alibi_slopes(heads) if use_alibi else None
+    run = lambda: ops().paged_attention(query, k_cache, v_cache, tables, starts, lens, 0.088, slopes,  # noqa: E731
+                                        max_query_len=1, max_seq_len=4096)
+    graph, out = capture(run)
+    for contexts in ([160] * batch, [1 + (4095 * i) // max(batch - 1, 1) for i in range(batch)]):
+        query.normal_()
+        lens.copy_(torch.tensor(contexts, dtype=torch.int32, device="cuda"))
+        if batch > 1:
+            lens[-batch // 4:] = 1  # padding rows of a graph: one key, block table row 0
+            tables[-batch // 4:] = 0
+        graph.replay()
+        first = out.clone()
+        graph.replay()
+        assert torch.equal(out, first)
+        assert_close(out, reference.paged_attention(query, k_cache, v_cache, tables, starts, lens, 0.088, slopes))
+        assert int(triton_attention._COUNTERS[query.device].abs().sum()) == 0
+
+
+def test_fused_split_merge_is_race_free():
+    """Many launches of a wide split grid (DBRX batch 32, 16 splits, every split used): any visibility race between
+    a split's partial and the merging program would show as a result differing from the two-kernel merge's or
+    from run to run."""
+    from kiln.kernels.triton_attention import AttentionConfig
+
+    query, k_cache, v_cache, tables, starts, lens = make_batch([1] * 32, [4096] * 32, 48, 8, 128, torch.bfloat16)
+    fused = AttentionConfig(16, 64, 4, 2, keys_per_split=256)
+    two_kernel = AttentionConfig(16, 64, 4, 2, keys_per_split=256, fused_merge=False)
+    args = (query, k_cache, v_cache, tables, starts, lens, 0.088)
+    want = ops().paged_attention(*args, max_query_len=1, num_splits=16, config=two_kernel)
+    first = ops().paged_attention(*args, max_query_len=1, num_splits=16, config=fused)
+    torch.testing.assert_close(first.float(), want.float(), rtol=1e-2, atol=1e-2)  # merge order differs
+    for _ in range(50):
+        assert torch.equal(ops().paged_attention(*args, max_query_len=1, num_splits=16, config=fused), first)
+
+
+def test_graph_paged_attention_two_kernel_fallback():
+    from kiln.kernels.triton_attention import AttentionConfig
+
+    query, k_cache, v_cache, tables, starts, lens = make_batch([1] * 8, [2048] * 8, 48, 8, 128, torch.float16)
+    config = AttentionConfig(16, 64, 4, 2, keys_per_split=256, fused_merge=False)
+    graph, out = capture(lambda: ops().paged_attention(query, k_cache, v_cache, tables, starts, lens, 0.088,
+                                                       max_query_len=1, max_seq_len=2048, config=config))
+    for _ in range(2):
+        query.normal_()
+        lens.copy_(torch.randint(1, 2049, (8,), device="cuda", dtype=torch.int32))
+        graph.replay()
+        assert_close(out, reference.paged_attention(query, k_cache, v_cache, tables, starts, lens, 0.088))
+
+
 def test_graph_fused_moe():
     hidden, w13, w2, weights, ids = make_moe(16, 2048, 1024, 16, 4, torch.bfloat16)
     graph, out = capture(lambda: ops().fused_moe(hidden, w13, w2, weights, ids))
