@@ -1,6 +1,6 @@
 """Time kiln's Triton kernels against torch at DBRX and MPT-7B shapes on a GPU; print bandwidth / TFLOPs.
 
-    python benchmarks/bench_kernels.py [--only kv,attn,moe,gemv] [--tune]
+    python benchmarks/bench_kernels.py [--only kv,attn,moe,gemv] [--tune] [--attn_sweep]
 
 Every row gives the Triton time, the torch time (the reference, or torch's own fused op where the reference is a
 Python loop), their ratio, and the achieved rate against the memory-copy bandwidth measured here first. Inputs are
@@ -87,22 +87,67 @@ def sdpa_equivalent(query, k_cache, v_cache, tables, batch, q_len, ctx, heads, a
                                                   enable_gqa=kv_heads != heads)
 
 
-def bench_attention(peak: float) -> None:
-    models = {"mpt7b": (32, 32, True), "dbrx": (48, 8, False)}
-    cases = [(b, 1, c) for b in (1, 8, 32, 64) for c in (512, 4096)] + [(1, 2048, 2048), (4, 512, 512)]
-    for model, (heads, kv_heads, use_alibi) in models.items():
+ATTN_MODELS = {"mpt7b": (32, 32, True), "dbrx": (48, 8, False)}  # heads, kv heads, ALiBi; head_dim 128
+ATTN_DECODE = [(b, c) for b in (1, 8, 32) for c in (160, 512, 2048, 4096)]  # (batch, context)
+ATTN_PREFILL = [(1, 2048, 2048), (4, 512, 512)]  # (batch, new tokens, context)
+
+
+def bench_graph(fn) -> float:
+    """Mean milliseconds of one fn() call replayed in a CUDA graph (as the engine runs its decode steps)."""
+    return triton.testing.do_bench_cudagraph(fn, rep=50)
+
+
+def attn_candidates(base):
+    """Tile and split choices a tuning session tries per decode case (`--attn_sweep`)."""
+    from dataclasses import replace
+
+    for block_n in (32, 64, 128):
+        for warps in (4, 8):
+            for stages in (2, 3):
+                keys = max(block_n, base.keys_per_split // block_n * block_n)
+                yield replace(base, block_n=block_n, num_warps=warps, num_stages=stages, keys_per_split=keys)
+    for keys in (128, 512, 1024):
+        yield replace(base, keys_per_split=max(keys, base.block_n) // base.block_n * base.block_n)
+
+
+def bench_attention(peak: float, sweep: bool = False) -> None:
+    """Decode as the engine launches it (max_query_len 1, the graph's context bound max(2048, ctx)), eager and
+    replayed in a graph, against SDPA on pre-gathered K/V; then prefill. With sweep, every candidate config per
+    decode case in a graph, and the best printed as a table entry for triton_attention._TUNED_CONFIGS."""
+    from kiln.kernels import triton_attention as ta
+
+    for model, (heads, kv_heads, use_alibi) in ATTN_MODELS.items():
         slopes = torch.tensor([2 ** (-8 * (i + 1) / heads) for i in range(heads)], device="cuda")
         alibi = slopes if use_alibi else None
-        for batch, q_len, ctx in cases:
+        for batch, ctx in ATTN_DECODE:
+            bound = max(2048, ctx)
+            query, k_cache, v_cache, tables, starts, lens = paged_inputs(batch, 1, bound, heads, kv_heads)
+            lens.fill_(ctx)
+
+            def fn(config=None):
+                return paged_attention(query, k_cache, v_cache, tables, starts, lens, 128**-0.5, alibi,
+                                       max_query_len=1, max_seq_len=bound, config=config)
+
+            key = ta.attention_key(True, 128, heads // kv_heads, batch, bound)
+            chosen = ta.attention_config(True, 128, heads // kv_heads, batch, bound)
+            splits = ta.choose_num_splits(batch * kv_heads, bound, query.device, True, chosen.keys_per_split,
+                                          chosen.max_splits)
+            torch_ms = bench(sdpa_equivalent(query, k_cache, v_cache, tables, batch, 1, ctx, heads, alibi))
+            kv_bytes = 2 * batch * ctx * kv_heads * 128 * 2
+            name = f"attn {model} decode b={batch} ctx={ctx}"
+            row(f"{name} eager", bench(fn), torch_ms, kv_bytes, 0.0, peak)
+            row(f"{name} graph [{splits} splits]", bench_graph(fn), torch_ms, kv_bytes, 0.0, peak)
+            if sweep:
+                timed = [(bench_graph(lambda c=c: fn(c)), c) for c in attn_candidates(chosen)]
+                best_ms, best = min(timed, key=lambda t: t[0])
+                print(f"    best {best_ms:.4f} ms ({100 * kv_bytes / best_ms / 1e6 / peak:.1f}% of copy): {key}: {best}")
+        for batch, q_len, ctx in ATTN_PREFILL:
             query, k_cache, v_cache, tables, starts, lens = paged_inputs(batch, q_len, ctx, heads, kv_heads)
-            fn = lambda: paged_attention(query, k_cache, v_cache, tables, starts, lens, 128**-0.5, alibi)  # noqa: E731
-            ms = bench(fn)
+            ms = bench(lambda: paged_attention(query, k_cache, v_cache, tables, starts, lens, 128**-0.5, alibi))
             torch_ms = bench(sdpa_equivalent(query, k_cache, v_cache, tables, batch, q_len, ctx, heads, alibi))
             kv_bytes = 2 * batch * ctx * kv_heads * 128 * 2
-            causal_pairs = batch * (q_len * ctx - q_len * (q_len - 1) / 2)
-            flops = 4 * causal_pairs * heads * 128
-            phase = "decode" if q_len == 1 else "prefill"
-            row(f"attn {model} {phase} b={batch} q={q_len} ctx={ctx}", ms, torch_ms, kv_bytes, flops, peak)
+            flops = 4 * batch * (q_len * ctx - q_len * (q_len - 1) / 2) * heads * 128
+            row(f"attn {model} prefill b={batch} q={q_len} ctx={ctx}", ms, torch_ms, kv_bytes, flops, peak)
 
 
 def bench_moe(peak: float, tune: bool) -> None:
@@ -156,6 +201,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="kv,attn,moe,gemv", help="comma list of kv, attn, moe, gemv")
     parser.add_argument("--tune", action="store_true", help="tune the MoE tiles per shape first")
+    parser.add_argument("--attn_sweep", action="store_true",
+                        help="time candidate decode attention configs per case (graph replay) and print the best")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         raise SystemExit("bench_kernels.py needs a CUDA GPU")
@@ -168,7 +215,7 @@ def main() -> None:
     if "kv" in only:
         bench_kv_write(peak)
     if "attn" in only:
-        bench_attention(peak)
+        bench_attention(peak, args.attn_sweep)
     if "moe" in only:
         bench_moe(peak, args.tune)
     if "gemv" in only:
