@@ -37,7 +37,7 @@ def _fill(static: dict[str, torch.Tensor], lens: list[int], tables: torch.Tensor
 @pytest.mark.parametrize("heads,kv_heads,alibi,dtype", [(48, 8, False, torch.bfloat16), (32, 32, True, torch.float16),
                                                          (6, 2, True, torch.float32)])
 def test_decode_kernels_in_a_graph_with_padding(heads, kv_heads, alibi, dtype):
-    from kiln.kernels import triton_ops
+    from kiln.kernels import triton_attention, triton_ops
 
     torch.manual_seed(0)
     padded, block_size, max_seq_len, head_dim = 8, 16, 2048, 128
@@ -85,6 +85,8 @@ def test_decode_kernels_in_a_graph_with_padding(heads, kv_heads, alibi, dtype):
         tol = {torch.float32: 1e-4, torch.float16: 3e-3, torch.bfloat16: 2e-2}[dtype]
         torch.testing.assert_close(out[:n].float(), want.float(), rtol=tol, atol=tol)
         assert torch.isfinite(out).all()  # padding rows too
+        counters = triton_attention._COUNTERS.get(k_cache.device)
+        assert counters is None or int(counters.abs().sum()) == 0  # the fused split merge reset its counters
 
 
 # ---- tiny models: graphs vs eager vs CPU ---------------------------------------------------------------------------
