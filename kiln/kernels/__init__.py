@@ -26,8 +26,9 @@ KERNELS_FORMAT = 1
 # Attention has no build-time choice to store: its launcher picks tiles from a table by phase and head size, and the
 # split-K count from the context length of each step (or the engine's max_seq_len under CUDA graphs). Recorded so a
 # reader of config.json knows nothing was tuned there.
-ATTENTION_CHOICE = {"tuned": False, "choice": "tiles by phase and head size from the launcher's table; split-K count "
-                                              "from the context length at run time"}
+ATTENTION_CHOICE = {"tuned": False, "choice": "tiles from the launcher's table by phase, head size, GQA group, batch and "
+                                              "context bucket; split-K grid from the context bound, splits used per "
+                                              "sequence on the device"}
 
 
 @dataclass(frozen=True)

@@ -70,20 +70,31 @@ def attention_key(decode: bool, head_dim_pad: int, group: int, seqs: int, max_co
                         _bucket(seqs, BATCH_BUCKETS), _bucket(max_context, CONTEXT_BUCKETS))
 
 
+# The engine's launches merge split-K partials with a second kernel until the one-kernel merge (last split to finish
+# merges, ordered by an atomic counter) has passed its race test on a GPU (tests/test_kernels_gpu.py
+# test_fused_split_merge_is_race_free); explicit configs can ask for it. One split needs no merge either way.
+FUSED_MERGE_BY_DEFAULT = False
+
+
+def _table_config(*args: int, **kwargs: int) -> AttentionConfig:
+    """A built-in table entry: the merge follows FUSED_MERGE_BY_DEFAULT."""
+    return AttentionConfig(*args, **kwargs, fused_merge=FUSED_MERGE_BY_DEFAULT)
+
+
 # (phase, padded head_dim) -> tiles, the default of every bucket. Decode is bandwidth-bound: the smallest M that
 # tl.dot takes (16) and a wide key step to keep loads in flight. Prefill is matrix-bound: 128 query rows per K/V
 # tile, as FlashAttention-2 on Hopper, 64 rows where the fp32 accumulator of a 256-wide head would spill.
 _BASE_CONFIGS: dict[tuple[str, int], AttentionConfig] = {
-    ("decode", 16): AttentionConfig(16, 64, 4, 2),
-    ("decode", 32): AttentionConfig(16, 64, 4, 2),
-    ("decode", 64): AttentionConfig(16, 64, 4, 3),
-    ("decode", 128): AttentionConfig(16, 64, 4, 3),
-    ("decode", 256): AttentionConfig(16, 32, 4, 2, keys_per_split=128),
-    ("prefill", 16): AttentionConfig(128, 64, 4, 2),
-    ("prefill", 32): AttentionConfig(128, 64, 4, 2),
-    ("prefill", 64): AttentionConfig(128, 64, 4, 2),
-    ("prefill", 128): AttentionConfig(128, 64, 8, 2),
-    ("prefill", 256): AttentionConfig(64, 32, 8, 2),
+    ("decode", 16): _table_config(16, 64, 4, 2),
+    ("decode", 32): _table_config(16, 64, 4, 2),
+    ("decode", 64): _table_config(16, 64, 4, 3),
+    ("decode", 128): _table_config(16, 64, 4, 3),
+    ("decode", 256): _table_config(16, 32, 4, 2, keys_per_split=128),
+    ("prefill", 16): _table_config(128, 64, 4, 2),
+    ("prefill", 32): _table_config(128, 64, 4, 2),
+    ("prefill", 64): _table_config(128, 64, 4, 2),
+    ("prefill", 128): _table_config(128, 64, 8, 2),
+    ("prefill", 256): _table_config(64, 32, 8, 2),
 }
 
 # Decode choices by bucket where they differ from the base: the table the GPU sessions tune with
@@ -94,10 +105,10 @@ _BASE_CONFIGS: dict[tuple[str, int], AttentionConfig] = {
 # - batch 1: keys_per_split 256 keeps a 160-token context in one split (one kernel, no partials, no merge);
 #   longer contexts split in 256-key pieces up to the grid's count.
 _TUNED_CONFIGS: dict[AttentionKey, AttentionConfig] = {
-    AttentionKey("decode", 128, group, 32, context): AttentionConfig(16, 64, 4, 2)
+    AttentionKey("decode", 128, group, 32, context): _table_config(16, 64, 4, 2)
     for group in (1, 8) for context in CONTEXT_BUCKETS
 } | {
-    AttentionKey("decode", 128, group, 256, context): AttentionConfig(16, 64, 4, 2)
+    AttentionKey("decode", 128, group, 256, context): _table_config(16, 64, 4, 2)
     for group in (1, 8) for context in CONTEXT_BUCKETS
 }
 
