@@ -5,10 +5,8 @@ CPU engines never use it. The GPU half (real shapes, CUDA graphs) is tests/test_
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import json
 import os
-import sys
 import warnings
 
 import torch
@@ -20,32 +18,13 @@ DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+from interpreted_triton import interpret_triton  # noqa: E402
 
 _KERNEL_MODULES = ("kiln.kernels.triton_gemv_kernels", "kiln.kernels.triton_gemv")
 
 
-def _interpret_triton_library() -> None:
-    """As tests/test_kernels.py: if triton was imported compiled earlier in this process (CPU only, where compiled
-    kernels cannot run), re-decorate its library interpreted and drop compiled copies of the GEMV modules."""
-    if not isinstance(tl.standard.sum, InterpretedFunction):
-        old = dict(vars(tl.standard))
-        importlib.reload(tl.standard)
-        for name, value in old.items():
-            if getattr(tl, name, None) is value:
-                setattr(tl, name, getattr(tl.standard, name))
-    for name in _KERNEL_MODULES:
-        module = sys.modules.get(name)
-        if module is not None and not any(isinstance(v, InterpretedFunction) for v in vars(module).values()):
-            sys.modules.pop(name)
-            package, _, attr = name.rpartition(".")
-            if getattr(sys.modules.get(package), attr, None) is module:
-                delattr(sys.modules[package], attr)
-
-
 if INTERPRET:
-    _interpret_triton_library()
+    interpret_triton(_KERNEL_MODULES)
 
 from kiln.checkpoint.kiln_format import load_artifact  # noqa: E402
 from kiln.cli.main import main as kiln_main  # noqa: E402

@@ -4,17 +4,15 @@ Triton reads TRITON_INTERPRET when @triton.jit decorates a function, and decorat
 ...) when triton is first imported; an interpreted kernel cannot call a compiled library function, so the mode is
 one per process. Without a GPU this module sets TRITON_INTERPRET=1 (setdefault); on the CPU no Triton kernel can run
 any other way, so nothing else changes. If triton was imported earlier in this pytest process (torch._dynamo imports
-it when transformers loads), `_interpret_triton_library` re-runs triton's library module and kiln's kernel modules
+it when transformers loads), tests/interpreted_triton.py re-runs triton's library module and kiln's kernel modules
 under the interpreter. With a GPU the environment is left alone and the same checks run compiled on CUDA tensors,
 so tests/test_kernels_gpu.py, collected in the same process, gets compiled kernels.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import os
-import sys
 
 import torch
 
@@ -24,9 +22,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = torch.device("cpu" if INTERPRET else "cuda")
 
 import pytest  # noqa: E402
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction  # noqa: E402
+
+from interpreted_triton import interpret_triton  # noqa: E402
 
 _KERNEL_MODULES = (
     "kiln.kernels.triton_attention_kernels", "kiln.kernels.triton_moe_kernels", "kiln.kernels.triton_kv_cache",
@@ -34,26 +31,8 @@ _KERNEL_MODULES = (
 )
 
 
-def _interpret_triton_library() -> None:
-    """Bring a process whose triton was imported in compiled mode into interpreter mode (CPU only, where compiled
-    kernels cannot run anyway): re-decorate triton.language.standard and drop compiled copies of kiln's kernels."""
-    if not isinstance(tl.standard.sum, InterpretedFunction):
-        old = dict(vars(tl.standard))
-        importlib.reload(tl.standard)  # re-runs its @jit decorators (and tensor-method registrations) interpreted
-        for name, value in old.items():
-            if getattr(tl, name, None) is value:
-                setattr(tl, name, getattr(tl.standard, name))
-    for name in _KERNEL_MODULES:
-        module = sys.modules.get(name)
-        if module is not None and not any(isinstance(v, InterpretedFunction) for v in vars(module).values()):
-            sys.modules.pop(name)
-            package, _, attr = name.rpartition(".")
-            if getattr(sys.modules.get(package), attr, None) is module:
-                delattr(sys.modules[package], attr)  # else `from kiln.kernels import x` would find the old copy
-
-
 if INTERPRET:
-    _interpret_triton_library()
+    interpret_triton(_KERNEL_MODULES)
 
 from kiln.kernels import KernelSet, reference  # noqa: E402
 from kiln.kernels import triton_attention as attention  # noqa: E402

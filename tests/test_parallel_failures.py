@@ -58,12 +58,18 @@ def env_for_subprocess(**extra: str) -> dict[str, str]:
     return env
 
 
-def test_corrupt_shard_fails_every_rank_quickly_in_process(engines, tmp_path):
+def copy_with_corrupt_rank1(engine_dir: Path, tmp_path: Path) -> Path:
+    """A copy of a two-rank engine whose rank 1 shard is corrupted."""
     engine = tmp_path / "engine"
     engine.mkdir()
-    for f in engines["tp2"].iterdir():
+    for f in engine_dir.iterdir():
         (engine / f.name).write_bytes(f.read_bytes())
     corrupt(engine / "rank1.safetensors")
+    return engine
+
+
+def test_corrupt_shard_fails_every_rank_quickly_in_process(engines, tmp_path):
+    engine = copy_with_corrupt_rank1(engines["tp2"], tmp_path)
     start = time.monotonic()
     with pytest.raises(WorkerError, match=r"rank 1 failed: .*rank1\.safetensors"):
         kiln.LLM(engine, device="cpu")
@@ -72,11 +78,7 @@ def test_corrupt_shard_fails_every_rank_quickly_in_process(engines, tmp_path):
 
 
 def test_corrupt_shard_makes_kiln_run_exit_2(engines, tmp_path):
-    engine = tmp_path / "engine"
-    engine.mkdir()
-    for f in engines["tp2"].iterdir():
-        (engine / f.name).write_bytes(f.read_bytes())
-    corrupt(engine / "rank1.safetensors")
+    engine = copy_with_corrupt_rank1(engines["tp2"], tmp_path)
     start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "kiln", "run", "--engine_dir", str(engine), "--device", "cpu",
                            "--input_file", str(write_prompts(tmp_path / "p.csv")), "--max_output_len", "3"],
