@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from interpreted_triton import interpret_triton  # noqa: E402
 
-_KERNEL_MODULES = ("kiln.kernels.triton_gemv_kernels", "kiln.kernels.triton_gemv")
+_KERNEL_MODULES = ("kiln.kernels.triton_jit_common", "kiln.kernels.triton_gemv_kernels", "kiln.kernels.triton_gemv")
 
 
 if INTERPRET:

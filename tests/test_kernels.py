@@ -26,6 +26,7 @@ import pytest  # noqa: E402
 from interpreted_triton import interpret_triton  # noqa: E402
 
 _KERNEL_MODULES = (
+    "kiln.kernels.triton_jit_common",
     "kiln.kernels.triton_attention_kernels", "kiln.kernels.triton_moe_kernels", "kiln.kernels.triton_kv_cache",
     "kiln.kernels.triton_attention", "kiln.kernels.triton_moe", "kiln.kernels.triton_norm", "kiln.kernels.triton_ops",
 )

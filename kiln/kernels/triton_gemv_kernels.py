@@ -21,12 +21,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _dot(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
+from kiln.kernels.triton_jit_common import dot_acc
 
 
 @triton.jit
@@ -50,7 +45,7 @@ def _gemv_step(i, x_ptrs, w_ptrs, acc, offs_k, n_ok, m_ok, span,
         else:
             x = tl.load(x_ptrs + shift, mask=k_ok, other=0.0)
     if DOT:
-        return _dot(w, x, acc, DOT_F32, PRECISION)  # [BLOCK_N, BLOCK_M]
+        return dot_acc(w, x, acc, DOT_F32, PRECISION)  # [BLOCK_N, BLOCK_M]
     return acc + w.to(tl.float32) * x.to(tl.float32)[None, :]  # [BLOCK_N, BLOCK_K], summed over K at the end
 
 

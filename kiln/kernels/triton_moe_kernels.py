@@ -11,6 +11,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton_jit_common import dot_acc
+
 
 @triton.jit
 def _expert_onehot(topk_ids_ptr, start, num_assignments, expert_start, num_experts,
@@ -90,13 +92,6 @@ def _block_coords(num_m_blocks, num_n_blocks, GROUP_M: tl.constexpr):
 
 
 @triton.jit
-def _dot(a, b, acc, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    if DOT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision=PRECISION)
-    return tl.dot(a, b, acc, input_precision=PRECISION)
-
-
-@triton.jit
 def _gate_up_step(k, x_ptrs, wg_ptrs, row_ok, n_ok, acc_gate, acc_up, offs_k, gate_to_up, size_k,
                   BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
     """One BLOCK_K step of x @ [gate; up].T for a row block (k = step index)."""
@@ -109,7 +104,7 @@ def _gate_up_step(k, x_ptrs, wg_ptrs, row_ok, n_ok, acc_gate, acc_up, offs_k, ga
     w_mask = k_ok[:, None] & n_ok[None, :]
     w_gate = tl.load(wg_ptrs + shift, mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
     w_up = tl.load(wg_ptrs + gate_to_up + shift, mask=w_mask, other=0.0)
-    return _dot(x, w_gate, acc_gate, DOT_F32, PRECISION), _dot(x, w_up, acc_up, DOT_F32, PRECISION)
+    return dot_acc(x, w_gate, acc_gate, DOT_F32, PRECISION), dot_acc(x, w_up, acc_up, DOT_F32, PRECISION)
 
 
 @triton.jit
@@ -163,7 +158,7 @@ def _down_step(k, a_ptrs, w_ptrs, row_ok, n_ok, acc, offs_k, size_k,
         k_ok = offs_k < size_k - shift
     a = tl.load(a_ptrs + shift, mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_M, BLOCK_K]
     w = tl.load(w_ptrs + shift, mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # [BLOCK_K, BLOCK_N]
-    return _dot(a, w, acc, DOT_F32, PRECISION)
+    return dot_acc(a, w, acc, DOT_F32, PRECISION)
 
 
 @triton.jit
