@@ -72,6 +72,8 @@ def test_json_has_every_field_and_consistent_numbers(dbrx_engine, dbrx_report):
     experts = file_bytes(dbrx_engine, lambda n: n.endswith((".w13", ".w2")))
     embedding = file_bytes(dbrx_engine, lambda n: n == "embed_tokens.weight")
     assert report["engine"]["expert_bytes"] == experts and report["engine"]["embedding_bytes"] == embedding
+    # On the CPU nothing runs as a Triton GEMV or a CUDA graph, and the report says so.
+    assert report["engine"]["gemv_layers"] == 0 and report["engine"]["cuda_graphs"] is False
     assert any("E * (1 - (1 - k/E)^B)" in note for note in report["notes"])
     for case in report["cases"]:
         assert set(case) == CASE_FIELDS

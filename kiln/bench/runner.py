@@ -116,6 +116,9 @@ def _time_kiln(engine_dir: Path, options: BenchOptions, device: torch.device, re
     try:
         kernels = getattr(llm.runner, "kernels", None)
         report.engine["kernel_set"] = getattr(kernels, "name", None)
+        # Layers whose decode matmul is the build-chosen Triton GEMV rather than cuBLAS (0 where nothing was tuned).
+        report.engine["gemv_layers"] = getattr(llm.runner, "gemv_layers", 0)
+        report.engine["cuda_graphs"] = getattr(llm.runner, "graphs", None) is not None
         kv_per_token = report.engine["kv_bytes_per_token"]
         for batch in options.batch_sizes:
             timing = time_kiln_case(llm, batch, options.input_len, options.output_len, options.warmup, device,
