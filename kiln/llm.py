@@ -36,6 +36,7 @@ class CompletionOutput:
     finish_reason: str | None = None
     logprobs: list[float] = field(default_factory=list)
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)  # with return_logits: [vocab] float32 per token
     score: float | None = None
 
     @property
@@ -82,6 +83,8 @@ class _Tracker:
             self.out.logprobs.append(event.logprob)
         if event.top_logprobs:
             self.out.top_logprobs.append(event.top_logprobs)
+        if event.logits is not None:
+            self.out.logits.append(event.logits)
         if self.detok is None:
             return "", False
         piece = self.detok.add(event.token_id)

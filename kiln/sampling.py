@@ -74,6 +74,9 @@ class SamplerOutput:
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]] | None
     beam_candidates: list[list[tuple[int, float]]] | None = None
+    # Rows whose params ask return_logits: their raw logits (float32 [vocab], on the CPU); None for the others, and
+    # None altogether when no row asks.
+    logits: list[torch.Tensor | None] | None = None
 
 
 class Sampler:
@@ -93,6 +96,12 @@ class Sampler:
         else:
             tokens = _sample_processed(logits, rows)
         out = _build_output(logits, tokens, rows)
+        wanted = [i for i, row in enumerate(rows) if row.params.return_logits]
+        if wanted:
+            host = logits[wanted].cpu()  # [wanted rows, vocab]: one copy
+            out.logits = [None] * len(rows)
+            for j, i in enumerate(wanted):
+                out.logits[i] = host[j]
         beam = [i for i, row in enumerate(rows) if row.params.use_beam_search]
         if beam:
             out.beam_candidates = [[] for _ in rows]

@@ -98,6 +98,9 @@ class SamplingParams:
     num_beams: int = 1
     length_penalty: float = 1.0
     early_stopping: bool | str = False
+    # The raw model logits of every step that made a token (float32 [vocab] each, vocab x 4 bytes per token), as
+    # run.py's --output_logits_npy; not with beam search.
+    return_logits: bool = False
 
     def __post_init__(self) -> None:
         # A single stop string is a common way to write it (OpenAI accepts both); keep the field a list.
@@ -164,7 +167,7 @@ class SamplingParams:
             _check_token_ids("bad_word_ids entry", seq)
             if len(seq) == 0:
                 raise ValueError("SamplingParams.bad_word_ids must not contain an empty sequence; remove it")
-        for name in ("ignore_eos", "include_stop_str_in_output", "use_beam_search"):
+        for name in ("ignore_eos", "include_stop_str_in_output", "use_beam_search", "return_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SamplingParams.{name} must be True or False, got {getattr(self, name)!r}")
 
@@ -178,6 +181,9 @@ class SamplingParams:
             raise ValueError(
                 f"SamplingParams.num_beams must be >= 2 with use_beam_search=True, got {self.num_beams}; "
                 "set num_beams to the beam width")
+        if self.use_beam_search and self.return_logits:
+            raise ValueError("SamplingParams.return_logits is not available with beam search (a beam's steps come "
+                             "from several parents); drop one of them")
         if self.use_beam_search and self.n > self.num_beams:
             raise ValueError(
                 f"SamplingParams.n ({self.n}) must not exceed num_beams ({self.num_beams}) in beam search: "

@@ -122,7 +122,8 @@ def test_cli_end_to_end_with_tokenizer(tmp_path):
                       "--max_output_len", "20", "--ignore_eos", "--output_json", str(out_json),
                       "--output_csv", str(out_csv), "--output_npy", str(out_npy),
                       "--output_log_probs_npy", str(tmp_path / "lp.npy"),
-                      "--output_cum_log_probs_npy", str(tmp_path / "cum.npy")]) == 0
+                      "--output_cum_log_probs_npy", str(tmp_path / "cum.npy"),
+                      "--output_logits_npy", str(tmp_path / "logits.npy")]) == 0
     from transformers import AutoTokenizer
 
     ref_tok = AutoTokenizer.from_pretrained(str(tok_dir))
@@ -132,6 +133,7 @@ def test_cli_end_to_end_with_tokenizer(tmp_path):
 
     npy = np.load(out_npy)
     log_probs, cum_log_probs = np.load(tmp_path / "lp.npy"), np.load(tmp_path / "cum.npy")
+    step_logits = np.load(tmp_path / "logits.npy")  # [prompts, 1, 20, vocab]: the raw logits of each step
     for i, (text, result) in enumerate(zip(texts, results)):
         ids = ref_tok(text)["input_ids"]
         assert result["input_ids"] == ids
@@ -142,9 +144,11 @@ def test_cli_end_to_end_with_tokenizer(tmp_path):
         with torch.no_grad():  # the log-prob of each chosen token under transformers' distribution
             logits = hf(torch.tensor([ids + expected])).logits[0, len(ids) - 1: -1].float()
         ref_lp = torch.log_softmax(logits, -1).gather(1, torch.tensor(expected)[:, None])[:, 0]
+        torch.testing.assert_close(torch.from_numpy(step_logits[i, 0]), logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(torch.from_numpy(log_probs[i, 0]), ref_lp, rtol=0, atol=1e-4)
         assert abs(float(cum_log_probs[i, 0]) - float(ref_lp.sum())) < 1e-3
     assert log_probs.shape == (len(texts), 1, 20) and cum_log_probs.shape == (len(texts), 1)
+    assert step_logits.shape == (len(texts), 1, 20, 512)
     assert len(out_csv.read_text().splitlines()) == len(texts)
 
 

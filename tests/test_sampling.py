@@ -109,6 +109,8 @@ def test_params_defaults_and_greedy():
         ({"num_beams": 0}, "num_beams"),
         ({"use_beam_search": True, "num_beams": 2, "n": 3}, "n"),
         ({"length_penalty": float("nan")}, "length_penalty"),
+        ({"return_logits": 1}, "return_logits"),
+        ({"num_beams": 2, "return_logits": True}, "return_logits"),
     ],
 )
 def test_params_validation(kwargs, field):
@@ -430,3 +432,13 @@ def test_tiny_temperature_bf16_and_bad_inputs():
         Sampler().sample(torch.zeros(5), [_row()])
     empty = Sampler().sample(torch.zeros(0, 5), [])
     assert empty.token_ids == [] and empty.logprobs == []
+
+
+def test_return_logits_hands_back_each_asking_rows_raw_logits():
+    logits = torch.randn(3, 11)
+    rows = [_row(SamplingParams(temperature=0.0, return_logits=True)), _row(SamplingParams(temperature=0.0)),
+            _row(SamplingParams(temperature=0.7, top_p=0.9, return_logits=True), seed=5)]
+    out = Sampler().sample(logits, rows)
+    assert out.logits is not None and out.logits[1] is None
+    assert torch.equal(out.logits[0], logits[0]) and torch.equal(out.logits[2], logits[2])
+    assert Sampler().sample(logits[1:2], rows[1:2]).logits is None  # nobody asked: nothing copied

@@ -58,6 +58,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output_npy", help="the same as an int32 [sequences, length] array")
     p.add_argument("--output_log_probs_npy",
                    help="log-probs of each generated token, float32 [prompts, outputs, max_output_len], 0-padded")
+    p.add_argument("--output_logits_npy", help="the raw logits of every generated token, float32 [prompts, outputs, "
+                   "max_output_len, vocab], 0-padded (vocab x 4 bytes per token: for short runs and debugging)")
     p.add_argument("--output_cum_log_probs_npy", help="cumulative log-prob of each output, float32 [prompts, outputs]")
     p.add_argument("--output_json", help="one object per prompt: input_ids, output_ids per beam, text per beam")
     p.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
@@ -100,7 +102,7 @@ def sampling_params(args: argparse.Namespace, tokenizer) -> SamplingParams:
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, seed=None if greedy or beams else args.random_seed,
         end_id=args.end_id, stop=list(args.stop_words), bad_word_ids=bad_ids, ignore_eos=args.ignore_eos,
-        min_tokens=args.min_length,
+        min_tokens=args.min_length, return_logits=bool(args.output_logits_npy),
     )
 
 
@@ -162,7 +164,7 @@ def write_outputs(args: argparse.Namespace, results: list[RequestOutput], pad: i
 
 def write_log_probs(args: argparse.Namespace, results: list[RequestOutput]) -> None:
     """run.py's log-prob outputs: per token (0 after an output ends) and cumulative, [prompts, outputs, ...]."""
-    if not (args.output_log_probs_npy or args.output_cum_log_probs_npy):
+    if not (args.output_log_probs_npy or args.output_cum_log_probs_npy or args.output_logits_npy):
         return
     outputs = max(len(r.outputs) for r in results)
     per_token = np.zeros((len(results), outputs, args.max_output_len), dtype=np.float32)
@@ -173,8 +175,21 @@ def write_log_probs(args: argparse.Namespace, results: list[RequestOutput]) -> N
             cumulative[i, j] = o.cumulative_logprob
     if args.output_log_probs_npy:
         np.save(args.output_log_probs_npy, per_token)
+    if args.output_logits_npy:
+        np.save(args.output_logits_npy, stacked_logits(results, args.max_output_len))
     if args.output_cum_log_probs_npy:
         np.save(args.output_cum_log_probs_npy, cumulative)
+
+
+def stacked_logits(results: list[RequestOutput], max_output_len: int) -> np.ndarray:
+    """Every output's per-token logits as float32 [prompts, outputs, max_output_len, vocab], 0 after it ends."""
+    vocab = next((o.logits[0].shape[-1] for r in results for o in r.outputs if o.logits), 0)
+    out = np.zeros((len(results), max(len(r.outputs) for r in results), max_output_len, vocab), dtype=np.float32)
+    for i, r in enumerate(results):
+        for j, o in enumerate(r.outputs):
+            for t, row in enumerate(o.logits):
+                out[i, j, t] = row.numpy()
+    return out
 
 
 def print_results(results: list[RequestOutput], tokenizer) -> None:

@@ -27,6 +27,7 @@ class TokenEvent:
     logprob: float | None
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     finished: bool = False
+    logits: Any = None  # the step's raw logits ([vocab] float32) when the request asked return_logits
 
 
 @dataclass
@@ -92,7 +93,8 @@ class LLMEngine:
                 continue
             top = details.top_logprobs[row] if details is not None and details.top_logprobs else []
             logprob = details.logprobs[row] if details is not None else None
-            events.append(TokenEvent(seq, sampled[seq.seq_id], logprob, top, seq.seq_id in finished))
+            logits = details.logits[row] if details is not None and getattr(details, "logits", None) else None
+            events.append(TokenEvent(seq, sampled[seq.seq_id], logprob, top, seq.seq_id in finished, logits))
             if seq.seq_id in finished:
                 self.executor.release(seq.seq_id)
         if beam_rows:
