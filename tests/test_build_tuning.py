@@ -188,3 +188,17 @@ def test_build_describes_its_kernel_choices():
                "fused_moe": {"configs": [{"tokens": 1, "tuned": True}, {"tokens": 2, "tuned": False}]}}
     line = describe_kernels(section)
     assert "on NVIDIA H200 in 12 s" in line and "1 of 2 token buckets" in line and "Triton wins 1 of 2" in line
+
+
+def test_failed_decode_matmul_tuning_leaves_cublas_and_a_warning(monkeypatch):
+    """Tuning must never fail a build: if it breaks, every shape records cuBLAS, untuned."""
+    import kiln.kernels as kernels
+    from kiln.kernels import triton_gemv
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("ptxas died")
+
+    monkeypatch.setattr(triton_gemv, "tune_linear_shapes", broken)
+    with pytest.warns(UserWarning, match="ptxas died"):
+        part = kernels._linear_section([(64, 32), (32, 64)], torch.float16, torch.device("cuda"), True, 1.0, None)
+    assert part["entries"] and all(e["kernel"] == "cublas" and not e["tuned"] for e in part["entries"])

@@ -190,6 +190,10 @@ def tune_gemv(rows: int, weight: torch.Tensor, sms: int | None = None,
             ms = bench(lambda: _launch(x, weight, None, config))
         except (OutOfResources, CompilationError):
             continue
+        except Exception as err:  # noqa: BLE001 - a candidate that fails in any other way is not a choice either
+            if log is not None:
+                log(f"  gemv {config} failed at {rows}x{n}x{k} ({type(err).__name__}: {err}); skipped")
+            continue
         if ms < best_ms:
             best, best_ms = config, ms
     return GemvTiming(best, best_ms, cublas_ms)
