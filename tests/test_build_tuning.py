@@ -202,3 +202,17 @@ def test_failed_decode_matmul_tuning_leaves_cublas_and_a_warning(monkeypatch):
     with pytest.warns(UserWarning, match="ptxas died"):
         part = kernels._linear_section([(64, 32), (32, 64)], torch.float16, torch.device("cuda"), True, 1.0, None)
     assert part["entries"] and all(e["kernel"] == "cublas" and not e["tuned"] for e in part["entries"])
+
+
+def test_failed_moe_tuning_keeps_default_tiles_and_warns(monkeypatch):
+    import kiln.kernels as kernels
+    from kiln.kernels import triton_moe
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no tile compiled")
+
+    monkeypatch.setattr(triton_moe, "tune_moe_buckets", broken)
+    shape = kernels.MoeShape(hidden=64, ffn=96, experts=4, top_k=2)
+    with pytest.warns(UserWarning, match="no tile compiled"):
+        part = kernels._moe_section(shape, torch.float16, torch.device("cuda"), 64, True, 1.0, None)
+    assert part["configs"] and not any(c["tuned"] for c in part["configs"])

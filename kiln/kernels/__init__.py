@@ -92,9 +92,13 @@ def _moe_section(shape: MoeShape, dtype: torch.dtype, device: torch.device, max_
     if tune and device.type == "cuda":
         from kiln.kernels.triton_moe import tune_moe_buckets  # needs triton and a GPU
 
-        table = tune_moe_buckets(buckets, shape.hidden, shape.ffn, shape.experts, shape.top_k, dtype, device,
-                                 budget_s, log)
-    else:
+        try:
+            table = tune_moe_buckets(buckets, shape.hidden, shape.ffn, shape.experts, shape.top_k, dtype, device,
+                                     budget_s, log)
+        except Exception as err:  # noqa: BLE001 - tuning must never fail a build: the default tiles are correct
+            warnings.warn(f"fused-MoE tuning failed ({type(err).__name__}: {err}); the engine keeps default tiles")
+            tune = False
+    if not (tune and device.type == "cuda"):
         table = {b: (default_moe_config(b, shape.top_k, shape.experts), False) for b in buckets}
     configs = [{"tokens": b, "tuned": tuned, **config_to_dict(config)} for b, (config, tuned) in table.items()]
     return {"hidden": shape.hidden, "ffn": shape.ffn, "experts": shape.experts, "top_k": shape.top_k,
