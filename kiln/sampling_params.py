@@ -36,8 +36,7 @@ def _check_int(name: str, value: object, low: int | None = None, high: int | Non
 
 def _check_float(name: str, value: object, allowed: str, ok: bool) -> None:
     """Raise ValueError unless ``value`` is a finite real number for which ``ok`` holds."""
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not (is_number and ok):
+    if not (_is_real(value) and ok):
         raise ValueError(f"SamplingParams.{name} must be {allowed}, got {value!r}")
 
 

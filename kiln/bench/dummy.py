@@ -4,7 +4,6 @@ directory that is removed however the run ends."""
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -15,26 +14,18 @@ import torch
 from kiln.bench.options import BenchOptions
 from kiln.build import build
 from kiln.checkpoint.convert import ConvertPlan, convert
-from kiln.checkpoint.hf_reader import read_json
-from kiln.checkpoint.sources import DummyWeightSource
+from kiln.checkpoint.sources import DummyWeightSource, dummy_hf_config, keep_first_layers
 from kiln.config import BuildConfig, ConfigError, ModelConfig, QuantConfig
-from kiln.models import PRESETS, family_for_hf_config
+from kiln.models import family_for_hf_config
 
 
 def dummy_model_config(options: BenchOptions) -> tuple[ConvertPlan, ModelConfig]:
     """The convert plan of the dummy model (sharded as --tp_size/--pp_size/--moe_* say), with --num_layers and
     --dtype applied."""
-    if options.preset is not None:
-        hf = json.loads(json.dumps(PRESETS[options.preset][1]))
-    else:
-        hf = read_json(Path(str(options.config)), "--config file")
+    hf = dummy_hf_config(options.preset, options.config)
     family = family_for_hf_config(hf)
     config = family.config_from_hf(hf, options.dtype)
-    if options.num_layers is not None:
-        if options.num_layers > config.num_hidden_layers:
-            raise ConfigError(f"--num_layers {options.num_layers} is more than the model's {config.num_hidden_layers} "
-                              "layers")
-        config.num_hidden_layers = options.num_layers
+    keep_first_layers(config, options.num_layers)
     provenance = {"preset": options.preset, "config": options.config, "dummy": True, "seed": options.seed}
     seq_len = options.input_len + options.output_len
     if seq_len > config.max_position_embeddings:

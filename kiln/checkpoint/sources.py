@@ -3,13 +3,15 @@ or dummy random weights made without any source file."""
 
 from __future__ import annotations
 
+import json
 import re
 import zlib
+from pathlib import Path
 
 import torch
 
-from kiln.checkpoint.hf_reader import CheckpointError, HFCheckpoint
-from kiln.config import ModelConfig
+from kiln.checkpoint.hf_reader import CheckpointError, HFCheckpoint, read_json
+from kiln.config import ConfigError, ModelConfig
 from kiln.models.family import Family, expected_sources, find_rule, sources_for
 from kiln.models.transforms import TRANSFORMS
 
@@ -78,3 +80,21 @@ class DummyWeightSource:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
         return torch.randn(shape, generator=gen, device=self.device).mul_(self.std)
+
+
+def dummy_hf_config(preset: str | None, config_path: str | Path | None) -> dict:
+    """The Hugging Face style config of dummy weights: a copy of a built-in preset, or a config.json file."""
+    if preset is not None:
+        from kiln.models import PRESETS
+
+        return json.loads(json.dumps(PRESETS[preset][1]))
+    return read_json(Path(str(config_path)), "--config file")
+
+
+def keep_first_layers(config: ModelConfig, num_layers: int | None) -> None:
+    """--num_layers: keep the model's first N layers (a slice at full width for measuring)."""
+    if num_layers is None:
+        return
+    if not 1 <= num_layers <= config.num_hidden_layers:
+        raise ConfigError(f"--num_layers must be between 1 and the model's {config.num_hidden_layers} layers")
+    config.num_hidden_layers = num_layers

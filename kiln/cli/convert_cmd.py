@@ -4,12 +4,11 @@ convert_checkpoint.py)."""
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from kiln.checkpoint.convert import ConvertPlan, convert
-from kiln.checkpoint.hf_reader import HFCheckpoint, read_json
-from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource
+from kiln.checkpoint.hf_reader import HFCheckpoint
+from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_config, keep_first_layers
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
 from kiln.models import PRESETS, family_for_hf_config
 
@@ -70,9 +69,7 @@ def resolve_source(args: argparse.Namespace) -> tuple[dict, object | None]:
     if args.model_dir:
         checkpoint = HFCheckpoint(args.model_dir)
         return checkpoint.config, checkpoint
-    if args.preset:
-        return json.loads(json.dumps(PRESETS[args.preset][1])), None
-    return read_json(Path(args.config), "--config file"), None
+    return dummy_hf_config(args.preset, args.config), None
 
 
 def make_plan(args: argparse.Namespace) -> ConvertPlan:
@@ -89,10 +86,7 @@ def make_plan(args: argparse.Namespace) -> ConvertPlan:
     extra = {"model_version": args.model_version} if args.model_version is not None else {}
     config = family.config_from_hf(hf, args.dtype, **extra)
     source_layers = config.num_hidden_layers
-    if args.num_layers is not None:
-        if not 1 <= args.num_layers <= source_layers:
-            raise ConfigError(f"--num_layers must be between 1 and the model's {source_layers} layers")
-        config.num_hidden_layers = args.num_layers
+    keep_first_layers(config, args.num_layers)
     moe_tp, moe_ep = moe_mapping(args) if config.is_moe else (args.tp_size, 1)
     mapping = Mapping(args.tp_size * args.pp_size, args.tp_size, args.pp_size, moe_tp, moe_ep)
     if checkpoint is not None:

@@ -85,15 +85,17 @@ class LLMEngine:
         finished = {seq.seq_id for seq in self.scheduler.postprocess(output, sampled)}
         events: list[TokenEvent | BeamEvent] = []
         beam_rows = []
+        top_rows = details.top_logprobs if details is not None and details.top_logprobs else None
+        logit_rows = getattr(details, "logits", None)
         for row, seq in enumerate(order):
             if seq.group_id is not None:
                 beam_rows.append((row, seq))
                 continue
             if seq.seq_id not in sampled:
                 continue
-            top = details.top_logprobs[row] if details is not None and details.top_logprobs else []
+            top = top_rows[row] if top_rows else []
             logprob = details.logprobs[row] if details is not None else None
-            logits = details.logits[row] if details is not None and getattr(details, "logits", None) else None
+            logits = logit_rows[row] if logit_rows else None
             events.append(TokenEvent(seq, sampled[seq.seq_id], logprob, top, seq.seq_id in finished, logits))
             if seq.seq_id in finished:
                 self.executor.release(seq.seq_id)
