@@ -71,13 +71,19 @@ def profile_steps(llm, steps: int) -> None:
             spans.append((ev.time_range.start, ev.time_range.end))
     spans.sort()
     busy, end = 0.0, -1.0
+    short_gaps, long_gaps = [], []  # idle time between kernels: < 10 us (launch gaps inside a graph) or longer
     for s, e in spans:  # union of kernel intervals
+        if end >= 0 and s > end:
+            (short_gaps if s - end < 10 else long_gaps).append(s - end)
         if e > end:
             busy += e - max(s, end)
             end = e
     total = sum(sum(v) for v in kernels.values())
     print(f"  wall {wall:.3f} ms/step; GPU busy {busy / steps / 1e3:.3f} ms/step; kernel sum "
           f"{total / steps / 1e3:.3f} ms/step; kernels/step {sum(len(v) for v in kernels.values()) / steps:.0f}")
+    print(f"  idle between kernels: {sum(short_gaps) / steps / 1e3:.3f} ms/step in {len(short_gaps) / steps:.0f} "
+          f"gaps under 10 us (launch latency), {sum(long_gaps) / steps / 1e3:.3f} ms/step in "
+          f"{len(long_gaps) / steps:.1f} longer gaps (host work the GPU waits for)")
     cats: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for name, durs in kernels.items():
         c = cats[_category(name)]
