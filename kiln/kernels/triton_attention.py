@@ -70,10 +70,11 @@ def attention_key(decode: bool, head_dim_pad: int, group: int, seqs: int, max_co
                         _bucket(seqs, BATCH_BUCKETS), _bucket(max_context, CONTEXT_BUCKETS))
 
 
-# The engine's launches merge split-K partials with a second kernel until the one-kernel merge (last split to finish
-# merges, ordered by an atomic counter) has passed its race test on a GPU (tests/test_kernels_gpu.py
-# test_fused_split_merge_is_race_free); explicit configs can ask for it. One split needs no merge either way.
-FUSED_MERGE_BY_DEFAULT = False
+# The engine's launches merge split-K partials inside the attention kernel (the last split to finish merges,
+# ordered by an atomic counter): one launch per layer instead of two. Its race test
+# (tests/test_kernels_gpu.py test_fused_split_merge_is_race_free) passed on an H200; explicit configs can still ask
+# for the two-kernel merge. One split needs no merge either way.
+FUSED_MERGE_BY_DEFAULT = True
 
 
 def _table_config(*args: int, **kwargs: int) -> AttentionConfig:

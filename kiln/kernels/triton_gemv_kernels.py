@@ -44,9 +44,13 @@ def _gemv_step(i, x_ptrs, w_ptrs, acc, offs_k, n_ok, m_ok, span,
             x = tl.load(x_ptrs + shift, mask=k_ok[:, None] & m_ok[None, :], other=0.0)
         else:
             x = tl.load(x_ptrs + shift, mask=k_ok, other=0.0)
+    # One return at the end: Triton compiles the code after a constexpr `if` that returns, so the fma expression
+    # must sit in an else (on [BLOCK_K, BLOCK_M] dot inputs it does not type-check).
     if DOT:
-        return dot_acc(w, x, acc, DOT_F32, PRECISION)  # [BLOCK_N, BLOCK_M]
-    return acc + w.to(tl.float32) * x.to(tl.float32)[None, :]  # [BLOCK_N, BLOCK_K], summed over K at the end
+        acc = dot_acc(w, x, acc, DOT_F32, PRECISION)  # [BLOCK_N, BLOCK_M]
+    else:
+        acc = acc + w.to(tl.float32) * x.to(tl.float32)[None, :]  # [BLOCK_N, BLOCK_K], summed over K at the end
+    return acc
 
 
 @triton.jit
