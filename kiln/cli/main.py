@@ -33,13 +33,20 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    abandoned_before = _teardown_abandoned()
     code = _run(args)
-    launch = sys.modules.get("kiln.distributed.launch")
-    if launch is not None and launch.TEARDOWN_ABANDONED:  # a multi-rank engine could not leave its world cleanly
+    # A multi-rank engine of this command could not leave its world cleanly: exit at once rather than hang in
+    # interpreter shutdown. Only this command's engine counts (main may run many commands in one process).
+    if _teardown_abandoned() and not abandoned_before:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def _teardown_abandoned() -> bool:
+    launch = sys.modules.get("kiln.distributed.launch")
+    return launch is not None and launch.TEARDOWN_ABANDONED
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -120,6 +120,14 @@ class DecodeGraphs:
         log.info("captured %d decode graphs (batch %s) in %.1f MiB", len(self.sizes), self.sizes,
                  self.memory_bytes / 2**20)
 
+    def release(self) -> None:
+        """Free the captured graphs now, whoever still holds this object. Multi-rank engines call it before they
+        leave their process groups: a graph that captured NCCL collectives and outlives its communicator's teardown
+        (kept alive by a reference or a reference cycle) makes that teardown hang."""
+        for graph in self.graphs.values():
+            graph.reset()
+        self.graphs.clear()
+
     def run(self, batch: HostBatch) -> torch.Tensor:  # -> [seqs, vocab] float32
         """Replay the smallest graph that holds the batch; the caller checked `can_run`."""
         size = self.padded_size(batch.num_seqs)

@@ -188,7 +188,7 @@ class MultiRankDriver(StageRunner):
             pass
         # Every rank now drops its graphs and leaves the world at the same time; the processes are waited for
         # after that (waiting first would leave the workers' NCCL teardown without its peer).
-        self.graphs = None
+        self.drop_graphs()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         try:

@@ -89,6 +89,12 @@ class StageRunner(ModelRunner):
             return None
         return graphs
 
+    def drop_graphs(self) -> None:
+        """Free the decode graphs (their captured collectives) before the world is left."""
+        if self.graphs is not None:
+            self.graphs.release()
+        self.graphs = None
+
     @property
     def logits_rank(self) -> int:
         """The rank that hands the logits to the driver: tp rank 0 of the last stage."""
@@ -220,7 +226,7 @@ def run_rank(engine: ArtifactInfo | str, mapping: Mapping, device: torch.device,
         info = load_artifact(engine, "engine") if isinstance(engine, str) else engine
         runner = StageRunner(info, world, cache, kernel_backend)
         serve(runner)
-        runner.graphs = None  # captured collectives go before their communicator (leave_world below)
+        runner.drop_graphs()  # captured collectives go before their communicator (leave_world below)
         if runner.device.type == "cuda":
             torch.cuda.synchronize(runner.device)
         return 0
