@@ -82,32 +82,118 @@ class SamplerOutput:
 class Sampler:
     """Chooses one token per row from the model's logits; see the module docstring for the order of processing.
 
-    Stateless: everything a request needs (its generator included) comes in its SamplingRow.
+    Stateless: everything a request needs (its generator included) comes in its SamplingRow. Sampling runs in two
+    stages: `launch` queues the device work (tokens, logprobs, top logprobs) and the copies to the host without
+    waiting for them; `DeviceSample.to_host` waits and builds the SamplerOutput. `sample` does both.
     """
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
         """Sample one token per row. ``logits``: ``[num_rows, vocab]``, one row per entry of ``rows``."""
+        return self.launch(logits, rows).to_host()
+
+    def launch(self, logits: torch.Tensor, rows: list[SamplingRow]) -> DeviceSample:
+        """The device stage: choose the tokens and start their copy to the host; nothing here waits for the device
+        (host-to-device copies go through pinned memory, non_blocking)."""
         _check_inputs(logits, rows)
         logits = logits.float()  # [rows, vocab]; a no-op for the float32 logits the runner produces
         if not rows:
-            return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
+            return DeviceSample(rows, torch.empty(0, dtype=torch.int64, device=logits.device), logits)
         if all(_is_plain_greedy(row) for row in rows):
             tokens = logits.argmax(dim=-1)  # the every-step fast path: nothing to process
         else:
             tokens = _sample_processed(logits, rows)
-        out = _build_output(logits, tokens, rows)
+        sample = DeviceSample(rows, tokens, logits)
+        sample.start_copies()
+        return sample
+
+
+@dataclass
+class DeviceSample:
+    """A launched sampling step: ``token_ids`` ``[rows]`` int64 stays on the logits' device (the next step can read
+    it there before the host has it); `to_host` waits for the copies `start_copies` queued and returns the
+    SamplerOutput. Copies are queued at launch so that reading this step's results never waits for work queued
+    after it on the same stream (the next step)."""
+
+    rows: list[SamplingRow]
+    token_ids: torch.Tensor  # [rows] int64, on the logits' device
+    logits: torch.Tensor  # [rows, vocab] float32, raw
+    _ids_logprobs: torch.Tensor | None = None  # [2, rows] float64 on the host: ids and raw logprobs
+    _top: tuple[torch.Tensor, torch.Tensor] | None = None  # host [rows, max wanted] values, indices
+    _wanted_logits: torch.Tensor | None = None  # host [rows asking return_logits, vocab]
+    _copied: object | None = None  # torch.cuda.Event recorded after the copies (CUDA only)
+    _output: SamplerOutput | None = None
+
+    def start_copies(self) -> None:
+        logits, tokens, rows = self.logits, self.token_ids, self.rows
+        chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)  # [rows]
+        # Token ids < 2**53 are exact in float64, so ids and logprobs travel to the host together.
+        self._ids_logprobs = _copy_to_host(torch.stack([tokens.double(), chosen.double()]))
+        most = max(_top_wanted(row, logits.shape[1]) for row in rows)
+        if most > 0:
+            values, indices = torch.log_softmax(logits, dim=-1).topk(most, dim=-1)  # [rows, most]
+            self._top = (_copy_to_host(values), _copy_to_host(indices))
         wanted = [i for i, row in enumerate(rows) if row.params.return_logits]
         if wanted:
-            host = logits[wanted].cpu()  # [wanted rows, vocab]: one copy
+            self._wanted_logits = _copy_to_host(logits[wanted])  # [wanted rows, vocab]: one copy
+        if logits.device.type == "cuda":
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+
+    def to_host(self) -> SamplerOutput:
+        """Wait for this step's tokens (the step's one device-to-host synchronization) and build its output."""
+        if self._output is None:
+            if self._copied is not None:
+                self._copied.synchronize()
+            self._output = self._build()
+        return self._output
+
+    def _build(self) -> SamplerOutput:
+        rows = self.rows
+        if not rows:
+            return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
+        ids_host, logprobs = self._ids_logprobs.tolist()
+        out = SamplerOutput(token_ids=[int(t) for t in ids_host], logprobs=logprobs, top_logprobs=None)
+        if any(row.params.logprobs is not None for row in rows):
+            out.top_logprobs = [[] for _ in rows]
+            if self._top is not None:
+                values_host, indices_host = self._top[0].tolist(), self._top[1].tolist()
+                for i, row in enumerate(rows):
+                    k = _top_wanted(row, self.logits.shape[1])
+                    out.top_logprobs[i] = list(zip(indices_host[i][:k], values_host[i][:k]))
+        if self._wanted_logits is not None:
             out.logits = [None] * len(rows)
+            wanted = [i for i, row in enumerate(rows) if row.params.return_logits]
             for j, i in enumerate(wanted):
-                out.logits[i] = host[j]
+                out.logits[i] = self._wanted_logits[j]
         beam = [i for i, row in enumerate(rows) if row.params.use_beam_search]
-        if beam:
+        if beam:  # beams never run ahead (their group chooses before the next step): computed here, in sync
             out.beam_candidates = [[] for _ in rows]
-            for i, cands in zip(beam, beam_candidates(logits[beam], [rows[i] for i in beam])):
+            for i, cands in zip(beam, beam_candidates(self.logits[beam], [rows[i] for i in beam])):
                 out.beam_candidates[i] = cands
         return out
+
+
+def _top_wanted(row: SamplingRow, vocab: int) -> int:
+    return min(row.params.logprobs or 0, vocab)
+
+
+def _copy_to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """Queue a copy of a device tensor into fresh pinned host memory (read it after the step's event); CPU tensors
+    are returned as they are."""
+    if tensor.device.type != "cuda":
+        return tensor
+    host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+    host.copy_(tensor, non_blocking=True)
+    return host
+
+
+def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A host tensor on ``device`` without synchronizing the stream: on CUDA through pinned memory and a non_blocking
+    copy (the caching host allocator keeps the pinned block until the copy has run). A plain ``.to(cuda)`` or
+    ``torch.tensor(..., device=cuda)`` waits for the stream, which would undo the overlap of host and device."""
+    if device.type != "cuda" or tensor.device.type == "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def beam_candidates(logits: torch.Tensor, rows: list[SamplingRow]) -> list[list[tuple[int, float]]]:
@@ -135,7 +221,8 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
         return logits
     out = logits.clone()
     if ban_rows:
-        out[torch.tensor(ban_rows, device=out.device), torch.tensor(ban_tokens, device=out.device)] = -float("inf")
+        ban = to_device(torch.tensor([ban_rows, ban_tokens], dtype=torch.int64), out.device)  # [2, bans]: one copy
+        out[ban[0], ban[1]] = -float("inf")
     if penalised:
         _apply_penalties(out, [rows[i] for i in penalised], penalised)
     return out
@@ -236,8 +323,8 @@ def _flat_ids(id_lists: list[list[int]], vocab: int, device: torch.device) -> tu
     if sum(lengths) == 0:
         return None
     buffer = array.array("q", itertools.chain.from_iterable(id_lists))
-    tokens = torch.frombuffer(buffer, dtype=torch.int64).clamp(0, vocab).to(device)  # clamp copies off the buffer
-    row_index = torch.repeat_interleave(torch.arange(len(id_lists)), torch.tensor(lengths)).to(device)
+    tokens = to_device(torch.frombuffer(buffer, dtype=torch.int64).clamp(0, vocab), device)  # clamp copies
+    row_index = to_device(torch.repeat_interleave(torch.arange(len(id_lists)), torch.tensor(lengths)), device)
     return row_index, tokens
 
 
@@ -260,18 +347,18 @@ def _apply_penalties(out: torch.Tensor, rows: list[SamplingRow], index: list[int
         if prompt_ids is not None:
             seen[prompt_ids] = True
         seen = seen[:, :vocab] | (counts > 0)
-        rep = torch.tensor(rep_values, device=device).unsqueeze(1)  # [penalised rows, 1]
+        rep = to_device(torch.tensor(rep_values), device).unsqueeze(1)  # [penalised rows, 1]
         sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
     freq = [row.params.frequency_penalty for row in rows]
     pres = [row.params.presence_penalty for row in rows]
     if any(freq) or any(pres):
-        freq_t = torch.tensor(freq, device=device).unsqueeze(1)
-        pres_t = torch.tensor(pres, device=device).unsqueeze(1)
+        freq_t = to_device(torch.tensor(freq), device).unsqueeze(1)
+        pres_t = to_device(torch.tensor(pres), device).unsqueeze(1)
         sub = sub - freq_t * counts - pres_t * (counts > 0).float()
     if all_rows:
         out.copy_(sub)
     else:
-        out[torch.tensor(index, device=device)] = sub
+        out[to_device(torch.tensor(index), device)] = sub
 
 
 def _sample_processed(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
@@ -284,7 +371,7 @@ def _sample_processed(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Te
         return tokens
     if len(sampled) == len(rows):
         return _sample_rows(processed, rows)
-    index = torch.tensor(sampled, device=logits.device)
+    index = to_device(torch.tensor(sampled), logits.device)
     tokens[index] = _sample_rows(processed[index], [rows[i] for i in sampled])
     return tokens
 
@@ -299,7 +386,7 @@ def _sample_rows(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
     truncate = any(k > 0 for k in top_k) or any(p < 1.0 for p in top_p) or any(m > 0.0 for m in min_p)
     if scale or truncate:
         # Every row's parameters reach the device in one float64 copy (ids and float32 values are exact in it).
-        params = torch.tensor([temps, top_k, top_p, min_p], dtype=torch.float64).to(logits.device)  # [4, rows]
+        params = to_device(torch.tensor([temps, top_k, top_p, min_p], dtype=torch.float64), logits.device)  # [4, rows]
         if scale:
             logits = logits / params[0].float().unsqueeze(1)
         if truncate:
@@ -327,25 +414,7 @@ def _exponential_race(probs: torch.Tensor, generators: list[torch.Generator | No
         drawn = torch.empty(len(elsewhere), probs.shape[1], dtype=probs.dtype)
         for j, i in enumerate(elsewhere):
             drawn[j].exponential_(generator=generators[i])
-        noise[torch.tensor(elsewhere, device=probs.device)] = drawn.to(probs.device)
+        noise[to_device(torch.tensor(elsewhere), probs.device)] = to_device(drawn, probs.device)
     # Exponential draws can be exactly 0; a banned token (probability 0) must not win by 0 / 0 = nan.
     noise.clamp_(min=torch.finfo(noise.dtype).tiny)
     return (probs / noise).argmax(dim=-1)
-
-
-def _build_output(logits: torch.Tensor, tokens: torch.Tensor, rows: list[SamplingRow]) -> SamplerOutput:
-    """Chosen tokens with their raw logprobs (one device-to-host copy), and top logprobs where asked."""
-    chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)  # [rows]
-    # Token ids < 2**53 are exact in float64, so ids and logprobs travel to the host together.
-    ids_host, logprobs = torch.stack([tokens.double(), chosen.double()]).tolist()
-    token_ids = [int(t) for t in ids_host]
-    if all(row.params.logprobs is None for row in rows):
-        return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=None)
-    wanted = [min(row.params.logprobs or 0, logits.shape[1]) for row in rows]
-    top: list[list[tuple[int, float]]] = [[] for _ in rows]
-    if max(wanted) > 0:
-        values, indices = torch.log_softmax(logits, dim=-1).topk(max(wanted), dim=-1)  # [rows, max wanted]
-        values_host, indices_host = values.tolist(), indices.tolist()
-        for i, k in enumerate(wanted):
-            top[i] = list(zip(indices_host[i][:k], values_host[i][:k]))
-    return SamplerOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=top)

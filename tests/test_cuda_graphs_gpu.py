@@ -174,7 +174,7 @@ def test_graphs_match_eager_and_cpu(name, tmp_path):
     assert graphs is not None and sorted(graphs.graphs) == [1, 2, 4, 6]
     replays: list[int] = []
     run = graphs.run
-    graphs.run = lambda batch: (replays.append(batch.num_seqs), run(batch))[1]
+    graphs.run = lambda batch, *feed: (replays.append(batch.num_seqs), run(batch, *feed))[1]
     with_graphs = _tokens(gpu, prompts, params)
     assert len(replays) > 10 and set(replays) - {1, 2, 4, 6}  # batches padded to a larger graph too
     gpu.runner.graphs = None

@@ -87,15 +87,15 @@ def test_batch_invariance_with_arrivals_chunking_and_preemption(engine):
 
 
 def count_computed_tokens(llm: kiln.LLM) -> list[int]:
-    """Wrap the executor so each step's computed (new) tokens are counted."""
+    """Wrap the executor so each step's computed (new) tokens are counted (`execute` launches too)."""
     counts: list[int] = []
-    execute = llm.runner.execute
+    launch = llm.runner.launch
 
-    def counting(output):
+    def counting(output, feed=None):
         counts.append(sum(item.num_new_tokens for item in output.scheduled))
-        return execute(output)
+        return launch(output, feed)
 
-    llm.engine.executor.execute = counting
+    llm.engine.executor.launch = counting
     return counts
 
 

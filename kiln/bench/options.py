@@ -26,6 +26,7 @@ class BenchOptions:
     output_json: str | None = None
     kv_cache_free_gpu_memory_fraction: float | None = None  # default 0.9, or 0.3 with compare_hf
     kernel_backend: str = "auto"
+    async_scheduling: bool = True  # launch each step before the previous one's tokens reach the host
     device: str | None = None  # default: cuda when present
     tune: bool = True  # dummy engines: tune the kernels at build (on a GPU)
     seed: int = 0

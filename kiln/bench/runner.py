@@ -112,13 +112,15 @@ def _time_kiln(engine_dir: Path, options: BenchOptions, device: torch.device, re
     import kiln
 
     llm = kiln.LLM(engine_dir, device=str(device), kv_cache_free_gpu_memory_fraction=options.kv_fraction,
-                   enable_prefix_caching=False, kernel_backend=options.kernel_backend)
+                   enable_prefix_caching=False, kernel_backend=options.kernel_backend,
+                   async_scheduling=options.async_scheduling)
     try:
         kernels = getattr(llm.runner, "kernels", None)
         report.engine["kernel_set"] = getattr(kernels, "name", None)
         # Layers whose decode matmul is the build-chosen Triton GEMV rather than cuBLAS (0 where nothing was tuned).
         report.engine["gemv_layers"] = getattr(llm.runner, "gemv_layers", 0)
         report.engine["cuda_graphs"] = getattr(llm.runner, "graphs", None) is not None
+        report.engine["async_scheduling"] = llm.engine.async_scheduling
         kv_per_token = report.engine["kv_bytes_per_token"]
         for batch in options.batch_sizes:
             timing = time_kiln_case(llm, batch, options.input_len, options.output_len, options.warmup, device,

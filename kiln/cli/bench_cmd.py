@@ -28,6 +28,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=None,
                    help="share of free GPU memory for kiln's KV cache (default 0.9, 0.3 with --compare_hf)")
     p.add_argument("--kernel_backend", default="auto", help="auto, triton or torch")
+    p.add_argument("--no_async_scheduling", action="store_true",
+                   help="time steps run one at a time (by default each is launched before the previous one's "
+                   "tokens reach the host)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--no_tune", action="store_true", help="dummy engines: record default kernel tiles, skip tuning")
     p.add_argument("--seed", type=int, default=0, help="seed of dummy weights and random prompts")
@@ -46,7 +49,7 @@ def main(args: argparse.Namespace) -> int:
         dtype=args.dtype, batch_sizes=list(args.batch_size), input_len=args.input_len, output_len=args.output_len,
         warmup=args.warmup, compare_hf=args.compare_hf, output_json=args.output_json,
         kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction, kernel_backend=args.kernel_backend,
-        device=args.device, tune=not args.no_tune, seed=args.seed, tp_size=args.tp_size, pp_size=args.pp_size,
+        async_scheduling=not args.no_async_scheduling, device=args.device, tune=not args.no_tune, seed=args.seed, tp_size=args.tp_size, pp_size=args.pp_size,
         moe_tp_mode=args.moe_tp_mode, moe_tp_size=args.moe_tp_size, moe_ep_size=args.moe_ep_size,
     )
     run_bench(options, log=lambda line: print(line, flush=True))

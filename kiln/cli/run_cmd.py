@@ -65,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
     p.add_argument("--no_cuda_graphs", "--enforce_eager", dest="no_cuda_graphs", action="store_true",
                    help="run decode steps eagerly instead of replaying CUDA graphs (for debugging and profiling)")
+    p.add_argument("--no_async_scheduling", action="store_true",
+                   help="run each step only after the previous one's tokens reached the host (by default a "
+                   "single-rank engine launches the next step first, overlapping host and GPU work)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
 
@@ -218,7 +221,7 @@ def stream_to_stdout(llm: LLM, prompts: list[list[int]], params: SamplingParams,
 def main(args: argparse.Namespace) -> int:
     llm = LLM(args.engine_dir, tokenizer_dir=args.tokenizer_dir, device=args.device,
               kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,
-              use_cuda_graphs=not args.no_cuda_graphs)
+              use_cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async_scheduling)
     tokenizer = llm.tokenizer
     prompts = read_prompts(args, tokenizer)
     params = sampling_params(args, tokenizer)

@@ -12,8 +12,10 @@ positions, writes their K/V at the slots of `seq.block_table`, and samples a tok
 from __future__ import annotations
 
 import bisect
+import operator
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from kiln.engine.block_manager import BlockManager
 from kiln.engine.sequence import FinishReason, Sequence, SequenceStatus
@@ -53,6 +55,17 @@ class SchedulerOutput:
     @property
     def is_empty(self) -> bool:
         return not self.scheduled
+
+
+@dataclass
+class StepFeed:
+    """The input tokens of a step launched before the previous step's tokens reached the host: each entry of
+    `tokens` is (index in this step's packed new tokens, row of the previous step's sampled ids), and that input
+    token is a placeholder the executor replaces on its device with the sampled id. `previous` is the previous
+    step's in-flight handle, as the executor's `launch` returned it."""
+
+    previous: Any
+    tokens: list[tuple[int, int]] = field(default_factory=list)
 
 
 class Scheduler:
@@ -202,9 +215,11 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         scheduled_ids: set[int] = set()
-        # Paused beams have computed every token and wait for their group: they are in neither list.
-        decodes = [s for s in self.running if s.num_tokens - s.num_computed_tokens == 1 and not s.paused]
-        prefills = [s for s in self.running if s.num_tokens - s.num_computed_tokens > 1 and not s.paused]
+        # Paused beams have computed every token and wait for their group; sequences awaiting the token of a step in
+        # flight (they finish with it) wait for it: they are in neither list.
+        ready = [s for s in self.running if not s.paused and not s.awaiting_token]
+        decodes = [s for s in ready if s.num_tokens - s.num_computed_tokens == 1]
+        prefills = [s for s in ready if s.num_tokens - s.num_computed_tokens > 1]
         for seq in decodes + prefills:  # both in arrival order
             if budget == 0 or len(out.scheduled) == self.max_num_seqs:
                 break
@@ -272,7 +287,7 @@ class Scheduler:
         for seq in list(self.waiting):
             if budget == 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if seq.paused:
+            if seq.paused or seq.awaiting_token:
                 continue
             if not bm.can_allocate(seq):
                 break
@@ -318,6 +333,50 @@ class Scheduler:
                 self._finish(seq, reason)
                 finished.append(seq)
         return finished
+
+    def postprocess_ahead(self, output: SchedulerOutput, placeholder: int = 0) -> dict[int, int | None]:
+        """Advance a step's sequences before its tokens are known, so that the next step can be scheduled while it
+        runs: computed counts and prefix-cache blocks as `postprocess` does, and each sequence that samples gets
+        `placeholder` as its next token, except one that surely finishes by length with this token: it gets none
+        and is `awaiting_token` (not scheduled) until `settle` gives it the token. Sequences no longer running
+        (finished from outside) are skipped. Returns {seq_id: position of its placeholder, or None when awaiting}
+        for the sequences that sample; `settle` each of them once the step's tokens are known."""
+        ahead: dict[int, int | None] = {}
+        for item in output.scheduled:
+            seq = item.seq
+            if seq.status is not SequenceStatus.RUNNING:
+                continue
+            if seq.group_id is not None:
+                raise ValueError(f"postprocess_ahead: sequence {seq.seq_id} is a beam; beam groups choose their "
+                                 "tokens on the host, so their steps cannot run ahead (use postprocess)")
+            seq.num_computed_tokens += item.num_new_tokens
+            self.block_manager.mark_computed(seq)
+            if not item.needs_sample:
+                continue
+            if seq.num_output_tokens + 1 >= seq.max_tokens or seq.num_tokens + 1 >= self.max_model_len:
+                seq.awaiting_token = True  # its last token: no step may run past the sequence's limits
+                ahead[seq.seq_id] = None
+            else:
+                ahead[seq.seq_id] = seq.num_tokens
+                seq.append_token(placeholder)
+        return ahead
+
+    def settle(self, seq: Sequence, token_id: int, position: int | None) -> bool | None:
+        """Give a sequence advanced by `postprocess_ahead` its real token (at its placeholder's `position`, or
+        appended when it was awaiting it) and finish it if it stops; it may be running or, preempted meanwhile,
+        waiting. Returns whether it finished now, or None when it had already finished (its token is dropped)."""
+        seq.awaiting_token = False
+        if seq.status is SequenceStatus.FINISHED:
+            return None
+        if position is None:
+            seq.append_token(token_id)
+        else:
+            seq.token_ids[position] = operator.index(token_id)
+        reason = self._stop_reason(seq)
+        if reason is None:
+            return False
+        self.finish(seq.seq_id, reason)
+        return True
 
     def _stop_reason(self, seq: Sequence) -> FinishReason | None:
         """Why `seq` stops after its newest token, if it does. A stop token stays in the output."""

@@ -72,6 +72,9 @@ class Sequence:
     # `paused` (neither scheduled nor admitted) until its group has heard from every beam and resumes it.
     group_id: int | None = field(default=None, init=False)
     paused: bool = field(default=False, init=False)
+    # Async scheduling: the sequence's last token comes from a step still in flight and ends it (length), so it is
+    # not scheduled until the engine settles that token (Scheduler.postprocess_ahead / settle).
+    awaiting_token: bool = field(default=False, init=False)
 
     def __post_init__(self) -> None:
         self.prompt_token_ids = _token_list(self.prompt_token_ids, "prompt_token_ids")

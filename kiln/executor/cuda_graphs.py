@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kiln.executor.input_batch import DeviceStaging, HostBatch, pack_offsets, torch_dtype
+from kiln.executor.input_batch import DeviceFeed, DeviceStaging, HostBatch, pack_offsets, torch_dtype
 from kiln.kernels import KernelSet
 from kiln.layers.context import AttentionMetadata, ForwardContext
 
@@ -128,11 +128,14 @@ class DecodeGraphs:
             graph.reset()
         self.graphs.clear()
 
-    def run(self, batch: HostBatch) -> torch.Tensor:  # -> [seqs, vocab] float32
-        """Replay the smallest graph that holds the batch; the caller checked `can_run`."""
+    def run(self, batch: HostBatch, feed: DeviceFeed | None = None) -> torch.Tensor:  # -> [seqs, vocab] float32
+        """Replay the smallest graph that holds the batch; the caller checked `can_run`. `feed` writes the previous
+        step's sampled ids into placeholder input tokens on the device, after the upload, before the replay."""
         size = self.padded_size(batch.num_seqs)
         if size is None or not self.graphs:
             raise RuntimeError("no captured graph holds this batch; check can_run() and call capture() first")
         self._stage(batch, size)
+        if feed is not None:
+            feed.apply(self.input_ids[:size])
         self.graphs[size].replay()
         return self.logits[: batch.num_seqs].clone()  # the static buffer is overwritten by the next replay

@@ -48,6 +48,20 @@ class HostBatch:
                 self.block_tables, self.logits_indices]
 
 
+@dataclass
+class DeviceFeed:
+    """Placeholder input tokens of a step and where their ids are on the device: ``input_ids[index[i]]`` takes
+    ``source[rows[i]]`` (the previous step's sampled ids), with no host synchronization."""
+
+    index: torch.Tensor  # [fed] int64: positions in the step's packed input_ids
+    rows: torch.Tensor  # [fed] int64: rows of source
+    source: torch.Tensor  # [previous rows] int64
+
+    def apply(self, input_ids: torch.Tensor) -> None:
+        """Write the fed ids into ``input_ids`` ``[tokens]`` in place (queued on the device after its upload)."""
+        input_ids.index_copy_(0, self.index, self.source.index_select(0, self.rows).to(input_ids.dtype))
+
+
 def _pad_block_tables(tables: list[list[int]]) -> np.ndarray:  # -> [seqs, width] int32, padded with block 0
     lengths = np.fromiter((len(t) for t in tables), dtype=np.int64, count=len(tables))
     width = int(lengths.max()) if len(tables) else 0

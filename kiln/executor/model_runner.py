@@ -11,13 +11,13 @@ from safetensors import safe_open
 from kiln.checkpoint.hf_reader import CheckpointError
 from kiln.checkpoint.kiln_format import ArtifactInfo
 from kiln.config import ConfigError, Mapping
-from kiln.engine.scheduler import SchedulerOutput
+from kiln.engine.scheduler import ScheduledSeq, SchedulerOutput, StepFeed
 from kiln.executor.cuda_graphs import DecodeGraphs, GraphLimits
-from kiln.executor.input_batch import DeviceStaging, HostBatch, build_host_batch
+from kiln.executor.input_batch import DeviceFeed, DeviceStaging, HostBatch, build_host_batch
 from kiln.kernels import KernelSet, bind_linear_matmuls, select_kernels
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.memory import GiB, MemoryPlan
-from kiln.sampling import Sampler, SamplerOutput, SamplingRow
+from kiln.sampling import DeviceSample, Sampler, SamplerOutput, SamplingRow, to_device
 
 
 @dataclass
@@ -43,6 +43,27 @@ class StepBatch:
     logits_indices: torch.Tensor  # [rows]: the last new token of each sequence that samples
 
 
+class StepInFlight:
+    """A step launched by `ModelRunner.launch`: its model and sampling work is queued on the device. `sampled_ids`
+    (``[rows]`` int64, on the device) is what the next step's placeholders read; `result()` waits for the tokens
+    and returns what `ModelRunner.execute` returns."""
+
+    def __init__(self, items: list[ScheduledSeq], sample: DeviceSample) -> None:
+        self.items, self.sample = items, sample
+        self._result: tuple[dict[int, int], SamplerOutput] | None = None
+
+    @property
+    def sampled_ids(self) -> torch.Tensor:  # [rows] int64, one per sampling sequence in batch order
+        return self.sample.token_ids
+
+    def result(self) -> tuple[dict[int, int], SamplerOutput]:
+        """{seq_id: sampled token} for the sequences that sample, and the sampler's details (waits once)."""
+        if self._result is None:
+            out = self.sample.to_host()
+            self._result = ({item.seq.seq_id: tok for item, tok in zip(self.items, out.token_ids)}, out)
+        return self._result
+
+
 def load_weights(model: torch.nn.Module, path: str, device: torch.device) -> None:
     """Copy a rank file into the model's parameters; any missing, extra or misshapen tensor is an error."""
     params = dict(model.named_parameters())
@@ -65,7 +86,11 @@ def load_weights(model: torch.nn.Module, path: str, device: torch.device) -> Non
 
 
 class ModelRunner:
-    """One rank's model and KV cache. `execute` runs a scheduled step and samples where needed."""
+    """One rank's model and KV cache. `execute` runs a scheduled step and samples where needed; `launch` queues one
+    without waiting for its tokens (`execute` is launch + result), so the engine can prepare the next step while
+    the device runs this one."""
+
+    can_launch_ahead = True  # the engine may launch a step whose inputs take the previous step's tokens on the device
 
     def __init__(self, info: ArtifactInfo, mapping: Mapping, device: torch.device,
                  cache: CacheConfig | None = None, kernels: KernelSet | None = None) -> None:
@@ -151,8 +176,8 @@ class ModelRunner:
         """Copy-on-write: give a sequence its own copy of a shared block before it writes into it."""
         if not pairs:
             return
-        src = torch.tensor([s for s, _ in pairs], device=self.device)
-        dst = torch.tensor([d for _, d in pairs], device=self.device)
+        index = to_device(torch.tensor([[s for s, _ in pairs], [d for _, d in pairs]]), self.device)  # [2, pairs]
+        src, dst = index[0], index[1]
         for attn in self.model.attention_layers():
             attn.k_cache[dst] = attn.k_cache[src]
             attn.v_cache[dst] = attn.v_cache[src]
@@ -170,27 +195,50 @@ class ModelRunner:
         return StepBatch(ids, positions, attn, sample_at)
 
     @torch.inference_mode()
-    def compute_logits(self, output: SchedulerOutput, all_logits: bool = False) -> torch.Tensor:
+    def compute_logits(self, output: SchedulerOutput, all_logits: bool = False,
+                       feed: StepFeed | None = None) -> torch.Tensor:
         # -> [rows, vocab] float32: one row per sampling sequence, or per new token with all_logits
         self.copy_blocks(output.block_copies)
         host = build_host_batch(output, self.block_size, all_logits)
+        device_feed = self._device_feed(feed, host)
         if self.graphs is not None and not all_logits and self.graphs.can_run(host):
-            logits = self.graphs.run(host)  # [seqs, vocab]: every row of a decode batch
+            # [seqs, vocab]: every row of a decode batch
+            logits = self.graphs.run(host) if device_feed is None else self.graphs.run(host, device_feed)
             if host.logits_indices.shape[0] == host.num_seqs:
                 return logits
-            return logits[torch.from_numpy(host.logits_indices).to(self.device)]
+            return logits[to_device(torch.from_numpy(host.logits_indices), self.device)]
         batch = self._to_device(host)
+        if device_feed is not None:
+            device_feed.apply(batch.input_ids)
         ctx = ForwardContext(self.kernels, batch.attn)
         hidden = self.model(batch.input_ids, batch.positions, ctx)
         return self.model.compute_logits(hidden[batch.logits_indices])
 
-    def execute(self, output: SchedulerOutput) -> tuple[dict[int, int], SamplerOutput]:
-        """Run one step; return {seq_id: sampled token} for the sequences that sample, and the sampler's details."""
-        logits = self.compute_logits(output)
+    def _device_feed(self, feed: StepFeed | None, host: HostBatch) -> DeviceFeed | None:
+        """The feed's (token index, previous row) pairs checked against this batch and sent to the device."""
+        if feed is None or not feed.tokens:
+            return None
+        source = getattr(feed.previous, "sampled_ids", None)
+        if not isinstance(source, torch.Tensor):
+            raise ValueError("StepFeed.previous must be the handle ModelRunner.launch returned for the previous step")
+        for index, row in feed.tokens:
+            if not (0 <= index < host.num_tokens and 0 <= row < source.shape[0]):
+                raise ValueError(f"StepFeed entry ({index}, {row}) is outside this step's {host.num_tokens} tokens "
+                                 f"or the previous step's {source.shape[0]} sampled rows")
+        pairs = to_device(torch.tensor(feed.tokens, dtype=torch.int64).T.contiguous(), self.device)  # [2, fed]
+        return DeviceFeed(pairs[0], pairs[1], source)
+
+    def launch(self, output: SchedulerOutput, feed: StepFeed | None = None) -> StepInFlight:
+        """Queue one step (model, sampling, the copy of its tokens to the host) without waiting for it. Input tokens
+        named by `feed` are placeholders: each takes the previous step's sampled id on the device."""
+        logits = self.compute_logits(output, feed=feed) if feed is not None else self.compute_logits(output)
         items = [item for item in output.scheduled if item.needs_sample]
         rows = [self._row(item.seq) for item in items]
-        result = self.sampler.sample(logits, rows)
-        return {item.seq.seq_id: tok for item, tok in zip(items, result.token_ids)}, result
+        return StepInFlight(items, self.sampler.launch(logits, rows))
+
+    def execute(self, output: SchedulerOutput) -> tuple[dict[int, int], SamplerOutput]:
+        """Run one step; return {seq_id: sampled token} for the sequences that sample, and the sampler's details."""
+        return self.launch(output).result()
 
     def _row(self, seq) -> SamplingRow:
         params = seq.params

@@ -20,8 +20,8 @@ import torch.distributed as dist
 from kiln.checkpoint.kiln_format import ArtifactInfo
 from kiln.config import ConfigError
 from kiln.distributed import launch
-from kiln.engine.scheduler import SchedulerOutput
-from kiln.executor.model_runner import CacheConfig
+from kiln.engine.scheduler import SchedulerOutput, StepFeed
+from kiln.executor.model_runner import CacheConfig, StepInFlight
 from kiln.executor.step_plan import PlanEncoder, WorkerError
 from kiln.executor.worker import STEP, STOP, StageRunner, is_peer_failure, spawn_spec
 
@@ -50,7 +50,11 @@ def microbatch_min_tokens() -> int:
 
 class MultiRankDriver(StageRunner):
     """Rank 0 of a multi-rank engine. It is an executor like ModelRunner (`num_blocks`, `execute`,
-    `compute_logits`, `release`, `shutdown`); `execute` is ModelRunner's, sampling the logits gathered here."""
+    `compute_logits`, `release`, `shutdown`); `execute` is ModelRunner's, sampling the logits gathered here. Its
+    steps run one at a time (`can_launch_ahead` is False: the engine does not launch a step before the previous
+    one's tokens are on the host, since every rank rebuilds the batch from the tokens in the plan)."""
+
+    can_launch_ahead = False
 
     def __init__(self, info: ArtifactInfo, device: torch.device, cache: CacheConfig, kernel_backend: str = "auto",
                  store: dist.Store | None = None, local_rank: int = 0) -> None:
@@ -163,6 +167,13 @@ class MultiRankDriver(StageRunner):
             return logits
         except BaseException as err:
             raise self._fail(err) from None
+
+    def launch(self, output: SchedulerOutput, feed: StepFeed | None = None) -> StepInFlight:
+        """ModelRunner.launch without a feed: the ranks need every input token in the plan."""
+        if feed is not None:
+            raise ValueError("a multi-rank engine cannot launch a step ahead of the previous step's tokens; run it "
+                             "with async scheduling off (LLMEngine checks can_launch_ahead)")
+        return super().launch(output)
 
     def _micro_batches(self, output: SchedulerOutput) -> int:
         """pp micro-batches for a step that computes enough tokens and has at least two sequences, else 1."""

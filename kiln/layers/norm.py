@@ -77,15 +77,15 @@ def tp_layer_norms(xs: list[torch.Tensor], norms: list[TPLayerNorm]) -> list[tor
     """Apply each norm to its [tokens, local_dim] slice, in float32, with two-pass statistics (mean, then the
     centred square) and one all-reduce per pass for all the tensors together."""
     xf = [x.float() for x in xs]
-    counts = torch.tensor([n.count for n in norms], dtype=torch.float32, device=xs[0].device)
+    # Counts and eps stay Python scalars: a torch.tensor(..., device=cuda) here would synchronize the stream in
+    # every layer (and cannot be captured in a CUDA graph).
     sums = tp_all_reduce(torch.stack([x.sum(-1) for x in xf], dim=-1))  # [tokens, len(xs)]
-    means = sums / counts
-    centred = [x - means[:, i : i + 1] for i, x in enumerate(xf)]
+    centred = [x - sums[:, i : i + 1] / n.count for i, (x, n) in enumerate(zip(xf, norms))]
     squares = tp_all_reduce(torch.stack([(c * c).sum(-1) for c in centred], dim=-1))
-    rstd = torch.rsqrt(squares / counts + torch.tensor([n.eps for n in norms], device=xs[0].device))
     out = []
     for i, (x, c, norm) in enumerate(zip(xs, centred, norms)):
-        y = c * rstd[:, i : i + 1] * norm.weight.float()
+        rstd = torch.rsqrt(squares[:, i : i + 1] / norm.count + norm.eps)  # [tokens, 1]
+        y = c * rstd * norm.weight.float()
         if norm.bias is not None:
             y = y + norm.bias.float()
         out.append(y.to(x.dtype))
