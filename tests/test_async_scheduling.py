@@ -228,6 +228,36 @@ def test_lookahead_happens_and_no_step_runs_past_a_limit(engine):
     assert outs[True] == outs[False]
 
 
+class FailingLaunch(Recorder):
+    """A runner whose launch of step `fail_at` raises, as a device error or out-of-memory would."""
+
+    def __init__(self, runner, fail_at: int) -> None:
+        super().__init__(runner, MAX_LEN)
+        self.fail_at = fail_at
+
+    def launch(self, output: SchedulerOutput, feed: StepFeed | None = None):
+        if sum(1 for kind, _ in self.calls if kind == "launch") == self.fail_at:
+            raise RuntimeError("launch failed")
+        return super().launch(output, feed)
+
+
+def test_a_failed_launch_leaves_no_placeholder_behind(engine):
+    """The launch of step N+1 fails after step N's sequences were advanced with placeholders: the error reaches the
+    caller, and every sequence holds step N's real tokens (those of a synchronous run), none of the placeholder."""
+    reference = make_llm(engine, False)
+    want = [o.outputs[0].token_ids for o in reference.generate(PROMPTS[:3], greedy(8, ignore_eos=True))]
+    llm = make_llm(engine, True)
+    llm.engine.executor = FailingLaunch(llm.runner, fail_at=6)
+    seqs = [Sequence(i, p, 8, ignore_eos=True, params=greedy(8, ignore_eos=True)) for i, p in enumerate(PROMPTS[:3])]
+    for seq in seqs:
+        llm.engine.add(seq)
+    with pytest.raises(RuntimeError, match="launch failed"):
+        while llm.engine.has_unfinished():
+            llm.engine.step()
+    for seq, expected in zip(seqs, want):
+        assert seq.output_token_ids and seq.output_token_ids == expected[:len(seq.output_token_ids)]
+
+
 def test_penalties_and_bad_words_fall_back_with_the_same_tokens(engine):
     """Rows that need their previous tokens on the host are never fed a placeholder's token on the device; their
     next step launches after the previous one resolves. Other rows keep overlapping. Same tokens as in sync."""

@@ -169,7 +169,13 @@ class LLMEngine:
         output = self.scheduler.schedule()
         launched = None
         if not output.is_empty and self._can_feed(output, step):
-            launched = self._launch(output, self._feed(output, step))
+            try:
+                launched = self._launch(output, self._feed(output, step))
+            except BaseException:
+                # N's tokens still replace its placeholders, so no sequence is left holding one; then the error
+                # goes up as it would from a synchronous step.
+                self._resolve(step)
+                raise
             self.num_launched_ahead += 1
         events = self._resolve(step)
         if launched is None and not output.is_empty:
