@@ -20,6 +20,7 @@ import torch.distributed as dist
 from kiln.checkpoint.kiln_format import ArtifactInfo
 from kiln.config import ConfigError
 from kiln.distributed import launch
+from kiln.distributed.control import ControlChannel
 from kiln.engine.scheduler import SchedulerOutput, StepFeed
 from kiln.executor.model_runner import CacheConfig, StepInFlight
 from kiln.executor.step_plan import PlanEncoder, WorkerError
@@ -71,6 +72,7 @@ class MultiRankDriver(StageRunner):
                 self.procs = launch.spawn_ranks(info.mapping.world_size, "kiln.executor.worker", [spec])
                 launch.wait_alive(self._store, self.procs)
             world = launch.join_world(info.mapping.for_rank(0), launch.rank_device(device, local_rank), self._store)
+            self.channel = ControlChannel(world.control)
             if self.procs and world.device.type == "cuda":
                 threading.Thread(target=self._watchdog, daemon=True).start()
             super().__init__(info, world, cache, kernel_backend)
@@ -160,7 +162,7 @@ class MultiRankDriver(StageRunner):
         try:
             plan = self.encoder.encode(output, all_logits)
             plan.micro_batches = self._micro_batches(output)
-            dist.broadcast_object_list([(STEP, plan)], src=0, group=self.world.control)
+            self.channel.send((STEP, plan))
             logits = self.run_step(output, all_logits, plan.micro_batches)
             if logits is None:
                 raise RuntimeError("rank 0 received no logits; the pipeline's last stage did not send them")
@@ -194,7 +196,7 @@ class MultiRankDriver(StageRunner):
             return
         self._closed = True
         try:
-            dist.broadcast_object_list([(STOP, None)], src=0, group=self.world.control)
+            self.channel.send((STOP, None))
         except Exception:
             pass
         # Every rank now drops its graphs and leaves the world at the same time; the processes are waited for

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from kiln.checkpoint.kiln_format import ArtifactInfo, load_artifact
 from kiln.config import Mapping
 from kiln.distributed import launch
+from kiln.distributed.control import ControlChannel
 from kiln.engine.scheduler import SchedulerOutput
 from kiln.executor.cuda_graphs import DecodeGraphs
 from kiln.executor.model_runner import CacheConfig, ModelRunner, StepBatch
@@ -202,11 +203,9 @@ def is_peer_failure(err: BaseException) -> bool:
 def serve(runner: StageRunner) -> None:
     """Run the driver's steps until it says stop."""
     decoder = PlanDecoder()
-    control = runner.world.control
+    channel = ControlChannel(runner.world.control)
     while True:
-        box: list[object] = [None]
-        dist.broadcast_object_list(box, src=0, group=control)
-        kind, plan = box[0]  # type: ignore[misc]
+        kind, plan = channel.recv()
         if kind == STOP:
             return
         for seq_id in plan.released:
