@@ -135,7 +135,7 @@ class LLM:
         blocks = BlockManager(runner.num_blocks, self.build.kv_block_size, enable_prefix_caching)
         scheduler = Scheduler(blocks, self.build.max_batch_size, self.build.max_num_tokens, self.build.max_seq_len)
         # async_scheduling: launch each step before the previous one's tokens reach the host (single-rank engines;
-        # a multi-rank driver runs its steps one at a time whatever this says).
+        # a multi-rank engine only with KILN_MULTIRANK_ASYNC=1, else it runs its steps one at a time).
         self.runner, self.engine = runner, LLMEngine(scheduler, runner, async_scheduling)
         self.tokenizer = None
         if tokenizer_dir is not None:

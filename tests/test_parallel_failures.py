@@ -16,6 +16,7 @@ import pytest
 import kiln
 from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, save_checkpoint
 from kiln.cli.main import main as kiln_main
+from kiln.engine.sequence import Sequence
 from kiln.executor.step_plan import WorkerError
 
 PROMPTS = [[5, 17, 33, 2, 99, 150, 7], [250, 3, 8, 1]]
@@ -101,6 +102,40 @@ def test_rank_killed_mid_run_is_reported(engines):
         with pytest.raises(WorkerError, match=r"rank 1 failed: its process ended with exit code -9"):
             llm.generate(PROMPTS, params)
         assert time.monotonic() - start < 20
+        with pytest.raises(WorkerError, match="stopped after a rank failed"):
+            llm.generate(PROMPTS, params)
+    finally:
+        llm.close()
+    assert not child_pids()
+
+
+def test_rank_killed_with_a_step_in_flight_is_reported_async(engines, monkeypatch):
+    """Async scheduling on (KILN_MULTIRANK_ASYNC=1): the engine holds a step launched ahead when rank 1 dies; the
+    next step ends every rank with rank 1's failure, and no sequence is left holding a placeholder."""
+    with kiln.LLM(engines["one"], device="cpu") as one:
+        expected = [r.outputs[0].token_ids for r in one.generate(PROMPTS, kiln.SamplingParams(
+            max_tokens=4, temperature=0.0, ignore_eos=True))]
+    monkeypatch.setenv("KILN_MULTIRANK_ASYNC", "1")
+    llm = kiln.LLM(engines["tp2"], device="cpu")
+    try:
+        eng = llm.engine
+        assert eng.async_scheduling
+        params = kiln.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        seqs = [Sequence(100 + i, p, params.max_tokens, ignore_eos=True, params=params) for i, p in enumerate(PROMPTS)]
+        for seq in seqs:
+            eng.add(seq)
+        for _ in range(3):
+            eng.step()
+        assert eng.has_step_in_flight and eng.num_launched_ahead >= 2 and llm.runner.fed_steps >= 2
+        worker = llm.runner.procs[0]
+        worker.kill()
+        worker.join(5)
+        start = time.monotonic()
+        with pytest.raises(WorkerError, match=r"rank 1 failed: its process ended with exit code -9"):
+            eng.step()
+        assert time.monotonic() - start < 20
+        # the step in flight (the 4th) was settled: real tokens, those one rank gives, no placeholder left
+        assert [seq.output_token_ids for seq in seqs] == expected
         with pytest.raises(WorkerError, match="stopped after a rank failed"):
             llm.generate(PROMPTS, params)
     finally:

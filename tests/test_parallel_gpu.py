@@ -1,7 +1,9 @@
 """Multi-rank engines on two GPUs (NCCL) against one GPU: tp 2 for MPT and ep 2 for DBRX on the tiny fp32
 checkpoints (identical greedy tokens, logits close), and tp 2 / ep 2 of real-width dummy engines (an MPT-7B-shaped
 and a DBRX slice, bf16: logits within bf16 noise of one GPU); decode CUDA graphs captured on both ranks giving the
-tokens of eager decoding at tp 2 and ep 2. Run on the lent 2-GPU machine; skipped elsewhere."""
+tokens of eager decoding at tp 2 and ep 2; KILN_MULTIRANK_ASYNC=1 (steps launched ahead, the sampled ids broadcast
+over NCCL feeding both ranks' decode graphs) giving the tokens of the same engine with it off. Run on the lent 2-GPU
+machine; skipped elsewhere."""
 
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import kiln.llm
 from fixtures_dbrx import make_dbrx_checkpoint
 from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, save_checkpoint
 from kiln.cli.main import main as kiln_main
+from kiln.engine.sequence import Sequence
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.device_count() < 2,
                                                   reason="needs 2 CUDA GPUs")]
@@ -95,3 +98,38 @@ def test_graphs_on_two_gpus_equal_eager(tmp_path, family, extra):
     assert with_graphs == eager
     assert 4 in replays and 1 in replays  # every decode step of both generate calls replayed a graph
     assert len(replays) == 2 * (GREEDY.max_tokens - 1)
+
+
+def async_run(engine: Path, async_on: bool, monkeypatch) -> tuple[list[list[int]], int, int]:
+    """Greedy tokens with KILN_MULTIRANK_ASYNC on or off (graphs on every rank), requests arriving while others
+    decode; and how many decode graph replays took a feed, how many steps were launched ahead."""
+    monkeypatch.setenv("KILN_MULTIRANK_ASYNC", "1" if async_on else "0")
+    with kiln.LLM(engine, device="cuda", kv_cache_free_gpu_memory_fraction=0.3) as llm:
+        runner, fed = llm.runner, []
+        assert runner.graphs is not None and runner.can_launch_ahead is async_on
+        run = runner.graphs.run
+        runner.graphs.run = lambda batch, feed=None: (fed.append(feed is not None), run(batch, feed))[1]
+        eng, got = llm.engine, {}
+        for i, prompt in enumerate(PROMPTS):  # one more request every other step
+            eng.add(Sequence(i, prompt, GREEDY.max_tokens, ignore_eos=True, params=GREEDY))
+            got[i] = []
+            for _ in range(2):
+                for ev in eng.step():
+                    got[ev.seq.seq_id].append(ev.token_id)
+        while eng.has_unfinished():
+            for ev in eng.step():
+                got[ev.seq.seq_id].append(ev.token_id)
+        return [got[i] for i in range(len(PROMPTS))], sum(fed), eng.num_launched_ahead
+
+
+@pytest.mark.parametrize("family,extra", [("mpt", ("--tp_size", "2")), ("dbrx", ("--tp_size", "2", "--moe_tp_mode", "1"))],
+                         ids=["mpt-tp2", "dbrx-ep2"])
+def test_async_on_two_gpus_equals_sync(tmp_path, monkeypatch, family, extra):
+    """KILN_MULTIRANK_ASYNC=1 over NCCL: the sampled ids broadcast from the driver feed the next step's decode
+    graphs on both ranks, and the tokens are those of the same engine run one step at a time."""
+    engine = build(tmp_path / "two", tiny_sources(tmp_path, family), *extra)
+    sync_tokens, sync_fed, sync_ahead = async_run(engine, False, monkeypatch)
+    tokens, fed, ahead = async_run(engine, True, monkeypatch)
+    assert tokens == sync_tokens
+    assert sync_fed == sync_ahead == 0
+    assert fed > 4 and ahead > 8

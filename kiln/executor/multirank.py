@@ -4,6 +4,10 @@ share of the model, and drives the other ranks (spawned here, or started by torc
 Each step it broadcasts a StepPlan over the gloo control group; every rank rebuilds the same batch and runs its
 stage; the logits come back to rank 0, which samples with ModelRunner's own code (beams, seeds and logprobs behave
 as on one rank). Any rank's failure ends every rank and is raised here as one WorkerError naming the rank.
+
+With KILN_MULTIRANK_ASYNC=1 the engine may launch step N+1 before N's tokens reach the host (async scheduling, as
+on one rank): after sampling a launched step the driver broadcasts its sampled ids (int64 [rows]) over the default
+group, and N+1's plan carries the feed that puts them in place of its placeholder tokens on every rank's device.
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ from kiln.distributed import launch
 from kiln.distributed.control import ControlChannel
 from kiln.engine.scheduler import SchedulerOutput, StepFeed
 from kiln.executor.model_runner import CacheConfig, StepInFlight
-from kiln.executor.step_plan import PlanEncoder, WorkerError
+from kiln.sampling import SamplerOutput
+from kiln.executor.step_plan import PlanEncoder, StepPlan, WorkerError
 from kiln.executor.worker import STEP, STOP, StageRunner, is_peer_failure, spawn_spec
 
 # A NCCL collective does not notice a dead peer; after this long the watchdog ends the driver itself.
@@ -33,6 +38,17 @@ WATCHDOG_GRACE_S = float(os.environ.get("KILN_WATCHDOG_GRACE", "15"))
 # each micro-batch would read again, so they stay whole by default. 0: every step of several sequences is split.
 PP_MICROBATCH_ENV = "KILN_PP_MICROBATCH_MIN_TOKENS"
 PP_MICROBATCH_DEFAULT = 256
+# "1": the driver can launch a step ahead of the previous one's tokens (async scheduling over several ranks). Off by
+# default until the NCCL path has run on GPUs; only the driver reads it (each plan tells the other ranks what to do).
+MULTIRANK_ASYNC_ENV = "KILN_MULTIRANK_ASYNC"
+
+
+def multirank_async() -> bool:
+    """The KILN_MULTIRANK_ASYNC setting: "1" on, "0" or unset off."""
+    raw = os.environ.get(MULTIRANK_ASYNC_ENV, "").strip()
+    if raw not in ("", "0", "1"):
+        raise ConfigError(f"{MULTIRANK_ASYNC_ENV} must be 1 (launch multi-rank steps ahead) or 0, got {raw!r}")
+    return raw == "1"
 
 
 def microbatch_min_tokens() -> int:
@@ -50,12 +66,12 @@ def microbatch_min_tokens() -> int:
 
 
 class MultiRankDriver(StageRunner):
-    """Rank 0 of a multi-rank engine. It is an executor like ModelRunner (`num_blocks`, `execute`,
-    `compute_logits`, `release`, `shutdown`); `execute` is ModelRunner's, sampling the logits gathered here. Its
-    steps run one at a time (`can_launch_ahead` is False: the engine does not launch a step before the previous
-    one's tokens are on the host, since every rank rebuilds the batch from the tokens in the plan)."""
+    """Rank 0 of a multi-rank engine. It is an executor like ModelRunner (`num_blocks`, `launch`, `execute`,
+    `compute_logits`, `release`, `shutdown`), sampling the logits gathered here. `can_launch_ahead` is False (steps
+    run one at a time) unless KILN_MULTIRANK_ASYNC=1: then `launch` shares each step's sampled ids with every rank,
+    so that the engine can launch the next step with a feed before this one's tokens are on the host."""
 
-    can_launch_ahead = False
+    can_launch_ahead = False  # the default; an instance turns it on from KILN_MULTIRANK_ASYNC
 
     def __init__(self, info: ArtifactInfo, device: torch.device, cache: CacheConfig, kernel_backend: str = "auto",
                  store: dist.Store | None = None, local_rank: int = 0) -> None:
@@ -65,6 +81,10 @@ class MultiRankDriver(StageRunner):
         self._store = store
         self.microbatch_min_tokens = microbatch_min_tokens()
         self.micro_batched_steps = 0  # pipeline steps run as micro-batches so far
+        self.can_launch_ahead = multirank_async()
+        self.fed_steps = 0  # steps whose plan carried a feed (launched ahead of the previous step's tokens)
+        self.shared_steps = 0  # steps whose sampled ids were broadcast to every rank
+        self._shared: StepInFlight | None = None  # the step whose sampled ids every rank holds now
         try:
             if store is None:  # one command: spawn ranks 1.. here
                 self._store = launch.create_store(0, info.mapping.world_size, "127.0.0.1", 0)
@@ -160,22 +180,63 @@ class MultiRankDriver(StageRunner):
         # -> [rows, vocab] float32, gathered from the last stage: the same rows ModelRunner.compute_logits gives
         self._check_usable()
         try:
-            plan = self.encoder.encode(output, all_logits)
-            plan.micro_batches = self._micro_batches(output)
-            self.channel.send((STEP, plan))
-            logits = self.run_step(output, all_logits, plan.micro_batches)
-            if logits is None:
-                raise RuntimeError("rank 0 received no logits; the pipeline's last stage did not send them")
-            return logits
+            return self._run(self._plan(output, all_logits, None, 0), output, None)
         except BaseException as err:
             raise self._fail(err) from None
 
     def launch(self, output: SchedulerOutput, feed: StepFeed | None = None) -> StepInFlight:
-        """ModelRunner.launch without a feed: the ranks need every input token in the plan."""
-        if feed is not None:
-            raise ValueError("a multi-rank engine cannot launch a step ahead of the previous step's tokens; run it "
-                             "with async scheduling off (LLMEngine checks can_launch_ahead)")
-        return super().launch(output)
+        """ModelRunner.launch over every rank. With KILN_MULTIRANK_ASYNC=1 the step's sampled ids are broadcast to
+        every rank, and `feed` (placeholder tokens taking the previous launched step's ids) is allowed."""
+        if feed is not None and not self.can_launch_ahead:
+            raise ValueError("this multi-rank engine does not launch a step ahead of the previous step's tokens; set "
+                             f"{MULTIRANK_ASYNC_ENV}=1 before loading it, or run with async scheduling off")
+        return self._launch(output, feed, share=self.can_launch_ahead)
+
+    def execute(self, output: SchedulerOutput) -> tuple[dict[int, int], SamplerOutput]:
+        """One step, waited for (the synchronous engine): nothing is shared with the ranks beyond the plan."""
+        return self._launch(output, None, share=False).result()
+
+    @torch.inference_mode()
+    def _launch(self, output: SchedulerOutput, feed: StepFeed | None, share: bool) -> StepInFlight:
+        self._check_usable()
+        if feed is not None and feed.tokens and feed.previous is not self._shared:
+            raise ValueError("a multi-rank step can only be fed from the step launched just before it, whose "
+                             "sampled ids every rank holds")
+        try:
+            items = [item for item in output.scheduled if item.needs_sample]
+            plan = self._plan(output, False, feed, len(items) if share else 0)
+            logits = self._run(plan, output, feed)
+            sample = self.sampler.launch(logits, [self._row(item.seq) for item in items])
+            handle = StepInFlight(items, sample)
+            self._shared = None
+            if plan.share_rows:
+                self.share_sampled_ids(sample.token_ids.contiguous(), plan.share_rows)
+                self._shared, self.shared_steps = handle, self.shared_steps + 1
+            return handle
+        except BaseException as err:
+            raise self._fail(err) from None
+
+    def _plan(self, output: SchedulerOutput, all_logits: bool, feed: StepFeed | None, share_rows: int) -> StepPlan:
+        """The step's plan: a fed step's placeholders (the tokens the previous step sampled, each at the index
+        after that step's last computed token) are sent, and sent again once real."""
+        placeholders = None
+        if feed is not None:  # also those this step does not compute (a sequence recomputed from its start)
+            previous = feed.previous.items if isinstance(feed.previous, StepInFlight) else []
+            placeholders = {item.seq.seq_id: item.start + item.num_new_tokens for item in previous}
+        plan = self.encoder.encode(output, all_logits, placeholders)
+        plan.micro_batches = self._micro_batches(output)
+        plan.feed = list(feed.tokens) if feed is not None else []
+        plan.share_rows = share_rows
+        return plan
+
+    def _run(self, plan: StepPlan, output: SchedulerOutput, feed: StepFeed | None) -> torch.Tensor:
+        """Send the plan, run rank 0's share; -> [rows, vocab] float32 logits from the last stage."""
+        self.channel.send((STEP, plan))
+        logits = self.run_step(output, plan.all_logits, plan.micro_batches, feed if plan.feed else None)
+        if logits is None:
+            raise RuntimeError("rank 0 received no logits; the pipeline's last stage did not send them")
+        self.fed_steps += bool(plan.feed)
+        return logits
 
     def _micro_batches(self, output: SchedulerOutput) -> int:
         """pp micro-batches for a step that computes enough tokens and has at least two sequences, else 1."""

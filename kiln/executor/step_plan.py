@@ -4,6 +4,10 @@ SchedulerOutput, so that ModelRunner.prepare makes the same StepBatch everywhere
 Workers keep a mirror of each running sequence; a plan carries only the tokens a worker has not seen yet, the
 sequence's cache state (computed tokens, block table) and the step's block copies. Plain Python: it is pickled
 over the gloo control group.
+
+A step launched ahead (async scheduling) is encoded while each sequence that sampled in the step before still holds
+a placeholder token on the host. The plan sends it (the worker needs a token there) with the feed that replaces it
+on every device, and the encoder counts it as unsent, so the next plan sends the real token in its place.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ class WorkerError(ValueError):
 
 @dataclass
 class SeqUpdate:
-    """One scheduled sequence: tokens new to the workers (all of them when `reset`), its cache state at
+    """One scheduled sequence: tokens new to the workers (all of them when `reset`), which replace the mirror's
+    tokens from index `at` on (a placeholder sent with the step before is overwritten), its cache state at
     scheduling time and how many tokens this step computes."""
 
     seq_id: int
@@ -31,11 +36,15 @@ class SeqUpdate:
     num_computed_tokens: int
     num_new_tokens: int
     block_table: list[int]
+    at: int = 0
 
 
 @dataclass
 class StepPlan:
-    """One step for every rank; `released` lists sequences whose per-request state can go."""
+    """One step for every rank; `released` lists sequences whose per-request state can go. `feed`: (index in the
+    step's packed new tokens, row of the previous step's sampled ids) for each placeholder input token, read from
+    the ids the driver broadcast after the previous step. `share_rows` > 0: after this step every rank takes part in
+    the broadcast of its sampled ids (int64 ``[share_rows]``) from the driver, over the default group."""
 
     seqs: list[SeqUpdate] = field(default_factory=list)
     block_copies: list[tuple[int, int]] = field(default_factory=list)
@@ -43,6 +52,8 @@ class StepPlan:
     all_logits: bool = False
     released: list[int] = field(default_factory=list)
     micro_batches: int = 1  # pipeline engines: how many groups of sequences the step runs as (StageRunner)
+    feed: list[tuple[int, int]] = field(default_factory=list)
+    share_rows: int = 0
 
 
 class PlanEncoder:
@@ -56,7 +67,10 @@ class PlanEncoder:
         self.sent.pop(seq_id, None)
         self.released.append(seq_id)
 
-    def encode(self, output: SchedulerOutput, all_logits: bool) -> StepPlan:
+    def encode(self, output: SchedulerOutput, all_logits: bool,
+               placeholders: dict[int, int] | None = None) -> StepPlan:
+        """The plan of one step. `placeholders`: {seq_id: index of a token that is still a placeholder} (a step
+        launched ahead); from that index on, a sequence's tokens count as unsent, to be sent again next time."""
         seqs = []
         for item in output.scheduled:
             seq = item.seq
@@ -65,8 +79,11 @@ class PlanEncoder:
             reset = prev is None or prev[0] is not seq or prev[1] > seq.num_tokens
             known = 0 if reset else prev[1]
             seqs.append(SeqUpdate(seq.seq_id, seq.token_ids[known:], reset, seq.num_prompt_tokens, item.start,
-                                  item.num_new_tokens, list(seq.block_table)))
-            self.sent[seq.seq_id] = (seq, seq.num_tokens)
+                                  item.num_new_tokens, list(seq.block_table), known))
+            confirmed = seq.num_tokens
+            if placeholders is not None and seq.seq_id in placeholders:
+                confirmed = min(confirmed, placeholders[seq.seq_id])
+            self.sent[seq.seq_id] = (seq, confirmed)
         plan = StepPlan(seqs, list(output.block_copies), output.num_batched_tokens, all_logits, self.released)
         self.released = []
         return plan
@@ -89,6 +106,7 @@ class PlanDecoder:
                 seq.token_ids = list(upd.new_tokens)
                 self.mirrors[upd.seq_id] = seq
             else:
+                del seq.token_ids[upd.at:]
                 seq.token_ids.extend(upd.new_tokens)
             seq.num_computed_tokens = upd.num_computed_tokens
             seq.block_table = list(upd.block_table)

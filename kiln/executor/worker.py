@@ -16,6 +16,7 @@ import threading
 import time
 import traceback
 import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -24,8 +25,9 @@ from kiln.checkpoint.kiln_format import ArtifactInfo, load_artifact
 from kiln.config import Mapping
 from kiln.distributed import launch
 from kiln.distributed.control import ControlChannel
-from kiln.engine.scheduler import SchedulerOutput
+from kiln.engine.scheduler import SchedulerOutput, StepFeed
 from kiln.executor.cuda_graphs import DecodeGraphs
+from kiln.executor.input_batch import build_host_batch
 from kiln.executor.model_runner import CacheConfig, ModelRunner, StepBatch
 from kiln.executor.step_plan import PlanDecoder
 from kiln.kernels import select_kernels
@@ -101,29 +103,51 @@ class StageRunner(ModelRunner):
         """The rank that hands the logits to the driver: tp rank 0 of the last stage."""
         return (self.world.mapping.pp_size - 1) * self.world.mapping.tp_size
 
-    def run_step(self, output: SchedulerOutput, all_logits: bool, micro_batches: int = 1) -> torch.Tensor | None:
+    def run_step(self, output: SchedulerOutput, all_logits: bool, micro_batches: int = 1,
+                 feed: StepFeed | None = None) -> torch.Tensor | None:
         """This rank's share of one step; returns the logits on the driver, None elsewhere. A pipeline step runs as
-        `micro_batches` groups of sequences (every rank is told the same number)."""
+        `micro_batches` groups of sequences (every rank is told the same number). `feed` names the placeholder
+        input tokens and the previous step's sampled ids (on this device) that replace them."""
         mapping = self.world.mapping
         if mapping.pp_size == 1:
-            logits = ModelRunner.compute_logits(self, output, all_logits)
+            logits = ModelRunner.compute_logits(self, output, all_logits, feed)
             return logits if mapping.rank == 0 else None
         with torch.inference_mode():
-            return self._pipeline_step(output, all_logits, micro_batches)
+            return self._pipeline_step(output, all_logits, micro_batches, feed)
 
-    def _pipeline_step(self, output: SchedulerOutput, all_logits: bool, micro_batches: int) -> torch.Tensor | None:
+    @torch.inference_mode()
+    def share_sampled_ids(self, ids: torch.Tensor | None, rows: int) -> torch.Tensor:
+        """The driver's sampled ids of the step just run (int64 ``[rows]``, batch order), broadcast from rank 0 over
+        the default group: the driver passes its tensor, every other rank None and gets a copy on its device, the
+        source of the next step's feed. Every rank calls this after the same steps (the plan says which)."""
+        if ids is None:
+            ids = torch.empty(rows, dtype=torch.int64, device=self.device)
+        elif ids.shape != (rows,) or ids.dtype != torch.int64:
+            raise RuntimeError(f"sampled ids of shape {tuple(ids.shape)} ({ids.dtype}) where the plan says int64 "
+                               f"[{rows}]")
+        dist.broadcast(ids, src=0)
+        return ids
+
+    def _pipeline_step(self, output: SchedulerOutput, all_logits: bool, micro_batches: int,
+                       feed: StepFeed | None = None) -> torch.Tensor | None:
         """Stage s runs micro-batch m while stage s+1 runs m-1: hidden states go on with isend (waited at the end
         of the step), and every transfer flows forward, so no two ranks wait on each other. The last stage sends
-        the logits of all micro-batches to the driver together, after the last one."""
+        the logits of all micro-batches to the driver together, after the last one. Only the first stage reads
+        input ids, so only it applies the feed (each micro-batch its own share)."""
         mapping, cfg = self.world.mapping, self.info.model
         self.copy_blocks(output.block_copies)
         first, last = mapping.pp_rank == 0, mapping.pp_rank == mapping.pp_size - 1
         sends: list[tuple[dist.Work, torch.Tensor]] = []
         logits_parts, rows = [], 0
-        for part in split_output(output, micro_batches):
-            # prepare() reuses one staging buffer: each micro-batch is prepared just before it runs (stream order
+        parts = split_output(output, micro_batches)
+        for part, part_feed in zip(parts, split_feed(feed, parts) if first else [None] * len(parts)):
+            # The upload reuses one staging buffer: each micro-batch is prepared just before it runs (stream order
             # keeps the previous one's kernels ahead of the next upload)
-            batch: StepBatch = self.prepare(part, all_logits)
+            host = build_host_batch(part, self.block_size, all_logits)
+            batch: StepBatch = self._to_device(host)
+            device_feed = self._device_feed(part_feed, host)
+            if device_feed is not None:
+                device_feed.apply(batch.input_ids)
             rows += batch.logits_indices.shape[0]
             hidden = None
             if not first:
@@ -190,6 +214,28 @@ def split_output(output: SchedulerOutput, parts: int) -> list[SchedulerOutput]:
     return [SchedulerOutput(group, [], [], sum(item.num_new_tokens for item in group)) for group in groups]
 
 
+def split_feed(feed: StepFeed | None, parts: list[SchedulerOutput]) -> list[StepFeed | None]:
+    """A step's feed for each of its micro-batches (split_output's groups, in order): entries move to the group
+    whose packed tokens hold their index, re-indexed from that group's first token; rows are unchanged."""
+    if feed is None or len(parts) == 1:
+        return [feed] * len(parts)
+    out: list[StepFeed | None] = []
+    begin = 0
+    for part in parts:
+        end = begin + part.num_batched_tokens
+        out.append(StepFeed(feed.previous, [(i - begin, row) for i, row in feed.tokens if begin <= i < end]))
+        begin = end
+    return out
+
+
+@dataclass
+class SharedIds:
+    """The previous step's sampled ids as the driver broadcast them, on this rank's device: what a worker's
+    StepFeed reads (in place of the driver's StepInFlight)."""
+
+    sampled_ids: torch.Tensor  # [rows] int64
+
+
 def is_peer_failure(err: BaseException) -> bool:
     """Whether an error means another rank went away (its sockets closed) rather than a failure of this rank."""
     dist_error = getattr(dist, "DistError", None)
@@ -201,16 +247,25 @@ def is_peer_failure(err: BaseException) -> bool:
 
 
 def serve(runner: StageRunner) -> None:
-    """Run the driver's steps until it says stop."""
+    """Run the driver's steps until it says stop. A step launched ahead takes its placeholder tokens from the ids
+    the driver broadcast after the step before (its plan said `share_rows`)."""
     decoder = PlanDecoder()
     channel = ControlChannel(runner.world.control)
+    shared: SharedIds | None = None
     while True:
         kind, plan = channel.recv()
         if kind == STOP:
             return
         for seq_id in plan.released:
             runner.release(seq_id)
-        runner.run_step(decoder.decode(plan), plan.all_logits, plan.micro_batches)
+        feed = None
+        if plan.feed:
+            if shared is None:
+                raise RuntimeError("the driver's plan feeds tokens from a previous step whose ids it never shared")
+            feed = StepFeed(shared, plan.feed)
+        runner.run_step(decoder.decode(plan), plan.all_logits, plan.micro_batches, feed)
+        if plan.share_rows:
+            shared = SharedIds(runner.share_sampled_ids(None, plan.share_rows))
 
 
 def run_rank(engine: ArtifactInfo | str, mapping: Mapping, device: torch.device, local_rank: int,
