@@ -1,23 +1,40 @@
 """The driver's control messages (kiln/distributed/control.py) between two gloo processes: messages that fit the
-fixed broadcast and messages that need the second one arrive unchanged and in order, the fixed buffer reused."""
+fixed broadcast and messages that need the second one arrive unchanged and in order, the fixed buffer reused.
+(Plain subprocesses, waited for: no helper process outlives the test, as tests/test_parallel_failures.py checks.)"""
 
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
-import torch.distributed as dist
-import torch.multiprocessing as mp
-
-from kiln.distributed.control import INLINE_BYTES, ControlChannel
+from kiln.distributed.control import INLINE_BYTES
 
 MESSAGES = [
-    ("step", {"seqs": [[1, 2, 3]], "released": []}),
-    ("step", list(range(3 * INLINE_BYTES))),  # pickled, far over the fixed broadcast: sent in two
-    ("step", "after a large one the small path still reads its own size"),
-    ("stop", None),
+    ["step", {"seqs": [[1, 2, 3]], "released": []}],
+    ["step", list(range(3 * INLINE_BYTES))],  # pickled, far over the fixed broadcast: sent in two
+    ["step", "after a large one the small path still reads its own size"],
+    ["stop", None],
 ]
+
+RANK = """
+import json, sys
+import torch.distributed as dist
+from kiln.distributed.control import ControlChannel
+rank, port, messages, out = int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+channel = ControlChannel(None)
+if rank == 0:
+    for message in messages:
+        channel.send(message)
+else:
+    received = [channel.recv() for _ in messages]
+    open(out, "w").write(json.dumps(received))
+dist.destroy_process_group()
+"""
 
 
 def _free_port() -> int:
@@ -26,21 +43,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _rank(rank: int, port: int, out: str) -> None:
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        channel = ControlChannel(None)
-        if rank == 0:
-            for message in MESSAGES:
-                channel.send(message)
-        else:
-            received = [channel.recv() for _ in MESSAGES]
-            Path(out).write_text(json.dumps(received))
-    finally:
-        dist.destroy_process_group()
-
-
 def test_messages_arrive_unchanged_and_in_order(tmp_path):
     out = tmp_path / "received.json"
-    mp.spawn(_rank, args=(_free_port(), str(out)), nprocs=2, join=True)
-    assert json.loads(out.read_text()) == json.loads(json.dumps(MESSAGES))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    args = [str(_free_port()), json.dumps(MESSAGES), str(out)]
+    procs = [subprocess.Popen([sys.executable, "-c", RANK, str(rank), *args], env=env) for rank in (0, 1)]
+    assert [proc.wait(timeout=60) for proc in procs] == [0, 0]
+    assert json.loads(Path(out).read_text()) == MESSAGES
