@@ -216,7 +216,7 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     logits = logits.float()
     vocab = logits.shape[1]
     ban_rows, ban_tokens = _ban_pairs(rows, vocab)
-    penalised = [i for i, row in enumerate(rows) if _has_penalty(row.params)]
+    penalised = [i for i, row in enumerate(rows) if row.params.has_penalty]
     if not ban_rows and not penalised:
         return logits
     out = logits.clone()
@@ -276,10 +276,6 @@ def _check_inputs(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
         raise ValueError(f"sampler got {logits.shape[0]} logit rows but {len(rows)} SamplingRows; pass one per row")
 
 
-def _has_penalty(params: SamplingParams) -> bool:
-    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
-
-
 def _min_tokens_active(row: SamplingRow) -> bool:
     return bool(row.stop_token_ids) and len(row.output_token_ids) < row.params.min_tokens
 
@@ -291,7 +287,7 @@ def _bad_words_of(row: SamplingRow) -> list[list[int]]:
 def _is_plain_greedy(row: SamplingRow) -> bool:
     """Greedy with nothing to apply before the argmax."""
     params = row.params
-    return (params.greedy and not _has_penalty(params) and not _bad_words_of(row)
+    return (params.greedy and not params.has_penalty and not _bad_words_of(row)
             and not _min_tokens_active(row))
 
 

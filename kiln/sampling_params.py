@@ -116,6 +116,11 @@ class SamplingParams:
         self._check_beam_search()
 
     @property
+    def has_penalty(self) -> bool:
+        """A repetition, presence or frequency penalty applies (the sampler then reads the previous tokens)."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def greedy(self) -> bool:
         """True when each token is the most likely one: temperature 0 or top_k 1, and no beam search."""
         return (self.temperature == 0 or self.top_k == 1) and not self.use_beam_search

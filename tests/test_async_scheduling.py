@@ -17,17 +17,13 @@ import pytest
 import torch
 
 import kiln
-from fixtures_dbrx import make_dbrx_checkpoint
-from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, save_checkpoint
+from fixtures_runtime import BLOCK, PROMPTS, build_small_step_engine, tiny_checkpoint
 from kiln.cli.main import main as kiln_main
 from kiln.engine.llm_engine import BeamEvent, LLMEngine, needs_host_tokens
 from kiln.engine.scheduler import SchedulerOutput, StepFeed
 from kiln.engine.sequence import FinishReason, Sequence
 
-BLOCK = 4
 MAX_LEN = 48
-PROMPTS = [[5, 17, 33, 2, 99, 150, 7], [250, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23], [42],
-           [7, 7, 8, 9, 100, 101, 102, 103, 104], [60, 61, 62, 63, 64]]
 
 
 def greedy(max_tokens: int, **kw) -> kiln.SamplingParams:
@@ -37,18 +33,7 @@ def greedy(max_tokens: int, **kw) -> kiln.SamplingParams:
 @pytest.fixture(scope="module", params=["dbrx", "mpt"])
 def engine(request, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp(request.param)
-    if request.param == "dbrx":
-        model_dir, _, _ = make_dbrx_checkpoint(tmp)
-    else:
-        cfg = mpt_published_config()
-        model_dir = tmp / "hf"
-        save_checkpoint(published_state(hf_mpt_model(cfg)), cfg, model_dir)
-    assert kiln_main(["convert", "--model_dir", str(model_dir), "--output_dir", str(tmp / "ckpt")]) == 0
-    # A 6-token budget chunks longer prompts; blocks of 4 make a tiny cache easy to exhaust.
-    assert kiln_main(["build", "--checkpoint_dir", str(tmp / "ckpt"), "--output_dir", str(tmp / "engine"),
-                      "--max_input_len", "24", "--max_seq_len", str(MAX_LEN), "--max_num_tokens", "6",
-                      "--kv_block_size", str(BLOCK), "--max_batch_size", "8"]) == 0
-    return tmp / "engine"
+    return build_small_step_engine(tmp, tiny_checkpoint(tmp, request.param), max_seq_len=MAX_LEN)
 
 
 def make_llm(engine_dir: Path, async_on: bool, blocks: int | None = None) -> kiln.LLM:

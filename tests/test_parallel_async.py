@@ -12,10 +12,8 @@ from pathlib import Path
 import pytest
 
 import kiln
-from fixtures_dbrx import make_dbrx_checkpoint
-from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, save_checkpoint
+from fixtures_runtime import BLOCK, PROMPTS, build_small_step_engine, tiny_checkpoint
 from kiln.checkpoint.kiln_format import load_artifact
-from kiln.cli.main import main as kiln_main
 from kiln.config import ConfigError
 from kiln.engine.scheduler import ScheduledSeq, SchedulerOutput, StepFeed
 from kiln.engine.sequence import Sequence
@@ -23,9 +21,6 @@ from kiln.executor.multirank import MULTIRANK_ASYNC_ENV, multirank_async
 from kiln.executor.step_plan import PlanDecoder, PlanEncoder
 from kiln.executor.worker import split_feed, split_output
 
-BLOCK = 4
-PROMPTS = [[5, 17, 33, 2, 99, 150, 7], [250, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23], [42],
-           [7, 7, 8, 9, 100, 101, 102, 103, 104], [60, 61, 62, 63, 64]]
 REQUESTS = [
     (PROMPTS[0], kiln.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=2)),
     (PROMPTS[1], kiln.SamplingParams(max_tokens=7, temperature=0.9, top_k=40, seed=7, logprobs=1, ignore_eos=True)),
@@ -38,20 +33,13 @@ BEAMS = kiln.SamplingParams(max_tokens=3, num_beams=2, n=2, ignore_eos=True)
 
 
 def build(tmp: Path, model_dir: Path, *extra: str) -> Path:
-    assert kiln_main(["convert", "--model_dir", str(model_dir), "--output_dir", str(tmp / "ckpt"), "--dtype",
-                      "float32", *extra]) == 0
-    assert kiln_main(["build", "--checkpoint_dir", str(tmp / "ckpt"), "--output_dir", str(tmp / "engine"),
-                      "--max_input_len", "24", "--max_seq_len", "32", "--max_num_tokens", "6",
-                      "--kv_block_size", str(BLOCK), "--max_batch_size", "8"]) == 0
-    return tmp / "engine"
+    return build_small_step_engine(tmp, model_dir, "--dtype", "float32", *extra, max_seq_len=32)
 
 
 @pytest.fixture(scope="module")
 def sources(tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("async_sources")
-    cfg = mpt_published_config()
-    dbrx_dir, _, _ = make_dbrx_checkpoint(tmp)
-    return {"dbrx": dbrx_dir, "mpt": save_checkpoint(published_state(hf_mpt_model(cfg)), cfg, tmp / "hf_mpt")}
+    return {family: tiny_checkpoint(tmp / family, family) for family in ("dbrx", "mpt")}
 
 
 def drive(llm: kiln.LLM) -> dict[int, list[tuple]]:

@@ -11,37 +11,17 @@ from pathlib import Path
 import pytest
 
 import kiln
-from fixtures_dbrx import make_dbrx_checkpoint
-from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, save_checkpoint
-from kiln.cli.main import main as kiln_main
+from fixtures_runtime import BLOCK, PROMPTS, build_small_step_engine, tiny_checkpoint
 from kiln.engine.sequence import Sequence
 
-BLOCK = 4
-PROMPTS = [[5, 17, 33, 2, 99, 150, 7], [250, 3], [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23], [42],
-           [7, 7, 8, 9, 100, 101, 102, 103, 104], [60, 61, 62, 63, 64]]
 NEW_TOKENS = 20
 GREEDY = kiln.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
-
-
-def build_engine(tmp: Path, model_dir: Path) -> Path:
-    # A token budget of 6 chunks every prompt longer than that; blocks of 4 make a tiny cache easy to exhaust.
-    assert kiln_main(["convert", "--model_dir", str(model_dir), "--output_dir", str(tmp / "ckpt")]) == 0
-    assert kiln_main(["build", "--checkpoint_dir", str(tmp / "ckpt"), "--output_dir", str(tmp / "engine"),
-                      "--max_input_len", "24", "--max_seq_len", "48", "--max_num_tokens", "6",
-                      "--kv_block_size", str(BLOCK), "--max_batch_size", "8"]) == 0
-    return tmp / "engine"
 
 
 @pytest.fixture(scope="module", params=["dbrx", "mpt"])
 def engine(request, tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp(request.param)
-    if request.param == "dbrx":
-        model_dir, _, _ = make_dbrx_checkpoint(tmp)
-    else:
-        cfg = mpt_published_config()
-        model_dir = tmp / "hf"
-        save_checkpoint(published_state(hf_mpt_model(cfg)), cfg, model_dir)
-    return build_engine(tmp, model_dir)
+    return build_small_step_engine(tmp, tiny_checkpoint(tmp, request.param))
 
 
 def alone(engine_dir: Path) -> list[list[int]]:

@@ -49,10 +49,7 @@ def needs_host_tokens(params: Any) -> bool:
     word matches them (one-token bad words, min_tokens, seeds and the rest need only the count)."""
     if params is None:
         return False
-    if (getattr(params, "repetition_penalty", 1.0) != 1.0 or getattr(params, "presence_penalty", 0.0) != 0.0
-            or getattr(params, "frequency_penalty", 0.0) != 0.0):
-        return True
-    return bool(getattr(params, "bad_words", None)) or any(len(w) > 1 for w in getattr(params, "bad_word_ids", ()))
+    return params.has_penalty or bool(params.bad_words) or any(len(w) > 1 for w in params.bad_word_ids)
 
 
 @dataclass

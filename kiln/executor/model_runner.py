@@ -182,14 +182,18 @@ class ModelRunner:
             attn.k_cache[dst] = attn.k_cache[src]
             attn.v_cache[dst] = attn.v_cache[src]
 
-    def prepare(self, output: SchedulerOutput, all_logits: bool = False) -> StepBatch:
+    def prepare(self, output: SchedulerOutput, all_logits: bool = False, feed: StepFeed | None = None) -> StepBatch:
         """Pack the scheduled sequences' new tokens with their positions, cache slots and block tables. Logits are
-        taken at each sampling sequence's last token, or at every token with `all_logits`. On CUDA the tensors are
-        views of a persistent device buffer, valid until the next `prepare`."""
-        return self._to_device(build_host_batch(output, self.block_size, all_logits))
+        taken at each sampling sequence's last token, or at every token with `all_logits`; `feed`'s placeholder
+        tokens take the previous step's sampled ids on the device. On CUDA the tensors are views of a persistent
+        device buffer, valid until the next `prepare`."""
+        host = build_host_batch(output, self.block_size, all_logits)
+        return self._to_device(host, self._device_feed(feed, host))
 
-    def _to_device(self, host: HostBatch) -> StepBatch:
+    def _to_device(self, host: HostBatch, device_feed: DeviceFeed | None = None) -> StepBatch:
         ids, positions, slots, starts, lens, tables, sample_at = self.staging.upload(host.arrays())
+        if device_feed is not None:
+            device_feed.apply(ids)  # queued after the upload
         attn = AttentionMetadata(slot_mapping=slots, query_start_loc=starts, seq_lens=lens, block_tables=tables,
                                  max_query_len=host.max_query_len, max_seq_len=host.max_seq_len)
         return StepBatch(ids, positions, attn, sample_at)
@@ -207,9 +211,7 @@ class ModelRunner:
             if host.logits_indices.shape[0] == host.num_seqs:
                 return logits
             return logits[to_device(torch.from_numpy(host.logits_indices), self.device)]
-        batch = self._to_device(host)
-        if device_feed is not None:
-            device_feed.apply(batch.input_ids)
+        batch = self._to_device(host, device_feed)
         ctx = ForwardContext(self.kernels, batch.attn)
         hidden = self.model(batch.input_ids, batch.positions, ctx)
         return self.model.compute_logits(hidden[batch.logits_indices])
@@ -231,7 +233,7 @@ class ModelRunner:
     def launch(self, output: SchedulerOutput, feed: StepFeed | None = None) -> StepInFlight:
         """Queue one step (model, sampling, the copy of its tokens to the host) without waiting for it. Input tokens
         named by `feed` are placeholders: each takes the previous step's sampled id on the device."""
-        logits = self.compute_logits(output, feed=feed) if feed is not None else self.compute_logits(output)
+        logits = self.compute_logits(output, feed=feed)
         items = [item for item in output.scheduled if item.needs_sample]
         rows = [self._row(item.seq) for item in items]
         return StepInFlight(items, self.sampler.launch(logits, rows))

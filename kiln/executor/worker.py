@@ -27,7 +27,6 @@ from kiln.distributed import launch
 from kiln.distributed.control import ControlChannel
 from kiln.engine.scheduler import SchedulerOutput, StepFeed
 from kiln.executor.cuda_graphs import DecodeGraphs
-from kiln.executor.input_batch import build_host_batch
 from kiln.executor.model_runner import CacheConfig, ModelRunner, StepBatch
 from kiln.executor.step_plan import PlanDecoder
 from kiln.kernels import select_kernels
@@ -143,11 +142,7 @@ class StageRunner(ModelRunner):
         for part, part_feed in zip(parts, split_feed(feed, parts) if first else [None] * len(parts)):
             # The upload reuses one staging buffer: each micro-batch is prepared just before it runs (stream order
             # keeps the previous one's kernels ahead of the next upload)
-            host = build_host_batch(part, self.block_size, all_logits)
-            batch: StepBatch = self._to_device(host)
-            device_feed = self._device_feed(part_feed, host)
-            if device_feed is not None:
-                device_feed.apply(batch.input_ids)
+            batch: StepBatch = self.prepare(part, all_logits, part_feed)
             rows += batch.logits_indices.shape[0]
             hidden = None
             if not first:
