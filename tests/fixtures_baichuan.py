@@ -190,7 +190,7 @@ class BaichuanReference:
         return (F.silu(gate) * up) @ self.w[p + "mlp.down_proj.weight"].T
 
     @torch.no_grad()
-    def logits(self, ids: list[int]) -> torch.Tensor:  # [len(ids), vocab]
+    def logits(self, ids: list[int], last_only: bool = False) -> torch.Tensor:  # [len(ids) or 1, vocab]
         x = self.w["model.embed_tokens.weight"][torch.tensor(ids)]
         mask = self._mask(len(ids))
         for i in range(self.cfg["num_hidden_layers"]):
@@ -200,10 +200,12 @@ class BaichuanReference:
         head = self.w["lm_head.weight"]
         if self.norm_head:
             head = F.normalize(head, dim=1)
+        if last_only:
+            x = x[-1:]
         return self._rms(x, self.w["model.norm.weight"]) @ head.T
 
     def greedy(self, ids: list[int], steps: int) -> list[int]:
         out: list[int] = []
         for _ in range(steps):
-            out.append(int(self.logits(list(ids) + out)[-1].argmax()))
+            out.append(int(self.logits(list(ids) + out, last_only=True)[-1].argmax()))
         return out

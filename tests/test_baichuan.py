@@ -270,3 +270,14 @@ def test_published_presets_plan_at_real_shapes(preset):
     total = sum(p.numel() for p in meta_model(family, config_from_hf(hf), Mapping()).parameters())
     published = {"baichuan-7b": 7.0e9, "baichuan-13b": 13.26e9, "baichuan2-7b": 7.51e9, "baichuan2-13b": 13.9e9}
     assert abs(total - published[preset]) / published[preset] < 0.01
+
+
+def test_norm_head_of_a_bf16_checkpoint_is_normalised_once_at_engine_precision():
+    """Published Baichuan2 weights are bf16: a float32 engine must hold the float32-normalised rows, not rows
+    normalised and then rounded back to bf16 (that cost ~2e-3 relative error in the logits)."""
+    from kiln.models.transforms import l2_normalize_rows
+
+    w = (torch.randn(40, 24) * 3).to(torch.bfloat16)
+    out = l2_normalize_rows([w], None)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.nn.functional.normalize(w.float(), dim=1), rtol=0, atol=0)
