@@ -55,7 +55,8 @@ def pairs(wheel: Path) -> list[dict[str, str]]:
                 paper = json.loads(line)
                 if year(paper["id"]) < 2016:
                     continue
-                article = "\n".join(" ".join(detokenize(s) for s in paper["sentences"][k]) for k in SECTIONS)
+                # a section at once: ACLSum's sentence splits sometimes leave a closing ")" and its "." in two sentences
+                article = "\n".join(detokenize(" ".join(paper["sentences"][k])) for k in SECTIONS)
                 highlights = "\n".join(paper["summary"][k].strip() for k in ASPECTS)
                 rows.append({"id": paper["id"], "article": article, "highlights": highlights})
     return sorted(rows, key=lambda r: r["id"])
