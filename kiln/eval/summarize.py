@@ -26,6 +26,7 @@ class SummaryRun:
     per-example perplexities with eval_ppl."""
 
     name: str
+    ids: list[str] = field(default_factory=list)
     summaries: list[str] = field(default_factory=list)
     references: list[str] = field(default_factory=list)
     output_tokens: int = 0
@@ -45,7 +46,7 @@ class SummaryRun:
     def to_json(self) -> dict:
         out: dict = dict(self.rouge)
         out.update(examples=len(self.summaries), output_tokens=self.output_tokens, time_s=self.seconds,
-                   tokens_per_s=self.tokens_per_s, summaries=self.summaries)
+                   tokens_per_s=self.tokens_per_s, ids=self.ids, summaries=self.summaries)
         if self.perplexity is not None:
             out["perplexity"] = self.perplexity
         return out
@@ -90,6 +91,7 @@ def run_summaries(name: str, groups: Iterable[list[SummaryExample]], tokenizer, 
         outputs = generate(prompts)
         run.seconds += time.perf_counter() - start
         for example, prompt, output in zip(group, prompts, outputs):
+            run.ids.append(example.id)
             run.summaries.append(tokenizer.decode(output, skip_special_tokens=True))
             run.references.append(example.highlights)
             run.output_tokens += len(output)
