@@ -6,9 +6,10 @@ import argparse
 import os
 import sys
 
-from kiln.cli import bench_cmd, build_cmd, convert_cmd, run_cmd
+from kiln.cli import bench_cmd, build_cmd, convert_cmd, perplexity_cmd, run_cmd, summarize_cmd
 
-COMMANDS = {"convert": convert_cmd, "build": build_cmd, "run": run_cmd, "bench": bench_cmd}
+COMMANDS = {"convert": convert_cmd, "build": build_cmd, "run": run_cmd, "bench": bench_cmd,
+            "summarize": summarize_cmd, "perplexity": perplexity_cmd}
 
 
 def hyphen_aliases(parser: argparse.ArgumentParser) -> None:
