@@ -6,9 +6,9 @@ import argparse
 import os
 import sys
 
-from kiln.cli import bench_cmd, build_cmd, convert_cmd, run_cmd
+from kiln.cli import bench_cmd, build_cmd, convert_cmd, quantize_cmd, run_cmd
 
-COMMANDS = {"convert": convert_cmd, "build": build_cmd, "run": run_cmd, "bench": bench_cmd}
+COMMANDS = {"convert": convert_cmd, "build": build_cmd, "run": run_cmd, "bench": bench_cmd, "quantize": quantize_cmd}
 
 
 def hyphen_aliases(parser: argparse.ArgumentParser) -> None:
