@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from kiln.cli.trtllm_flags import CompatFlag, add_compat_flag, given
+from kiln.cli.trtllm_flags import CompatFlag, add_compat_flag, in_given_order, spelled
 from kiln.config import ConfigError
 
 MESSAGE = ("quantization is not implemented in kiln yet (issues 14 and 15); drop the quantization flags for an "
@@ -42,12 +42,12 @@ def add_quant_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
 
 
 def quant_flags_given(args: argparse.Namespace) -> list[str]:
-    return [flag.names[0] for flag in QUANT.values() if given(args, flag)]
+    return [spelled(args, flag) for flag in in_given_order(args, list(QUANT.values()))]
 
 
 def refuse_quantization(args: argparse.Namespace, extra: list[str] | None = None) -> None:
-    """Raise a ConfigError naming every quantization flag given (and `extra`, names a command found itself, such
-    as quantize.py's `--qformat int4_awq`)."""
-    flags = quant_flags_given(args) + list(extra or [])
+    """Raise a ConfigError naming every quantization flag given, in command-line order, after `extra` (what a
+    command found itself, such as quantize.py's `--qformat int4_awq`)."""
+    flags = list(extra or []) + quant_flags_given(args)
     if flags:
         raise ConfigError(f"{', '.join(flags)}: {MESSAGE}")

@@ -299,6 +299,13 @@ def main(args: argparse.Namespace) -> int:
               kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,
               use_cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async_scheduling,
               kv_cache_max_tokens=args.max_tokens_in_paged_kv_cache)
+    try:
+        return generate_and_write(args, llm)
+    finally:
+        llm.close()  # a multi-rank engine's worker processes end with the command
+
+
+def generate_and_write(args: argparse.Namespace, llm: LLM) -> int:
     tokenizer = llm.tokenizer
     prompts = read_prompts(args, tokenizer)
     base = sampling_params(args)

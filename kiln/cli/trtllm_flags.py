@@ -127,19 +127,45 @@ REFUSED: dict[str, CompatFlag] = {f.names[0]: f for group in [
 ] for f in group}
 
 _NARGS = {"none": 0, "optional": "?", "one": None, "many": "+"}
+ORDER = DEST_PREFIX + "order"  # dest -> the spelling given, for the compat flags given, in command-line order
+
+
+class _Given(argparse.Action):
+    """Keeps a compat flag's value (True when it takes none) and its place among the compat flags given."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        setattr(namespace, self.dest, True if values == [] else values)
+        order = getattr(namespace, ORDER, {})
+        order.pop(self.dest, None)
+        setattr(namespace, ORDER, {**order, self.dest: option_string or self.dest})
 
 
 def add_compat_flag(parser: argparse.ArgumentParser, flag: CompatFlag) -> None:
     """Register `flag` so that its value is kept only when given (default SUPPRESS), under one dest."""
-    dest = DEST_PREFIX + flag.names[0].lstrip("-")
-    kwargs: dict = {"dest": dest, "default": argparse.SUPPRESS, "help": argparse.SUPPRESS}
-    if flag.arity == "none":
-        kwargs.update(action="store_const", const=True)
-    else:
-        kwargs.update(nargs=_NARGS[flag.arity], metavar="X")
-        if flag.arity == "optional":
-            kwargs["const"] = True
+    nargs = _NARGS[flag.arity]
+    kwargs: dict = {"dest": _dest(flag), "default": argparse.SUPPRESS, "help": argparse.SUPPRESS,
+                    "action": _Given, "nargs": nargs}
+    if flag.arity != "none":
+        kwargs["metavar"] = "X"
+    if flag.arity == "optional":
+        kwargs["const"] = True
     parser.add_argument(*flag.names, **kwargs)
+
+
+def _dest(flag: CompatFlag) -> str:
+    return DEST_PREFIX + flag.names[0].lstrip("-")
+
+
+def in_given_order(args: argparse.Namespace, flags: list[CompatFlag]) -> list[CompatFlag]:
+    """Those of `flags` that were given, in command-line order."""
+    order = list(getattr(args, ORDER, {}))
+    return sorted((f for f in flags if given(args, f)), key=lambda f: order.index(_dest(f)))
+
+
+def spelled(args: argparse.Namespace, flag: CompatFlag) -> str:
+    """The flag as the user wrote it (`-sq` for --smoothquant), to name it in messages."""
+    return getattr(args, ORDER, {}).get(_dest(flag), flag.names[0])
 
 
 def add_compat_flags(parser: argparse.ArgumentParser, ignored: list[str], refused: list[str]) -> None:
@@ -152,11 +178,7 @@ def add_compat_flags(parser: argparse.ArgumentParser, ignored: list[str], refuse
 
 
 def given(args: argparse.Namespace, flag: CompatFlag) -> bool:
-    return hasattr(args, DEST_PREFIX + flag.names[0].lstrip("-"))
-
-
-def _value(args: argparse.Namespace, flag: CompatFlag) -> object:
-    return getattr(args, DEST_PREFIX + flag.names[0].lstrip("-"))
+    return hasattr(args, _dest(flag))
 
 
 def check_compat_flags(args: argparse.Namespace, command: str, also_ignored: list[str] | None = None) -> list[str]:
@@ -164,23 +186,22 @@ def check_compat_flags(args: argparse.Namespace, command: str, also_ignored: lis
     that was given (and `also_ignored`: flags the command parses itself), with what kiln does instead, and return
     their names."""
     ignored = [IGNORED[name] for name in also_ignored or []]
-    for flag in REFUSED.values():
-        if given(args, flag):
-            if str(_value(args, flag)).lower() in flag.inert:
-                ignored.append(flag)
-                continue
-            raise ConfigError(f"{flag.names[0]} is refused: {flag.note}")
-    ignored += [flag for flag in IGNORED.values() if given(args, flag)]
+    for flag in in_given_order(args, list(REFUSED.values())):
+        if str(getattr(args, _dest(flag))).lower() in flag.inert:
+            ignored.append(flag)
+        else:
+            raise ConfigError(f"{spelled(args, flag)} is refused: {flag.note}")
+    ignored += in_given_order(args, list(IGNORED.values()))
+    names = [spelled(args, flag) for flag in ignored]
     if ignored:
-        print(f"kiln {command}: {ignored_line(ignored)}", file=sys.stderr, flush=True)
-    return [flag.names[0] for flag in ignored]
+        print(f"kiln {command}: {ignored_line(ignored, names)}", file=sys.stderr, flush=True)
+    return names
 
 
-def ignored_line(flags: list[CompatFlag]) -> str:
-    """One line: the ignored flags grouped by what kiln does instead."""
+def ignored_line(flags: list[CompatFlag], names: list[str]) -> str:
+    """One line: the ignored flags (as spelled) grouped by what kiln does instead."""
     by_note: dict[str, list[str]] = {}
-    for flag in flags:
-        by_note.setdefault(flag.note if flag.names[0] in IGNORED else "asks for nothing here", []).append(
-            flag.names[0])
+    for flag, name in zip(flags, names):
+        by_note.setdefault(flag.note if flag.names[0] in IGNORED else "asks for nothing here", []).append(name)
     parts = [f"{', '.join(names)} ({note})" for note, names in by_note.items()]
     return "TensorRT-LLM flags accepted and ignored: " + "; ".join(parts)
