@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -162,6 +163,8 @@ def test_every_readme_line_has_an_expectation():
         assert len(lines) == len(EXPECT[seed]), seed
         assert all(Path(to_kiln(line)[0]).name in {"convert", "build", "run", "quantize", "summarize"}
                    for line in lines)
+    kinds = Counter(e.kind for lines in EXPECT.values() for e in lines)  # the counts docs/cli.md states
+    assert kinds == {"checkpoint": 5, "engine": 8, "text": 5, "quant": 24, "missing": 4, "typo": 1, "summarize": 3}
     assert to_kiln(commands[DBRX][2])[-4:] == ["--pp_size", "2", "--tp_size", "2"]
     assert to_kiln(commands[BAICHUAN][19])[:1] == ["run"]  # mpirun -n 2 --allow-run-as-root python ../run.py
 
