@@ -38,10 +38,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine_dir", default="kiln_engine")
     p.add_argument("--tokenizer_dir", help="Hugging Face tokenizer directory (needed for text prompts and output; "
                                           "default --hf_model_dir)")
-    p.add_argument("--hf_model_dir", "--model_dir", dest="hf_model_dir",
-                   help="run.py's Hugging Face model directory: the tokenizer's when --tokenizer_dir is not given")
-    p.add_argument("--no_add_special_tokens", dest="add_special_tokens", action="store_false",
-                   help="tokenize prompts without the tokenizer's special tokens (BOS)")
     p.add_argument("--input_text", nargs="+", default=[DEFAULT_PROMPT], help="one or more prompts, batched together")
     p.add_argument("--input_file", help=".txt (a prompt per line), .csv (token ids per row) or .npy (token ids, "
                                         "padded with --pad_id)")
@@ -75,8 +71,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "(run.py's grouping)")
     p.add_argument("--bad_words", nargs="+", action="append", default=None,
                    help="words never to produce, grouped per prompt as --stop_words")
-    p.add_argument("--no_repeat_ngram_size", type=int, default=None,
-                   help="no n-gram of prompt + output occurs twice (transformers' no_repeat_ngram_size)")
     p.add_argument("--ignore_eos", action="store_true", help="generate max_output_len tokens whatever comes")
     p.add_argument("--streaming", action="store_true", help="print tokens as they are made")
     p.add_argument("--streaming_interval", type=int, default=5, help="print every N tokens when streaming (run.py's 5)")
@@ -89,18 +83,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output_cum_log_probs_npy", help="cumulative log-prob of each output, float32 [prompts, outputs]")
     p.add_argument("--output_json", help="one object per prompt: input_ids, output_ids per beam, text per beam")
     p.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
-    p.add_argument("--max_tokens_in_paged_kv_cache", type=int, default=None,
-                   help="at most this many tokens in the KV cache, whatever the memory fraction allows")
-    p.add_argument("--run_profiling", action="store_true",
-                   help="as run.py: after the run, time PROFILE_ITERATIONS more runs of the same batch (after as many "
-                        "warm-up runs) and print the average latency")
-    p.add_argument("--log_level", choices=sorted(LOG_LEVELS), default="info", help="run.py's log levels")
     p.add_argument("--no_cuda_graphs", "--enforce_eager", dest="no_cuda_graphs", action="store_true",
                    help="run decode steps eagerly instead of replaying CUDA graphs (for debugging and profiling)")
     p.add_argument("--no_async_scheduling", action="store_true",
                    help="run each step only after the previous one's tokens reached the host (by default a "
                    "single-rank engine launches the next step first, overlapping host and GPU work)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_run_py_flags(p)
+
+
+def add_run_py_flags(p: argparse.ArgumentParser) -> None:
+    """run.py's flags beyond the sampling and output ones, and those kiln accepts and ignores or refuses."""
+    p.add_argument("--hf_model_dir", "--model_dir", dest="hf_model_dir",
+                   help="run.py's Hugging Face model directory: the tokenizer's when --tokenizer_dir is not given")
+    p.add_argument("--no_add_special_tokens", dest="add_special_tokens", action="store_false",
+                   help="tokenize prompts without the tokenizer's special tokens (BOS)")
+    p.add_argument("--no_repeat_ngram_size", type=int, default=None,
+                   help="no n-gram of prompt + output occurs twice (transformers' no_repeat_ngram_size)")
+    p.add_argument("--max_tokens_in_paged_kv_cache", type=int, default=None,
+                   help="at most this many tokens in the KV cache, whatever the memory fraction allows")
+    p.add_argument("--run_profiling", action="store_true",
+                   help="as run.py: after the run, time 10 more runs of the same batch (after as many "
+                        "warm-up runs) and print the average latency")
+    p.add_argument("--log_level", choices=sorted(LOG_LEVELS), default="info", help="run.py's log levels")
     add_compat_flags(p, IGNORED, REFUSED)
 
 
