@@ -139,8 +139,9 @@ def test_legacy_one_step_build_equals_convert_then_build(tmp_path, mpt, capsys):
 
 def test_quantize_full_prec_writes_the_unquantized_checkpoint(tmp_path, mpt, capsys):
     hf, _ = mpt
-    assert kiln_main(["quantize", "--model_dir", str(hf), "--dtype", "float16", "--export_path", str(tmp_path / "q")]) == 0
-    assert kiln_main(["convert", "--model_dir", str(hf), "--dtype", "float16", "--output_dir", str(tmp_path / "c")]) == 0
+    source = ["--model_dir", str(hf), "--dtype", "float16"]
+    assert kiln_main(["quantize", *source, "--export_path", str(tmp_path / "q")]) == 0
+    assert kiln_main(["convert", *source, "--output_dir", str(tmp_path / "c")]) == 0
     assert rank_bytes(tmp_path / "q") == rank_bytes(tmp_path / "c")
     assert kiln_main(["quantize", "--model_dir", str(hf), "--export_format", "hf"]) == 2
     assert "--export_format hf is refused" in last_err_line(capsys)
@@ -237,7 +238,8 @@ def test_compat_flag_tables_are_consistent():
 
     spellings = [name for table in (IGNORED, REFUSED, QUANT) for flag in table.values() for name in flag.names]
     assert len(spellings) == len(set(spellings)), "a flag is in two tables"
-    with pytest.raises(ConfigError, match="--auto_parallel is refused"):
-        from kiln.cli.trtllm_flags import check_compat_flags
+    from kiln.cli.trtllm_flags import check_compat_flags
 
-        check_compat_flags(make_parser().parse_args(["build", "--checkpoint_dir", "c", "--auto_parallel", "8"]), "build")
+    args = make_parser().parse_args(["build", "--checkpoint_dir", "c", "--auto_parallel", "8"])
+    with pytest.raises(ConfigError, match="--auto_parallel is refused"):
+        check_compat_flags(args, "build")

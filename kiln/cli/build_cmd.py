@@ -50,7 +50,7 @@ IGNORED = ["--gemm_plugin", "--gpt_attention_plugin", "--moe_plugin", "--nccl_pl
            "--input_timing_cache", "--output_timing_cache", "--timing_cache", "--profiling_verbosity", "--builder_opt",
            "--opt_num_tokens", "--gpus_per_node", "--cluster_key", "--enable_debug_output", "--visualize_network",
            "--monitor_memory", "--dry_run", "--logits_dtype", "--gather_context_logits", "--gather_generation_logits",
-           "--gather_all_token_logits"]
+           "--gather_all_token_logits", "--log_level"]
 REFUSED = ["--lora_dir", "--lora_plugin", "--lora_target_modules", "--max_lora_rank", "--lora_ckpt_source",
            "--use_prompt_tuning", "--max_prompt_embedding_table_size", "--max_draft_len", "--speculative_decoding_mode",
            "--auto_parallel"]

@@ -20,9 +20,10 @@ HELP = "convert a Hugging Face checkpoint (or dummy weights) to a kiln checkpoin
 STORAGE_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 # convert_checkpoint.py's flags that TensorRT-LLM uses and kiln ignores (trtllm_flags.py says what kiln does instead).
 IGNORED = ["--use_parallel_embedding", "--use_embedding_sharing", "--embedding_sharding_dim",
-           "--disable_weight_only_quant_plugin", "--dense_context_fmha", "--moe_renorm_mode", "--moe_normalization_mode",
-           "--moe_num_experts", "--moe_top_k", "--rotary_base", "--vocab_size", "--n_layer", "--n_head", "--n_kv_head",
-           "--n_embd", "--inter_size", "--clip_qkv", "--hidden_act", "--logits_dtype", "--processes",
+           "--disable_weight_only_quant_plugin", "--dense_context_fmha", "--moe_renorm_mode",
+           "--moe_normalization_mode", "--moe_num_experts", "--moe_top_k", "--rotary_base", "--vocab_size", "--n_layer",
+           "--n_head", "--n_kv_head", "--n_embd", "--inter_size", "--clip_qkv", "--hidden_act", "--max_seq_len",
+           "--logits_dtype", "--processes", "--log_level",
            "--load_model_on_cpu", "--load_by_shard"]
 REFUSED = ["--max_prompt_embedding_table_size", "--lora_target_modules", "--hf_lora_dir", "--max_lora_rank"]
 QUANT = ["--use_weight_only", "--weight_only_precision", "--per_group", "--group_size", "--quant_ckpt_path",
@@ -33,7 +34,8 @@ QUANT = ["--use_weight_only", "--weight_only_precision", "--per_group", "--group
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("source (one of)")
     src.add_argument("--model_dir", "-i", "--in-file", "--in_file", dest="model_dir",
-                     help="Hugging Face model directory (config.json + weights); -i/--in-file as hf_baichuan_convert.py")
+                     help="Hugging Face model directory (config.json + weights); -i/--in-file as in "
+                          "hf_baichuan_convert.py")
     src.add_argument("--preset", choices=sorted(PRESETS), help="dummy random weights of a built-in config")
     src.add_argument("--config", help="dummy random weights of this Hugging Face style config.json")
     p.add_argument("--output_dir", default=None, help="where to write the checkpoint (default kiln_checkpoint)")

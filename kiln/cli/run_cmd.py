@@ -241,7 +241,8 @@ def write_log_probs(args: argparse.Namespace, results: list[RequestOutput]) -> N
     if args.output_log_probs_npy:
         np.save(args.output_log_probs_npy, per_token)
     if args.output_logits_npy:  # run.py's name: X.npy -> X_generation.npy
-        np.save(args.output_logits_npy.split(".npy")[0] + "_generation.npy", stacked_logits(results, args.max_output_len))
+        generation = stacked_logits(results, args.max_output_len)
+        np.save(args.output_logits_npy.split(".npy")[0] + "_generation.npy", generation)
     if args.output_cum_log_probs_npy:
         np.save(args.output_cum_log_probs_npy, cumulative)
 

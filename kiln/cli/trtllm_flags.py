@@ -82,7 +82,8 @@ IGNORED: dict[str, CompatFlag] = {f.names[0]: f for group in [
     _ignored("one", "kiln normalises the chosen experts' weights as the checkpoint's config says",
              "--moe_renorm_mode", "--moe_normalization_mode"),
     _ignored("one", ARCH, "--moe_num_experts", "--moe_top_k", "--rotary_base", "--vocab_size", "--n_layer",
-             "--n_head", "--n_kv_head", "--n_embd", "--inter_size", "--clip_qkv", "--hidden_act"),
+             "--n_head", "--n_kv_head", "--n_embd", "--inter_size", "--clip_qkv", "--hidden_act", "--max_seq_len"),
+    _ignored("one", "kiln convert and build print a few plain progress lines", "--log_level"),
     _ignored("one", "kiln reads every tensor memory-mapped, one at a time", "--processes|-p"),
     _ignored("none", "kiln reads every tensor memory-mapped, one at a time", "--load_model_on_cpu", "--load_by_shard"),
     # run.py
