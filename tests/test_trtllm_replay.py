@@ -115,7 +115,8 @@ FIXES = {(DBRX, 11): ("./trt_engines/dbrx/tp8", "./trt_engines/dbrx/8-gpu"),
          (MPT, 14): ("./trt_engines/mpt-30b/fp16/4-gpu/", "./trt_engines/mpt-30b/fp16_tp4")}
 # The misspelled line, replayed as meant after the written one failed.
 TYPO_FIXES = {(MPT, 12): ("--tp_szie", "--tp_size")}
-# Lines that become "runs" cases when `kiln summarize` is registered (the summarize work flips them).
+# Lines that become "runs" cases when `kiln summarize` is registered in kiln/cli/main.py: replace their SUMMARIZE
+# entries in EXPECT with the check of summarize's output (ROUGE scores) when that work merges.
 SUMMARIZE_LINES = {(BAICHUAN, 20), (BAICHUAN, 21), (BAICHUAN, 22)}
 
 
@@ -165,6 +166,8 @@ def test_every_readme_line_has_an_expectation():
                    for line in lines)
     kinds = Counter(e.kind for lines in EXPECT.values() for e in lines)  # the counts docs/cli.md states
     assert kinds == {"checkpoint": 5, "engine": 8, "text": 5, "quant": 24, "missing": 4, "typo": 1, "summarize": 3}
+    assert {(seed, i) for seed, lines in EXPECT.items() for i, e in enumerate(lines) if e.kind == "summarize"} == \
+        SUMMARIZE_LINES
     assert to_kiln(commands[DBRX][2])[-4:] == ["--pp_size", "2", "--tp_size", "2"]
     assert to_kiln(commands[BAICHUAN][19])[:1] == ["run"]  # mpirun -n 2 --allow-run-as-root python ../run.py
 
