@@ -126,11 +126,12 @@ class LLM:
     def __init__(self, engine_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str | None = None,
                  kv_cache_free_gpu_memory_fraction: float = 0.9, kv_cache_bytes: int | None = None,
                  enable_prefix_caching: bool = True, kernel_backend: str = "auto",
-                 use_cuda_graphs: bool = True, async_scheduling: bool = True) -> None:
+                 use_cuda_graphs: bool = True, async_scheduling: bool = True,
+                 kv_cache_max_tokens: int | None = None) -> None:
         self.info = load_artifact(engine_dir, "engine")
         self.build = self.info.build
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        cache = CacheConfig(kv_cache_free_gpu_memory_fraction, kv_cache_bytes, use_cuda_graphs)
+        cache = CacheConfig(kv_cache_free_gpu_memory_fraction, kv_cache_bytes, use_cuda_graphs, kv_cache_max_tokens)
         runner = create_executor(self.info, dev, cache, kernel_backend)
         blocks = BlockManager(runner.num_blocks, self.build.kv_block_size, enable_prefix_caching)
         scheduler = Scheduler(blocks, self.build.max_batch_size, self.build.max_num_tokens, self.build.max_seq_len)

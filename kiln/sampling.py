@@ -268,6 +268,15 @@ def bad_word_bans(bad_word_ids: list[list[int]], output_token_ids: list[int]) ->
     return banned
 
 
+def repeat_ngram_bans(token_ids: list[int], n: int) -> list[int]:
+    """The tokens that would repeat an n-gram of ``token_ids`` as the next token (transformers'
+    NoRepeatNGramLogitsProcessor: every earlier n-gram whose first n - 1 tokens are the last n - 1)."""
+    if n <= 0 or len(token_ids) < n:
+        return []
+    tail = token_ids[len(token_ids) - n + 1:]
+    return [token_ids[i + n - 1] for i in range(len(token_ids) - n + 1) if token_ids[i:i + n - 1] == tail]
+
+
 def _check_inputs(logits: torch.Tensor, rows: list[SamplingRow]) -> None:
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
         shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
@@ -288,7 +297,7 @@ def _is_plain_greedy(row: SamplingRow) -> bool:
     """Greedy with nothing to apply before the argmax."""
     params = row.params
     return (params.greedy and not params.has_penalty and not _bad_words_of(row)
-            and not _min_tokens_active(row))
+            and not _min_tokens_active(row) and not params.no_repeat_ngram_size)
 
 
 def _ban_pairs(rows: list[SamplingRow], vocab: int) -> tuple[list[int], list[int]]:
@@ -302,6 +311,9 @@ def _ban_pairs(rows: list[SamplingRow], vocab: int) -> tuple[list[int], list[int
             banned.extend(bad_word_bans(bad, row.output_token_ids))
         if _min_tokens_active(row):
             banned.extend(row.stop_token_ids)
+        if row.params.no_repeat_ngram_size:
+            banned.extend(repeat_ngram_bans(list(row.prompt_token_ids) + list(row.output_token_ids),
+                                            row.params.no_repeat_ngram_size))
         for tok in banned:
             if 0 <= tok < vocab:
                 ban_rows.append(i)

@@ -100,6 +100,8 @@ class SamplingParams:
     # The raw model logits of every step that made a token (float32 [vocab] each, vocab x 4 bytes per token), as
     # run.py's --output_logits_npy; not with beam search.
     return_logits: bool = False
+    # transformers' / TensorRT-LLM's no_repeat_ngram_size: no n-gram of prompt + output occurs twice (0: off).
+    no_repeat_ngram_size: int = 0
 
     def __post_init__(self) -> None:
         # A single stop string is a common way to write it (OpenAI accepts both); keep the field a list.
@@ -171,6 +173,7 @@ class SamplingParams:
             _check_token_ids("bad_word_ids entry", seq)
             if len(seq) == 0:
                 raise ValueError("SamplingParams.bad_word_ids must not contain an empty sequence; remove it")
+        _check_int("no_repeat_ngram_size", self.no_repeat_ngram_size, low=0, hint=" (0: off)")
         for name in ("ignore_eos", "include_stop_str_in_output", "use_beam_search", "return_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SamplingParams.{name} must be True or False, got {getattr(self, name)!r}")

@@ -133,7 +133,7 @@ def test_cli_end_to_end_with_tokenizer(tmp_path):
 
     npy = np.load(out_npy)
     log_probs, cum_log_probs = np.load(tmp_path / "lp.npy"), np.load(tmp_path / "cum.npy")
-    step_logits = np.load(tmp_path / "logits.npy")  # [prompts, 1, 20, vocab]: the raw logits of each step
+    step_logits = np.load(tmp_path / "logits_generation.npy")  # [prompts, 1, 20, vocab]: raw logits of each step
     for i, (text, result) in enumerate(zip(texts, results)):
         ids = ref_tok(text)["input_ids"]
         assert result["input_ids"] == ids
@@ -149,6 +149,11 @@ def test_cli_end_to_end_with_tokenizer(tmp_path):
         assert abs(float(cum_log_probs[i, 0]) - float(ref_lp.sum())) < 1e-3
     assert log_probs.shape == (len(texts), 1, 20) and cum_log_probs.shape == (len(texts), 1)
     assert step_logits.shape == (len(texts), 1, 20, 512)
+    # run.py's X_context.npy: every prompt position's logits, prompts concatenated [sum of prompt lengths, vocab]
+    context = np.load(tmp_path / "logits_context.npy")
+    with torch.no_grad():
+        ref_context = torch.cat([hf(torch.tensor([r["input_ids"]])).logits[0].float() for r in results])
+    torch.testing.assert_close(torch.from_numpy(context), ref_context, rtol=1e-4, atol=1e-4)
     assert len(out_csv.read_text().splitlines()) == len(texts)
 
 

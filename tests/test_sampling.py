@@ -442,3 +442,21 @@ def test_return_logits_hands_back_each_asking_rows_raw_logits():
     assert out.logits is not None and out.logits[1] is None
     assert torch.equal(out.logits[0], logits[0]) and torch.equal(out.logits[2], logits[2])
     assert Sampler().sample(logits[1:2], rows[1:2]).logits is None  # nobody asked: nothing copied
+
+
+def test_repeat_ngram_bans_match_transformers():
+    """kiln's no_repeat_ngram_size bans what transformers' NoRepeatNGramLogitsProcessor bans, on sequences with
+    repeats (prompt and output together, as in a decoder-only model)."""
+    from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+    from kiln.sampling import repeat_ngram_bans
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 3, 4):
+        for length in (0, 1, 3, 9, 30):
+            ids = torch.randint(0, 6, (length,), generator=gen).tolist()
+            scores = torch.zeros(1, 6)
+            ref = NoRepeatNGramLogitsProcessor(n)(torch.tensor([ids], dtype=torch.long), scores)
+            assert set(repeat_ngram_bans(ids, n)) == set(torch.nonzero(ref[0] == -float("inf")).flatten().tolist())
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        SamplingParams(no_repeat_ngram_size=-1)

@@ -9,23 +9,46 @@ from pathlib import Path
 from kiln.checkpoint.convert import ConvertPlan, convert
 from kiln.checkpoint.hf_reader import HFCheckpoint
 from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_config, keep_first_layers
+from kiln.cli.quant_flags import add_quant_flags, refuse_quantization
+from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
 from kiln.models import PRESETS, family_for_hf_config
 
 HELP = "convert a Hugging Face checkpoint (or dummy weights) to a kiln checkpoint"
 
 
+STORAGE_TYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# convert_checkpoint.py's flags that TensorRT-LLM uses and kiln ignores (trtllm_flags.py says what kiln does instead).
+IGNORED = ["--use_parallel_embedding", "--use_embedding_sharing", "--embedding_sharding_dim",
+           "--disable_weight_only_quant_plugin", "--dense_context_fmha", "--moe_renorm_mode",
+           "--moe_normalization_mode", "--moe_num_experts", "--moe_top_k", "--rotary_base", "--vocab_size", "--n_layer",
+           "--n_head", "--n_kv_head", "--n_embd", "--inter_size", "--clip_qkv", "--hidden_act", "--max_seq_len",
+           "--logits_dtype", "--processes", "--log_level",
+           "--load_model_on_cpu", "--load_by_shard"]
+REFUSED = ["--max_prompt_embedding_table_size", "--lora_target_modules", "--hf_lora_dir", "--max_lora_rank"]
+QUANT = ["--use_weight_only", "--weight_only_precision", "--per_group", "--group_size", "--quant_ckpt_path",
+         "--smoothquant", "--per_token", "--per_channel", "--int8_kv_cache", "--fp8_kv_cache", "--calibrate_kv_cache",
+         "--calib_dataset", "--dataset_cache_dir", "--quantize_lm_head"]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_argument_group("source (one of)")
-    src.add_argument("--model_dir", help="Hugging Face model directory (config.json + weights)")
+    src.add_argument("--model_dir", "-i", "--in-file", "--in_file", dest="model_dir",
+                     help="Hugging Face model directory (config.json + weights); -i/--in-file as in "
+                          "hf_baichuan_convert.py")
     src.add_argument("--preset", choices=sorted(PRESETS), help="dummy random weights of a built-in config")
     src.add_argument("--config", help="dummy random weights of this Hugging Face style config.json")
-    p.add_argument("--output_dir", default="kiln_checkpoint", help="where to write the checkpoint")
+    p.add_argument("--output_dir", default=None, help="where to write the checkpoint (default kiln_checkpoint)")
+    p.add_argument("-o", "--out-dir", "--out_dir", dest="out_dir",
+                   help="hf_baichuan_convert.py's spelling: the checkpoint goes to OUT/<world size>-gpu/")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="weight dtype (default: the checkpoint's)")
+    p.add_argument("-t", "--storage-type", "--storage_type", dest="storage_type",
+                   choices=sorted(STORAGE_TYPES) + sorted(DTYPES), help="hf_baichuan_convert.py's --dtype")
     p.add_argument("--num_layers", type=int, help="keep only the first N layers (a slice of a big model)")
-    p.add_argument("--tp_size", type=int, default=1)
+    p.add_argument("--tp_size", "-tp", "--tensor-parallelism", "--tensor_parallelism", dest="tp_size", type=int,
+                   default=1)
     p.add_argument("--pp_size", type=int, default=1)
-    p.add_argument("--workers", type=int, default=1,
+    p.add_argument("--workers", type=int, default=None,
                    help="accepted for TensorRT-LLM compatibility; kiln reads each tensor once and writes every rank's "
                         "shard of it in the same pass, so more workers would buy nothing and the value is ignored")
     p.add_argument("--moe_tp_mode", type=int, choices=[1, 2], default=2,
@@ -37,12 +60,34 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "config's sizes are not the published ones (default: recognised from config.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
     p.add_argument("--dummy_device", default="cpu", help="device that generates dummy weights (cuda is faster)")
-    quant = p.add_argument_group("quantization (not in this version; refused with a message)")
-    quant.add_argument("--use_weight_only", action="store_true")
-    quant.add_argument("--weight_only_precision", default=None)
-    quant.add_argument("--smoothquant", type=float, default=None)
-    quant.add_argument("--int8_kv_cache", action="store_true")
-    quant.add_argument("--fp8_kv_cache", action="store_true")
+    add_quant_flags(p, QUANT)
+    add_compat_flags(p, IGNORED, REFUSED)
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """Refuse quantization and unsupported TensorRT-LLM flags; say once which accepted flags do nothing."""
+    refuse_quantization(args)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    check_compat_flags(args, "convert", ["--workers"] if args.workers is not None else [])
+
+
+def resolve_dtype(args: argparse.Namespace) -> str | None:
+    """--dtype, or hf_baichuan_convert.py's -t/--storage-type (fp16 means float16); both must agree."""
+    storage = STORAGE_TYPES.get(args.storage_type, args.storage_type)
+    if storage is not None and args.dtype is not None and storage != args.dtype:
+        raise ConfigError(f"--dtype {args.dtype} and -t/--storage-type {args.storage_type} disagree; give one")
+    return args.dtype or storage
+
+
+def resolve_output_dir(args: argparse.Namespace) -> Path:
+    """--output_dir, or hf_baichuan_convert.py's -o OUT, which writes OUT/<world size>-gpu/ (the directory its README
+    then hands to build.py's --bin_model_dir)."""
+    if args.out_dir is not None:
+        if args.output_dir is not None:
+            raise ConfigError("give --output_dir or -o/--out-dir, not both")
+        return Path(args.out_dir) / f"{args.tp_size * args.pp_size}-gpu"
+    return Path(args.output_dir or "kiln_checkpoint")
 
 
 def moe_mapping(args: argparse.Namespace) -> tuple[int, int]:
@@ -73,18 +118,15 @@ def resolve_source(args: argparse.Namespace) -> tuple[dict, object | None]:
 
 
 def make_plan(args: argparse.Namespace) -> ConvertPlan:
-    if args.workers < 1:
-        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
-    if args.use_weight_only or args.smoothquant is not None or args.int8_kv_cache or args.fp8_kv_cache:
-        raise ConfigError("quantization is not available in this kiln version yet; convert without "
-                          "--use_weight_only/--smoothquant/--int8_kv_cache/--fp8_kv_cache")
+    """What to convert, from the parsed flags (also used by `kiln build --model_dir`, the legacy build.py)."""
+    refuse_quantization(args)
     hf, checkpoint = resolve_source(args)
     family = family_for_hf_config(hf)
     if args.model_version is not None and family.name != "baichuan":
         raise ConfigError(f"--model_version applies to Baichuan checkpoints only, and this is a {family.name} model; "
                           "drop the flag")
     extra = {"model_version": args.model_version} if args.model_version is not None else {}
-    config = family.config_from_hf(hf, args.dtype, **extra)
+    config = family.config_from_hf(hf, resolve_dtype(args), **extra)
     source_layers = config.num_hidden_layers
     keep_first_layers(config, args.num_layers)
     moe_tp, moe_ep = moe_mapping(args) if config.is_moe else (args.tp_size, 1)
@@ -98,9 +140,20 @@ def make_plan(args: argparse.Namespace) -> ConvertPlan:
     return ConvertPlan(family, config, mapping, source, QuantConfig(), provenance)
 
 
+def plan_from_hf(model_dir: str, dtype: str | None, tp_size: int, pp_size: int,
+                 model_version: str | None = None) -> ConvertPlan:
+    """The plan of `kiln convert --model_dir ...` with every other flag at its default (for the one-step commands:
+    `kiln build --model_dir`, `kiln quantize --qformat full_prec`)."""
+    return make_plan(argparse.Namespace(
+        model_dir=model_dir, preset=None, config=None, dtype=dtype, storage_type=None, num_layers=None,
+        tp_size=tp_size, pp_size=pp_size, workers=None, moe_tp_mode=2, moe_tp_size=-1, moe_ep_size=-1,
+        model_version=model_version, seed=0, dummy_device="cpu"))
+
+
 def main(args: argparse.Namespace) -> int:
+    check_flags(args)
     plan = make_plan(args)
-    out = convert(plan, args.output_dir)
+    out = convert(plan, str(resolve_output_dir(args)))
     m = plan.mapping
     print(f"wrote {plan.config.architecture} checkpoint ({plan.config.dtype}, tp {m.tp_size} × pp {m.pp_size}"
           f"{f', experts ep {m.moe_ep_size} × tp {m.moe_tp_size}' if plan.config.is_moe else ''}) to {out}")

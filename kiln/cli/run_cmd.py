@@ -4,23 +4,40 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
+import logging
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 
+from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
 from kiln.config import ConfigError
 from kiln.llm import LLM, RequestOutput
 from kiln.sampling_params import SamplingParams
 
 HELP = "generate text from an engine"
+# run.py's flags that kiln accepts and ignores, or refuses (trtllm_flags.py says what kiln does instead, or why not).
+IGNORED = ["--use_py_session", "--no_prompt_template", "--kv_cache_enable_block_reuse", "--enable_chunked_context",
+           "--cuda_graph_mode", "--debug_mode", "--return_all_generated_tokens", "--hf_device_map_auto",
+           "--tokenizer_type", "--vocab_file", "--cross_kv_cache_fraction", "--hf_data_type", "--multi_block_mode",
+           "--enable_context_fmha_fp32_acc"]
+REFUSED = ["--lora_dir", "--lora_task_uids", "--lora_ckpt_source", "--prompt_table_path", "--prompt_tasks",
+           "--num_prepend_vtokens", "--medusa_choices", "--eagle_choices", "--lookahead_config", "--draft_engine_dir",
+           "--draft_target_model_config", "--prompt_lookup_config", "--max_attention_window_size",
+           "--sink_token_length", "--beam_search_diversity_rate", "--gpu_weights_percent"]
+LOG_LEVELS = {"verbose": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR,
+              "internal_error": logging.CRITICAL}
+PROFILE_ITERATIONS = 10  # run.py's
 DEFAULT_PROMPT = "Born in north-east France, Soyer trained as a"  # run.py's default
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine_dir", default="kiln_engine")
-    p.add_argument("--tokenizer_dir", help="Hugging Face tokenizer directory (needed for text prompts and output)")
+    p.add_argument("--tokenizer_dir", help="Hugging Face tokenizer directory (needed for text prompts and output; "
+                                          "default --hf_model_dir)")
     p.add_argument("--input_text", nargs="+", default=[DEFAULT_PROMPT], help="one or more prompts, batched together")
     p.add_argument("--input_file", help=".txt (a prompt per line), .csv (token ids per row) or .npy (token ids, "
                                         "padded with --pad_id)")
@@ -36,8 +53,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--length_penalty", type=float, default=1.0,
                    help="beam search: finished beams score cumulative logprob / length ** length_penalty")
     p.add_argument("--early_stopping", type=early_stopping, default=True,
-                   help="beam search: 1 (default) stops once num_beams beams finished, 0 when no running beam is "
-                        "likely to beat them, 'never' when none can (transformers' True/False/'never')")
+                   help="beam search, as run.py's integer: 1 (default) stops once num_beams beams finished, 0 when no "
+                        "running beam is likely to beat them, any other value (or 'never') when none can")
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top_k", type=int, default=1, help="1 (the default) is greedy; 0 disables top-k")
     p.add_argument("--top_p", type=float, default=0.0, help="0 (the default) disables top-p")
@@ -49,11 +66,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--random_seed", type=int, default=0)
     p.add_argument("--end_id", type=int, default=None, help="end token (default: the tokenizer's end tokens)")
     p.add_argument("--pad_id", type=int, default=None, help="padding of --output_npy/--output_csv and .npy input")
-    p.add_argument("--stop_words", nargs="+", default=[], help="stop strings")
-    p.add_argument("--bad_words", nargs="+", default=[], help="words never to produce")
+    p.add_argument("--stop_words", nargs="+", action="append", default=None,
+                   help="stop words; given once they apply to every prompt, repeated the i-th group is prompt i's "
+                        "(run.py's grouping)")
+    p.add_argument("--bad_words", nargs="+", action="append", default=None,
+                   help="words never to produce, grouped per prompt as --stop_words")
     p.add_argument("--ignore_eos", action="store_true", help="generate max_output_len tokens whatever comes")
     p.add_argument("--streaming", action="store_true", help="print tokens as they are made")
-    p.add_argument("--streaming_interval", type=int, default=1, help="print every N tokens when streaming")
+    p.add_argument("--streaming_interval", type=int, default=5, help="print every N tokens when streaming (run.py's 5)")
     p.add_argument("--output_csv", help="token ids (prompt + output, padded) per sequence, run.py's layout")
     p.add_argument("--output_npy", help="the same as an int32 [sequences, length] array")
     p.add_argument("--output_log_probs_npy",
@@ -69,27 +89,43 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="run each step only after the previous one's tokens reached the host (by default a "
                    "single-rank engine launches the next step first, overlapping host and GPU work)")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_run_py_flags(p)
+
+
+def add_run_py_flags(p: argparse.ArgumentParser) -> None:
+    """run.py's flags beyond the sampling and output ones, and those kiln accepts and ignores or refuses."""
+    p.add_argument("--hf_model_dir", "--model_dir", dest="hf_model_dir",
+                   help="run.py's Hugging Face model directory: the tokenizer's when --tokenizer_dir is not given")
+    p.add_argument("--no_add_special_tokens", dest="add_special_tokens", action="store_false",
+                   help="tokenize prompts without the tokenizer's special tokens (BOS)")
+    p.add_argument("--no_repeat_ngram_size", type=int, default=None,
+                   help="no n-gram of prompt + output occurs twice (transformers' no_repeat_ngram_size)")
+    p.add_argument("--max_tokens_in_paged_kv_cache", type=int, default=None,
+                   help="at most this many tokens in the KV cache, whatever the memory fraction allows")
+    p.add_argument("--run_profiling", action="store_true",
+                   help="as run.py: after the run, time 10 more runs of the same batch (after as many "
+                        "warm-up runs) and print the average latency")
+    p.add_argument("--log_level", choices=sorted(LOG_LEVELS), default="info", help="run.py's log levels")
+    add_compat_flags(p, IGNORED, REFUSED)
 
 
 def early_stopping(text: str) -> bool | str:
-    """--early_stopping: run.py's integers (1 true, 0 false) or transformers' spellings."""
+    """--early_stopping as run.py reads it (an integer: 1 early stopping, 0 none, any other "stopping by length",
+    which is transformers' "never": the search goes on while any beam could still win), or transformers' spellings."""
     value = text.strip().lower()
     if value in ("1", "true"):
         return True
     if value in ("0", "false"):
         return False
-    if value == "never":
+    if value == "never" or value.lstrip("-").isdigit():
         return "never"
-    raise argparse.ArgumentTypeError(f"{text!r} is not 1, 0, true, false or never")
+    raise argparse.ArgumentTypeError(f"{text!r} is not an integer (1, 0, other), true, false or never")
 
 
-def sampling_params(args: argparse.Namespace, tokenizer) -> SamplingParams:
+def sampling_params(args: argparse.Namespace) -> SamplingParams:
     """run.py's conventions: top_k 1 means greedy, top_p 0 means off; --num_beams > 1 means beam search (sampling
-    flags are then ignored, penalties and --bad_words still apply)."""
+    flags are then ignored, penalties and --bad_words still apply). Stop and bad words are set per prompt later."""
     greedy = args.top_k == 1
-    bad_ids = [tokenizer.encode(w) for w in args.bad_words] if args.bad_words and tokenizer else []
-    if args.bad_words and tokenizer is None:
-        raise ConfigError("--bad_words needs --tokenizer_dir to turn words into tokens")
     if args.num_beams < 1:
         raise ConfigError(f"--num_beams is {args.num_beams}; it must be >= 1 (1: no beam search)")
     beams = args.num_beams > 1
@@ -104,20 +140,45 @@ def sampling_params(args: argparse.Namespace, tokenizer) -> SamplingParams:
         top_p=1.0 if args.top_p == 0 else args.top_p, min_p=args.min_p,
         repetition_penalty=args.repetition_penalty, presence_penalty=args.presence_penalty,
         frequency_penalty=args.frequency_penalty, seed=None if greedy or beams else args.random_seed,
-        end_id=args.end_id, stop=list(args.stop_words), bad_word_ids=bad_ids, ignore_eos=args.ignore_eos,
-        min_tokens=args.min_length, return_logits=bool(args.output_logits_npy),
+        end_id=args.end_id, ignore_eos=args.ignore_eos, min_tokens=args.min_length,
+        return_logits=bool(args.output_logits_npy), no_repeat_ngram_size=args.no_repeat_ngram_size or 0,
+        include_stop_str_in_output=True,  # run.py's outputs end with the stop word that ended them
     )
+
+
+def word_groups(groups: list[list[str]] | None, prompts: int, flag: str) -> list[list[str]]:
+    """run.py's grouping of --stop_words/--bad_words: given once, the words apply to every prompt; repeated, the
+    i-th group is prompt i's. Any other count would drop or invent a group, so it is an error."""
+    if not groups:
+        return [[] for _ in range(prompts)]
+    if len(groups) == 1:
+        return [list(groups[0]) for _ in range(prompts)]
+    if len(groups) != prompts:
+        raise ConfigError(f"{flag} is given {len(groups)} times for {prompts} prompts; give it once (for every "
+                          "prompt) or once per prompt, in the prompts' order")
+    return [list(g) for g in groups]
+
+
+def per_prompt_params(args: argparse.Namespace, base: SamplingParams, tokenizer, prompts: int) -> list[SamplingParams]:
+    """`base` with each prompt's stop words and bad words (tokenized without special tokens, as run.py does)."""
+    if args.bad_words and tokenizer is None:
+        raise ConfigError("--bad_words needs --tokenizer_dir to turn words into tokens")
+    stops = word_groups(args.stop_words, prompts, "--stop_words")
+    bads = word_groups(args.bad_words, prompts, "--bad_words")
+    return [dataclasses.replace(base, stop=stop, bad_word_ids=[tokenizer.encode(w, add_special_tokens=False)
+                                                              for w in bad])
+            for stop, bad in zip(stops, bads)]
 
 
 def read_prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
     """Token ids of every prompt, truncated on the left to --max_input_length when given."""
     if args.input_file:
-        prompts = read_input_file(Path(args.input_file), tokenizer, args.pad_id)
+        prompts = read_input_file(Path(args.input_file), tokenizer, args.pad_id, args.add_special_tokens)
     else:
         if tokenizer is None:
             raise ConfigError("text prompts need --tokenizer_dir (or give token ids with --input_file x.csv/.npy)")
-        prompts = [chat_prompt(tokenizer, text, args.system_prompt) if args.chat else tokenizer.encode(text)
-                   for text in args.input_text]
+        prompts = [chat_prompt(tokenizer, text, args.system_prompt) if args.chat else
+                   tokenizer.encode(text, add_special_tokens=args.add_special_tokens) for text in args.input_text]
     if args.max_input_length is not None:
         prompts = [ids[-args.max_input_length:] for ids in prompts]
     return prompts
@@ -128,13 +189,14 @@ def chat_prompt(tokenizer, text: str, system: str | None) -> list[int]:
     return tokenizer.apply_chat_template(messages, add_generation_prompt=True)
 
 
-def read_input_file(path: Path, tokenizer, pad_id: int | None) -> list[list[int]]:
+def read_input_file(path: Path, tokenizer, pad_id: int | None, special: bool = True) -> list[list[int]]:
     if not path.is_file():
         raise ConfigError(f"--input_file {path} does not exist")
     if path.suffix == ".txt":
         if tokenizer is None:
             raise ConfigError("a .txt --input_file needs --tokenizer_dir")
-        return [tokenizer.encode(line.rstrip("\n")) for line in path.read_text().splitlines() if line.strip()]
+        return [tokenizer.encode(line.rstrip("\n"), add_special_tokens=special)
+                for line in path.read_text().splitlines() if line.strip()]
     if path.suffix == ".csv":
         with open(path, newline="") as f:
             return [[int(x) for x in row] for row in csv.reader(f) if row]
@@ -178,8 +240,9 @@ def write_log_probs(args: argparse.Namespace, results: list[RequestOutput]) -> N
             cumulative[i, j] = o.cumulative_logprob
     if args.output_log_probs_npy:
         np.save(args.output_log_probs_npy, per_token)
-    if args.output_logits_npy:
-        np.save(args.output_logits_npy, stacked_logits(results, args.max_output_len))
+    if args.output_logits_npy:  # run.py's name: X.npy -> X_generation.npy
+        generation = stacked_logits(results, args.max_output_len)
+        np.save(args.output_logits_npy.split(".npy")[0] + "_generation.npy", generation)
     if args.output_cum_log_probs_npy:
         np.save(args.output_cum_log_probs_npy, cumulative)
 
@@ -205,7 +268,7 @@ def print_results(results: list[RequestOutput], tokenizer) -> None:
             print(f'Output [Text {i} Beam {o.index}]: "{shown}"{score}')
 
 
-def stream_to_stdout(llm: LLM, prompts: list[list[int]], params: SamplingParams, interval: int,
+def stream_to_stdout(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], interval: int,
                      has_text: bool) -> list[RequestOutput]:
     """Print each output's new text (or token ids) every `interval` tokens as `[prompt.output] piece`."""
     pending: dict[tuple[int, int], list[str]] = {}
@@ -218,21 +281,53 @@ def stream_to_stdout(llm: LLM, prompts: list[list[int]], params: SamplingParams,
     return llm.last_results
 
 
+def write_context_logits(llm: LLM, results: list[RequestOutput], path: str) -> None:
+    """run.py's X_context.npy: the logits at every prompt position, prompts concatenated, float32 [tokens, vocab]."""
+    rows = [llm.score(r.prompt_token_ids).float().cpu().numpy() for r in results]
+    np.save(path.split(".npy")[0] + "_context.npy", np.concatenate(rows, axis=0))
+
+
+def profile(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> None:
+    """run.py's --run_profiling: as many warm-up runs as timed ones, then the average latency of the timed runs."""
+    for _ in range(PROFILE_ITERATIONS):
+        llm.generate(prompts, params)
+    start = time.perf_counter()
+    for _ in range(PROFILE_ITERATIONS):
+        llm.generate(prompts, params)
+    latency = (time.perf_counter() - start) / PROFILE_ITERATIONS
+    print(f"batch_size: {len(prompts)}, avg latency of {PROFILE_ITERATIONS} iterations: {latency:.4f} sec")
+
+
 def main(args: argparse.Namespace) -> int:
-    llm = LLM(args.engine_dir, tokenizer_dir=args.tokenizer_dir, device=args.device,
+    check_compat_flags(args, "run")
+    logging.getLogger("kiln").setLevel(LOG_LEVELS[args.log_level])
+    llm = LLM(args.engine_dir, tokenizer_dir=args.tokenizer_dir or args.hf_model_dir, device=args.device,
               kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,
-              use_cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async_scheduling)
+              use_cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async_scheduling,
+              kv_cache_max_tokens=args.max_tokens_in_paged_kv_cache)
+    try:
+        return generate_and_write(args, llm)
+    finally:
+        llm.close()  # a multi-rank engine's worker processes end with the command
+
+
+def generate_and_write(args: argparse.Namespace, llm: LLM) -> int:
     tokenizer = llm.tokenizer
     prompts = read_prompts(args, tokenizer)
-    params = sampling_params(args, tokenizer)
+    base = sampling_params(args)
+    params = per_prompt_params(args, base, tokenizer, len(prompts))
     if args.streaming:
         results = stream_to_stdout(llm, prompts, params, args.streaming_interval, tokenizer is not None)
     else:
         results = llm.generate(prompts, params)
     print_results(results, tokenizer)
-    pad = args.pad_id if args.pad_id is not None else (params.end_id if params.end_id is not None else
-                                                         (tokenizer.pad_token_id if tokenizer else 0)) or 0
+    pad = args.pad_id if args.pad_id is not None else (base.end_id if base.end_id is not None else
+                                                       (tokenizer.pad_token_id if tokenizer else 0)) or 0
     write_outputs(args, results, pad)
+    if args.output_logits_npy:
+        write_context_logits(llm, results, args.output_logits_npy)
+    if args.run_profiling:
+        profile(llm, prompts, params)
     return 0
 
 

@@ -46,10 +46,12 @@ class _InFlight:
 
 def needs_host_tokens(params: Any) -> bool:
     """Whether sampling a request needs its previous tokens on the host: penalties count them, a multi-token bad
-    word matches them (one-token bad words, min_tokens, seeds and the rest need only the count)."""
+    word matches them, and so does a no-repeat n-gram (one-token bad words, min_tokens, seeds and the rest need only
+    the count)."""
     if params is None:
         return False
-    return params.has_penalty or bool(params.bad_words) or any(len(w) > 1 for w in params.bad_word_ids)
+    return (params.has_penalty or bool(params.bad_words) or any(len(w) > 1 for w in params.bad_word_ids)
+            or params.no_repeat_ngram_size > 0)
 
 
 @dataclass

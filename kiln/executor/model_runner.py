@@ -31,6 +31,8 @@ class CacheConfig:
     cpu_bytes: int | None = None
     # Decode-only steps replay CUDA graphs (CUDA with the triton kernels only; prefill and mixed steps run eagerly).
     use_cuda_graphs: bool = True
+    # At most this many tokens in the cache, whatever the memory allows (run.py's --max_tokens_in_paged_kv_cache).
+    max_tokens: int | None = None
 
 
 @dataclass
@@ -132,6 +134,8 @@ class ModelRunner:
             budget = cache.cpu_bytes if cache.cpu_bytes is not None else \
                 self.build.max_batch_size * (per_seq + 1) * block_bytes
         blocks = int(budget // block_bytes)
+        if cache.max_tokens is not None:
+            blocks = min(blocks, cache.max_tokens // self.block_size)
         if blocks < per_seq:
             raise ConfigError(
                 f"too little memory for the KV cache: {max(budget, 0) / GiB:.3f} GiB left for it, but one sequence "

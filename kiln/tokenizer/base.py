@@ -32,10 +32,11 @@ class Tokenizer:
         self.chat_template = chat_template
         self.stop_token_ids = stop_ids(eos, generation_config.get("eos_token_id"))
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of `text`; without special tokens (no bos/eos) as transformers' add_special_tokens=False."""
         if not isinstance(text, str):
             raise TokenizerError(f"encode() takes a str, got {type(text).__name__}")
-        return self._encode(text)
+        return self._encode(text) if add_special_tokens else self._encode_chat_text(text)
 
     def _encode(self, text: str) -> list[int]:
         raise NotImplementedError

@@ -1,0 +1,55 @@
+"""kiln quantize: TensorRT-LLM's examples/quantization/quantize.py (ModelOpt) with the command name changed.
+
+Until kiln quantizes (issues 14 and 15), every quantizing --qformat and --kv_cache_dtype is refused by quant_flags.py;
+`--qformat full_prec` (quantize.py's default: no quantization) writes an unquantized kiln checkpoint, as kiln convert.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from kiln.checkpoint.convert import convert
+from kiln.cli.convert_cmd import plan_from_hf
+from kiln.cli.quant_flags import add_quant_flags, refuse_quantization
+from kiln.config import DTYPES, ConfigError
+
+HELP = "quantize a Hugging Face checkpoint into a kiln checkpoint (quantize.py's flags; only full_prec for now)"
+QFORMATS = ["full_prec", "fp8", "int8_sq", "int4_awq", "w4a8_awq", "int8_wo", "int4_wo", "nvfp4"]
+QUANT = ["--kv_cache_dtype", "--awq_block_size", "--calib_size", "--calib_max_seq_length", "--calib_dataset",
+         "--group_size", "--quantize_lm_head", "--auto_quantize_bits"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model_dir", required=True, help="Hugging Face model directory")
+    p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
+                   help="weight dtype of the unquantized parts (auto: the checkpoint's)")
+    p.add_argument("--qformat", default="full_prec", choices=QFORMATS,
+                   help="full_prec (the default) writes an unquantized checkpoint; the others are not implemented yet")
+    p.add_argument("--output_dir", default=None, help="where to write the kiln checkpoint (default exported_model)")
+    p.add_argument("--export_path", default=None, help="the older quantize.py's spelling of --output_dir")
+    p.add_argument("--export_format", default="tensorrt_llm", choices=["tensorrt_llm", "hf"],
+                   help="tensorrt_llm (a kiln checkpoint); hf is refused: kiln writes only its own checkpoints")
+    p.add_argument("--tp_size", type=int, default=1)
+    p.add_argument("--pp_size", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=1, help="calibration batch size (unused by full_prec)")
+    p.add_argument("--seed", type=int, default=1234, help="calibration seed (unused by full_prec)")
+    p.add_argument("--device", default=None, help="calibration device (unused by full_prec)")
+    add_quant_flags(p, QUANT)
+
+
+def output_dir(args: argparse.Namespace) -> str:
+    if args.output_dir is not None and args.export_path is not None:
+        raise ConfigError("give --output_dir or the older --export_path, not both")
+    return args.output_dir or args.export_path or "exported_model"
+
+
+def main(args: argparse.Namespace) -> int:
+    refuse_quantization(args, [f"--qformat {args.qformat}"] if args.qformat != "full_prec" else [])
+    if args.export_format != "tensorrt_llm":
+        raise ConfigError(f"--export_format {args.export_format} is refused: kiln writes kiln checkpoints only "
+                          "(the Hugging Face directory given is already the unquantized hf format)")
+    plan = plan_from_hf(args.model_dir, None if args.dtype == "auto" else args.dtype, args.tp_size, args.pp_size)
+    out = convert(plan, output_dir(args))
+    print(f"wrote unquantized (full_prec) {plan.config.architecture} checkpoint ({plan.config.dtype}, "
+          f"tp {plan.mapping.tp_size} × pp {plan.mapping.pp_size}) to {out}")
+    return 0
