@@ -138,3 +138,25 @@ def test_heldout_likelihood_matches_reference_and_bf16(family, engines):
     ppl32, ppl16 = math.exp(fp32 / (len(ids) - 1)), math.exp(bf16 / (len(ids) - 1))
     assert abs(ppl16 - ppl32) <= 0.01 * ppl32
     assert ppl32 < 200  # a trained model: far below the ~800-1000 of a unigram model on these books
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["dbrx", "mpt"])
+def test_summarize_and_perplexity_beside_transformers(family, engines, tmp_path):
+    """The two evaluation commands on a trained model, kiln beside transformers in fp32: identical summaries and
+    ROUGE of a few shipped articles, and the same held-out perplexity."""
+    engine, hf = str(engines[family, "float32"]), str(MODELS[family])
+    rouge = tmp_path / "rouge.json"
+    assert main(["summarize", "--engine_dir", engine, "--hf_model_dir", hf, "--test_kiln", "--test_hf",
+                 "--max_ite", "1", "--batch_size", "2", "--output_len", "24", "--max_input_length", "500",
+                 "--output_json", str(rouge)]) == 0
+    result = json.loads(rouge.read_text())
+    assert result["kiln"]["summaries"] == result["hf"]["summaries"]
+    assert result["kiln"]["rouge1"] == result["hf"]["rouge1"] > 0
+    ppl = tmp_path / "ppl.json"
+    assert main(["perplexity", "--engine_dir", engine, "--hf_model_dir", hf, "--max_tokens", "1200",
+                 "--max_length", "512", "--stride", "256", "--output_json", str(ppl)]) == 0
+    result = json.loads(ppl.read_text())
+    assert result["tokens"] >= 1100
+    assert abs(result["perplexity"] - result["hf_perplexity"]) <= 1e-4 * result["hf_perplexity"]
+    assert result["perplexity"] < 200
