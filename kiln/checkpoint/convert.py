@@ -14,6 +14,7 @@ import torch
 from tqdm import tqdm
 
 from kiln.checkpoint.atomic import atomic_output_dir
+from kiln.checkpoint.safety import check_fits
 from kiln.checkpoint.safetensors_writer import StreamingSafetensorsWriter
 from kiln.config import FORMAT_VERSION, Mapping, ModelConfig, QuantConfig
 from kiln.layers.sharding import full_shape, shard_for
@@ -60,6 +61,7 @@ def checkpoint_config(plan: ConvertPlan) -> dict[str, Any]:
 
 def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True) -> Path:
     """Write the kiln checkpoint of `plan` to `output_dir` atomically and return its path."""
+    check_fits(plan.family, plan.config, Path(output_dir), dummy=bool(plan.provenance.get("dummy")))
     ranks = rank_parameters(plan)
     full_model = meta_model(plan.family, plan.config, Mapping())  # the global parameter order
     order = [name for name, _ in full_model.named_parameters()]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kiln.checkpoint.convert import ConvertPlan, convert
 from kiln.checkpoint.hf_reader import HFCheckpoint
+from kiln.checkpoint.safety import config_from_hf
 from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_config, keep_first_layers
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
 from kiln.models import PRESETS, family_for_hf_config
@@ -84,7 +85,7 @@ def make_plan(args: argparse.Namespace) -> ConvertPlan:
         raise ConfigError(f"--model_version applies to Baichuan checkpoints only, and this is a {family.name} model; "
                           "drop the flag")
     extra = {"model_version": args.model_version} if args.model_version is not None else {}
-    config = family.config_from_hf(hf, args.dtype, **extra)
+    config = config_from_hf(family, hf, args.dtype, **extra)
     source_layers = config.num_hidden_layers
     keep_first_layers(config, args.num_layers)
     moe_tp, moe_ep = moe_mapping(args) if config.is_moe else (args.tp_size, 1)
