@@ -6,6 +6,7 @@ memory holds a few tensors at a time whatever the model size, and no rank file n
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from kiln.checkpoint.atomic import atomic_output_dir
+from kiln.checkpoint.output_guard import check_output_dir
 from kiln.checkpoint.safety import check_fits
 from kiln.checkpoint.safetensors_writer import StreamingSafetensorsWriter
 from kiln.config import FORMAT_VERSION, Mapping, ModelConfig, QuantConfig
@@ -61,12 +63,14 @@ def checkpoint_config(plan: ConvertPlan) -> dict[str, Any]:
 
 def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True) -> Path:
     """Write the kiln checkpoint of `plan` to `output_dir` atomically and return its path."""
+    inputs = tuple(Path(plan.provenance[k]) for k in ("model_dir", "config") if plan.provenance.get(k))
+    check_output_dir(Path(output_dir), inputs)  # before the size estimate: a refused path is the clearer message
     check_fits(plan.family, plan.config, Path(output_dir), dummy=bool(plan.provenance.get("dummy")))
     ranks = rank_parameters(plan)
     full_model = meta_model(plan.family, plan.config, Mapping())  # the global parameter order
     order = [name for name, _ in full_model.named_parameters()]
     dtype = plan.config.torch_dtype
-    with atomic_output_dir(output_dir) as tmp:
+    with atomic_output_dir(output_dir, inputs) as tmp:
         writers = [
             StreamingSafetensorsWriter(tmp / f"rank{r}.safetensors",
                                        [(n, dtype, tuple(p.shape)) for n, p in params.items()],
@@ -83,5 +87,7 @@ def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True) ->
             del full
         for writer in writers:
             writer.close()
+            # Engines hard-link these files (kiln build): read-only, so an edit of one cannot silently change both.
+            os.chmod(writer.path, 0o444)
         (tmp / "config.json").write_text(json.dumps(checkpoint_config(plan), indent=2) + "\n")
     return Path(output_dir)

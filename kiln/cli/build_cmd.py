@@ -52,6 +52,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no_tune", action="store_true",
                    help="record the default kernel tiles instead of tuning them on this GPU (tuning takes a minute "
                         "or two for MoE models; nothing is tuned without a GPU)")
+    p.add_argument("--copy_weights", action="store_true",
+                   help="copy the checkpoint's rank files instead of hard-linking them (linked files are read-only)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -61,7 +63,7 @@ def main(args: argparse.Namespace) -> int:
     config = BuildConfig(args.max_batch_size, max_input_len, max_seq_len, args.max_beam_width,
                          args.max_num_tokens, args.kv_block_size)
     out, plan = build(args.checkpoint_dir, args.output_dir, config, args.memory_gib, tune=not args.no_tune,
-                      log=lambda line: print(line, flush=True))
+                      log=lambda line: print(line, flush=True), copy_weights=args.copy_weights)
     print(f"built engine {out}: max_batch_size {config.max_batch_size}, max_input_len {config.max_input_len}, "
           f"max_seq_len {config.max_seq_len}")
     print(describe_kernels(load_artifact(out, "engine").raw.get("kernels") or {}))
