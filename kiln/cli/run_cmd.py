@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kiln.cli.run_checks import check_run_args, read_csv_prompts, read_npy_prompts
 from kiln.config import ConfigError
 from kiln.llm import LLM, RequestOutput
 from kiln.sampling_params import SamplingParams
@@ -136,12 +137,9 @@ def read_input_file(path: Path, tokenizer, pad_id: int | None) -> list[list[int]
             raise ConfigError("a .txt --input_file needs --tokenizer_dir")
         return [tokenizer.encode(line.rstrip("\n")) for line in path.read_text().splitlines() if line.strip()]
     if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            return [[int(x) for x in row] for row in csv.reader(f) if row]
+        return read_csv_prompts(path)
     if path.suffix == ".npy":
-        rows = np.load(path, allow_pickle=False)
-        pad = pad_id if pad_id is not None else (tokenizer.pad_token_id if tokenizer else None)
-        return [[int(x) for x in row if pad is None or x != pad] for row in np.atleast_2d(rows)]
+        return read_npy_prompts(path, pad_id if pad_id is not None else (tokenizer.pad_token_id if tokenizer else None))
     raise ConfigError(f"--input_file must end in .txt, .csv or .npy, not {path.suffix!r}")
 
 
@@ -219,6 +217,7 @@ def stream_to_stdout(llm: LLM, prompts: list[list[int]], params: SamplingParams,
 
 
 def main(args: argparse.Namespace) -> int:
+    check_run_args(args)  # before loading: nothing generated is lost to a flag found wrong afterwards
     llm = LLM(args.engine_dir, tokenizer_dir=args.tokenizer_dir, device=args.device,
               kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,
               use_cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async_scheduling)

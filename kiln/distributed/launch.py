@@ -19,11 +19,12 @@ import torch.distributed as dist
 
 from kiln.config import ConfigError, Mapping
 from kiln.distributed.collectives import set_tp_group
+from kiln.envvars import env_float, env_int
 
 # How long ranks wait for each other to start (import torch, reach the rendezvous). Model loading comes after.
-INIT_TIMEOUT_S = float(os.environ.get("KILN_DIST_INIT_TIMEOUT", "120"))
+INIT_TIMEOUT_S = env_float("KILN_DIST_INIT_TIMEOUT", 120.0)
 # Tensor collectives of a step; a dead peer is noticed at once (its sockets close), this bounds a live but stuck one.
-STEP_TIMEOUT_S = float(os.environ.get("KILN_DIST_STEP_TIMEOUT", "600"))
+STEP_TIMEOUT_S = env_float("KILN_DIST_STEP_TIMEOUT", 600.0)
 # Workers wait for the driver's next step without limit: an idle LLM is not a failure.
 IDLE_TIMEOUT = datetime.timedelta(days=3650)
 ERROR_KEY = "kiln/error/{rank}"
@@ -44,9 +45,9 @@ class LaunchEnv:
 
 def _int_env(*names: str) -> int | None:
     for name in names:
-        value = os.environ.get(name)
-        if value is not None and value.strip() != "":
-            return int(value)
+        value = env_int(name)
+        if value is not None:
+            return value
     return None
 
 
