@@ -221,3 +221,15 @@ def test_bad_environment_variables_are_named(monkeypatch):
     monkeypatch.setenv("KILN_DIST_INIT_TIMEOUT", "soon")
     with pytest.raises(ConfigError, match=r"KILN_DIST_INIT_TIMEOUT='soon' must be a number > 0"):
         env_float("KILN_DIST_INIT_TIMEOUT", 120.0)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("kv_block_size", 0, "--kv_block_size must be >= 1, got 0"),
+    ("max_batch_size", "8", "build field max_batch_size must be an integer, got '8'"),
+    ("max_seq_len", 10**9, "exceeds the model's max_position_embeddings"),
+])
+def test_engine_build_section_edited(made, tmp_path, field, value, message):
+    engine = engine_copy(made, tmp_path)
+    edit_engine_config(engine, lambda c: c["build"].update({field: value}))
+    with pytest.raises(ConfigError, match=message):
+        kiln.LLM(engine, device="cpu")

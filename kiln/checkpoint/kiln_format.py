@@ -29,7 +29,9 @@ class ArtifactInfo:
 
     @property
     def build(self) -> BuildConfig:
-        return dataclass_from_dict(BuildConfig, self.raw.get("build"), "engine build config")
+        build = dataclass_from_dict(BuildConfig, self.raw.get("build"), "engine build config")
+        build.validate(self.model)  # an edited engine (block size 0, limits past the model's) is refused here
+        return build
 
     def rank_file(self, rank: int) -> Path:
         return self.path / f"rank{rank}.safetensors"
