@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from kiln.config import ConfigError, Mapping
 from kiln.distributed.collectives import set_tp_group
-from kiln.distributed.rendezvous_check import check_reachable, exchange_addresses, stall_watchdog
+from kiln.distributed.rendezvous_check import check_reachable, exchange_addresses, several_hosts, stall_watchdog
 from kiln.envvars import env_float, env_int
 
 # How long ranks wait for each other to start (import torch, reach the rendezvous). Model loading comes after.
@@ -126,10 +126,11 @@ def join_world(mapping: Mapping, device: torch.device, store: dist.Store) -> Wor
         torch.cuda.set_device(device)
     # Every rank says which address its backend will use; a multi-host world that cannot connect is named, not
     # left waiting (rendezvous_check.py).
-    entries = exchange_addresses(store, mapping.rank, mapping.world_size, backend, INIT_TIMEOUT_S)
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    entries = exchange_addresses(store, mapping.rank, mapping.world_size, backend, INIT_TIMEOUT_S, master)
     check_reachable(entries, backend)
-    several_hosts = len({e["host"] for e in entries.values()}) > 1
-    watchdog = stall_watchdog(INIT_TIMEOUT_S, mapping.rank, entries, backend) if several_hosts else nullcontext()
+    armed = several_hosts(entries)
+    watchdog = stall_watchdog(INIT_TIMEOUT_S, mapping.rank, entries, backend) if armed else nullcontext()
     with watchdog:
         dist.init_process_group(backend, store=store, rank=mapping.rank, world_size=mapping.world_size,
                                 timeout=datetime.timedelta(seconds=STEP_TIMEOUT_S))
