@@ -222,6 +222,25 @@ def test_full_disk_refused_up_front(small_mount, capsys):
     assert list(small_mount.iterdir()) == []
 
 
+def test_disk_filling_during_the_write_is_one_line(small_mount, monkeypatch, capsys):
+    import shutil as shutil_module
+
+    from kiln.checkpoint import safety
+
+    # Another process takes the space after the up-front check: pretend the check saw plenty.
+    usage = shutil_module.disk_usage(small_mount)
+    monkeypatch.setattr(safety.shutil, "disk_usage", lambda p: usage._replace(free=1 << 40))
+    config = small_mount.parent / "mid.json"
+    from fixtures_dbrx import dbrx_published_config
+
+    config.write_text(json.dumps(dbrx_published_config(d_model=256, n_layers=8)))
+    assert kiln_main(["convert", "--config", str(config), "--output_dir", str(small_mount / "ckpt")]) == 2
+    line = one_error(capsys, "convert")
+    assert line.startswith(f"kiln convert: error: cannot use {small_mount}/.ckpt.tmp-") and line.endswith(
+        "/rank0.safetensors: the disk is full; free space or write elsewhere")
+    assert list(small_mount.iterdir()) == []
+
+
 def test_read_only_filesystem_is_one_line(small_mount, capsys):
     subprocess.run(["mount", "-o", "remount,ro", str(small_mount)], check=True)
     assert kiln_main(["convert", "--preset", "dbrx-tiny", "--output_dir", str(small_mount / "ckpt")]) == 2
