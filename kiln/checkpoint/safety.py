@@ -28,7 +28,8 @@ def contained_file(root: Path, entry: Any, where: str) -> Path:
     if not isinstance(entry, str) or not entry:
         raise UnsafeCheckpointError(f"{where} names {entry!r}, which is not a file name")
     parts = PurePosixPath(entry.replace("\\", "/")).parts
-    if PurePosixPath(entry).is_absolute() or entry.startswith(("/", "\\")) or ".." in parts or re.match(r"^[A-Za-z]:", entry):
+    absolute = PurePosixPath(entry).is_absolute() or entry.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", entry)
+    if absolute or ".." in parts:
         raise UnsafeCheckpointError(f"{where} names {entry!r}, outside the model directory {root}; a checkpoint may "
                                     "only name files inside its own directory")
     return resolved_inside(root, root / entry, where)
