@@ -17,6 +17,7 @@ from kiln.executor.input_batch import DeviceFeed, DeviceStaging, HostBatch, buil
 from kiln.kernels import KernelSet, bind_linear_matmuls, select_kernels
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.memory import GiB, MemoryPlan
+from kiln.runtime_checks import check_rank_header
 from kiln.sampling import DeviceSample, Sampler, SamplerOutput, SamplingRow, to_device
 
 
@@ -105,6 +106,8 @@ class ModelRunner:
         self.plan = MemoryPlan(**info.raw["memory_plan"])
         with torch.device(device):
             self.model = info.family.model_class(info.model, mapping)
+        # The file must be this rank's and of the config's dtype: a copied rank file or a changed dtype would load.
+        check_rank_header(str(info.rank_file(mapping.rank)), mapping.rank, info.model.torch_dtype)
         load_weights(self.model, str(info.rank_file(mapping.rank)), device)
         self.model.eval()
         # The build's Triton GEMV choices (CUDA, triton kernels only), before any graph captures the layers.
