@@ -17,6 +17,7 @@ from kiln.executor.input_batch import DeviceFeed, DeviceStaging, HostBatch, buil
 from kiln.kernels import KernelSet, bind_linear_matmuls, select_kernels
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.memory import GiB, MemoryPlan
+from kiln.quant.apply import quantize_model
 from kiln.sampling import DeviceSample, Sampler, SamplerOutput, SamplingRow, to_device
 
 
@@ -105,6 +106,7 @@ class ModelRunner:
         self.plan = MemoryPlan(**info.raw["memory_plan"])
         with torch.device(device):
             self.model = info.family.model_class(info.model, mapping)
+        quantize_model(self.model, info.quant)  # weight-only int8 parameters and matmuls, chosen once here
         load_weights(self.model, str(info.rank_file(mapping.rank)), device)
         self.model.eval()
         # The build's Triton GEMV choices (CUDA, triton kernels only), before any graph captures the layers.

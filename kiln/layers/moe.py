@@ -48,5 +48,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [tokens, hidden]
         weights, ids = self.route(x)
-        out = ctx.kernels.fused_moe(x, self.w13, self.w2, weights, ids, self.expert_start)
-        return tp_all_reduce(out)
+        return tp_all_reduce(self.run_experts(ctx.kernels, x, weights, ids))
+
+    def run_experts(self, kernels, x: torch.Tensor, weights: torch.Tensor,
+                    ids: torch.Tensor) -> torch.Tensor:  # x [tokens, hidden] -> [tokens, hidden] (this rank's part)
+        """The experts in the engine dtype; a weight-only quantized model binds its own (kiln.quant.apply)."""
+        return kernels.fused_moe(x, self.w13, self.w2, weights, ids, self.expert_start)
