@@ -15,6 +15,8 @@ Each layer's matmul is bound here, so the forward pass holds no format checks.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -23,6 +25,9 @@ from kiln.config import ConfigError, QuantConfig
 from kiln.layers.linear import LinearBase, ReplicatedLinear
 from kiln.layers.moe import MoE
 from kiln.quant.weight_only import WeightOnlyMethod, weight_only_method
+
+if TYPE_CHECKING:
+    from kiln.kernels import KernelSet
 
 
 class WeightOnlyMatmul:
@@ -46,7 +51,7 @@ class WeightOnlyExperts:
         self.w2, self.w2_scale = moe.w2, moe.w2_scale
         self.expert_start = moe.expert_start
 
-    def __call__(self, kernels, x: torch.Tensor, weights: torch.Tensor,
+    def __call__(self, kernels: KernelSet, x: torch.Tensor, weights: torch.Tensor,
                  ids: torch.Tensor) -> torch.Tensor:  # x [tokens, hidden] -> [tokens, hidden] (this rank's part)
         return kernels.fused_moe_weight_only(x, self.w13, self.w13_scale, self.w2, self.w2_scale, weights, ids,
                                              self.expert_start, self.method.bits)
