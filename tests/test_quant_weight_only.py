@@ -19,7 +19,9 @@ from fixtures_baichuan import BaichuanReference, make_baichuan_checkpoint
 from fixtures_dbrx import make_dbrx_checkpoint
 from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, reference_greedy, reference_logits, \
     save_checkpoint
+from kiln.checkpoint.kiln_format import load_artifact
 from kiln.cli.main import main as kiln_main
+from kiln.executor.model_runner import graphs_allowed
 from kiln.kernels.reference import fused_moe, fused_moe_weight_only
 from kiln.layers.linear import ColumnParallelLinear, RowParallelLinear
 from kiln.quant.weight_only import dequantize, pack_int4, quantize_per_channel, unpack_int4
@@ -172,6 +174,7 @@ def test_mpt_matches_dequantized_reference(precision, tmp_path):
     engine = convert_build(tmp_path, save_checkpoint(state, cfg, tmp_path / "hf"), *wo_flags(precision))
     config = json.loads((engine / "config.json").read_text())
     assert config["quantization"]["quant_algo"] == {"int8": "W8A16", "int4": "W4A16"}[precision]
+    assert graphs_allowed(load_artifact(engine, "engine"))  # dense layers dequantize on the device: capturable
     deq = fake_quant_state(state, PRECISIONS[precision])
     assert not torch.equal(deq["transformer.blocks.0.ffn.up_proj.weight"],
                            state["transformer.blocks.0.ffn.up_proj.weight"])
@@ -190,6 +193,7 @@ def test_baichuan_matches_dequantized_reference(precision, tmp_path):
 def test_dbrx_experts_match_dequantized_reference(precision, tmp_path):
     hf_dir, model, cfg = make_dbrx_checkpoint(tmp_path)
     engine = convert_build(tmp_path, hf_dir, *wo_flags(precision))
+    assert not graphs_allowed(load_artifact(engine, "engine"))  # the experts' torch reference syncs with the host
     fake_quant_dbrx(model, cfg, PRECISIONS[precision])
 
     def logits(prompt: list[int]) -> torch.Tensor:

@@ -88,6 +88,12 @@ def load_weights(model: torch.nn.Module, path: str, device: torch.device) -> Non
         raise CheckpointError(f"cannot read {path}: {err}") from err
 
 
+def graphs_allowed(info: ArtifactInfo) -> bool:
+    """Whether the engine's layers can be captured in a CUDA graph: not a weight-only MoE, whose experts run the torch
+    reference, which reads the chosen expert ids on the host (until a weight-only fused-MoE kernel exists)."""
+    return info.quant.quant_algo is None or not info.model.is_moe
+
+
 class ModelRunner:
     """One rank's model and KV cache. `execute` runs a scheduled step and samples where needed; `launch` queues one
     without waiting for its tokens (`execute` is launch + result), so the engine can prepare the next step while
@@ -114,7 +120,7 @@ class ModelRunner:
         cache = cache or CacheConfig()
         # Several ranks would capture collectives too: not yet, they decode eagerly.
         self.use_cuda_graphs = (cache.use_cuda_graphs and device.type == "cuda" and self.kernels.name == "triton"
-                                and mapping.world_size == 1)
+                                and mapping.world_size == 1 and graphs_allowed(info))
         self.num_blocks = self._num_blocks(cache)
         self._allocate_cache()
         self.staging = DeviceStaging(device)
