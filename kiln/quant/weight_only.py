@@ -67,8 +67,16 @@ class WeightOnlyMethod:
     bits: int
 
     def quantize(self, full: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full weight [..., out, in] -> unpacked q [..., out, in] int8 and scale [..., out] (shard, then pack)."""
-        return quantize_per_channel(full, self.bits, scale_dtype)
+        """Full weight [..., out, in] -> unpacked q [..., out, in] int8 and scale [..., out] (shard, then pack).
+        Experts ([experts, out, in]) are quantized one at a time, so that the float32 working copies are one expert's
+        (DBRX's full w13 is 2.1e9 values)."""
+        if full.dim() < 3:
+            return quantize_per_channel(full, self.bits, scale_dtype)
+        q = torch.empty(full.shape, dtype=torch.int8, device=full.device)
+        scale = torch.empty(full.shape[:-1], dtype=scale_dtype, device=full.device)
+        for e in range(full.shape[0]):
+            q[e], scale[e] = quantize_per_channel(full[e], self.bits, scale_dtype)
+        return q, scale
 
     def pack(self, q: torch.Tensor) -> torch.Tensor:
         """One rank's unpacked q [..., out, in_local] -> what its file stores ([..., out, in_local / 2] for INT4)."""
