@@ -4,6 +4,7 @@ GPU it runs on, memory plan)."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from kiln.checkpoint.atomic import atomic_output_dir
+from kiln.checkpoint.output_guard import check_output_dir
 from kiln.checkpoint.convert import meta_model
 from kiln.checkpoint.kiln_format import ArtifactInfo, check_rank_file, load_artifact
 from kiln.config import BuildConfig, ConfigError
@@ -20,6 +22,12 @@ from kiln.layers.embedding import LMHead
 from kiln.layers.linear import LinearBase
 from kiln.memory import GiB, MemoryPlan, activation_bytes, kv_bytes_per_token
 from kiln.models.decoder import stage_layers
+
+
+def check_memory_gib(memory_gib: float | None) -> None:
+    """--memory_gib must be a positive finite number (NaN would compare false with everything and pass every check)."""
+    if memory_gib is not None and not (math.isfinite(memory_gib) and memory_gib > 0):
+        raise ConfigError(f"--memory_gib must be a positive number of GiB, got {memory_gib}")
 
 
 def plan_memory(info: ArtifactInfo, build: BuildConfig) -> MemoryPlan:
@@ -77,20 +85,30 @@ def choose_kernels(info: ArtifactInfo, build_config: BuildConfig, tune: bool = T
                            linear_shapes=linear)
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
-    """Engines share the checkpoint's bytes where the filesystem allows (DBRX is 264 GB)."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
+def _link_or_copy(src: Path, dst: Path, copy: bool = False) -> None:
+    """Engines share the checkpoint's bytes where the filesystem allows (DBRX is 264 GB), unless `copy`. The shared
+    file is made read-only: an edit through either name would change both the checkpoint and the engine."""
+    if not copy:
+        try:
+            os.link(src, dst)
+            os.chmod(dst, 0o444)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
+    os.chmod(dst, 0o444)
 
 
 def build(checkpoint_dir: str | Path, output_dir: str | Path, build_config: BuildConfig,
           memory_gib: float | None = None, tune: bool = True,
-          log: Callable[[str], None] | None = None) -> tuple[Path, MemoryPlan]:
+          log: Callable[[str], None] | None = None, copy_weights: bool = False) -> tuple[Path, MemoryPlan]:
     """Validate the checkpoint against the limits, plan memory, choose (and on a GPU tune) kernels, and write the
-    engine atomically. `tune=False` records the default kernel tiles without timing anything."""
+    engine atomically. `tune=False` records the default kernel tiles without timing anything; `copy_weights` copies
+    the rank files instead of hard-linking them."""
+    inputs = (Path(checkpoint_dir),)
+    check_output_dir(Path(output_dir), inputs)  # before minutes of tuning, not after
     info = load_artifact(checkpoint_dir, "checkpoint")
+    check_memory_gib(memory_gib)
     build_config.validate(info.model)
     plan = plan_memory(info, build_config)
     if memory_gib is not None and plan.weight_bytes + plan.activation_bytes > memory_gib * GiB:
@@ -101,8 +119,8 @@ def build(checkpoint_dir: str | Path, output_dir: str | Path, build_config: Buil
         )
     kernels = choose_kernels(info, build_config, tune, log)
     config = dict(info.raw, kind="engine", build=build_config.to_dict(), memory_plan=plan.to_dict(), kernels=kernels)
-    with atomic_output_dir(output_dir) as tmp:
+    with atomic_output_dir(output_dir, inputs) as tmp:
         for rank in range(info.mapping.world_size):
-            _link_or_copy(info.rank_file(rank), tmp / f"rank{rank}.safetensors")
+            _link_or_copy(info.rank_file(rank), tmp / f"rank{rank}.safetensors", copy_weights)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(output_dir), plan

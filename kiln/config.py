@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from kiln.config_checks import check_fields, check_heads
+
 FORMAT_VERSION = 1  # bumped whenever checkpoint or engine files change incompatibly
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -71,11 +73,15 @@ class ModelConfig:
     pad_token_id: int | None = None
 
     def __post_init__(self) -> None:
+        # Types and bounds first: a string, null or zero here would otherwise fail inside the division below.
+        check_fields(self, ConfigError)
         if self.head_size == 0:
             self.head_size = self.hidden_size // self.num_attention_heads
         self.validate()
 
     def validate(self) -> None:
+        check_fields(self, ConfigError)
+        check_heads(self, ConfigError)
         torch_dtype(self.dtype)
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(
@@ -105,6 +111,8 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise ConfigError(f"a model config must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         missing = [f.name for f in dataclasses.fields(cls) if f.name not in data and f.default is dataclasses.MISSING]
         if missing:
@@ -127,6 +135,9 @@ class Mapping:
     rank: int = 0
 
     def __post_init__(self) -> None:
+        for name, value in dataclasses.asdict(self).items():
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"mapping field {name} must be an integer, got {value!r}")
         if self.tp_size < 1 or self.pp_size < 1:
             raise ConfigError(f"tp_size and pp_size must be >= 1, got {self.tp_size} and {self.pp_size}")
         if self.world_size != self.tp_size * self.pp_size:
@@ -194,6 +205,8 @@ class BuildConfig:
 
     def validate(self, model: ModelConfig) -> None:
         for name in ("max_batch_size", "max_input_len", "max_seq_len", "max_beam_width", "max_num_tokens", "kv_block_size"):
+            if not isinstance(getattr(self, name), int) or isinstance(getattr(self, name), bool):
+                raise ConfigError(f"build field {name} must be an integer, got {getattr(self, name)!r}")
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name} must be >= 1, got {getattr(self, name)}")
         if self.max_input_len >= self.max_seq_len:
@@ -213,6 +226,8 @@ class BuildConfig:
 
 def dataclass_from_dict(cls: type, data: dict[str, Any] | None, what: str) -> Any:
     """Build a config dataclass from a dict, naming unknown keys instead of failing inside the constructor."""
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"{what} must be a JSON object, got {type(data).__name__}")
     data = dict(data or {})
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)

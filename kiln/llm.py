@@ -10,6 +10,7 @@ from typing import Any, Iterator, Sequence as Seq
 import torch
 
 from kiln.checkpoint.kiln_format import load_artifact
+from kiln.runtime_checks import check_param_ids, check_prompt_ids, runtime_device
 from kiln.engine.block_manager import BlockManager
 from kiln.engine.llm_engine import BeamEvent, LLMEngine, TokenEvent
 from kiln.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
@@ -130,7 +131,7 @@ class LLM:
                  kv_cache_max_tokens: int | None = None) -> None:
         self.info = load_artifact(engine_dir, "engine")
         self.build = self.info.build
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        dev = runtime_device(device)
         cache = CacheConfig(kv_cache_free_gpu_memory_fraction, kv_cache_bytes, use_cuda_graphs, kv_cache_max_tokens)
         runner = create_executor(self.info, dev, cache, kernel_backend)
         blocks = BlockManager(runner.num_blocks, self.build.kv_block_size, enable_prefix_caching)
@@ -182,7 +183,12 @@ class LLM:
             ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
         return frozenset(ids)
 
-    def _check(self, prompt_ids: list[int], params: SamplingParams) -> None:
+    def _check(self, prompt_ids: list[int], params: SamplingParams, which: str = "a prompt") -> None:
+        try:
+            check_prompt_ids(prompt_ids, self.info.model.vocab_size, which)
+            check_param_ids(params, self.info.model.vocab_size)
+        except ValueError as err:
+            raise RequestError(str(err)) from err
         limit = self.build.max_input_len
         if len(prompt_ids) > limit:
             raise RequestError(f"a prompt has {len(prompt_ids)} tokens, more than this engine's max_input_len {limit}; "
@@ -212,8 +218,8 @@ class LLM:
             list[RequestOutput], dict[int, tuple[int, _Tracker]]]:
         requests, trackers = [], {}
         encoded = [self.encode(p) for p in prompts]
-        for ids, p in zip(encoded, params):
-            self._check(ids, p)
+        for i, (ids, p) in enumerate(zip(encoded, params)):
+            self._check(ids, p, f"prompt {i}")
         for rid, (prompt, ids, p) in enumerate(zip(prompts, encoded, params)):
             req = RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids, [])
             stops = self.stop_ids(p)

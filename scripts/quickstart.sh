@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Set up kiln in ./.venv and run its main job on the built-in default: a tiny DBRX with dummy weights,
-# converted, built and run on a batch of two prompts (token ids, since dummy weights come without a tokenizer).
+# Set up kiln in ./.venv and run its main job on the trained reference models that ship in models/:
+# convert -> build -> run a prompt from a book kiln never trained on, a chat turn, and a short `kiln summarize`
+# beside transformers. float32 on a CPU, bfloat16 where a GPU is present.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ -d .venv ] || python3 -m venv .venv
@@ -9,8 +10,22 @@ python -m pip install -q torch==2.13.0
 python -m pip install -q -e .
 work=${KILN_DEMO_DIR:-./kiln-demo}
 mkdir -p "$work"
-kiln convert --preset dbrx-tiny --output_dir "$work/ckpt"
-kiln build --checkpoint_dir "$work/ckpt" --output_dir "$work/engine" --max_batch_size 8 --max_input_len 256 --max_seq_len 512
-printf '1,2,3,4,5,6,7\n42,43\n' > "$work/prompts.csv"
-kiln run --engine_dir "$work/engine" --input_file "$work/prompts.csv" --max_output_len 16 --output_json "$work/out.json"
-echo "outputs written to $work/out.json"
+dtype=$(python -c "import torch; print('bfloat16' if torch.cuda.is_available() else 'float32')")
+
+for model in mpt-books dbrx-books; do
+  if [ ! -d "$work/$model-engine" ]; then
+    kiln convert --model_dir "models/$model" --output_dir "$work/$model-ckpt" --dtype "$dtype"
+    kiln build --checkpoint_dir "$work/$model-ckpt" --output_dir "$work/$model-engine" \
+      --max_batch_size 8 --max_input_len 1024 --max_seq_len 2048
+  fi
+done
+
+echo "== kiln run (MPT, greedy)"
+kiln run --engine_dir "$work/mpt-books-engine" --tokenizer_dir models/mpt-books --max_output_len 48 \
+  --input_text "It was a fine morning in June, and Elizabeth" "Call me Ishmael. Some years ago,"
+echo "== kiln run --chat (DBRX, its ChatML format)"
+kiln run --engine_dir "$work/dbrx-books-engine" --tokenizer_dir models/dbrx-books --chat --max_output_len 32 \
+  --input_text "Tell me about the sea."
+echo "== kiln summarize (MPT, kiln beside transformers, 4 articles of the shipped ACLSum set)"
+kiln summarize --engine_dir "$work/mpt-books-engine" --hf_model_dir models/mpt-books --test_kiln --test_hf \
+  --batch_size 2 --max_ite 2 --output_len 48

@@ -3,45 +3,49 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import shutil
 from pathlib import Path
 from typing import Iterator
 
+from kiln.checkpoint.output_guard import (MARKER, OutputDirError, check_output_dir, clean_stale_temp_dirs,
+                                          write_marker)
 
-class OutputDirError(ValueError):
-    """An output directory kiln will not write."""
-
-
-def _is_kiln_artifact(path: Path) -> bool:
-    try:
-        return "kiln_format_version" in json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return False
+__all__ = ["OutputDirError", "atomic_output_dir"]
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary directory beside `path`; on success it replaces `path`, on error it is removed.
+def atomic_output_dir(path: str | Path, inputs: tuple[Path, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary directory beside `path`; on success it replaces `path`, on error (or an interrupt) it is
+    removed.
 
-    An existing `path` is replaced only if it is empty or a kiln checkpoint/engine: never a directory of other files."""
+    `path` is checked first (output_guard.check_output_dir): an existing `path` is replaced only if it is empty or a
+    kiln checkpoint/engine holding nothing but kiln's own files, and never when it is the current directory or
+    holds one of `inputs`. Temporary directories that dead kiln processes left beside it are removed."""
     final = Path(path)
-    if final.exists() and (not final.is_dir() or (any(final.iterdir()) and not _is_kiln_artifact(final))):
-        raise OutputDirError(
-            f"output directory {final} exists and is not a kiln checkpoint or engine; choose another path or remove it"
-        )
+    check_output_dir(final, inputs)
+    final = final.resolve()  # "out/" and "out" name the same directory; the temporary name needs the real one
     final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temp_dirs(final.parent)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
+    write_marker(tmp)  # written first: a kill -9 from here on leaves a directory the next run can prove is kiln's
     try:
         yield tmp
+        check_output_dir(final, inputs)  # again: a user may have put files there while kiln was writing
+        (tmp / MARKER).unlink()
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _replace(tmp, final)
+
+
+def _replace(tmp: Path, final: Path) -> None:
+    """Move `tmp` to `final`, the old `final` (a kiln artifact, checked) aside under a marked name and then away."""
     old = final.parent / f".{final.name}.old-{os.getpid()}"
     if final.exists():
+        write_marker(final)  # the marker travels with the rename: a kill here leaves a cleanable directory
         final.rename(old)
     tmp.rename(final)
     shutil.rmtree(old, ignore_errors=True)

@@ -5,8 +5,10 @@ memory holds a few tensors at a time whatever the model size, and no rank file n
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -15,6 +17,8 @@ import torch
 from tqdm import tqdm
 
 from kiln.checkpoint.atomic import atomic_output_dir
+from kiln.checkpoint.output_guard import check_output_dir
+from kiln.checkpoint.safety import check_fits
 from kiln.checkpoint.safetensors_writer import StreamingSafetensorsWriter
 from kiln.config import FORMAT_VERSION, Mapping, ModelConfig, QuantConfig
 from kiln.layers.sharding import full_shape, shard_for
@@ -78,38 +82,56 @@ def checkpoint_config(plan: ConvertPlan) -> dict[str, Any]:
     }
 
 
+def _write_tensors(plan: ConvertPlan, ranks: list[dict[str, torch.nn.Parameter]], order: list[str],
+                   writers: list[StreamingSafetensorsWriter], progress: bool) -> None:
+    """Read each full tensor once, in the global order, and append every rank's shard of it to that rank's file."""
+    dtype = plan.config.torch_dtype
+    scales: dict[str, torch.Tensor] = {}
+    for name in tqdm(order, desc="convert", unit="tensor", disable=not progress):
+        holders = [r for r, params in enumerate(ranks) if name in params]
+        if not holders:
+            continue
+        first = ranks[holders[0]][name]
+        if getattr(first, "is_weight_scale", False):
+            full = scales.pop(name)
+        else:
+            full = plan.source.full_tensor(name, full_shape(first)).to(dtype)
+            if hasattr(first, "weight_only"):  # quantize the full weight once; each rank packs its own shard
+                full = _quantize_full(first, full, dtype, scales, name)
+        for r in holders:
+            shard = shard_for(ranks[r][name], full)
+            if hasattr(first, "weight_only"):
+                shard = first.weight_only.pack(shard)
+            writers[r].write(name, shard.contiguous())
+        del full
+
+
 def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True) -> Path:
     """Write the kiln checkpoint of `plan` to `output_dir` atomically and return its path."""
+    inputs = tuple(Path(plan.provenance[k]) for k in ("model_dir", "config") if plan.provenance.get(k))
+    check_output_dir(Path(output_dir), inputs)  # before the size estimate: a refused path is the clearer message
+    check_fits(plan.family, plan.config, Path(output_dir), dummy=bool(plan.provenance.get("dummy")))
     ranks = rank_parameters(plan)
     full_model = meta_model(plan.family, plan.config, Mapping(), plan.quant)  # the global parameter order
     order = [name for name, _ in full_model.named_parameters()]
     dtype = plan.config.torch_dtype
-    with atomic_output_dir(output_dir) as tmp:
-        writers = [
-            StreamingSafetensorsWriter(tmp / f"rank{r}.safetensors",
-                                       [(n, stored_dtype(p, dtype), tuple(p.shape)) for n, p in params.items()],
-                                       {"format": "pt", "kiln_rank": str(r)})
-            for r, params in enumerate(ranks)
-        ]
-        scales: dict[str, torch.Tensor] = {}
-        for name in tqdm(order, desc="convert", unit="tensor", disable=not progress):
-            holders = [r for r, params in enumerate(ranks) if name in params]
-            if not holders:
-                continue
-            first = ranks[holders[0]][name]
-            if getattr(first, "is_weight_scale", False):
-                full = scales.pop(name)
-            else:
-                full = plan.source.full_tensor(name, full_shape(first)).to(dtype)
-                if hasattr(first, "weight_only"):  # quantize the full weight once; each rank packs its own shard
-                    full = _quantize_full(first, full, dtype, scales, name)
-            for r in holders:
-                shard = shard_for(ranks[r][name], full)
-                if hasattr(first, "weight_only"):
-                    shard = first.weight_only.pack(shard)
-                writers[r].write(name, shard.contiguous())
-            del full
+    with atomic_output_dir(output_dir, inputs) as tmp:
+        writers: list[StreamingSafetensorsWriter] = []
+        try:
+            for r, params in enumerate(ranks):
+                writers.append(StreamingSafetensorsWriter(tmp / f"rank{r}.safetensors",
+                                                          [(n, stored_dtype(p, dtype), tuple(p.shape))
+                                                           for n, p in params.items()],
+                                                          {"format": "pt", "kiln_rank": str(r)}))
+            _write_tensors(plan, ranks, order, writers, progress)
+        except BaseException:
+            for writer in writers:  # an open file would keep the removed file's disk space until collected
+                with contextlib.suppress(OSError):
+                    writer.file.close()
+            raise
         for writer in writers:
             writer.close()
+            # Engines hard-link these files (kiln build): read-only, so an edit of one cannot silently change both.
+            os.chmod(writer.path, 0o444)
         (tmp / "config.json").write_text(json.dumps(checkpoint_config(plan), indent=2) + "\n")
     return Path(output_dir)

@@ -4,11 +4,14 @@ loaded with `weights_only=True` and memory-mapped (never unpickled, never the wh
 from __future__ import annotations
 
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
+
+from kiln.checkpoint.safety import contained_file, resolved_inside
 
 
 class CheckpointError(ValueError):
@@ -19,9 +22,14 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f"{what} not found: {path}")
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise CheckpointError(f"cannot read {what} {path}: {err}") from err
+    except RecursionError as err:  # absurdly nested JSON
+        raise CheckpointError(f"cannot read {what} {path}: nested too deeply") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what} {path} must hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
 class HFCheckpoint:
@@ -31,7 +39,7 @@ class HFCheckpoint:
         self.dir = Path(model_dir)
         if not self.dir.is_dir():
             raise CheckpointError(f"--model_dir {self.dir} is not a directory")
-        self.config = read_json(self.dir / "config.json", "config.json")
+        self.config = read_json(resolved_inside(self.dir, self.dir / "config.json", str(self.dir)), "config.json")
         self._file_of: dict[str, Path] = {}
         self._handles: dict[Path, Any] = {}
         files = self._weight_files()
@@ -46,12 +54,14 @@ class HFCheckpoint:
                 weight_map = read_json(index_path, index_name).get("weight_map")
                 if not isinstance(weight_map, dict):
                     raise CheckpointError(f"{index_path} has no weight_map")
-                files = sorted({self.dir / f for f in weight_map.values()})
+                where = f"{index_path} weight_map"
+                files = sorted({contained_file(self.dir, f, where) for f in weight_map.values()})
                 missing = [str(f) for f in files if not f.is_file()]
                 if missing:
                     raise CheckpointError(f"{index_name} names files that are missing: {', '.join(missing)}")
                 return files
         files = sorted(self.dir.glob("*.safetensors")) or sorted(self.dir.glob("pytorch_model*.bin"))
+        files = [resolved_inside(self.dir, f, str(self.dir)) for f in files]
         if not files:
             raise CheckpointError(
                 f"no weights in {self.dir}: expected model.safetensors, model-*.safetensors with "
@@ -99,12 +109,17 @@ class _BinFile(dict):
 
 def _load_bin(path: Path) -> _BinFile:
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise CheckpointError(f"cannot read {path} (weights_only load): {err}") from err
-        # Files in torch's legacy (pre-zip) format cannot be memory-mapped; they load whole, still without pickle.
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise CheckpointError(f"cannot read {path} (weights_only load): {err}") from err
+            # Files in torch's legacy (pre-zip) format cannot be memory-mapped; they load whole, still without pickle.
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own message suggests weights_only=False, which would run the file's code: say what kiln does.
+        raise CheckpointError(f"{path} holds Python objects besides tensors; kiln never unpickles, so it cannot read "
+                              "this file: convert it to safetensors with a tool you trust") from err
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a state dict")
     return _BinFile(state)

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from kiln.checkpoint.hf_reader import CheckpointError, read_json
 from kiln.config import FORMAT_VERSION, BuildConfig, Mapping, ModelConfig, QuantConfig, dataclass_from_dict
 from kiln.models import family_by_name
+from kiln.runtime_checks import check_rank_header
 from kiln.models.family import Family
 
 
@@ -28,7 +29,9 @@ class ArtifactInfo:
 
     @property
     def build(self) -> BuildConfig:
-        return dataclass_from_dict(BuildConfig, self.raw.get("build"), "engine build config")
+        build = dataclass_from_dict(BuildConfig, self.raw.get("build"), "engine build config")
+        build.validate(self.model)  # an edited engine (block size 0, limits past the model's) is refused here
+        return build
 
     def rank_file(self, rank: int) -> Path:
         return self.path / f"rank{rank}.safetensors"
@@ -52,6 +55,11 @@ def load_artifact(path: str | Path, kind: str) -> ArtifactInfo:
         )
     if raw.get("kind") != kind:
         raise CheckpointError(f"{path} is a kiln {raw.get('kind')}, but {flag} needs a kiln {kind}")
+    if kind == "engine":
+        for section in ("build", "memory_plan"):
+            if not isinstance(raw.get(section), dict):
+                raise CheckpointError(f"{path} is an engine without its {section} section in config.json; rebuild it "
+                                      "with `kiln build`")
     model = ModelConfig.from_dict(raw)
     mapping = dataclass_from_dict(Mapping, raw.get("mapping"), "mapping")
     quant = dataclass_from_dict(QuantConfig, raw.get("quantization"), "quantization")
@@ -64,6 +72,7 @@ def check_rank_file(info: ArtifactInfo, rank: int, params: dict[str, Any]) -> in
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint should have one file per rank (world_size "
                               f"{info.mapping.world_size})")
+    check_rank_header(str(path), rank, info.model.torch_dtype, info.quant.quant_algo is not None)
     try:
         with safe_open(str(path), framework="pt") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}

@@ -40,7 +40,10 @@ class StreamingSafetensorsWriter:
         if tensor.dtype != dtype or tuple(tensor.shape) != shape:
             raise ValueError(f"{name}: got {tensor.dtype} {tuple(tensor.shape)}, expected {dtype} {shape}")
         data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
-        self.file.write(memoryview(data.numpy()))
+        try:
+            self.file.write(memoryview(data.numpy()))
+        except OSError as err:  # a full disk or a size limit: name the file (the bare error names none)
+            raise OSError(err.errno, err.strerror, str(self.path)) from err
         self.next += 1
 
     def close(self) -> None:

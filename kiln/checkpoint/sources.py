@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from kiln.checkpoint.hf_reader import CheckpointError, HFCheckpoint, read_json
+from kiln.checkpoint.safety import check_claimed_layers
 from kiln.config import ConfigError, ModelConfig
 from kiln.models.family import Family, expected_sources, find_rule, sources_for
 from kiln.models.transforms import TRANSFORMS
@@ -27,6 +28,9 @@ class HFWeightSource:
     def _check_names(self, family: Family, source_layers: int) -> None:
         """Fail before writing anything if a tensor is missing or a tensor is not understood."""
         present = self.checkpoint.names()
+        # The claim is checked against the names present before any list is sized by it (an edited n_layers of
+        # 10^9 would otherwise build a set of billions of names).
+        check_claimed_layers(self.rules, present, source_layers, self.checkpoint.dir)
         needed = expected_sources(self.rules, self.config.num_hidden_layers)
         missing = sorted(needed - present)
         if missing:
@@ -48,6 +52,10 @@ class HFWeightSource:
         rule = find_rule(self.rules, name)
         names = sources_for(rule, name)
         tensors = [self.checkpoint.get(n) for n in names]
+        for n, t in zip(names, tensors):
+            if not t.dtype.is_floating_point:  # .to(dtype) would turn integers into weights without a word
+                raise CheckpointError(f"{n} in {self.checkpoint.dir} holds {t.dtype} values where weights are "
+                                      "floating point; the file is damaged or not this model's")
         try:
             full = TRANSFORMS[rule.transform](tensors, self.config)
         except RuntimeError as err:  # a reshape that does not fit: the tensor has the wrong size

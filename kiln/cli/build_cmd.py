@@ -91,6 +91,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "or two for MoE models; nothing is tuned without a GPU)")
     add_quant_flags(p, QUANT)
     add_compat_flags(p, IGNORED, REFUSED)
+    p.add_argument("--copy_weights", action="store_true",
+                   help="copy the checkpoint's rank files instead of hard-linking them (linked files are read-only)")
 
 
 def source_checkpoint(args: argparse.Namespace) -> str | None:
@@ -160,7 +162,7 @@ def main(args: argparse.Namespace) -> int:
 def build_engine(args: argparse.Namespace, checkpoint_dir: str) -> int:
     config = build_config(args, checkpoint_dir)
     out, plan = build(checkpoint_dir, args.output_dir, config, args.memory_gib, tune=not args.no_tune,
-                      log=lambda line: print(line, flush=True))
+                      log=lambda line: print(line, flush=True), copy_weights=args.copy_weights)
     print(f"built engine {out}: max_batch_size {config.max_batch_size}, max_input_len {config.max_input_len}, "
           f"max_seq_len {config.max_seq_len}")
     print(describe_kernels(load_artifact(out, "engine").raw.get("kernels") or {}))

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kiln.checkpoint.convert import ConvertPlan, convert
 from kiln.checkpoint.hf_reader import HFCheckpoint
+from kiln.checkpoint.safety import config_from_hf
 from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_config, keep_first_layers
 from kiln.cli.quant_flags import add_quant_flags, quant_config_from_flags
 from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
@@ -128,7 +129,7 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
         raise ConfigError(f"--model_version applies to Baichuan checkpoints only, and this is a {family.name} model; "
                           "drop the flag")
     extra = {"model_version": args.model_version} if args.model_version is not None else {}
-    config = family.config_from_hf(hf, resolve_dtype(args), **extra)
+    config = config_from_hf(family, hf, resolve_dtype(args), **extra)
     source_layers = config.num_hidden_layers
     keep_first_layers(config, args.num_layers)
     moe_tp, moe_ep = moe_mapping(args) if config.is_moe else (args.tp_size, 1)

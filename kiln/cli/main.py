@@ -7,6 +7,7 @@ import os
 import sys
 
 from kiln.cli import bench_cmd, build_cmd, convert_cmd, perplexity_cmd, quantize_cmd, run_cmd, summarize_cmd
+from kiln.cli.errors import DEBUG_ENV, run_reported
 
 COMMANDS = {"convert": convert_cmd, "build": build_cmd, "run": run_cmd, "bench": bench_cmd, "quantize": quantize_cmd,
             "summarize": summarize_cmd, "perplexity": perplexity_cmd}
@@ -22,6 +23,8 @@ def hyphen_aliases(parser: argparse.ArgumentParser) -> None:
 
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Inference engine for DBRX, MPT and Baichuan.")
+    parser.add_argument("--debug", action="store_true",
+                        help=f"print the traceback of an error before its one-line message (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
@@ -51,15 +54,8 @@ def _teardown_abandoned() -> bool:
 
 
 def _run(args: argparse.Namespace) -> int:
-    try:
-        return args.handler(args) or 0
-    except (ValueError, FileNotFoundError, PermissionError) as err:
-        # kiln's own errors (ConfigError, CheckpointError, RequestError, ...) are ValueErrors that say what to do.
-        print(f"kiln {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"kiln {args.command}: interrupted", file=sys.stderr)
-        return 130
+    """Run the command; every failure becomes one line on stderr and an exit code (kiln.cli.errors)."""
+    return run_reported(args.command, lambda: args.handler(args), debug=getattr(args, "debug", False))
 
 
 if __name__ == "__main__":

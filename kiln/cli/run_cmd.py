@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
+from kiln.cli.run_checks import check_run_args, read_csv_prompts, read_npy_prompts
 from kiln.config import ConfigError
 from kiln.llm import LLM, RequestOutput
 from kiln.sampling_params import SamplingParams
@@ -198,12 +199,9 @@ def read_input_file(path: Path, tokenizer, pad_id: int | None, special: bool = T
         return [tokenizer.encode(line.rstrip("\n"), add_special_tokens=special)
                 for line in path.read_text().splitlines() if line.strip()]
     if path.suffix == ".csv":
-        with open(path, newline="") as f:
-            return [[int(x) for x in row] for row in csv.reader(f) if row]
+        return read_csv_prompts(path)
     if path.suffix == ".npy":
-        rows = np.load(path, allow_pickle=False)
-        pad = pad_id if pad_id is not None else (tokenizer.pad_token_id if tokenizer else None)
-        return [[int(x) for x in row if pad is None or x != pad] for row in np.atleast_2d(rows)]
+        return read_npy_prompts(path, pad_id if pad_id is not None else (tokenizer.pad_token_id if tokenizer else None))
     raise ConfigError(f"--input_file must end in .txt, .csv or .npy, not {path.suffix!r}")
 
 
@@ -300,6 +298,7 @@ def profile(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) ->
 
 def main(args: argparse.Namespace) -> int:
     check_compat_flags(args, "run")
+    check_run_args(args)  # before loading: nothing generated is lost to a flag found wrong afterwards
     logging.getLogger("kiln").setLevel(LOG_LEVELS[args.log_level])
     llm = LLM(args.engine_dir, tokenizer_dir=args.tokenizer_dir or args.hf_model_dir, device=args.device,
               kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,

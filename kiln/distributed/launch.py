@@ -13,17 +13,20 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
 from kiln.config import ConfigError, Mapping
 from kiln.distributed.collectives import set_tp_group
+from kiln.distributed.rendezvous_check import check_reachable, exchange_addresses, several_hosts, stall_watchdog
+from kiln.envvars import env_float, env_int
 
 # How long ranks wait for each other to start (import torch, reach the rendezvous). Model loading comes after.
-INIT_TIMEOUT_S = float(os.environ.get("KILN_DIST_INIT_TIMEOUT", "120"))
+INIT_TIMEOUT_S = env_float("KILN_DIST_INIT_TIMEOUT", 120.0)
 # Tensor collectives of a step; a dead peer is noticed at once (its sockets close), this bounds a live but stuck one.
-STEP_TIMEOUT_S = float(os.environ.get("KILN_DIST_STEP_TIMEOUT", "600"))
+STEP_TIMEOUT_S = env_float("KILN_DIST_STEP_TIMEOUT", 600.0)
 # Workers wait for the driver's next step without limit: an idle LLM is not a failure.
 IDLE_TIMEOUT = datetime.timedelta(days=3650)
 ERROR_KEY = "kiln/error/{rank}"
@@ -44,9 +47,9 @@ class LaunchEnv:
 
 def _int_env(*names: str) -> int | None:
     for name in names:
-        value = os.environ.get(name)
-        if value is not None and value.strip() != "":
-            return int(value)
+        value = env_int(name)
+        if value is not None:
+            return value
     return None
 
 
@@ -65,6 +68,10 @@ def launcher_env() -> LaunchEnv | None:
         local = _int_env("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID")
         return LaunchEnv("mpirun", rank, world, rank if local is None else local, addr, port)
     return None
+
+
+class RankStartError(ValueError):
+    """A spawned rank died or did not start: the message names it (one line at the command line, exit 2)."""
 
 
 @dataclass
@@ -117,9 +124,17 @@ def join_world(mapping: Mapping, device: torch.device, store: dist.Store) -> Wor
     backend = "nccl" if device.type == "cuda" else "gloo"
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, store=store, rank=mapping.rank, world_size=mapping.world_size,
-                            timeout=datetime.timedelta(seconds=STEP_TIMEOUT_S))
-    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
+    # Every rank says which address its backend will use; a multi-host world that cannot connect is named, not
+    # left waiting (rendezvous_check.py).
+    master = os.environ.get("MASTER_ADDR", "127.0.0.1")
+    entries = exchange_addresses(store, mapping.rank, mapping.world_size, backend, INIT_TIMEOUT_S, master)
+    check_reachable(entries, backend)
+    armed = several_hosts(entries)
+    watchdog = stall_watchdog(INIT_TIMEOUT_S, mapping.rank, entries, backend) if armed else nullcontext()
+    with watchdog:
+        dist.init_process_group(backend, store=store, rank=mapping.rank, world_size=mapping.world_size,
+                                timeout=datetime.timedelta(seconds=STEP_TIMEOUT_S))
+        control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT)
     tp_group = None
     for stage in range(mapping.pp_size):  # every rank creates every group, in the same order
         ranks = list(range(stage * mapping.tp_size, (stage + 1) * mapping.tp_size))
@@ -237,9 +252,9 @@ def wait_alive(store: dist.Store, procs: list[RankProcess], timeout_s: float = I
             elif proc.exitcode is not None:
                 errors = read_errors(store, len(procs) + 1, wait_s=0)
                 text = errors.get(rank, (f"exited with code {proc.exitcode} before joining", False))[0]
-                raise RuntimeError(f"rank {rank} failed: {text}")
+                raise RankStartError(f"rank {rank} failed: {text}")
         if pending and time.monotonic() > deadline:
-            raise RuntimeError(f"ranks {sorted(pending)} did not start within {timeout_s:.0f} s "
+            raise RankStartError(f"ranks {sorted(pending)} did not start within {timeout_s:.0f} s "
                                "(KILN_DIST_INIT_TIMEOUT sets the limit)")
         time.sleep(0.02)
 

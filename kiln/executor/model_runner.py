@@ -18,6 +18,7 @@ from kiln.kernels import KernelSet, bind_linear_matmuls, select_kernels
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.memory import GiB, MemoryPlan
 from kiln.quant.apply import quantize_model
+from kiln.runtime_checks import check_rank_header
 from kiln.sampling import DeviceSample, Sampler, SamplerOutput, SamplingRow, to_device
 
 
@@ -113,6 +114,9 @@ class ModelRunner:
         with torch.device(device):
             self.model = info.family.model_class(info.model, mapping)
         quantize_model(self.model, info.quant)  # weight-only int8 parameters and matmuls, chosen once here
+        # The file must be this rank's and of the config's dtype: a copied rank file or a changed dtype would load.
+        check_rank_header(str(info.rank_file(mapping.rank)), mapping.rank, info.model.torch_dtype,
+                          info.quant.quant_algo is not None)
         load_weights(self.model, str(info.rank_file(mapping.rank)), device)
         self.model.eval()
         # The build's Triton GEMV choices (CUDA, triton kernels only), before any graph captures the layers.

@@ -29,10 +29,11 @@ from kiln.engine.scheduler import SchedulerOutput, StepFeed
 from kiln.executor.model_runner import CacheConfig, StepInFlight
 from kiln.sampling import SamplerOutput
 from kiln.executor.step_plan import PlanEncoder, StepPlan, WorkerError
+from kiln.envvars import env_float
 from kiln.executor.worker import STEP, STOP, StageRunner, is_peer_failure, spawn_spec
 
 # A NCCL collective does not notice a dead peer; after this long the watchdog ends the driver itself.
-WATCHDOG_GRACE_S = float(os.environ.get("KILN_WATCHDOG_GRACE", "15"))
+WATCHDOG_GRACE_S = env_float("KILN_WATCHDOG_GRACE", 15.0)
 # Pipeline engines split a step of at least this many new tokens (prefill: compute-bound, where stages working on
 # different micro-batches at once pay) into pp micro-batches. Decode steps are bound by reading the weights, which
 # each micro-batch would read again, so they stay whole by default. 0: every step of several sequences is split.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 import re
 from pathlib import Path
@@ -12,6 +13,10 @@ Messages = list[dict[str, str]]
 
 class TokenizerError(ValueError):
     """A tokenizer directory or a tokenizer call that kiln cannot handle; the message says what to do."""
+
+
+class ChatTemplateTooLarge(TokenizerError):
+    """A chat template that would render more text than its budget (bounded_template.py)."""
 
 
 class Tokenizer:
@@ -89,18 +94,27 @@ def check_messages(messages: Any) -> None:
 
 def render_chat_template(template: str, messages: Messages, add_generation_prompt: bool,
                          tokens: dict[str, str], **extra: Any) -> str:
-    """Render a Jinja chat template the way transformers does (sandboxed, trim/lstrip blocks)."""
+    """Render a Jinja chat template the way transformers does (sandboxed, trim/lstrip blocks), with the rendered text
+    bounded to the messages' own text plus TEMPLATE_OVERHEAD_CHARS (bounded_template.py says how)."""
     from jinja2 import TemplateError
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from kiln.tokenizer.bounded_template import (TEMPLATE_OVERHEAD_CHARS, BoundedSandbox, TemplateTooLarge,
+                                                 render_bounded)
 
     def raise_exception(message: str) -> None:
         raise TokenizerError(f"chat template rejected the messages: {message}")
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    budget = sum(len(m.get("content", "")) for m in messages) + TEMPLATE_OVERHEAD_CHARS
+    # As transformers' own environment: loop controls and strftime_now, so that templates render the same here.
+    env = BoundedSandbox(budget, trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
     try:
-        return env.from_string(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt, **tokens, **extra)
+        return render_bounded(env, template, messages=messages, add_generation_prompt=add_generation_prompt,
+                              **tokens, **extra)
+    except TemplateTooLarge as e:
+        raise ChatTemplateTooLarge(f"the chat template renders too much text ({e}); it is refused before "
+                                   "tokenizing: check chat_template in tokenizer_config.json") from e
     except TemplateError as e:
         raise TokenizerError(f"chat template failed to render: {e}") from e
 

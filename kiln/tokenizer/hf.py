@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Sequence
 
-from kiln.tokenizer.base import Messages, Tokenizer, TokenizerError
+from kiln.tokenizer.base import ChatTemplateTooLarge, Messages, Tokenizer, TokenizerError, render_chat_template
 
 
 class HFTokenizer(Tokenizer):
@@ -24,6 +24,16 @@ class HFTokenizer(Tokenizer):
         return list(self.hf(text, add_special_tokens=False)["input_ids"])
 
     def _render(self, messages: Messages, add_generation_prompt: bool) -> str:
+        # transformers renders without any bound on the output: render first in kiln's bounded sandbox (same Jinja
+        # environment) so that a template that would make gigabytes is refused before transformers runs it. Other
+        # errors are left to transformers' render, whose text (tojson and all) is the one used.
+        try:
+            render_chat_template(self.chat_template or "", messages, add_generation_prompt,
+                                 dict(self.hf.special_tokens_map))
+        except ChatTemplateTooLarge:
+            raise
+        except TokenizerError:
+            pass
         try:
             return self.hf.apply_chat_template(messages, add_generation_prompt=add_generation_prompt,
                                                tokenize=False)

