@@ -35,7 +35,7 @@ def plan_memory(info: ArtifactInfo, build: BuildConfig) -> MemoryPlan:
     weight_bytes, layers = 0, 0
     for rank in range(info.mapping.world_size):
         mapping = info.mapping.for_rank(rank)
-        params = dict(meta_model(info.family, info.model, mapping).named_parameters())
+        params = dict(meta_model(info.family, info.model, mapping, info.quant).named_parameters())
         weight_bytes = max(weight_bytes, check_rank_file(info, rank, params))
         layers = max(layers, len(stage_layers(info.model.num_hidden_layers, mapping)))
     element = info.model.torch_dtype.itemsize
@@ -51,6 +51,7 @@ def moe_shape(info: ArtifactInfo) -> MoeShape | None:
     params = meta_model(info.family, info.model, info.mapping.for_rank(0)).named_parameters()
     w13 = next(p for name, p in params if name.endswith(".w13"))  # [local experts, 2 * local ffn, hidden]
     return MoeShape(hidden=w13.shape[2], ffn=w13.shape[1] // 2, experts=w13.shape[0], top_k=info.model.moe_top_k)
+    # (the unquantized model's shapes: a weight-only engine's experts run the torch reference, nothing is tuned)
 
 
 def linear_shapes(info: ArtifactInfo) -> list[tuple[int, int]]:

@@ -184,10 +184,11 @@ class QuantConfig:
     exclude_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        if self.quant_algo is not None or self.kv_cache_quant_algo is not None:
+        # Weight-only per-channel INT8/INT4 (issue 14, first slice); every other format is refused by name.
+        if self.quant_algo not in (None, "W8A16", "W4A16") or self.kv_cache_quant_algo is not None:
             raise ConfigError(
-                f"quantization {self.quant_algo or self.kv_cache_quant_algo!r} is not supported by this kiln version; "
-                "convert without quantization flags"
+                f"quantization {self.quant_algo or self.kv_cache_quant_algo!r} is not supported by this kiln version "
+                "(weight-only W8A16 and W4A16 are); convert with those or without quantization flags"
             )
 
 

@@ -35,9 +35,10 @@ def runtime_device(name: str | None) -> torch.device:
     return device
 
 
-def check_rank_header(path: str, rank: int, dtype: torch.dtype) -> None:
-    """A rank file must be the one written for this rank (convert records it) and hold the dtype the config states:
-    a copy of another rank's file, or weights of another dtype, would load and give wrong answers."""
+def check_rank_header(path: str, rank: int, dtype: torch.dtype, weight_only: bool = False) -> None:
+    """A rank file must be the one written for this rank (convert records it) and hold the dtype the config states
+    (and int8 quantized weights when the config says `weight_only`): a copy of another rank's file, or weights of
+    another dtype, would load and give wrong answers."""
     try:
         with safe_open(path, framework="pt") as f:
             metadata = f.metadata() or {}
@@ -49,7 +50,8 @@ def check_rank_header(path: str, rank: int, dtype: torch.dtype) -> None:
         raise ConfigError(f"{path} holds rank {recorded}'s weights, not rank {rank}'s; the engine's files were "
                           "copied or renamed: rebuild it from its checkpoint")
     stated = dtype_name(dtype)
-    found = sorted(_ST_DTYPES.get(d, d) for d in dtypes if _ST_DTYPES.get(d, d) != stated)
+    allowed = {stated, "I8"} if weight_only else {stated}
+    found = sorted(_ST_DTYPES.get(d, d) for d in dtypes if _ST_DTYPES.get(d, d) not in allowed)
     if found:
         raise ConfigError(f"{path} holds {', '.join(found)} tensors, but the engine's config.json says {stated}; the "
                           "config or the file was changed: rebuild the engine from its checkpoint")

@@ -3,8 +3,10 @@
 on tiny random checkpoints in the published layouts placed where the READMEs look for them (./dbrx,
 mosaicml/mpt-7b, baichuan-inc/Baichuan-13B-Chat, each with its tokenizer). Tensor and pipeline sizes above 2 are
 scaled to 2 so that the ranks run on two CPU cores. Each line must produce what it is for (a checkpoint or engine with
-the stated mapping and dtype, or generated text) or fail with the exact one-line reason: quantization is refused
-until issues 14/15, a line that reads the output of a refused line finds nothing, and the MPT README's `--tp_szie` is a misspelling that must stay an error.
+the stated mapping, dtype and weight quantization, or generated text) or fail with the exact one-line reason:
+quantization other than weight-only INT8/INT4 is refused until issues 14/15 finish (a weight-only line that also asks
+for an INT8 KV cache included), a line that reads the output of a refused line finds nothing, and the MPT README's
+`--tp_szie` is a misspelling that must stay an error.
 
 Where a README points at a directory it never made (DBRX runs ./trt_engines/dbrx/tp8 after building .../8-gpu; MPT
 runs .../mpt-30b/fp16/4-gpu/ after building .../fp16_tp4), the replay fixes the path and says so in FIXES; the
@@ -52,14 +54,15 @@ class Expect:
     ep: int = 1
     flags: str = ""
     same_text_as: int | None = None  # a "text" line whose engine holds the same weights: the same greedy text
+    quant_algo: str | None = None  # a checkpoint's or engine's weight quantization (W8A16, W4A16)
 
 
-def ckpt(path: str, dtype: str, tp: int = 1, pp: int = 1, ep: int = 1) -> Expect:
-    return Expect("checkpoint", path, tp, pp, dtype, ep)
+def ckpt(path: str, dtype: str, tp: int = 1, pp: int = 1, ep: int = 1, quant_algo: str | None = None) -> Expect:
+    return Expect("checkpoint", path, tp, pp, dtype, ep, quant_algo=quant_algo)
 
 
-def engine(path: str, dtype: str, tp: int = 1, pp: int = 1, ep: int = 1) -> Expect:
-    return Expect("engine", path, tp, pp, dtype, ep)
+def engine(path: str, dtype: str, tp: int = 1, pp: int = 1, ep: int = 1, quant_algo: str | None = None) -> Expect:
+    return Expect("engine", path, tp, pp, dtype, ep, quant_algo=quant_algo)
 
 
 def quant(flags: str) -> Expect:
@@ -76,16 +79,19 @@ EXPECT: dict[str, list[Expect]] = {
         ckpt(DBRX_CKPT, "bfloat16", tp=2), engine(DBRX_ENGINE, "bfloat16", tp=2),
         ckpt(DBRX_CKPT, "bfloat16", tp=2, pp=2), engine(DBRX_ENGINE, "bfloat16", tp=2, pp=2),
         ckpt(DBRX_CKPT, "bfloat16", tp=2, ep=2), engine(DBRX_ENGINE, "bfloat16", tp=2, ep=2),
-        quant("--use_weight_only, --weight_only_precision"), Expect("missing", "./tllm_checkpoint_dbrx_4gpu"),
+        ckpt("tllm_checkpoint_dbrx_4gpu", "float16", tp=2, quant_algo="W8A16"),
+        engine("trt_engines/dbrx/weight_only/4-gpu", "float16", tp=2, quant_algo="W8A16"),
         quant("--int8_kv_cache"), quant("--int8_kv_cache, --use_weight_only, --weight_only_precision"),
         Expect("missing", "./tllm_checkpoint_4gpu_int8_kv_wq"),
         TEXT,
     ],
     MPT: [
         ckpt("ckpts/mpt-7b/fp16", "float16"), ckpt("ckpts/mpt-7b/fp32_tp4", "float32", tp=2),
-        quant("--use_weight_only"), quant("--use_weight_only, --weight_only_precision"), quant("--smoothquant"),
+        ckpt("ckpts/mpt-7b/int8_wo", "float32", quant_algo="W8A16"),
+        ckpt("ckpts/mpt-7b/int4_wo", "float32", quant_algo="W4A16"), quant("--smoothquant"),
         quant("--calibrate_kv_cache"), quant("--qformat int4_awq"), quant("--qformat fp8, --kv_cache_dtype"),
-        quant("--qformat int8_wo"), quant("--qformat int4_wo"), quant("--qformat int8_sq, --kv_cache_dtype"),
+        ckpt("ckpts/mpt-7b/int8_wo", "float32", tp=2, quant_algo="W8A16"),
+        ckpt("ckpts/mpt-7b/int4_wo", "float32", quant_algo="W4A16"), quant("--qformat int8_sq, --kv_cache_dtype"),
         engine("trt_engines/mpt-7b/fp16", "float16"),
         Expect("typo", flags="--tp_szie 4"),
         engine("trt_engines/mpt-30b/fp16_tp4", "float16", tp=2),
@@ -93,7 +99,8 @@ EXPECT: dict[str, list[Expect]] = {
     ],
     BAICHUAN: [
         engine(BC + "fp16/1-gpu", "float16"), engine(BC + "bf16/1-gpu", "bfloat16"),
-        quant("--use_weight_only"), quant("--use_weight_only, --weight_only_precision"),
+        engine(BC + "int8_weight_only/1-gpu", "float16", quant_algo="W8A16"),
+        engine(BC + "int4_weight_only/1-gpu", "float16", quant_algo="W4A16"),
         engine(BC + "fp16/2-gpu", "float16", tp=2),
         quant("--calibrate-kv-cache"), quant("--int8_kv_cache, --use_weight_only"),
         quant("--quant_ckpt_path, --use_weight_only, --weight_only_precision, --per_group, --int8_kv_cache"),
@@ -103,9 +110,9 @@ EXPECT: dict[str, list[Expect]] = {
         quant("--quant_ckpt_path, --use_weight_only, --weight_only_precision, --per_group, --group_size"),
         quant("--quant_ckpt_path, --use_weight_only, --weight_only_precision, --per_group, --group_size"),
         TEXT, TEXT,
-        Expect("missing", BC + "int8_weight_only/1-gpu/"), Expect("missing", BC + "int8_weight_only/1-gpu/"),
+        TEXT, Expect("text", same_text_as=17),  # the INT8 weight-only engine, twice: the same greedy text
         Expect("text", same_text_as=15),  # tp 2 (mpirun -n 2) writes what one rank wrote
-        SUMMARIZE, Expect("missing", BC + "int8_weight_only/1-gpu/"), SUMMARIZE,
+        SUMMARIZE, SUMMARIZE, SUMMARIZE,
     ],
 }
 
@@ -114,8 +121,8 @@ FIXES = {(DBRX, 11): ("./trt_engines/dbrx/tp8", "./trt_engines/dbrx/8-gpu"),
          (MPT, 14): ("./trt_engines/mpt-30b/fp16/4-gpu/", "./trt_engines/mpt-30b/fp16_tp4")}
 # The misspelled line, replayed as meant after the written one failed.
 TYPO_FIXES = {(MPT, 12): ("--tp_szie", "--tp_size")}
-# The summarize.py lines that run (the third reads the INT8 engine that a refused line would have written).
-SUMMARIZE_LINES = {(BAICHUAN, 20), (BAICHUAN, 22)}
+# The summarize.py lines (the second reads the INT8 weight-only engine).
+SUMMARIZE_LINES = {(BAICHUAN, 20), (BAICHUAN, 21), (BAICHUAN, 22)}
 
 
 def read_commands() -> dict[str, list[str]]:
@@ -163,7 +170,7 @@ def test_every_readme_line_has_an_expectation():
         assert all(Path(to_kiln(line)[0]).name in {"convert", "build", "run", "quantize", "summarize"}
                    for line in lines)
     kinds = Counter(e.kind for lines in EXPECT.values() for e in lines)  # the counts docs/cli.md states
-    assert kinds == {"checkpoint": 5, "engine": 8, "text": 5, "quant": 24, "missing": 5, "typo": 1, "summarize": 2}
+    assert kinds == {"checkpoint": 10, "engine": 11, "text": 7, "quant": 17, "missing": 1, "typo": 1, "summarize": 3}
     assert {(seed, i) for seed, lines in EXPECT.items() for i, e in enumerate(lines) if e.kind == "summarize"} == \
         SUMMARIZE_LINES
     assert to_kiln(commands[DBRX][2])[-4:] == ["--pp_size", "2", "--tp_size", "2"]
@@ -202,6 +209,7 @@ def check_artifact(expect: Expect, kind: str) -> None:
     mapping = config["mapping"]
     assert config["kind"] == kind and config["dtype"] == expect.dtype, config
     assert (mapping["tp_size"], mapping["pp_size"]) == (expect.tp, expect.pp), mapping
+    assert config["quantization"]["quant_algo"] == expect.quant_algo, config["quantization"]
     if config["family"] == "dbrx":  # experts: ep as --moe_tp_mode says, tensor parallel over the rest
         assert (mapping["moe_ep_size"], mapping["moe_tp_size"]) == (expect.ep, expect.tp // expect.ep), mapping
     ranks = sorted(p.name for p in Path(expect.path).glob("rank*.safetensors"))

@@ -41,7 +41,7 @@ class StagedWeightBytes(WeightBytes):
 def rank_weight_bytes(info: ArtifactInfo, rank: int) -> WeightBytes:
     """One rank's parameter bytes, split as physics.weight_bytes splits them."""
     total = experts = embedding = 0
-    for name, param in meta_model(info.family, info.model, info.mapping.for_rank(rank)).named_parameters():
+    for name, param in meta_model(info.family, info.model, info.mapping.for_rank(rank), info.quant).named_parameters():
         nbytes = param.numel() * param.element_size()
         total += nbytes
         if name.endswith((".w13", ".w2")):

@@ -81,7 +81,7 @@ class WeightBytes:
 
 def weight_bytes(info: ArtifactInfo, plan: MemoryPlan) -> WeightBytes:
     """Split rank 0's weights (the engine's memory plan counts the largest rank) by what decode reads."""
-    params = meta_model(info.family, info.model, info.mapping.for_rank(0)).named_parameters()
+    params = meta_model(info.family, info.model, info.mapping.for_rank(0), info.quant).named_parameters()
     experts = embedding = head = 0
     element = torch.empty(0, dtype=info.model.torch_dtype).element_size()
     for name, param in params:

@@ -6,6 +6,7 @@ memory holds a few tensors at a time whatever the model size, and no rank file n
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ from kiln.checkpoint.safetensors_writer import StreamingSafetensorsWriter
 from kiln.config import FORMAT_VERSION, Mapping, ModelConfig, QuantConfig
 from kiln.layers.sharding import full_shape, shard_for
 from kiln.models.family import Family
+from kiln.quant.apply import quantize_model
 
 
 class WeightSource(Protocol):
@@ -40,15 +42,33 @@ class ConvertPlan:
     provenance: dict[str, Any]
 
 
-def meta_model(family: Family, config: ModelConfig, mapping: Mapping) -> torch.nn.Module:
-    """The model of one rank without storage: its parameter names, local shapes and shard specs."""
+def meta_model(family: Family, config: ModelConfig, mapping: Mapping,
+               quant: QuantConfig | None = None) -> torch.nn.Module:
+    """The model of one rank without storage: its parameter names, local shapes and shard specs (quantized ones
+    when `quant` says so)."""
     with torch.device("meta"):
-        return family.model_class(config, mapping)
+        model = family.model_class(config, mapping)
+    quantize_model(model, quant)
+    return model
 
 
 def rank_parameters(plan: ConvertPlan) -> list[dict[str, torch.nn.Parameter]]:
-    return [dict(meta_model(plan.family, plan.config, plan.mapping.for_rank(r)).named_parameters())
+    return [dict(meta_model(plan.family, plan.config, plan.mapping.for_rank(r), plan.quant).named_parameters())
             for r in range(plan.mapping.world_size)]
+
+
+def stored_dtype(param: torch.nn.Parameter, dtype: torch.dtype) -> torch.dtype:
+    """What a rank file stores for `param`: int8 quantized weights as they are, every float in the engine dtype."""
+    return param.dtype if param.dtype == torch.int8 else dtype
+
+
+def _quantize_full(param: torch.nn.Parameter, full: torch.Tensor, dtype: torch.dtype,
+                   scales: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    """A weight-only quantized parameter's full unpacked int8 values; its full scale waits in `scales` for its own
+    turn in the write order (after the layer's bias)."""
+    q, scale = param.weight_only.quantize(full, dtype)  # q [..., out, in] int8, scale [..., out]
+    scales[name + "_scale"] = scale
+    return q
 
 
 def checkpoint_config(plan: ConvertPlan) -> dict[str, Any]:
@@ -57,7 +77,7 @@ def checkpoint_config(plan: ConvertPlan) -> dict[str, Any]:
         "kind": "checkpoint",
         **plan.config.to_dict(),
         "mapping": plan.mapping.to_dict(),
-        "quantization": vars(plan.quant),
+        "quantization": dataclasses.asdict(plan.quant),
         "provenance": plan.provenance,
     }
 
@@ -66,13 +86,23 @@ def _write_tensors(plan: ConvertPlan, ranks: list[dict[str, torch.nn.Parameter]]
                    writers: list[StreamingSafetensorsWriter], progress: bool) -> None:
     """Read each full tensor once, in the global order, and append every rank's shard of it to that rank's file."""
     dtype = plan.config.torch_dtype
+    scales: dict[str, torch.Tensor] = {}
     for name in tqdm(order, desc="convert", unit="tensor", disable=not progress):
         holders = [r for r, params in enumerate(ranks) if name in params]
         if not holders:
             continue
-        full = plan.source.full_tensor(name, full_shape(ranks[holders[0]][name])).to(dtype)
+        first = ranks[holders[0]][name]
+        if getattr(first, "is_weight_scale", False):
+            full = scales.pop(name)
+        else:
+            full = plan.source.full_tensor(name, full_shape(first)).to(dtype)
+            if hasattr(first, "weight_only"):  # quantize the full weight once; each rank packs its own shard
+                full = _quantize_full(first, full, dtype, scales, name)
         for r in holders:
-            writers[r].write(name, shard_for(ranks[r][name], full).contiguous())
+            shard = shard_for(ranks[r][name], full)
+            if hasattr(first, "weight_only"):
+                shard = first.weight_only.pack(shard)
+            writers[r].write(name, shard.contiguous())
         del full
 
 
@@ -82,7 +112,7 @@ def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True) ->
     check_output_dir(Path(output_dir), inputs)  # before the size estimate: a refused path is the clearer message
     check_fits(plan.family, plan.config, Path(output_dir), dummy=bool(plan.provenance.get("dummy")))
     ranks = rank_parameters(plan)
-    full_model = meta_model(plan.family, plan.config, Mapping())  # the global parameter order
+    full_model = meta_model(plan.family, plan.config, Mapping(), plan.quant)  # the global parameter order
     order = [name for name, _ in full_model.named_parameters()]
     dtype = plan.config.torch_dtype
     with atomic_output_dir(output_dir, inputs) as tmp:
@@ -90,7 +120,8 @@ def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True) ->
         try:
             for r, params in enumerate(ranks):
                 writers.append(StreamingSafetensorsWriter(tmp / f"rank{r}.safetensors",
-                                                          [(n, dtype, tuple(p.shape)) for n, p in params.items()],
+                                                          [(n, stored_dtype(p, dtype), tuple(p.shape))
+                                                           for n, p in params.items()],
                                                           {"format": "pt", "kiln_rank": str(r)}))
             _write_tensors(plan, ranks, order, writers, progress)
         except BaseException:

@@ -9,10 +9,10 @@ from pathlib import Path
 from kiln.build import build
 from kiln.checkpoint.convert import convert
 from kiln.cli.convert_cmd import plan_from_hf
-from kiln.cli.quant_flags import add_quant_flags, refuse_quantization
+from kiln.cli.quant_flags import add_quant_flags, quant_config_from_flags
 from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
 from kiln.checkpoint.kiln_format import load_artifact
-from kiln.config import DTYPES, BuildConfig, ConfigError
+from kiln.config import DTYPES, BuildConfig, ConfigError, QuantConfig
 from kiln.memory import describe
 
 
@@ -119,11 +119,12 @@ def parallel_sizes(args: argparse.Namespace) -> tuple[int, int]:
     return tp, pp
 
 
-def convert_for_build(args: argparse.Namespace, workdir: Path) -> Path:
-    """The legacy build.py's first half: convert --model_dir into a checkpoint under `workdir`."""
+def convert_for_build(args: argparse.Namespace, workdir: Path, quant: QuantConfig) -> Path:
+    """The legacy build.py's first half: convert --model_dir (quantized as `quant` says) into a checkpoint under
+    `workdir`."""
     tp, pp = parallel_sizes(args)
-    return convert(plan_from_hf(args.model_dir, args.dtype, tp, pp, args.model_version), workdir / "checkpoint",
-                   progress=False)
+    return convert(plan_from_hf(args.model_dir, args.dtype, tp, pp, args.model_version, quant),
+                   workdir / "checkpoint", progress=False)
 
 
 def build_config(args: argparse.Namespace, checkpoint_dir: str) -> BuildConfig:
@@ -140,17 +141,21 @@ def build_config(args: argparse.Namespace, checkpoint_dir: str) -> BuildConfig:
 
 
 def main(args: argparse.Namespace) -> int:
-    refuse_quantization(args)
+    quant = quant_config_from_flags(args)
     check_compat_flags(args, "build")
     checkpoint_dir = source_checkpoint(args)
     if checkpoint_dir is not None:
+        if quant.quant_algo is not None:
+            raise ConfigError("--use_weight_only applies to a one-step build from --model_dir; a checkpoint is "
+                              "quantized by kiln convert (pass the flags there)")
         return build_engine(args, checkpoint_dir)
     parent = Path(args.output_dir).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     # Beside the output, so that the engine's hard links to the converted weights stay on one filesystem.
     with tempfile.TemporaryDirectory(prefix=".kiln-build-", dir=parent) as work:
-        checkpoint = convert_for_build(args, Path(work))
-        print(f"converted {args.model_dir} ({load_artifact(checkpoint, 'checkpoint').model.dtype})", flush=True)
+        checkpoint = convert_for_build(args, Path(work), quant)
+        algo = f", weights {quant.quant_algo}" if quant.quant_algo else ""
+        print(f"converted {args.model_dir} ({load_artifact(checkpoint, 'checkpoint').model.dtype}{algo})", flush=True)
         return build_engine(args, str(checkpoint))
 
 

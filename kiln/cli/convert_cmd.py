@@ -10,7 +10,7 @@ from kiln.checkpoint.convert import ConvertPlan, convert
 from kiln.checkpoint.hf_reader import HFCheckpoint
 from kiln.checkpoint.safety import config_from_hf
 from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_config, keep_first_layers
-from kiln.cli.quant_flags import add_quant_flags, refuse_quantization
+from kiln.cli.quant_flags import add_quant_flags, quant_config_from_flags
 from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
 from kiln.models import PRESETS, family_for_hf_config
@@ -66,8 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def check_flags(args: argparse.Namespace) -> None:
-    """Refuse quantization and unsupported TensorRT-LLM flags; say once which accepted flags do nothing."""
-    refuse_quantization(args)
+    """Refuse quantization kiln does not run and unsupported TensorRT-LLM flags; say once which accepted flags do
+    nothing."""
+    quant_config_from_flags(args)
     if args.workers is not None and args.workers < 1:
         raise ConfigError(f"--workers must be >= 1, got {args.workers}")
     check_compat_flags(args, "convert", ["--workers"] if args.workers is not None else [])
@@ -118,9 +119,10 @@ def resolve_source(args: argparse.Namespace) -> tuple[dict, object | None]:
     return dummy_hf_config(args.preset, args.config), None
 
 
-def make_plan(args: argparse.Namespace) -> ConvertPlan:
-    """What to convert, from the parsed flags (also used by `kiln build --model_dir`, the legacy build.py)."""
-    refuse_quantization(args)
+def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> ConvertPlan:
+    """What to convert, from the parsed flags (also used by `kiln build --model_dir`, the legacy build.py); `quant`
+    overrides the quantization flags (the one-step commands resolve their own)."""
+    quant = quant if quant is not None else quant_config_from_flags(args)
     hf, checkpoint = resolve_source(args)
     family = family_for_hf_config(hf)
     if args.model_version is not None and family.name != "baichuan":
@@ -138,17 +140,17 @@ def make_plan(args: argparse.Namespace) -> ConvertPlan:
     else:
         source = DummyWeightSource(args.seed, args.dummy_device, tied_head=config.tie_word_embeddings)
         provenance = {"preset": args.preset, "config": args.config, "dummy": True, "seed": args.seed}
-    return ConvertPlan(family, config, mapping, source, QuantConfig(), provenance)
+    return ConvertPlan(family, config, mapping, source, quant, provenance)
 
 
 def plan_from_hf(model_dir: str, dtype: str | None, tp_size: int, pp_size: int,
-                 model_version: str | None = None) -> ConvertPlan:
+                 model_version: str | None = None, quant: QuantConfig | None = None) -> ConvertPlan:
     """The plan of `kiln convert --model_dir ...` with every other flag at its default (for the one-step commands:
-    `kiln build --model_dir`, `kiln quantize --qformat full_prec`)."""
+    `kiln build --model_dir`, `kiln quantize`), quantized as `quant` says."""
     return make_plan(argparse.Namespace(
         model_dir=model_dir, preset=None, config=None, dtype=dtype, storage_type=None, num_layers=None,
         tp_size=tp_size, pp_size=pp_size, workers=None, moe_tp_mode=2, moe_tp_size=-1, moe_ep_size=-1,
-        model_version=model_version, seed=0, dummy_device="cpu"))
+        model_version=model_version, seed=0, dummy_device="cpu"), quant or QuantConfig())
 
 
 def main(args: argparse.Namespace) -> int:
@@ -156,6 +158,7 @@ def main(args: argparse.Namespace) -> int:
     plan = make_plan(args)
     out = convert(plan, str(resolve_output_dir(args)))
     m = plan.mapping
-    print(f"wrote {plan.config.architecture} checkpoint ({plan.config.dtype}, tp {m.tp_size} × pp {m.pp_size}"
+    algo = f", weights {plan.quant.quant_algo}" if plan.quant.quant_algo else ""
+    print(f"wrote {plan.config.architecture} checkpoint ({plan.config.dtype}{algo}, tp {m.tp_size} × pp {m.pp_size}"
           f"{f', experts ep {m.moe_ep_size} × tp {m.moe_tp_size}' if plan.config.is_moe else ''}) to {out}")
     return 0

@@ -1,20 +1,25 @@
-"""The quantization flags of TensorRT-LLM's scripts, and the one place that refuses them until kiln quantizes.
+"""The quantization flags of TensorRT-LLM's scripts: the one place that maps them onto kiln's QuantConfig or refuses
+them.
 
 Every command that ports a TensorRT-LLM script registers the quantization flags that script takes (so that a
-pasted command line parses), and calls `refuse_quantization` before doing anything: a given flag is refused with one
-line naming it, never ignored. The quantization work (issues 14 and 15) replaces `refuse_quantization` with the
-real mapping onto kiln's QuantConfig.
+pasted command line parses), and calls `quant_config_from_flags` (or `refuse_quantization`) before doing anything.
+What kiln runs: `--use_weight_only` with `--weight_only_precision int8` (the default, W8A16) or `int4` (W4A16).
+Any other quantization flag, or a weight-only precision kiln does not run, is refused with one line naming every
+quantization flag given, never ignored (issues 14 and 15 add the other formats).
 """
 
 from __future__ import annotations
 
 import argparse
 
-from kiln.cli.trtllm_flags import CompatFlag, add_compat_flag, in_given_order, spelled
-from kiln.config import ConfigError
+from kiln.cli.trtllm_flags import DEST_PREFIX, CompatFlag, add_compat_flag, in_given_order, spelled
+from kiln.config import ConfigError, QuantConfig
 
-MESSAGE = ("quantization is not implemented in kiln yet (issues 14 and 15); drop the quantization flags for an "
+MESSAGE = ("this quantization is not implemented in kiln yet (issues 14 and 15; kiln runs weight-only "
+           "--use_weight_only --weight_only_precision int8|int4); use those, or drop the quantization flags for an "
            "unquantized model in the --dtype given")
+# --weight_only_precision -> TensorRT-LLM's quant_algo (int4_awq, int4_gptq: refused until kiln has them).
+WEIGHT_ONLY = {"int8": "W8A16", "int4": "W4A16"}
 
 
 def _flags(arity: str, *names: str) -> list[CompatFlag]:
@@ -36,13 +41,39 @@ QUANT: dict[str, CompatFlag] = {f.names[0]: f for group in [
 
 def add_quant_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
     """Register the named quantization flags (first spellings in QUANT) so that they parse."""
-    group = parser.add_argument_group("quantization (not implemented yet: refused with a message)")
+    group = parser.add_argument_group("quantization (weight-only int8/int4 runs; the rest is refused with a message)")
     for name in names:
         add_compat_flag(group, QUANT[name])
 
 
 def quant_flags_given(args: argparse.Namespace) -> list[str]:
     return [spelled(args, flag) for flag in in_given_order(args, list(QUANT.values()))]
+
+
+def weight_only_algo(args: argparse.Namespace) -> str | None:
+    """W8A16/W4A16 when the quantization flags given are exactly TensorRT-LLM's per-channel weight-only ones
+    (`--use_weight_only`, optionally `--weight_only_precision int8|int4`); None for anything else."""
+    given = {flag.names[0] for flag in in_given_order(args, list(QUANT.values()))}
+    if "--use_weight_only" not in given or not given <= {"--use_weight_only", "--weight_only_precision"}:
+        return None
+    precision = getattr(args, _dest_of("--weight_only_precision"), "int8")  # TensorRT-LLM's default
+    return WEIGHT_ONLY.get(precision)
+
+
+def _dest_of(name: str) -> str:
+    return DEST_PREFIX + name.lstrip("-")
+
+
+def quant_config_from_flags(args: argparse.Namespace, qformat_algo: str | None = None) -> QuantConfig:
+    """The QuantConfig the quantization flags ask for (weight-only INT8/INT4, or `qformat_algo` that quantize.py's
+    --qformat chose); anything else is refused by `refuse_quantization`'s one line."""
+    algo = weight_only_algo(args)
+    if algo is not None:
+        return QuantConfig(quant_algo=algo)
+    if qformat_algo is not None and not quant_flags_given(args):
+        return QuantConfig(quant_algo=qformat_algo)
+    refuse_quantization(args)
+    return QuantConfig()
 
 
 def refuse_quantization(args: argparse.Namespace, extra: list[str] | None = None) -> None:

@@ -1,7 +1,9 @@
 """kiln quantize: TensorRT-LLM's examples/quantization/quantize.py (ModelOpt) with the command name changed.
 
-Until kiln quantizes (issues 14 and 15), every quantizing --qformat and --kv_cache_dtype is refused by quant_flags.py;
-`--qformat full_prec` (quantize.py's default: no quantization) writes an unquantized kiln checkpoint, as kiln convert.
+`--qformat full_prec` (quantize.py's default: no quantization) writes an unquantized kiln checkpoint, as kiln convert;
+`int8_wo`/`int4_wo` (ModelOpt's weight-only formats, no calibration) write the W8A16/W4A16 checkpoint that kiln
+convert --use_weight_only writes. Every other --qformat and --kv_cache_dtype is refused by quant_flags.py's one line
+until kiln has it (issues 14 and 15).
 """
 
 from __future__ import annotations
@@ -10,11 +12,13 @@ import argparse
 
 from kiln.checkpoint.convert import convert
 from kiln.cli.convert_cmd import plan_from_hf
-from kiln.cli.quant_flags import add_quant_flags, refuse_quantization
-from kiln.config import DTYPES, ConfigError
+from kiln.cli.quant_flags import add_quant_flags, quant_flags_given, refuse_quantization
+from kiln.config import DTYPES, ConfigError, QuantConfig
 
-HELP = "quantize a Hugging Face checkpoint into a kiln checkpoint (quantize.py's flags; only full_prec for now)"
+HELP = "quantize a Hugging Face checkpoint into a kiln checkpoint (quantize.py's flags; full_prec, int8_wo and int4_wo for now)"
 QFORMATS = ["full_prec", "fp8", "int8_sq", "int4_awq", "w4a8_awq", "int8_wo", "int4_wo", "nvfp4"]
+# quantize.py's weight-only formats (ModelOpt's int8_wo/int4_wo: per-channel, no calibration) -> quant_algo.
+QFORMAT_ALGOS = {"int8_wo": "W8A16", "int4_wo": "W4A16"}
 QUANT = ["--kv_cache_dtype", "--awq_block_size", "--calib_size", "--calib_max_seq_length", "--calib_dataset",
          "--group_size", "--quantize_lm_head", "--auto_quantize_bits"]
 
@@ -24,7 +28,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)],
                    help="weight dtype of the unquantized parts (auto: the checkpoint's)")
     p.add_argument("--qformat", default="full_prec", choices=QFORMATS,
-                   help="full_prec (the default) writes an unquantized checkpoint; the others are not implemented yet")
+                   help="full_prec (the default) writes an unquantized checkpoint; int8_wo/int4_wo weight-only "
+                        "per-channel INT8/INT4 (W8A16/W4A16); the others are not implemented yet")
     p.add_argument("--output_dir", default=None, help="where to write the kiln checkpoint (default exported_model)")
     p.add_argument("--export_path", default=None, help="the older quantize.py's spelling of --output_dir")
     p.add_argument("--export_format", default="tensorrt_llm", choices=["tensorrt_llm", "hf"],
@@ -44,12 +49,17 @@ def output_dir(args: argparse.Namespace) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
-    refuse_quantization(args, [f"--qformat {args.qformat}"] if args.qformat != "full_prec" else [])
+    algo = QFORMAT_ALGOS.get(args.qformat)
+    if args.qformat != "full_prec" and (algo is None or quant_flags_given(args)):
+        refuse_quantization(args, [f"--qformat {args.qformat}"])
+    refuse_quantization(args)
     if args.export_format != "tensorrt_llm":
         raise ConfigError(f"--export_format {args.export_format} is refused: kiln writes kiln checkpoints only "
                           "(the Hugging Face directory given is already the unquantized hf format)")
-    plan = plan_from_hf(args.model_dir, None if args.dtype == "auto" else args.dtype, args.tp_size, args.pp_size)
+    plan = plan_from_hf(args.model_dir, None if args.dtype == "auto" else args.dtype, args.tp_size, args.pp_size,
+                        quant=QuantConfig(quant_algo=algo))
     out = convert(plan, output_dir(args))
-    print(f"wrote unquantized (full_prec) {plan.config.architecture} checkpoint ({plan.config.dtype}, "
+    what = f"{args.qformat} ({algo})" if algo else "unquantized (full_prec)"
+    print(f"wrote {what} {plan.config.architecture} checkpoint ({plan.config.dtype}, "
           f"tp {plan.mapping.tp_size} × pp {plan.mapping.pp_size}) to {out}")
     return 0

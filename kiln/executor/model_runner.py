@@ -17,6 +17,7 @@ from kiln.executor.input_batch import DeviceFeed, DeviceStaging, HostBatch, buil
 from kiln.kernels import KernelSet, bind_linear_matmuls, select_kernels
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.memory import GiB, MemoryPlan
+from kiln.quant.apply import quantize_model
 from kiln.runtime_checks import check_rank_header
 from kiln.sampling import DeviceSample, Sampler, SamplerOutput, SamplingRow, to_device
 
@@ -88,6 +89,12 @@ def load_weights(model: torch.nn.Module, path: str, device: torch.device) -> Non
         raise CheckpointError(f"cannot read {path}: {err}") from err
 
 
+def graphs_allowed(info: ArtifactInfo) -> bool:
+    """Whether the engine's layers can be captured in a CUDA graph: not a weight-only MoE, whose experts run the torch
+    reference, which reads the chosen expert ids on the host (until a weight-only fused-MoE kernel exists)."""
+    return info.quant.quant_algo is None or not info.model.is_moe
+
+
 class ModelRunner:
     """One rank's model and KV cache. `execute` runs a scheduled step and samples where needed; `launch` queues one
     without waiting for its tokens (`execute` is launch + result), so the engine can prepare the next step while
@@ -106,8 +113,10 @@ class ModelRunner:
         self.plan = MemoryPlan(**info.raw["memory_plan"])
         with torch.device(device):
             self.model = info.family.model_class(info.model, mapping)
+        quantize_model(self.model, info.quant)  # weight-only int8 parameters and matmuls, chosen once here
         # The file must be this rank's and of the config's dtype: a copied rank file or a changed dtype would load.
-        check_rank_header(str(info.rank_file(mapping.rank)), mapping.rank, info.model.torch_dtype)
+        check_rank_header(str(info.rank_file(mapping.rank)), mapping.rank, info.model.torch_dtype,
+                          info.quant.quant_algo is not None)
         load_weights(self.model, str(info.rank_file(mapping.rank)), device)
         self.model.eval()
         # The build's Triton GEMV choices (CUDA, triton kernels only), before any graph captures the layers.
@@ -115,7 +124,7 @@ class ModelRunner:
         cache = cache or CacheConfig()
         # Several ranks would capture collectives too: not yet, they decode eagerly.
         self.use_cuda_graphs = (cache.use_cuda_graphs and device.type == "cuda" and self.kernels.name == "triton"
-                                and mapping.world_size == 1)
+                                and mapping.world_size == 1 and graphs_allowed(info))
         self.num_blocks = self._num_blocks(cache)
         self._allocate_cache()
         self.staging = DeviceStaging(device)

@@ -27,7 +27,7 @@ from kiln.distributed import launch
 from kiln.distributed.control import ControlChannel
 from kiln.engine.scheduler import SchedulerOutput, StepFeed
 from kiln.executor.cuda_graphs import DecodeGraphs
-from kiln.executor.model_runner import CacheConfig, ModelRunner, StepBatch
+from kiln.executor.model_runner import CacheConfig, ModelRunner, StepBatch, graphs_allowed
 from kiln.executor.step_plan import PlanDecoder
 from kiln.kernels import select_kernels
 from kiln.layers.context import ForwardContext
@@ -47,6 +47,8 @@ class StageRunner(ModelRunner):
         self.world = world
         self._cache_agreed = False
         kernels = select_kernels(world.device, kernel_backend, info.raw)
+        if not graphs_allowed(info):
+            cache = dataclasses.replace(cache, use_cuda_graphs=False)
         self._want_graphs = graphs_possible(cache, world, kernels.name)
         # ModelRunner captures graphs for one rank only, before a cache exists here: this class captures them itself.
         super().__init__(info, world.mapping, world.device, dataclasses.replace(cache, use_cuda_graphs=False), kernels)

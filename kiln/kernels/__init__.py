@@ -40,6 +40,8 @@ class KernelSet:
     paged_attention: Callable[..., torch.Tensor]
     fused_moe: Callable[..., torch.Tensor]
     add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.add_norm
+    # Weight-only INT8/INT4 experts: the torch reference in every set until a Triton kernel exists.
+    fused_moe_weight_only: Callable[..., torch.Tensor] = reference.fused_moe_weight_only
     # {(row bucket, N, K): config} where the engine's build found the Triton GEMV faster than cuBLAS; empty: cuBLAS
     # everywhere (the torch set, an untuned engine, one tuned on another GPU).
     gemv: dict[GemvKey, GemvConfig] = field(default_factory=dict, hash=False, compare=False)

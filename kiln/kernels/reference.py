@@ -12,8 +12,12 @@ signatures and are tested against these functions. Layouts shared by every imple
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+
+from kiln.quant.weight_only import dequantize
 
 
 def write_kv_cache(
@@ -97,18 +101,50 @@ def fused_moe(
 
     Only experts `expert_start .. expert_start + local_experts - 1` live here (expert parallel); a token's
     choices of other experts contribute nothing on this rank, and the ranks' outputs add up to the full result."""
-    tokens, num_local = hidden.shape[0], w13.shape[0]
-    ffn = w13.shape[1] // 2
+    return _glu_experts(hidden, w13.shape[0], lambda e: (w13[e], w2[e]), topk_weights, topk_ids, expert_start)
+
+
+def fused_moe_weight_only(
+    hidden: torch.Tensor,  # [tokens, hidden]
+    w13: torch.Tensor,  # [local_experts, 2 * ffn, hidden (INT4: hidden / 2)] int8
+    w13_scale: torch.Tensor,  # [local_experts, 2 * ffn]
+    w2: torch.Tensor,  # [local_experts, hidden, ffn (INT4: ffn / 2)] int8
+    w2_scale: torch.Tensor,  # [local_experts, hidden]
+    topk_weights: torch.Tensor,  # [tokens, top_k] float32
+    topk_ids: torch.Tensor,  # [tokens, top_k] int, global expert ids
+    expert_start: int,
+    bits: int,  # 8 or 4 (kiln.quant.weight_only's layout)
+) -> torch.Tensor:  # [tokens, hidden]
+    """fused_moe over weight-only per-channel quantized experts: each chosen expert's weights are dequantized to the
+    activation dtype, then multiplied exactly as fused_moe does (only the experts that tokens chose are expanded)."""
+    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (dequantize(w13[e], w13_scale[e], bits, hidden.dtype),
+                dequantize(w2[e], w2_scale[e], bits, hidden.dtype))
+
+    return _glu_experts(hidden, w13.shape[0], expert, topk_weights, topk_ids, expert_start)
+
+
+def _glu_experts(
+    hidden: torch.Tensor,  # [tokens, hidden]
+    num_local: int,
+    expert: Callable[[int], tuple[torch.Tensor, torch.Tensor]],  # local e -> (w13 [2 * ffn, hidden], w2 [hidden, ffn])
+    topk_weights: torch.Tensor,  # [tokens, top_k] float32
+    topk_ids: torch.Tensor,  # [tokens, top_k]
+    expert_start: int,
+) -> torch.Tensor:  # [tokens, hidden]
+    tokens = hidden.shape[0]
     out = torch.zeros(tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
     local_ids = topk_ids.long() - expert_start
     for e in torch.unique(local_ids).tolist():
         if e < 0 or e >= num_local:
             continue
+        w13_e, w2_e = expert(e)
+        ffn = w13_e.shape[0] // 2
         token_idx, slot = torch.where(local_ids == e)
         x = hidden[token_idx]
-        gate_up = x @ w13[e].t()  # [n, 2 * ffn]
+        gate_up = x @ w13_e.t()  # [n, 2 * ffn]
         act = F.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]
-        y = act @ w2[e].t()  # [n, hidden]
+        y = act @ w2_e.t()  # [n, hidden]
         out.index_add_(0, token_idx, y.float() * topk_weights[token_idx, slot, None].float())
     return out.to(hidden.dtype)
 

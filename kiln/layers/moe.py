@@ -7,6 +7,8 @@ exactly one rank of the group, so one all-reduce over the group adds up the full
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
@@ -15,6 +17,9 @@ from kiln.distributed.collectives import tp_all_reduce
 from kiln.layers.context import ForwardContext
 from kiln.layers.linear import ReplicatedLinear
 from kiln.layers.sharding import set_shard, split_evenly
+
+if TYPE_CHECKING:
+    from kiln.kernels import KernelSet
 
 
 class MoE(nn.Module):
@@ -48,5 +53,9 @@ class MoE(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:  # [tokens, hidden]
         weights, ids = self.route(x)
-        out = ctx.kernels.fused_moe(x, self.w13, self.w2, weights, ids, self.expert_start)
-        return tp_all_reduce(out)
+        return tp_all_reduce(self.run_experts(ctx.kernels, x, weights, ids))
+
+    def run_experts(self, kernels: KernelSet, x: torch.Tensor, weights: torch.Tensor,
+                    ids: torch.Tensor) -> torch.Tensor:  # x [tokens, hidden] -> [tokens, hidden] (this rank's part)
+        """The experts in the engine dtype; a weight-only quantized model binds its own (kiln.quant.apply)."""
+        return kernels.fused_moe(x, self.w13, self.w2, weights, ids, self.expert_start)

@@ -77,8 +77,9 @@ def set_shard(param: nn.Parameter, dim: int, *segments: Segment, pad: bool = Fal
 
 
 def full_shape(param: nn.Parameter) -> tuple[int, ...]:
-    """The shape of the unsharded tensor this parameter is cut from."""
-    shape = list(param.shape)
+    """The shape of the unsharded tensor this parameter is cut from. A quantized weight whose stored shape differs
+    from the weight it quantizes (INT4 packs two values per byte) carries that weight's local `logical_shape`."""
+    shape = list(getattr(param, "logical_shape", param.shape))
     for spec in getattr(param, "shard_specs", ()):
         shape[spec.dim] = spec.full_size()
     return tuple(shape)

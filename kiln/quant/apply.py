@@ -1,0 +1,100 @@
+"""Giving a built model its weight-only quantized parameters, once, when it is made (convert's meta model, build's
+checks, each rank at load).
+
+What is quantized, as TensorRT-LLM's weight-only default: every tensor- or column/row-parallel linear layer
+(attention QKV and output, dense MLP) and DBRX's experts (w13, w2, each expert per output channel). What stays in
+the engine dtype: the embedding, the LM head, norms and the MoE router (a ReplicatedLinear).
+
+A quantized layer's `weight` (or an MoE's `w13`/`w2`) becomes int8 (INT4: packed two per byte along the input
+dimension), and a `<name>_scale` parameter holds one scale per output channel. The weight keeps the shard specs of
+the float weight it replaces, in logical (unpacked) units, and its local logical shape (`logical_shape`) so that
+convert can read and cut the full float tensor. The scale is split like the weight's output rows: with them for
+column-parallel layers and for the experts' w13 (experts and ffn), whole on every rank for row-parallel layers and w2.
+Each layer's matmul is bound here, so the forward pass holds no format checks.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.config import ConfigError, QuantConfig
+from kiln.layers.linear import LinearBase, ReplicatedLinear
+from kiln.layers.moe import MoE
+from kiln.quant.weight_only import WeightOnlyMethod, weight_only_method
+
+if TYPE_CHECKING:
+    from kiln.kernels import KernelSet
+
+
+class WeightOnlyMatmul:
+    """A quantized linear layer's matmul: dequantize to the activation dtype, then F.linear (the torch path; the
+    reference every kernel is held to is `x @ dequant(W).T`)."""
+
+    def __init__(self, method: WeightOnlyMethod, scale: nn.Parameter) -> None:
+        self.method, self.scale = method, scale
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:  # [tokens, in] -> [tokens, out]
+        return F.linear(x, self.method.dequantize(weight, self.scale, x.dtype), bias)
+
+
+class WeightOnlyExperts:
+    """A quantized MoE's experts: the kernel set's weight-only fused MoE over int8 w13/w2 and their scales."""
+
+    def __init__(self, method: WeightOnlyMethod, moe: MoE) -> None:
+        self.method = method
+        self.w13, self.w13_scale = moe.w13, moe.w13_scale
+        self.w2, self.w2_scale = moe.w2, moe.w2_scale
+        self.expert_start = moe.expert_start
+
+    def __call__(self, kernels: KernelSet, x: torch.Tensor, weights: torch.Tensor,
+                 ids: torch.Tensor) -> torch.Tensor:  # x [tokens, hidden] -> [tokens, hidden] (this rank's part)
+        return kernels.fused_moe_weight_only(x, self.w13, self.w13_scale, self.w2, self.w2_scale, weights, ids,
+                                             self.expert_start, self.method.bits)
+
+
+def _replace(module: nn.Module, name: str, method: WeightOnlyMethod, where: str) -> None:
+    """Swap the float parameter `name` of `module` ([..., out, in]) for its int8 storage and add `<name>_scale`
+    ([..., out], the float dtype)."""
+    old: nn.Parameter = getattr(module, name)
+    logical = tuple(old.shape)
+    if method.bits == 4 and logical[-1] % 2:
+        raise ConfigError(f"W4A16 packs two 4-bit weights per byte along the input features, but {where}.{name} has "
+                          f"{logical[-1]} input features on a rank (odd); use --weight_only_precision int8, or a tp "
+                          "size that leaves an even count per rank")
+    specs = getattr(old, "shard_specs", ())
+    stored = nn.Parameter(torch.empty(method.stored_shape(logical), dtype=torch.int8, device=old.device),
+                          requires_grad=False)
+    stored.shard_specs = specs  # type: ignore[attr-defined]
+    stored.logical_shape = logical  # type: ignore[attr-defined]
+    stored.weight_only = method  # type: ignore[attr-defined]
+    scale = nn.Parameter(torch.empty(logical[:-1], dtype=old.dtype, device=old.device), requires_grad=False)
+    # The scale's dims are the weight's minus the input one: keep the splits of experts and output rows only.
+    scale.shard_specs = tuple(s for s in specs if s.dim < len(logical) - 1)  # type: ignore[attr-defined]
+    scale.is_weight_scale = True  # type: ignore[attr-defined]
+    setattr(module, name, stored)
+    setattr(module, name + "_scale", scale)
+
+
+def quantize_model(model: nn.Module, quant: QuantConfig | None) -> int:
+    """Give `model` the parameters and matmuls of `quant`'s weight-only format (nothing for an unquantized one).
+    Returns how many layers were quantized."""
+    method = weight_only_method(quant.quant_algo if quant is not None else None)
+    if method is None:
+        return 0
+    count = 0
+    for where, module in list(model.named_modules()):
+        if isinstance(module, LinearBase) and not isinstance(module, ReplicatedLinear):
+            _replace(module, "weight", method, where)
+            module.matmul = WeightOnlyMatmul(method, module.weight_scale)
+            count += 1
+        elif isinstance(module, MoE):
+            _replace(module, "w13", method, where)
+            _replace(module, "w2", method, where)
+            module.run_experts = WeightOnlyExperts(method, module)
+            count += 1
+    return count
