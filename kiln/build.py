@@ -16,6 +16,7 @@ from kiln.checkpoint.atomic import atomic_output_dir
 from kiln.checkpoint.output_guard import check_output_dir
 from kiln.checkpoint.convert import meta_model
 from kiln.checkpoint.kiln_format import ArtifactInfo, check_rank_file, load_artifact
+from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
 from kiln.config import BuildConfig, ConfigError
 from kiln.kernels import MoeShape, kernels_section
 from kiln.layers.embedding import LMHead
@@ -122,5 +123,6 @@ def build(checkpoint_dir: str | Path, output_dir: str | Path, build_config: Buil
     with atomic_output_dir(output_dir, inputs) as tmp:
         for rank in range(info.mapping.world_size):
             _link_or_copy(info.rank_file(rank), tmp / f"rank{rank}.safetensors", copy_weights)
+        copy_tokenizer_files(Path(checkpoint_dir), tmp)  # the engine carries the checkpoint's tokenizer
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return Path(output_dir), plan

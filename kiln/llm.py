@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence as Seq
@@ -10,6 +11,7 @@ from typing import Any, Iterator, Sequence as Seq
 import torch
 
 from kiln.checkpoint.kiln_format import load_artifact
+from kiln.checkpoint.tokenizer_files import has_tokenizer
 from kiln.runtime_checks import check_param_ids, check_prompt_ids, runtime_device
 from kiln.engine.block_manager import BlockManager
 from kiln.engine.llm_engine import BeamEvent, LLMEngine, TokenEvent
@@ -18,6 +20,8 @@ from kiln.engine.sequence import FinishReason, Sequence
 from kiln.executor import create_executor
 from kiln.executor.model_runner import CacheConfig
 from kiln.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
 
 
 class RequestError(ValueError):
@@ -121,6 +125,23 @@ class _BeamTracker:
         return outs
 
 
+def engine_tokenizer(engine_dir: str | Path, tokenizer_dir: str | Path | None) -> Any:
+    """The tokenizer of `tokenizer_dir` when given (its errors are the user's to see), else the one the engine
+    carries (copied by convert and build), else None. A carried tokenizer kiln cannot load (one that only remote code
+    provides) is skipped with a warning: the engine still serves token ids, as it did before engines carried one."""
+    from kiln.tokenizer import TokenizerError, load_tokenizer
+
+    if tokenizer_dir is not None:
+        return load_tokenizer(tokenizer_dir)
+    if not has_tokenizer(Path(engine_dir)):
+        return None
+    try:
+        return load_tokenizer(engine_dir)
+    except TokenizerError as err:
+        logger.warning("the engine's tokenizer files cannot be loaded (%s); pass tokenizer_dir for text", err)
+        return None
+
+
 class LLM:
     """A loaded engine with its runtime. Prompts are strings (with a tokenizer) or lists of token ids."""
 
@@ -139,11 +160,7 @@ class LLM:
         # async_scheduling: launch each step before the previous one's tokens reach the host (single-rank engines;
         # a multi-rank engine only with KILN_MULTIRANK_ASYNC=1, else it runs its steps one at a time).
         self.runner, self.engine = runner, LLMEngine(scheduler, runner, async_scheduling)
-        self.tokenizer = None
-        if tokenizer_dir is not None:
-            from kiln.tokenizer import load_tokenizer
-
-            self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.tokenizer = engine_tokenizer(engine_dir, tokenizer_dir)
 
     def close(self) -> None:
         """Stop the engine's worker processes (multi-rank engines); the LLM cannot generate afterwards."""
@@ -165,7 +182,8 @@ class LLM:
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise RequestError("text prompts need a tokenizer: pass tokenizer_dir (--tokenizer_dir)")
+                raise RequestError("text prompts need a tokenizer and the engine carries none: pass tokenizer_dir "
+                                   "(--tokenizer_dir)")
             return self.tokenizer.encode(prompt)
         return list(prompt)
 

@@ -20,6 +20,7 @@ from kiln.checkpoint.atomic import atomic_output_dir
 from kiln.checkpoint.output_guard import check_output_dir
 from kiln.checkpoint.safety import check_fits
 from kiln.checkpoint.safetensors_writer import StreamingSafetensorsWriter
+from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
 from kiln.config import FORMAT_VERSION, Mapping, ModelConfig, QuantConfig
 from kiln.layers.sharding import full_shape, shard_for
 from kiln.models.family import Family
@@ -133,5 +134,7 @@ def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True) ->
             writer.close()
             # Engines hard-link these files (kiln build): read-only, so an edit of one cannot silently change both.
             os.chmod(writer.path, 0o444)
+        if plan.provenance.get("model_dir"):  # dummy weights have no tokenizer
+            copy_tokenizer_files(Path(plan.provenance["model_dir"]), tmp)
         (tmp / "config.json").write_text(json.dumps(checkpoint_config(plan), indent=2) + "\n")
     return Path(output_dir)

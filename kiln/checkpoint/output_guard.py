@@ -15,6 +15,8 @@ import shutil
 import socket
 from pathlib import Path
 
+from kiln.checkpoint.tokenizer_files import TOKENIZER_FILES
+
 MARKER = ".kiln-tmp"  # a file in each of kiln's temporary directories: {"pid": ..., "host": ...}
 _TEMP_NAME = re.compile(r"^\..+\.(tmp|old)-(\d+)$")
 
@@ -54,11 +56,12 @@ def check_output_dir(final: Path, inputs: tuple[Path, ...] = ()) -> None:
 
 
 def kiln_files(config: dict) -> set[str]:
-    """The names kiln writes in a checkpoint or engine of this config.json: the config and one file per rank."""
+    """The names kiln writes in a checkpoint or engine of this config.json: the config, one file per rank, and the
+    tokenizer files convert and build copy (kiln.checkpoint.tokenizer_files)."""
     mapping = config.get("mapping") if isinstance(config.get("mapping"), dict) else {}
     world = mapping.get("world_size", 1)
     world = world if isinstance(world, int) and 0 < world <= 1 << 16 else 1
-    return {"config.json", MARKER} | {f"rank{r}.safetensors" for r in range(world)}
+    return {"config.json", MARKER, *TOKENIZER_FILES} | {f"rank{r}.safetensors" for r in range(world)}
 
 
 def foreign_files(path: Path) -> list[str] | None:

@@ -9,21 +9,23 @@ from pathlib import Path
 
 import torch
 
+from kiln.checkpoint.tokenizer_files import has_tokenizer
 from kiln.config import ConfigError, torch_dtype
 
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
 def tokenizer_dir(args: argparse.Namespace) -> str:
-    """--tokenizer_dir, else --hf_model_dir, else the engine directory if it holds tokenizer files (engines made by
-    `kiln build` carry none)."""
+    """--tokenizer_dir, else --hf_model_dir, else the engine directory if it holds tokenizer files (convert and build
+    copy them from the Hugging Face directory)."""
     found = args.tokenizer_dir or args.hf_model_dir
     if found:
         return found
     engine = Path(args.engine_dir)
-    if any((engine / f).is_file() for f in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")):
+    if has_tokenizer(engine):
         return str(engine)
-    raise ConfigError(f"kiln {args.command} needs a tokenizer: pass --tokenizer_dir or --hf_model_dir")
+    raise ConfigError(f"kiln {args.command} needs a tokenizer and the engine carries none: pass --tokenizer_dir or "
+                      "--hf_model_dir")
 
 
 def data_type(name: str) -> torch.dtype:

@@ -21,8 +21,21 @@ def hyphen_aliases(parser: argparse.ArgumentParser) -> None:
             parser._option_string_actions[alias] = action
 
 
+def kiln_version() -> str:
+    """The installed package's version; kiln.__version__ when kiln runs from a source tree without being installed."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("kiln")
+    except metadata.PackageNotFoundError:
+        import kiln
+
+        return kiln.__version__
+
+
 def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kiln", description="Inference engine for DBRX, MPT and Baichuan.")
+    parser.add_argument("--version", action="version", version=f"kiln {kiln_version()}")
     parser.add_argument("--debug", action="store_true",
                         help=f"print the traceback of an error before its one-line message (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

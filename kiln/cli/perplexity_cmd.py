@@ -26,7 +26,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                      "kiln/eval/data/heldout.txt)")
     p.add_argument("--hf_model_dir", help="also score the same windows with transformers on this checkpoint; the "
                                           "tokenizer when --tokenizer_dir is not given")
-    p.add_argument("--tokenizer_dir", help="tokenizer directory (default: --hf_model_dir)")
+    p.add_argument("--tokenizer_dir", help="tokenizer directory (default: --hf_model_dir, else the tokenizer "
+                                            "the engine carries)")
     p.add_argument("--max_length", type=int, default=None, help="tokens per window (default: the engine's "
                                                                 "max_seq_len)")
     p.add_argument("--stride", type=int, default=None, help="new tokens scored per window after the first "

@@ -13,6 +13,8 @@ import numpy as np
 
 from kiln.config import ConfigError
 
+DEFAULT_TEMPERATURE = 1.0  # run.py's defaults, which `kiln run` keeps: --top_k 1 decodes greedily
+DEFAULT_TOP_K = 1
 OUTPUT_FLAGS = ("output_json", "output_csv", "output_npy", "output_log_probs_npy", "output_logits_npy",
                 "output_cum_log_probs_npy")
 
@@ -91,3 +93,28 @@ def read_npy_prompts(path: Path, pad: int | None) -> list[list[int]]:
     if rows.ndim > 2:
         raise ConfigError(f"--input_file {path} has {rows.ndim} dimensions; give [prompts, tokens] or [tokens]")
     return [[int(x) for x in row if pad is None or x != pad] for row in np.atleast_2d(rows)]
+
+
+def sampling_flags_ignored(args: argparse.Namespace) -> list[str]:
+    """The flags that ask for sampling while --top_k is left at run.py's default of 1, which decodes greedily and so
+    ignores them. Not under beam search (its sequences differ without sampling), nor --temperature 0 (greedy too)."""
+    if args.top_k != DEFAULT_TOP_K or args.num_beams > 1:
+        return []
+    asked = []
+    if args.temperature not in (DEFAULT_TEMPERATURE, 0.0):
+        asked.append(f"--temperature {args.temperature:g}")
+    if 0 < args.top_p < 1:  # 0 is run.py's "off"; 1 keeps every token
+        asked.append(f"--top_p {args.top_p:g}")
+    if (args.num_return_sequences or 1) > 1:
+        asked.append(f"--num_return_sequences {args.num_return_sequences}")
+    return asked
+
+
+def greedy_note(args: argparse.Namespace) -> str | None:
+    """One line telling the user that their sampling flags do nothing under run.py's --top_k 1, and how to sample;
+    None when no flag asks for sampling. The default stays run.py's: scripts written for run.py keep their output."""
+    asked = sampling_flags_ignored(args)
+    if not asked:
+        return None
+    return (f"kiln run: decoding is greedy because --top_k is 1 (run.py's default), which ignores {', '.join(asked)}; "
+            "pass --top_k 0 (no top-k limit) or --top_k N > 1 to sample")

@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
-from kiln.cli.run_checks import check_run_args, read_csv_prompts, read_npy_prompts
+from kiln.cli.run_checks import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, check_run_args, greedy_note, read_csv_prompts,
+                                  read_npy_prompts)
 from kiln.config import ConfigError
 from kiln.llm import LLM, RequestOutput
 from kiln.sampling_params import SamplingParams
@@ -38,7 +39,7 @@ DEFAULT_PROMPT = "Born in north-east France, Soyer trained as a"  # run.py's def
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine_dir", default="kiln_engine")
     p.add_argument("--tokenizer_dir", help="Hugging Face tokenizer directory (needed for text prompts and output; "
-                                          "default --hf_model_dir)")
+                                          "default --hf_model_dir, else the tokenizer the engine carries)")
     p.add_argument("--input_text", nargs="+", default=[DEFAULT_PROMPT], help="one or more prompts, batched together")
     p.add_argument("--input_file", help=".txt (a prompt per line), .csv (token ids per row) or .npy (token ids, "
                                         "padded with --pad_id)")
@@ -56,8 +57,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--early_stopping", type=early_stopping, default=True,
                    help="beam search, as run.py's integer: 1 (default) stops once num_beams beams finished, 0 when no "
                         "running beam is likely to beat them, any other value (or 'never') when none can")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top_k", type=int, default=1, help="1 (the default) is greedy; 0 disables top-k")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
+    p.add_argument("--top_k", type=int, default=DEFAULT_TOP_K, help="1 (the default) is greedy; 0 disables top-k")
     p.add_argument("--top_p", type=float, default=0.0, help="0 (the default) disables top-p")
     p.add_argument("--min_p", type=float, default=0.0)
     p.add_argument("--repetition_penalty", type=float, default=1.0)
@@ -177,7 +178,8 @@ def read_prompts(args: argparse.Namespace, tokenizer) -> list[list[int]]:
         prompts = read_input_file(Path(args.input_file), tokenizer, args.pad_id, args.add_special_tokens)
     else:
         if tokenizer is None:
-            raise ConfigError("text prompts need --tokenizer_dir (or give token ids with --input_file x.csv/.npy)")
+            raise ConfigError("text prompts need --tokenizer_dir: the engine carries no tokenizer (or give token ids "
+                              "with --input_file x.csv/.npy)")
         prompts = [chat_prompt(tokenizer, text, args.system_prompt) if args.chat else
                    tokenizer.encode(text, add_special_tokens=args.add_special_tokens) for text in args.input_text]
     if args.max_input_length is not None:
@@ -299,6 +301,9 @@ def profile(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) ->
 def main(args: argparse.Namespace) -> int:
     check_compat_flags(args, "run")
     check_run_args(args)  # before loading: nothing generated is lost to a flag found wrong afterwards
+    note = greedy_note(args)
+    if note:
+        print(note, file=sys.stderr)
     logging.getLogger("kiln").setLevel(LOG_LEVELS[args.log_level])
     llm = LLM(args.engine_dir, tokenizer_dir=args.tokenizer_dir or args.hf_model_dir, device=args.device,
               kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,

@@ -27,7 +27,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--engine_dir", default="kiln_engine")
     p.add_argument("--hf_model_dir", help="the Hugging Face checkpoint: transformers' model for --test_hf, and the "
                                           "tokenizer when --tokenizer_dir is not given")
-    p.add_argument("--tokenizer_dir", help="tokenizer directory (default: --hf_model_dir)")
+    p.add_argument("--tokenizer_dir", help="tokenizer directory (default: --hf_model_dir, else the tokenizer "
+                                            "the engine carries)")
     p.add_argument("--test_kiln", "--test_trt_llm", dest="test_kiln", action="store_true",
                    help="summarize with the kiln engine")
     p.add_argument("--test_hf", action="store_true", help="summarize with transformers on --hf_model_dir")
