@@ -106,6 +106,14 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor
     return out.transpose(1, 2).flatten(2)
 
 
+def packed_attention(qkv: nn.Linear, out: nn.Linear, x: torch.Tensor, heads: int, bias: torch.Tensor) -> torch.Tensor:
+    """Multi-head attention whose q, k, v come from one packed projection (MPT's Wqkv, Baichuan's W_pack): rows
+    [q; k; v], heads contiguous in each. x [b, n, d] -> [b, n, d]."""
+    b, n, _ = x.shape
+    q, k, v = qkv(x).view(b, n, 3, heads, -1).permute(2, 0, 3, 1, 4)  # each [b, heads, n, head_dim]
+    return out(attend(q, k, v, bias))
+
+
 class _Norm(nn.Module):
     """LayerNorm without bias (DBRX, MPT `no_bias`), registered under `weight` only."""
 
@@ -216,13 +224,11 @@ class MptTrain(nn.Module):
                              persistent=False)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, n = ids.shape
         t = self.transformer
         x = t.wte(ids)
-        bias = alibi_causal_bias(self.slopes, n, x.dtype, ids.device)
+        bias = alibi_causal_bias(self.slopes, ids.shape[1], x.dtype, ids.device)
         for block in t.blocks:
-            q, k, v = block.attn.Wqkv(block.norm_1(x)).view(b, n, 3, self.s.n_heads, -1).permute(2, 0, 3, 1, 4)
-            x = x + block.attn.out_proj(attend(q, k, v, bias))
+            x = x + packed_attention(block.attn.Wqkv, block.attn.out_proj, block.norm_1(x), self.s.n_heads, bias)
             x = x + block.ffn.down_proj(F.gelu(block.ffn.up_proj(block.norm_2(x))))
         return t.norm_f(x) @ t.wte.weight.T, x.new_zeros((), dtype=torch.float32)
 
@@ -245,14 +251,12 @@ class BaichuanTrain(nn.Module):
         self.register_buffer("slopes", baichuan_alibi_slopes(s.n_heads).float(), persistent=False)
 
     def forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        b, n = ids.shape
         m = self.model
         x = m.embed_tokens(ids)
-        bias = alibi_causal_bias(self.slopes, n, x.dtype, ids.device)
+        bias = alibi_causal_bias(self.slopes, ids.shape[1], x.dtype, ids.device)
         for layer in m.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            q, k, v = attn.W_pack(layer.input_layernorm(x)).view(b, n, 3, self.s.n_heads, -1).permute(2, 0, 3, 1, 4)
-            x = x + attn.o_proj(attend(q, k, v, bias))
+            x = x + packed_attention(attn.W_pack, attn.o_proj, layer.input_layernorm(x), self.s.n_heads, bias)
             h = layer.post_attention_layernorm(x)
             x = x + mlp.down_proj(F.silu(mlp.gate_proj(h)) * mlp.up_proj(h))
         head = F.normalize(self.lm_head.weight, dim=1)  # NormHead: rows normalised when applied
