@@ -33,10 +33,6 @@ def data_type(name: str) -> torch.dtype:
     return torch_dtype(DTYPE_ALIASES.get(name, name))
 
 
-def device(name: str | None) -> torch.device:
-    return torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
-
-
 def free_memory() -> None:
     """Give a model's memory back before the next one loads (summarize.py deletes its runner likewise)."""
     gc.collect()

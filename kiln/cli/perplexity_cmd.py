@@ -11,10 +11,11 @@ from typing import Iterator
 
 import torch
 
-from kiln.cli.eval_args import data_type, device, free_memory, tokenizer_dir
+from kiln.cli.eval_args import data_type, free_memory, tokenizer_dir
 from kiln.config import ConfigError
 from kiln.eval.hf_reference import HFUnavailable, load_hf_reference
 from kiln.eval.perplexity import PerplexityResult, Window, check_window, rolling_perplexity
+from kiln.runtime_checks import runtime_device
 
 HELP = "per-token perplexity of an engine on a text file (rolling windows), beside transformers"
 HELDOUT = Path(__file__).resolve().parent.parent / "eval" / "data" / "heldout.txt"
@@ -86,7 +87,7 @@ def hf_perplexity(args: argparse.Namespace, ids: list[int], dtype: torch.dtype, 
     if args.data_type is not None:
         dtype = data_type(args.data_type)
     try:
-        ref = load_hf_reference(args.hf_model_dir, dtype, device(args.device))
+        ref = load_hf_reference(args.hf_model_dir, dtype, runtime_device(args.device))
     except HFUnavailable as err:
         print(f"kiln perplexity: {err}", file=sys.stderr)
         return None

@@ -13,11 +13,12 @@ from typing import Any
 import torch
 
 from kiln.cli.run_cmd import early_stopping
-from kiln.cli.eval_args import data_type, device, free_memory, tokenizer_dir
+from kiln.cli.eval_args import data_type, free_memory, tokenizer_dir
 from kiln.config import ConfigError
 from kiln.eval.datasets import SummaryExample, load_examples, shuffled
 from kiln.eval.hf_reference import HFUnavailable, load_hf_reference
 from kiln.eval.summarize import SummaryRun, batches, run_summaries
+from kiln.runtime_checks import runtime_device
 from kiln.sampling_params import SamplingParams
 
 HELP = "summarize articles with an engine (and transformers) and report ROUGE, as TensorRT-LLM's summarize.py"
@@ -136,7 +137,7 @@ def run_kiln(args: argparse.Namespace, groups: list[list[SummaryExample]], tok_d
 
 def run_hf(args: argparse.Namespace, groups: list[list[SummaryExample]], tokenizer, dtype: torch.dtype | None
            ) -> SummaryRun:
-    ref = load_hf_reference(args.hf_model_dir, dtype, device(args.device))
+    ref = load_hf_reference(args.hf_model_dir, dtype, runtime_device(args.device))
     for note in ref.notes:
         print(f"kiln summarize: note: {note}", file=sys.stderr)
     kwargs, stops = hf_generate_kwargs(args), sorted(tokenizer.stop_token_ids)
