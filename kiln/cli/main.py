@@ -6,11 +6,12 @@ import argparse
 import os
 import sys
 
-from kiln.cli import bench_cmd, build_cmd, convert_cmd, perplexity_cmd, quantize_cmd, run_cmd, summarize_cmd
+from kiln.cli import (bench_cmd, build_cmd, convert_cmd, perplexity_cmd, quantize_cmd, run_cmd, serve_cmd,
+                      summarize_cmd)
 from kiln.cli.errors import DEBUG_ENV, run_reported
 
 COMMANDS = {"convert": convert_cmd, "build": build_cmd, "run": run_cmd, "bench": bench_cmd, "quantize": quantize_cmd,
-            "summarize": summarize_cmd, "perplexity": perplexity_cmd}
+            "summarize": summarize_cmd, "perplexity": perplexity_cmd, "serve": serve_cmd}
 
 
 def hyphen_aliases(parser: argparse.ArgumentParser) -> None:
