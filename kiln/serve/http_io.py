@@ -5,33 +5,47 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-from typing import Any, Awaitable
+from typing import Any, AsyncIterator, Awaitable
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from kiln.serve.errors import APIError, bad_request
 
 
+DRAIN_LIMIT = 64 * 2**20  # an over-large body is read and dropped up to this, so the client can read the 413
+
+
 async def read_json(request: Request, limit: int) -> Any:
-    """The decoded JSON body; 413 past `limit` bytes (read no further), 400 for bytes that are not JSON."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise _too_large(int(declared), limit)
+    """The decoded JSON body; 413 past `limit` bytes (the rest is dropped unkept), 400 for bytes that are not JSON."""
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(size, limit)
-        chunks.append(chunk)
+    stream = request.stream()
+    try:
+        async for chunk in stream:
+            size += len(chunk)
+            if size > limit:
+                await _drain(stream, size, max(DRAIN_LIMIT, limit))
+                raise _too_large(limit)
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise APIError(400, "the client disconnected while sending its request") from None
     try:
         return json.loads(b"".join(chunks))
     except (ValueError, UnicodeDecodeError) as err:
         raise bad_request(f"the request body is not valid JSON: {err}") from None
 
 
-def _too_large(size: int, limit: int) -> APIError:
-    return APIError(413, f"the request body has {size} bytes or more, over this server's limit of {limit} bytes "
-                         "(kiln serve --max_request_bytes)")
+async def _drain(stream: AsyncIterator[bytes], size: int, cap: int) -> None:
+    """Read the rest of a refused body without keeping it (a client still sending would see a reset instead of the
+    answer); a body past `cap` is cut off."""
+    async for chunk in stream:
+        size += len(chunk)
+        if size > cap:
+            return
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, f"the request body is larger than this server's limit of {limit} bytes (kiln serve "
+                         "--max_request_bytes)")
 
 
 def check_api_key(request: Request, key: str | None) -> None:

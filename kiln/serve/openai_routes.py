@@ -83,6 +83,9 @@ async def chat_completions(request: Request) -> Response:
     state, req = await begin(request, P.ChatRequest)
     P.check_choices(1, req.n)
     tokenizer = state.need_tokenizer("chat")
+    if not tokenizer.has_chat_format:
+        raise bad_request("this model's tokenizer has no chat format; start kiln serve with --chat_template FILE "
+                          "(a Jinja template) or send prompts to /v1/completions", "messages")
     ids = await state.off_loop(tokenizer.apply_chat_template, P.message_dicts(req.messages),
                                req.add_generation_prompt)
     if req.top_logprobs is not None and not req.logprobs:

@@ -152,7 +152,10 @@ def prompt_list(prompt: Any) -> list[str | list[int]]:
 def message_dicts(messages: list[ChatMessage]) -> list[dict[str, str]]:
     """Messages as the chat templates take them: role and text content (text parts joined)."""
     out = []
-    for m in messages:
+    for i, m in enumerate(messages):
+        if m.content is None and m.role != "assistant":
+            raise bad_request(f"messages[{i}].content is missing; every {m.role!r} message needs its text",
+                              f"messages.{i}.content")
         content = m.content if isinstance(m.content, str) else "".join(p.text for p in (m.content or []))
         out.append({"role": m.role, "content": content})
     return out
