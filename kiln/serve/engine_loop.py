@@ -114,6 +114,11 @@ class EngineLoop:
         self._inbox.append(("abort", request_id))
         self._wake.set()
 
+    def abort_all(self, error: APIError) -> None:
+        """End every request now, each with `error` (a graceful stop whose grace period is over)."""
+        self._inbox.append(("abort_all", error))
+        self._wake.set()
+
     def stop(self, timeout: float = 30.0) -> None:
         """Abort what is left and end the thread (the engine is idle afterwards)."""
         self._stopping = True
@@ -149,8 +154,10 @@ class EngineLoop:
             kind, item = self._inbox.popleft()
             if kind == "add":
                 self._add(item)
-            else:
+            elif kind == "abort":
                 self._abort(item)
+            else:
+                self._fail_all(item)
 
     def _add(self, sub: Submission) -> None:
         params, seqs = sub.params, []

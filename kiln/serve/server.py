@@ -7,6 +7,7 @@ stops the engine loop and the engine's rank processes, and `kiln serve` exits 0.
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from types import FrameType
 
@@ -16,6 +17,9 @@ from kiln.serve.app import create_app
 from kiln.serve.state import ServeConfig
 
 KEEP_ALIVE_S = 5  # as vLLM and trtllm-serve
+# uvicorn's own cancellation of requests, after kiln's grace period plus this: a backstop only, since kiln ends every
+# request itself when its grace period is over (ServerState.begin_shutdown).
+BACKSTOP_S = 10
 
 
 class _Server(uvicorn.Server):
@@ -24,8 +28,11 @@ class _Server(uvicorn.Server):
         self.kiln_state = state
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.kiln_state.status == "ready":
-            self.kiln_state.status = "stopping"  # /health answers 503 from now on
+        if not self.should_exit:
+            try:
+                asyncio.get_running_loop().call_soon_threadsafe(self.kiln_state.begin_shutdown)
+            except RuntimeError:  # no loop running yet: nothing is in flight
+                pass
         super().handle_exit(sig, frame)
         if sig == signal.SIGTERM:
             # A stop asked for by SIGTERM is the normal end of a server: do not re-raise it after shutdown.
@@ -35,7 +42,7 @@ class _Server(uvicorn.Server):
 def make_server(config: ServeConfig, log_level: str = "info") -> _Server:
     app = create_app(config)
     uv = uvicorn.Config(app, host=config.host, port=config.port, log_level=log_level, access_log=False,
-                        timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=config.shutdown_timeout_s,
+                        timeout_keep_alive=KEEP_ALIVE_S, timeout_graceful_shutdown=config.shutdown_timeout_s + BACKSTOP_S,
                         lifespan="on")
     return _Server(uv, app.state.kiln)
 

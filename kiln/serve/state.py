@@ -123,6 +123,17 @@ class ServerState:
             llm.tokenizer.set_chat_template(Path(c.chat_template).read_text(encoding="utf-8"))
         return llm
 
+    def begin_shutdown(self) -> None:
+        """Refuse new requests (503, /health too) and, after shutdown_timeout_s, end those still running with a 503
+        error (streams get it as their last event), so that every connection closes before the server exits.
+        Called on the event loop's thread."""
+        if self.status in ("ready", "loading"):
+            self.status = "stopping"
+        if self.loop_engine is not None:
+            error = APIError(503, "the server is shutting down and this request ran past its grace period "
+                                  f"({self.config.shutdown_timeout_s:g} s); retry elsewhere or later")
+            self.loop_engine.loop.call_later(self.config.shutdown_timeout_s, self.loop_engine.abort_all, error)
+
     def close(self) -> None:
         """Stop generating (requests still running end with a 503 error) and end the engine's rank processes."""
         self.status = "stopping"
