@@ -108,6 +108,34 @@ def test_disconnects_abort_and_free_every_block(server, engine):
         assert r.status == 200
 
 
+def test_a_reader_that_stops_reading_slows_no_one(server):
+    """A client that asks for a long stream and never reads it: the engine keeps stepping (its queue grows, not the
+    step time), another client's request completes, and hanging up frees everything."""
+    body = json.dumps({"model": "mpt-books", "prompt": prompt_for(3), "max_tokens": 100, "temperature": 0.5, "n": 4,
+                       "stream": True, "ignore_eos": True}).encode()
+    before = server.metric("kiln_generation_tokens_total")
+
+    async def run() -> str:
+        host, port = server.url.removeprefix("http://").split(":")
+        reader, writer = await asyncio.open_connection(host, int(port), limit=64)
+        writer.transport.pause_reading()  # read nothing: what the server sends piles up in the socket buffers
+        writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        client = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        other = await stream_one(client, prompt_for(4), 20)
+        await client.close()
+        deadline = time.monotonic() + 60
+        while server.metric("kiln_generation_tokens_total") - before < 4 * 100 + 20:
+            assert time.monotonic() < deadline, "the engine stalled behind a client that does not read"
+            await asyncio.sleep(0.1)
+        writer.close()
+        return other
+
+    assert len(asyncio.run(run())) > 0
+    server.wait_idle()
+
+
 def test_sigterm_stops_kiln_serve_with_exit_0(engine, tmp_path):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
