@@ -55,14 +55,12 @@ def create_app(config: ServeConfig) -> FastAPI:
     return app
 
 
-async def _api_error(request: Request, err: Exception) -> JSONResponse:
-    assert isinstance(err, APIError)
+async def _api_error(request: Request, err: APIError) -> JSONResponse:
     return JSONResponse(err.body(), status_code=err.status)
 
 
-async def _http_error(request: Request, err: Exception) -> JSONResponse:
+async def _http_error(request: Request, err: HTTPException) -> JSONResponse:
     """Starlette's own (unknown path 404, wrong method 405) in OpenAI's error shape."""
-    assert isinstance(err, HTTPException)
     return JSONResponse(APIError(err.status_code, f"{request.method} {request.url.path}: {err.detail}").body(),
                         status_code=err.status_code)
 

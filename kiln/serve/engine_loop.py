@@ -13,7 +13,6 @@ import collections
 import dataclasses
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
