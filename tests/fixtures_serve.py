@@ -4,8 +4,11 @@ free loopback port, and the official openai client pointed at it."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -91,3 +94,23 @@ def live_server(engine: Path, **settings: object) -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
+
+
+def start_kiln_serve(engine: Path, *flags: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
+    """`kiln serve` of `engine` as its own process on a free port (CPU, 1 thread); returns it and its URL once
+    /health says 200. The caller ends it."""
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "kiln", "serve", "--engine_dir", str(engine), "--port", str(port),
+                             "--device", "cpu", "--log_level", "warning", *flags], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if urllib.request.urlopen(url + "/health", timeout=1).status == 200:
+                return proc, url
+        except OSError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"kiln serve did not become ready: {proc.communicate()[0].decode()[-2000:]}")

@@ -3,12 +3,8 @@ single-rank engine's, and SIGTERM ends the server with exit 0 and leaves no rank
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -17,7 +13,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 import kiln  # noqa: E402
-from fixtures_serve import MPT_BOOKS, REPO, build_mpt_books_engine, free_port  # noqa: E402
+from fixtures_serve import MPT_BOOKS, build_mpt_books_engine, start_kiln_serve  # noqa: E402
 from kiln.cli.main import main as kiln_main  # noqa: E402
 
 
@@ -54,20 +50,8 @@ def test_two_rank_engine_serves_and_stops_cleanly(tmp_path):
     prompts = ["Call me Ishmael.", "It was a fine morning"]
     llm = kiln.LLM(single, device="cpu")
     want = [r.outputs[0].text for r in llm.generate(prompts, kiln.SamplingParams(max_tokens=12, temperature=0))]
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "kiln", "serve", "--engine_dir", str(tmp_path / "tp2"), "--port",
-                             str(port), "--device", "cpu", "--log_level", "warning"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc, url = start_kiln_serve(tmp_path / "tp2")
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if urllib.request.urlopen(url + "/health", timeout=1).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.2)
         ranks = children(proc.pid)
         assert ranks, "a 2-rank engine runs its second rank in a process of its own"
         client = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=60)
