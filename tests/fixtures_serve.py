@@ -53,7 +53,9 @@ class LiveServer:
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def start(self, timeout: float = 60.0) -> "LiveServer":
-        self.thread.start()
+        """Start serving (unless already started) and wait until the engine is ready."""
+        if not self.thread.is_alive():
+            self.thread.start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.state.healthy:

@@ -14,7 +14,9 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from fixtures_serve import MAX_INPUT_LEN, MAX_SEQ_LEN, build_mpt_books_engine, live_server  # noqa: E402
+from fixtures_serve import (MAX_INPUT_LEN, MAX_SEQ_LEN, LiveServer, build_mpt_books_engine, free_port,  # noqa: E402
+                            live_server)
+from kiln.serve.state import ServeConfig  # noqa: E402
 
 KEY = "sk-test-key"
 
@@ -168,3 +170,40 @@ def test_full_queue_answers_429_then_recovers(engine):
         server.wait_idle()
         again = client.completions.create(model="mpt-books", prompt="recovered", max_tokens=3)
         assert again.usage.completion_tokens == 3
+
+
+def test_503_while_loading_then_200(engine, monkeypatch):
+    from kiln.serve.state import ServerState
+
+    release = threading.Event()
+    load = ServerState._load_llm
+    monkeypatch.setattr(ServerState, "_load_llm", lambda self: (release.wait(60), load(self))[1])
+    server = LiveServer(ServeConfig(engine_dir=str(engine), port=free_port(), served_model_name="mpt-books",
+                                    device="cpu"))
+    server.thread.start()
+    try:
+        for _ in range(200):
+            try:
+                status = call(server, "/health", key=None)
+                break
+            except urllib.error.URLError:  # not listening yet
+                threading.Event().wait(0.05)
+        assert status == (503, {"status": "loading"})
+        assert_error(call(server, "/v1/completions", completion(), key=None), 503, "loading")
+        release.set()
+        server.start()
+        assert call(server, "/v1/completions", completion(), key=None)[0] == 200
+    finally:
+        release.set()
+        server.stop()
+
+
+def test_an_engine_failure_is_a_500_without_traceback_and_health_503(engine):
+    with live_server(engine, device="cpu") as server:
+        def broken_step():
+            raise RuntimeError("device lost")
+
+        server.state.llm.engine.step = broken_step
+        assert_error(call(server, "/v1/completions", completion(), key=None), 500, "engine failed")
+        assert call(server, "/health", key=None)[0] == 503
+        assert_error(call(server, "/v1/completions", completion(), key=None), 503)

@@ -29,12 +29,15 @@ class ServerMetrics:
         self.queue_length = Gauge("kiln_queue_length", "requests admitted but not yet running in the engine",
                                   registry=r)
         self.running = Gauge("kiln_running_sequences", "sequences in the engine's running batch", registry=r)
+        self.waiting = Gauge("kiln_waiting_sequences", "sequences the engine's scheduler has not started (or "
+                             "preempted)", registry=r)
         self.kv_blocks_used = Gauge("kiln_kv_blocks_used", "KV cache blocks held by sequences", registry=r)
         self.kv_blocks_total = Gauge("kiln_kv_blocks_total", "KV cache blocks of the engine", registry=r)
 
     def bind_engine(self, queue_length: Callable[[], float], running: Callable[[], float],
-                    blocks_used: Callable[[], float], blocks_total: int) -> None:
+                    waiting: Callable[[], float], blocks_used: Callable[[], float], blocks_total: int) -> None:
         self.queue_length.set_function(queue_length)
         self.running.set_function(running)
+        self.waiting.set_function(waiting)
         self.kv_blocks_used.set_function(blocks_used)
         self.kv_blocks_total.set(blocks_total)

@@ -104,7 +104,7 @@ class ServerState:
         scheduler = self.llm.engine.scheduler
         blocks = scheduler.block_manager
         self.metrics.bind_engine(lambda: self.admission.waiting, lambda: scheduler.num_running,
-                                 lambda: blocks.num_blocks - blocks.num_free_blocks, blocks.num_blocks)
+                                 lambda: scheduler.num_waiting, lambda: blocks.num_blocks - blocks.num_free_blocks, blocks.num_blocks)
         self.loop_engine.start()
         if self.status == "loading":
             self.status = "ready"
