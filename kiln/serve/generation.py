@@ -35,15 +35,20 @@ class Generation:
             loop.submit(Submission(rid, ids, p, stops, lambda item, i=index: self.queue.put_nowait((i, item))))
         metrics.prompt_tokens.inc(self.num_prompt_tokens)
 
-    async def events(self) -> AsyncIterator[tuple[int, list[Delta]]]:
+    async def events(self) -> AsyncIterator[list[tuple[int, list[Delta]]]]:
+        """Every (prompt index, deltas) that has arrived, as a list: one item per engine step when the consumer keeps
+        up, several when it fell behind (a stream then writes them in one send)."""
         try:
             while self.remaining:
-                index, item = await self.queue.get()
-                if isinstance(item, APIError):
-                    raise item
-                self._observe(item)
-                self.remaining -= sum(1 for d in item if d.finish_reason is not None)
-                yield index, item
+                ready = [await self.queue.get()]
+                while not self.queue.empty():
+                    ready.append(self.queue.get_nowait())
+                for _, item in ready:
+                    if isinstance(item, APIError):
+                        raise item
+                    self._observe(item)
+                    self.remaining -= sum(1 for d in item if d.finish_reason is not None)
+                yield ready
         finally:
             self.abort()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass
@@ -137,6 +138,10 @@ class Context:
         self.object = "chat.completion" if job.chat else "text_completion"
         n = job.params.n
         self.choices = [Choice(i) for i in range(n * len(job.prompts))]
+        # Every chunk starts the same: its JSON is made once, each chunk adds its choice (and usage null).
+        head = json.dumps(self._head(True), ensure_ascii=False, separators=(",", ":"))
+        self._chunk_open = "data: " + head[:-1] + ',"choices":['
+        self._chunk_close = "]" + (',"usage":null' if job.include_usage else "") + "}\n\n"
 
     def _head(self, chunk: bool) -> dict[str, Any]:
         obj = self.object + (".chunk" if chunk and self.job.chat else "")
@@ -146,9 +151,10 @@ class Context:
         return usage(self.gen.num_prompt_tokens, self.gen.num_output_tokens)
 
     async def whole(self) -> dict[str, Any]:
-        async for prompt, deltas in self.gen.events():
-            for d in deltas:
-                self.choices[prompt * self.job.params.n + d.index].add(d)
+        async for ready in self.gen.events():
+            for prompt, deltas in ready:
+                for d in deltas:
+                    self.choices[prompt * self.job.params.n + d.index].add(d)
         return {**self._head(False), "choices": [self._choice(c) for c in self.choices], "usage": self._usage()}
 
     def _choice(self, c: Choice) -> dict[str, Any]:
@@ -170,12 +176,16 @@ class Context:
                     yield self._chunk(c.index, {"role": "assistant", "content": ""}, None, None)
                 elif self.job.echo:
                     yield self._chunk(c.index, self.job.echo[c.index // self.job.params.n], None, None)
-            async for prompt, deltas in self.gen.events():
-                for d in deltas:
-                    c = self.choices[prompt * self.job.params.n + d.index]
-                    offset = len(c.text)
-                    c.add(d)
-                    yield self._chunk(c.index, self._piece(d), self._delta_logprobs(d, offset), d.finish_reason)
+            async for ready in self.gen.events():
+                chunks = []
+                for prompt, deltas in ready:
+                    for d in deltas:
+                        c = self.choices[prompt * self.job.params.n + d.index]
+                        offset = len(c.text)
+                        c.add(d)
+                        chunks.append(self._chunk(c.index, self._piece(d), self._delta_logprobs(d, offset),
+                                                  d.finish_reason))
+                yield "".join(chunks)  # one write for all that arrived since the last
             if self.job.include_usage:
                 yield sse({**self._head(True), "choices": [], "usage": self._usage()})
         except APIError as err:  # the engine failed or the server is stopping: tell the client in the stream
@@ -197,7 +207,4 @@ class Context:
         if self.job.chat and isinstance(piece, str):
             piece = {"content": piece}
         choice = {"index": index, key: piece, "logprobs": logprobs, "finish_reason": reason}
-        chunk = {**self._head(True), "choices": [choice]}
-        if self.job.include_usage:
-            chunk["usage"] = None
-        return sse(chunk)
+        return self._chunk_open + json.dumps(choice, ensure_ascii=False, separators=(",", ":")) + self._chunk_close

@@ -66,7 +66,8 @@ def chat_logprobs(token_ids: list[int], logprobs: list[float], tops: list[list[t
 
 def sse(data: dict[str, Any] | str) -> str:
     """One server-sent event."""
-    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {text}\n\n"
 
 
 SSE_DONE = sse("[DONE]")
