@@ -37,6 +37,16 @@ def build_mpt_books_engine(root: Path) -> Path:
     return engine
 
 
+_SHARED: dict[str, Path] = {}
+
+
+def shared_mpt_books_engine(tmp_path_factory) -> Path:
+    """One engine of build_mpt_books_engine for every serve test module of the session (building takes seconds)."""
+    if "engine" not in _SHARED:
+        _SHARED["engine"] = build_mpt_books_engine(tmp_path_factory.mktemp("serve-engine"))
+    return _SHARED["engine"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

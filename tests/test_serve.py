@@ -13,7 +13,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 import kiln  # noqa: E402
-from fixtures_serve import CHAT_TEMPLATE, build_mpt_books_engine, live_server  # noqa: E402
+from fixtures_serve import CHAT_TEMPLATE, shared_mpt_books_engine, live_server  # noqa: E402
 
 PROMPTS = ["Call me Ishmael. Some years ago,", "It was a fine morning in June, and Elizabeth",
            "The sea was calm and", "She said that"]
@@ -22,7 +22,7 @@ CHAT = [{"role": "system", "content": "You answer briefly."}, {"role": "user", "
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return build_mpt_books_engine(tmp_path_factory.mktemp("serve"))
+    return shared_mpt_books_engine(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

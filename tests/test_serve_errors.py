@@ -14,8 +14,8 @@ import pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
-from fixtures_serve import (MAX_INPUT_LEN, MAX_SEQ_LEN, LiveServer, build_mpt_books_engine, free_port,  # noqa: E402
-                            live_server)
+from fixtures_serve import (MAX_INPUT_LEN, MAX_SEQ_LEN, LiveServer, free_port, live_server,  # noqa: E402
+                            shared_mpt_books_engine)
 from kiln.serve.state import ServeConfig  # noqa: E402
 
 KEY = "sk-test-key"
@@ -23,7 +23,7 @@ KEY = "sk-test-key"
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return build_mpt_books_engine(tmp_path_factory.mktemp("serve-errors"))
+    return shared_mpt_books_engine(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 import kiln  # noqa: E402
-from fixtures_serve import build_mpt_books_engine, live_server, start_kiln_serve  # noqa: E402
+from fixtures_serve import shared_mpt_books_engine, live_server, start_kiln_serve  # noqa: E402
 from kiln.cli.main import main as kiln_main  # noqa: E402
 
 WORDS = ["ship", "sea", "morning", "letter", "house", "garden", "storm", "captain"]
@@ -30,7 +30,7 @@ def prompt_for(i: int) -> str:
 
 @pytest.fixture(scope="module")
 def engine(tmp_path_factory):
-    return build_mpt_books_engine(tmp_path_factory.mktemp("serve-load"))
+    return shared_mpt_books_engine(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 import kiln  # noqa: E402
-from fixtures_serve import MPT_BOOKS, build_mpt_books_engine, start_kiln_serve  # noqa: E402
+from fixtures_serve import MPT_BOOKS, shared_mpt_books_engine, start_kiln_serve  # noqa: E402
 from kiln.cli.main import main as kiln_main  # noqa: E402
 
 
@@ -41,8 +41,8 @@ def alive(pid: int) -> bool:
 
 
 @pytest.mark.slow
-def test_two_rank_engine_serves_and_stops_cleanly(tmp_path):
-    single = build_mpt_books_engine(tmp_path / "one")
+def test_two_rank_engine_serves_and_stops_cleanly(tmp_path, tmp_path_factory):
+    single = shared_mpt_books_engine(tmp_path_factory)
     assert kiln_main(["convert", "--model_dir", str(MPT_BOOKS), "--output_dir", str(tmp_path / "ckpt2"), "--dtype",
                       "float32", "--tp_size", "2"]) == 0
     assert kiln_main(["build", "--checkpoint_dir", str(tmp_path / "ckpt2"), "--output_dir", str(tmp_path / "tp2"),

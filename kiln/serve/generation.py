@@ -17,8 +17,8 @@ _ids = itertools.count()
 
 
 class Generation:
-    """Generates for `prompts` (token ids each) with `params` each; iterate `events()` for (prompt index, deltas).
-    A consumer that stops iterating (a client that disconnected) must call `abort()`; `events()` does so itself when
+    """Generates for `prompts` (token ids each) with `params` each; iterate `events()` for lists of (prompt index,
+    deltas). A consumer that stops iterating (a client that disconnected) must call `abort()`; `events()` does so itself when
     it is closed or cancelled."""
 
     def __init__(self, loop: EngineLoop, prompts: list[list[int]], params: list[SamplingParams],
