@@ -9,6 +9,7 @@ import asyncio
 import json
 import random
 import signal
+import sys
 import time
 import urllib.request
 
@@ -18,7 +19,7 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("fastapi")
 
 import kiln  # noqa: E402
-from fixtures_serve import shared_mpt_books_engine, live_server, start_kiln_serve  # noqa: E402
+from fixtures_serve import REPO, live_server, shared_mpt_books_engine, start_kiln_serve  # noqa: E402
 from kiln.cli.main import main as kiln_main  # noqa: E402
 
 WORDS = ["ship", "sea", "morning", "letter", "house", "garden", "storm", "captain"]
@@ -150,6 +151,25 @@ def test_sigterm_stops_kiln_serve_with_exit_0(engine, tmp_path):
             proc.kill()
             proc.wait()
     assert "Traceback" not in proc.stdout.read().decode()
+
+
+def test_bench_serve_measures_a_live_server(server, tmp_path):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_serve
+
+    out = tmp_path / "serve.json"
+    argv = ["--base_url", server.url, "--model", "mpt-books", "--vocab_size", "50432", "--num_prompts", "6",
+            "--input_len", "8", "--output_len", "5", "--range_ratio", "0.5", "--request_rate", "50", "inf",
+            "--output_json", str(out)]
+    assert bench_serve.main(argv) == 0
+    requested = sum(n for _, n in bench_serve.workload(bench_serve.parse_args(argv), 50432))
+    rates = json.loads(out.read_text())["rates"]
+    assert [r["request_rate"] for r in rates] == [50.0, float("inf")]
+    for row in rates:
+        assert row["completed"] == 6 and row["failed"] == 0
+        assert round(row["output_throughput"] * row["duration_s"]) == requested  # ignore_eos: every token asked for
+        assert 0 < row["p50_ttft_ms"] <= row["p99_ttft_ms"] and row["p50_ttft_ms"] <= row["p50_e2e_ms"]
+    server.wait_idle()
 
 
 def test_kiln_serve_without_the_extra_says_what_to_install(monkeypatch, capsys, engine):
