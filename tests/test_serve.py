@@ -144,6 +144,9 @@ def test_stop_strings_cut_the_text_whole_and_streamed(client, llm):
                                                            temperature=0, stop=stop, stream=True))
     assert (texts[0], reasons[0]) == (want, "stop")  # the stream never showed the stop string's first characters
     assert got.choices[0].text == offline(llm, PROMPTS[0], max_tokens=30, temperature=0, stop=[stop])[0].text
+    kept = client.completions.create(model="mpt-books", prompt=PROMPTS[0], max_tokens=30, temperature=0, stop=[stop],
+                                     extra_body={"include_stop_str_in_output": True})
+    assert kept.choices[0].text == want + stop
 
 
 def test_sampling_extras_through_extra_body(client, llm):

@@ -91,8 +91,10 @@ class _Request:
 class EngineLoop:
     """Runs `engine.step()` in a thread while there is work; takes submissions and aborts from any thread."""
 
-    def __init__(self, engine: LLMEngine, tokenizer: Any, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, engine: LLMEngine, tokenizer: Any, loop: asyncio.AbstractEventLoop,
+                 on_start: Callable[[], None] | None = None) -> None:
         self.engine, self.tokenizer, self.loop = engine, tokenizer, loop
+        self._on_start = on_start  # run first in the thread (per-thread device state such as CUDA's current device)
         self._inbox: collections.deque[tuple[str, Any]] = collections.deque()
         self._wake = threading.Event()
         self._stopping = False
@@ -131,6 +133,8 @@ class EngineLoop:
 
     def _run(self) -> None:
         try:
+            if self._on_start is not None:
+                self._on_start()
             while not self._stopping:
                 self._drain_inbox()
                 if not self.engine.has_unfinished():

@@ -46,6 +46,7 @@ class _SamplingFields(_Strict):
     repetition_penalty: float | None = None
     ignore_eos: bool = False
     min_tokens: int = 0
+    include_stop_str_in_output: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -125,7 +126,8 @@ def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None)
         raise bad_request(f"logprobs must be between 0 and {MAX_LOGPROBS}, got {logprobs}", "logprobs")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     fields = dict(max_tokens=max_tokens, n=req.n, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
-                  seed=req.seed, logprobs=logprobs, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens)
+                  seed=req.seed, logprobs=logprobs, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
+                  include_stop_str_in_output=req.include_stop_str_in_output)
     optional = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                     repetition_penalty=req.repetition_penalty)

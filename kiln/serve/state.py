@@ -4,6 +4,7 @@ bounded queue in front of a bounded number of running requests) and the prompt c
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -98,9 +99,11 @@ class ServerState:
             logger.error("kiln serve: cannot load the engine: %s", err)
             self.load_error, self.status = str(err), "failed"
             return
+        gc.collect()
+        gc.freeze()  # the loaded engine's objects leave the collector's scans: fewer, shorter pauses while serving
         build = self.llm.build
         self.admission = Admission(self.config.max_concurrent_requests or build.max_batch_size, self.config.max_queue)
-        self.loop_engine = EngineLoop(self.llm.engine, self.llm.tokenizer, loop)
+        self.loop_engine = EngineLoop(self.llm.engine, self.llm.tokenizer, loop, self._engine_thread_device)
         scheduler = self.llm.engine.scheduler
         blocks = scheduler.block_manager
         self.metrics.bind_engine(lambda: self.admission.waiting, lambda: scheduler.num_running,
@@ -133,6 +136,15 @@ class ServerState:
             error = APIError(503, "the server is shutting down and this request ran past its grace period "
                                   f"({self.config.shutdown_timeout_s:g} s); retry elsewhere or later")
             self.loop_engine.loop.call_later(self.config.shutdown_timeout_s, self.loop_engine.abort_all, error)
+
+    def _engine_thread_device(self) -> None:
+        """CUDA's current device is per thread: the engine's thread gets the engine's (cuda:N), as the loading
+        thread had it."""
+        device = getattr(self.llm.runner, "device", None)
+        if device is not None and device.type == "cuda" and device.index is not None:
+            import torch
+
+            torch.cuda.set_device(device)
 
     def close(self) -> None:
         """Stop generating (requests still running end with a 503 error) and end the engine's rank processes."""
