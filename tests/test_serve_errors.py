@@ -5,6 +5,7 @@ the key, 404 for another model, 413 for a 10 MB body, 429 when the queue is full
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -207,3 +208,23 @@ def test_an_engine_failure_is_a_500_without_traceback_and_health_503(engine):
         assert_error(call(server, "/v1/completions", completion(), key=None), 500, "engine failed")
         assert call(server, "/health", key=None)[0] == 503
         assert_error(call(server, "/v1/completions", completion(), key=None), 503)
+
+
+def test_kiln_serve_bad_flags_are_one_line_exit_2(engine, tmp_path, capsys):
+    from kiln.cli.main import main as kiln_main
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        cases = [["--engine_dir", str(tmp_path / "nothing")],
+                 ["--engine_dir", str(engine), "--port", "70000"],
+                 ["--engine_dir", str(engine), "--max_queue", "0"],
+                 ["--engine_dir", str(engine), "--chat_template", str(tmp_path / "none.jinja")],
+                 ["--engine_dir", str(engine), "--port", str(taken.getsockname()[1])]]
+        for flags in cases:
+            assert kiln_main(["serve", *flags]) == 2, flags
+            err = capsys.readouterr().err.strip().splitlines()
+            assert len(err) == 1 and err[0].startswith("kiln serve: error:"), err
+    finally:
+        taken.close()

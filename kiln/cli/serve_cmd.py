@@ -60,10 +60,29 @@ def check_args(args: argparse.Namespace) -> None:
             raise ConfigError(f"--chat_template {args.chat_template} is not a file")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A port already taken is one line now, not a uvicorn log after the engine has loaded."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as err:
+        raise ConfigError(f"--host {host!r} is not an address of this machine ({err.strerror})") from None
+    family, kind, _, _, address = infos[0]
+    with socket.socket(family, kind) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as err:
+            raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror}; choose another --port or stop what "
+                              "uses it") from None
+
+
 def main(args: argparse.Namespace) -> int:
     import os
 
     check_args(args)
+    check_port_free(args.host, args.port)
     from kiln.runtime_checks import runtime_device
     from kiln.checkpoint.kiln_format import load_artifact
     from kiln.serve.server import serve
