@@ -23,7 +23,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_queue", type=int, default=1024,
                    help="requests that may wait for a running slot; more are refused with 429")
     p.add_argument("--max_concurrent_requests", type=int, default=None,
-                   help="requests generating at once (default: the engine's max_batch_size)")
+                   help="requests handed to the engine at once (default: twice its max_batch_size; the engine "
+                        "runs max_batch_size sequences and queues the rest)")
     p.add_argument("--max_request_bytes", type=int, default=4 * 2**20, help="largest request body (413 beyond)")
     p.add_argument("--chat_template", default=None, help="a Jinja chat template file to use instead of the "
                                                          "tokenizer's own")

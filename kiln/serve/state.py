@@ -19,6 +19,9 @@ from kiln.serve.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
 MiB = 2**20
+# Requests handed to the engine per batch slot by default: more than the batch holds, so that the scheduler has the
+# next request queued the moment a sequence finishes (no step runs with a slot idle while the server hands one over).
+DEFAULT_RUNNING_PER_SLOT = 2
 
 
 @dataclass
@@ -32,7 +35,7 @@ class ServeConfig:
     api_key: str | None = None
     served_model_name: str | None = None
     max_queue: int = 1024
-    max_concurrent_requests: int | None = None  # None: the engine's max_batch_size
+    max_concurrent_requests: int | None = None  # None: twice the engine's max_batch_size (DEFAULT_RUNNING_PER_SLOT)
     max_request_bytes: int = 4 * MiB
     chat_template: str | None = None
     device: str | None = None
@@ -102,7 +105,8 @@ class ServerState:
         gc.collect()
         gc.freeze()  # the loaded engine's objects leave the collector's scans: fewer, shorter pauses while serving
         build = self.llm.build
-        self.admission = Admission(self.config.max_concurrent_requests or build.max_batch_size, self.config.max_queue)
+        running = self.config.max_concurrent_requests or DEFAULT_RUNNING_PER_SLOT * build.max_batch_size
+        self.admission = Admission(running, self.config.max_queue)
         self.loop_engine = EngineLoop(self.llm.engine, self.llm.tokenizer, loop, self._engine_thread_device)
         scheduler = self.llm.engine.scheduler
         blocks = scheduler.block_manager
