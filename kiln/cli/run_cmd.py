@@ -236,7 +236,7 @@ def write_log_probs(args: argparse.Namespace, results: list[RequestOutput]) -> N
     cumulative = np.zeros((len(results), outputs), dtype=np.float32)
     for i, r in enumerate(results):
         for j, o in enumerate(r.outputs):
-            per_token[i, j, : len(o.logprobs)] = o.logprobs
+            per_token[i, j, : len(o.token_logprobs)] = o.token_logprobs
             cumulative[i, j] = o.cumulative_logprob
     if args.output_log_probs_npy:
         np.save(args.output_log_probs_npy, per_token)
@@ -290,10 +290,10 @@ def write_context_logits(llm: LLM, results: list[RequestOutput], path: str) -> N
 def profile(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> None:
     """run.py's --run_profiling: as many warm-up runs as timed ones, then the average latency of the timed runs."""
     for _ in range(PROFILE_ITERATIONS):
-        llm.generate(prompts, params)
+        llm.generate(prompts, params, use_tqdm=False)
     start = time.perf_counter()
     for _ in range(PROFILE_ITERATIONS):
-        llm.generate(prompts, params)
+        llm.generate(prompts, params, use_tqdm=False)
     latency = (time.perf_counter() - start) / PROFILE_ITERATIONS
     print(f"batch_size: {len(prompts)}, avg latency of {PROFILE_ITERATIONS} iterations: {latency:.4f} sec")
 
@@ -323,7 +323,7 @@ def generate_and_write(args: argparse.Namespace, llm: LLM) -> int:
     if args.streaming:
         results = stream_to_stdout(llm, prompts, params, args.streaming_interval, tokenizer is not None)
     else:
-        results = llm.generate(prompts, params)
+        results = llm.generate(prompts, params, use_tqdm=False)
     print_results(results, tokenizer)
     pad = args.pad_id if args.pad_id is not None else (base.end_id if base.end_id is not None else
                                                        (tokenizer.pad_token_id if tokenizer else 0)) or 0

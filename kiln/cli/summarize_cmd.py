@@ -125,7 +125,7 @@ def run_kiln(args: argparse.Namespace, groups: list[list[SummaryExample]], tok_d
         params = sampling_params(args)
 
         def generate(prompts: list[list[int]]) -> list[list[int]]:
-            return [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+            return [r.outputs[0].token_ids for r in llm.generate(prompts, params, use_tqdm=False)]
 
         return run_summaries("kiln", progress(groups, "kiln"), llm.tokenizer, args.max_input_length, generate,
                              llm.score if args.eval_ppl else None)
