@@ -15,8 +15,7 @@ import pytest
 import torch
 
 import kiln
-from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, save_checkpoint
-from fixtures_tokenizers import build_neox_tokenizer_dir
+from fixtures_api import tiny_hf_dir
 from kiln.config import ConfigError
 from kiln.llm import RequestError
 from kiln.one_step import OneStepOptions, cached_engine_dir
@@ -24,13 +23,6 @@ from kiln.outputs import Logprob
 
 REPO = Path(__file__).resolve().parent.parent
 GREEDY = dict(temperature=0, max_tokens=6, ignore_eos=True)
-
-
-def tiny_hf_dir(path: Path) -> Path:
-    cfg = mpt_published_config(vocab_size=512, max_seq_len=64)  # the tokenizer's ids fit the vocabulary
-    model_dir = save_checkpoint(published_state(hf_mpt_model(cfg)), cfg, path)
-    build_neox_tokenizer_dir(model_dir, generation_eos=0)
-    return model_dir
 
 
 @pytest.fixture(scope="module")
