@@ -75,3 +75,21 @@ def test_readme_python_runs(tmp_path, monkeypatch, capsys):
     assert len(blocks) == 1
     exec(compile(blocks[0], "README.md", "exec"), {})  # noqa: S102
     assert capsys.readouterr().out.strip()
+
+
+CITED = re.compile(r"(?<![\w./-])((?:kiln|tests|docs|benchmarks|scripts|models|engine|executor|layers|kernels|quant|"
+                   r"distributed|checkpoint|bench|eval|tokenizer|cli)/[\w./-]*\w)")
+
+
+def test_repository_paths_cited_in_the_docs_exist():
+    """A file the docs point to is there (kiln/..., tests/..., or a module named from inside kiln/, with or without
+    .py); placeholders in capitals (models/NAME) and globs (kernels/triton_*) are not paths."""
+    missing = []
+    for md in [REPO / "README.md", *(REPO / "docs").rglob("*.md")]:
+        for cited in set(CITED.findall(md.read_text())):
+            if re.search(r"/[A-Z]+$|_$", cited):
+                continue
+            places = [REPO / cited, REPO / "kiln" / cited, md.parent / cited]
+            if not any(p.exists() or p.with_name(p.name + ".py").exists() for p in places):
+                missing.append(f"{md.relative_to(REPO)}: {cited}")
+    assert missing == []
