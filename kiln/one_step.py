@@ -59,9 +59,10 @@ def is_kiln_artifact(path: str | Path) -> bool:
 def checkpoint_fingerprint(model_dir: Path) -> dict:
     """What identifies a checkpoint's contents without reading its weights: the bytes of its small defining files
     and every file's name, size and modification time."""
-    files = sorted(p for p in model_dir.iterdir() if p.is_file())
     if not (model_dir / "config.json").is_file():
-        raise ConfigError(f"{model_dir} has no config.json: give a Hugging Face model directory or a kiln engine")
+        raise ConfigError(f"{model_dir} has no config.json: give a Hugging Face model directory or a kiln engine "
+                          "(kiln reads local directories only, it never downloads)")
+    files = sorted(p for p in model_dir.iterdir() if p.is_file())
     stats = [[p.name, p.stat().st_size, p.stat().st_mtime_ns] for p in files]
     hashed = {name: hashlib.sha256((model_dir / name).read_bytes()).hexdigest()
               for name in _HASHED_BYTES if (model_dir / name).is_file()}

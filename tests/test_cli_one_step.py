@@ -87,3 +87,9 @@ def test_hyphen_spellings_parse_through_the_public_api():
     assert (build.checkpoint_dir, build.max_batch_size, build.kv_block_size) == ("c", 4, 8)
     for source in (REPO / "kiln" / "cli").glob("*.py"):
         assert not re.search(r"\._(option_string_actions|actions)\b", source.read_text()), source
+
+
+def test_model_dir_that_is_not_a_checkpoint_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    code, _, err = run(capsys, "--model_dir", str(tmp_path / "nowhere"))
+    assert code == 2 and "has no config.json" in err and len(err.strip().splitlines()) == 1

@@ -256,3 +256,22 @@ def test_a_vllm_script_runs_with_only_the_import_changed(hf_dir, tmp_path):
     assert lines[1].startswith("Prompt: 'The capital of France is', Generated text: ")
     assert lines[-1] == "True"
     assert "converted and built" in run.stderr
+
+
+def test_llm_seed_makes_unseeded_sampling_repeat(llm):
+    sampled = kiln.SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+    runs = []
+    for _ in range(2):
+        again = kiln.LLM(str(llm.engine_dir), seed=123, device="cpu")
+        runs.append([o.outputs[0].token_ids for o in again.generate(["Hello", "The quick"], sampled)])
+    assert runs[0] == runs[1]
+
+
+def test_one_step_tensor_parallel_matches_one_rank(hf_dir, llm, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    params = kiln.SamplingParams(**GREEDY)
+    prompts = ["Hello, my name is", "The quick brown fox"]
+    with kiln.LLM(str(hf_dir), dtype="float32", tensor_parallel_size=2, device="cpu") as tp2:
+        assert tp2.info.mapping.tp_size == 2
+        got = [o.outputs[0].token_ids for o in tp2.generate(prompts, params)]
+    assert got == [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
