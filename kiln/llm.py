@@ -256,7 +256,7 @@ class LLM:
     def _prompt_logprobs(self, ids: list[int], k: int) -> list[dict[int, Logprob] | None]:
         """vLLM's prompt_logprobs: None for the first token, then each token's logprob given those before it, with
         the k most likely tokens at that position (raw model distribution)."""
-        logprobs = torch.log_softmax(self.score(ids)[:-1].float(), dim=-1)  # [prompt tokens - 1, vocab]
+        logprobs = torch.log_softmax(self.score(ids)[:-1].float().cpu(), dim=-1)  # [prompt tokens - 1, vocab]
         chosen = logprobs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
         top_values, top_ids = logprobs.topk(min(k, logprobs.shape[1]), dim=-1) if k else (None, None)
         out: list[dict[int, Logprob] | None] = [None]

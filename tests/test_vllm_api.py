@@ -275,3 +275,36 @@ def test_one_step_tensor_parallel_matches_one_rank(hf_dir, llm, tmp_path, monkey
         assert tp2.info.mapping.tp_size == 2
         got = [o.outputs[0].token_ids for o in tp2.generate(prompts, params)]
     assert got == [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_vllm_outputs_on_the_gpu_match_the_cpu(hf_dir, llm, tmp_path, monkeypatch):
+    """logprobs, prompt_logprobs and logit_bias through the CUDA path (Triton kernels, graphs, async scheduling)."""
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    params = kiln.SamplingParams(logprobs=2, prompt_logprobs=2, logit_bias={7: 0.5}, **GREEDY)
+    with kiln.LLM(str(hf_dir), dtype="float32", device="cuda") as gpu:
+        got = gpu.generate(["Hello, my name is"], params)[0]
+    want = llm.generate(["Hello, my name is"], params)[0]
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    for g, w in zip(got.outputs[0].logprobs + got.prompt_logprobs[1:], want.outputs[0].logprobs + want.prompt_logprobs[1:]):
+        assert set(g) == set(w)
+        for tid in g:
+            assert g[tid].logprob == pytest.approx(w[tid].logprob, abs=1e-3) and g[tid].rank == w[tid].rank
+
+
+def test_use_tqdm_shows_finished_prompts_on_a_terminal(llm, monkeypatch):
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    shown = Terminal()
+    monkeypatch.setattr(sys, "stderr", shown)
+    llm.generate(["Hello", "The quick"], kiln.SamplingParams(**GREEDY))
+    assert "Processed prompts" in shown.getvalue() and "2/2" in shown.getvalue()
+    quiet = Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    llm.generate(["Hello"], kiln.SamplingParams(**GREEDY), use_tqdm=False)
+    assert quiet.getvalue() == ""
