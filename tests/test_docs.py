@@ -4,6 +4,9 @@ repository root with the engine cache in a temporary directory."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import json
 import re
 import shlex
 from pathlib import Path
@@ -56,12 +59,14 @@ def test_readme_reference_model_commands_run(tmp_path, monkeypatch, capsys):
     (tmp_path / "models").symlink_to(REPO / "models")
     monkeypatch.chdir(tmp_path)
     commands = readme_commands("models/mpt-books")
-    assert [c[0] for c in commands] == ["convert", "build", "run", "run"]
+    assert [c[0] for c in commands] == ["convert", "build", "run", "bench", "run"]
     outs = []
     for argv in commands:
-        assert kiln_main(argv + (["--device", "cpu"] if argv[0] == "run" else [])) == 0, argv
+        assert kiln_main(argv + (["--device", "cpu"] if argv[0] in ("run", "bench") else [])) == 0, argv
         outs.append(capsys.readouterr().out)
-    built, one_step = outs[2], outs[3]
+    built, one_step = outs[2], outs[4]
+    bench = json.loads((tmp_path / "mpt-bench.json").read_text())
+    assert [c["batch_size"] for c in bench["cases"]] == [1, 4] and bench["error"] is None
     text = built.split('Output [Text 0 Beam 0]: "', 1)[1].rsplit('"', 1)[0]
     assert len(text) > 40 and 'Input [Text 0]: "Call me Ishmael."' in built
     # The one-step engine says the same as the one built by hand, streamed first (--streaming), then the block.
@@ -93,3 +98,35 @@ def test_repository_paths_cited_in_the_docs_exist():
             if not any(p.exists() or p.with_name(p.name + ".py").exists() for p in places):
                 missing.append(f"{md.relative_to(REPO)}: {cited}")
     assert missing == []
+
+
+def example_commands() -> list[tuple[str, list[str]]]:
+    """Every `kiln ...` line (or `torchrun ... -m kiln ...`) of the plain and bash blocks in README.md and docs/,
+    except synopses: lines with [optional] parts, "...", $variables or CAPITAL placeholders."""
+    from kiln.cli.main import COMMANDS
+
+    found = []
+    for md in [REPO / "README.md", *sorted((REPO / "docs").rglob("*.md"))]:
+        for block in fenced_blocks(md, "") + fenced_blocks(md, "bash"):
+            for line in block.replace("\\\n", " ").splitlines():
+                line = line.split(" #")[0].strip()
+                words = shlex.split(line) if line.startswith(("kiln ", "torchrun ")) else []
+                words = words[words.index("kiln") + 1:] if "kiln" in words else []
+                synopsis = any(m in line for m in ("[", "...", "$")) or re.search(r"\s[A-Z]+(\s|$)", line)
+                if words and words[0] in COMMANDS and not synopsis:
+                    found.append((f"{md.relative_to(REPO)}: {line}", words))
+    return found
+
+
+def test_every_example_command_in_the_docs_parses():
+    from kiln.cli.main import make_parser
+
+    examples = example_commands()
+    assert len(examples) > 30
+    for where, argv in examples:
+        err = io.StringIO()
+        with contextlib.redirect_stderr(err):
+            try:
+                make_parser().parse_args(argv)
+            except SystemExit:
+                pytest.fail(f"{where}: {err.getvalue().strip()}")
