@@ -360,7 +360,8 @@ class LLM:
         return logits
 
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
-             sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to one conversation or a batch of them ([{"role": ..., "content": ...}, ...]), formatted
         with the family's chat format (the tokenizer's chat_template, or Baichuan's user/assistant tokens)."""
         if self.tokenizer is None:
@@ -368,7 +369,7 @@ class LLM:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
         prompts = [self.tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, use_tqdm)
 
     def generate(self, prompts: Any, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
