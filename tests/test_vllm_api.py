@@ -218,13 +218,14 @@ def test_get_tokenizer_and_special_tokens(llm):
 
 # ------------------------------------------------------------------------------------- a vLLM script, unchanged
 VLLM_SCRIPT = '''
-from vllm import LLM, SamplingParams
+from vllm import LLM, RequestOutput, SamplingParams
 
 prompts = ["Hello, my name is", "The capital of France is"]
 sampling_params = SamplingParams(temperature=0.8, top_p=0.95, seed=0)
 llm = LLM(model="facebook/opt-125m", dtype="float32", tensor_parallel_size=1, gpu_memory_utilization=0.5,
           enforce_eager=True, seed=0, trust_remote_code=True, max_model_len=64)
 outputs = llm.generate(prompts, sampling_params)
+assert all(isinstance(output, RequestOutput) for output in outputs)
 for output in outputs:
     prompt = output.prompt
     generated_text = output.outputs[0].text
