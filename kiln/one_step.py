@@ -12,8 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
@@ -99,15 +99,24 @@ def _convert_and_build(model_dir: Path, options: OneStepOptions, entry: Path) ->
     from kiln.build import build
     from kiln.checkpoint.convert import convert
     from kiln.checkpoint.kiln_format import load_artifact
+    from kiln.checkpoint.output_guard import write_marker
     from kiln.cli.convert_cmd import plan_from_hf
 
     entry.parent.mkdir(parents=True, exist_ok=True)
     # The checkpoint is made beside the entry (same filesystem: the engine hard-links its weight files) and dropped.
-    with tempfile.TemporaryDirectory(prefix=".kiln-one-step-", dir=entry.parent) as work:
+    # Its folder carries kiln's temporary name and marker, so that the next one-step removes it if this process is
+    # killed before it can (output_guard.clean_stale_temp_dirs, run by the build's atomic write).
+    work = entry.parent / f".{entry.name}-checkpoint.tmp-{os.getpid()}"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir()
+    write_marker(work)
+    try:
         plan = plan_from_hf(str(model_dir), options.dtype, options.tp_size, options.pp_size)
-        checkpoint = convert(plan, Path(work) / "checkpoint", progress=False)
+        checkpoint = convert(plan, work / "checkpoint", progress=False)
         model = load_artifact(checkpoint, "checkpoint").model
         build(checkpoint, entry, _build_config(model, options))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _build_config(model, options: OneStepOptions):  # -> BuildConfig

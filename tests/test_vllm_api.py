@@ -6,6 +6,7 @@ vLLM's prompt shapes, and a vLLM-style script that runs with only its import lin
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -16,6 +17,7 @@ import torch
 
 import kiln
 from fixtures_api import tiny_hf_dir
+from kiln.checkpoint.output_guard import MARKER
 from kiln.config import ConfigError
 from kiln.llm import RequestError
 from kiln.one_step import OneStepOptions, cached_engine_dir
@@ -97,8 +99,16 @@ def test_interrupted_one_step_leaves_no_entry(hf_dir, tmp_path, monkeypatch):
         m.setattr(kiln.build, "copy_tokenizer_files", interrupted)  # inside the atomic write of the entry
         with pytest.raises(KeyboardInterrupt):
             kiln.LLM(str(hf_dir), device="cpu")
-    assert list((tmp_path / "cache" / "engines").iterdir()) == []  # no entry, no temporary left over
+    engines = tmp_path / "cache" / "engines"
+    assert list(engines.iterdir()) == []  # no entry, no temporary left over
+    # A one-step killed outright (no cleanup ran) leaves its checkpoint folder: the next one-step removes it.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    left = engines / f".hf-0-checkpoint.tmp-{dead.pid}"
+    left.mkdir()
+    (left / MARKER).write_text(f'{{"pid": {dead.pid}, "host": "{socket.gethostname()}"}}')
     assert kiln.LLM(str(hf_dir), device="cpu").engine_dir.is_dir()
+    assert not left.exists() and len(list(engines.iterdir())) == 1
 
 
 def test_engine_options_must_match(llm):
