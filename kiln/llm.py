@@ -115,8 +115,8 @@ class LLM:
     that is converted and built once into kiln's engine cache (kiln.one_step) and reused from there.
 
     vLLM's argument names are accepted where kiln has the same concept (docs/api.md has the table): `tokenizer`
-    (= tokenizer_dir), `dtype`, `tensor_parallel_size`, `pipeline_parallel_size`, `max_model_len`, `max_num_seqs`
-    (the one-step convert and build; with an engine they must agree with it), `gpu_memory_utilization`
+    (= tokenizer_dir), `dtype`, `tensor_parallel_size`, `pipeline_parallel_size`, `max_model_len`, `max_num_seqs`,
+    `max_num_batched_tokens`, `block_size` (the one-step convert and build; with an engine they must agree with it), `gpu_memory_utilization`
     (= kv_cache_free_gpu_memory_fraction), `enforce_eager` (= not use_cuda_graphs) and `seed` (seeds torch's global
     RNG, which requests without their own seed draw from). `trust_remote_code` is accepted and changes nothing:
     kiln never runs a checkpoint's code."""
@@ -129,11 +129,13 @@ class LLM:
                  kv_cache_max_tokens: int | None = None, dtype: str | None = None,
                  tensor_parallel_size: int | None = None, pipeline_parallel_size: int | None = None,
                  max_model_len: int | None = None, max_num_seqs: int | None = None,
+                 max_num_batched_tokens: int | None = None, block_size: int | None = None,
                  gpu_memory_utilization: float | None = None, enforce_eager: bool | None = None,
                  seed: int | None = None, trust_remote_code: bool = False) -> None:
         from kiln.llm_args import OneStepArgs, resolve_engine
 
-        one_step = OneStepArgs(dtype, tensor_parallel_size, pipeline_parallel_size, max_model_len, max_num_seqs)
+        one_step = OneStepArgs(dtype, tensor_parallel_size, pipeline_parallel_size, max_model_len, max_num_seqs,
+                               max_num_batched_tokens, block_size)
         engine_dir = resolve_engine(model, engine_dir, one_step)
         tokenizer_dir = tokenizer if tokenizer is not None else tokenizer_dir
         if gpu_memory_utilization is not None:

@@ -23,25 +23,29 @@ class OneStepArgs:
     pipeline_parallel_size: int | None = None
     max_model_len: int | None = None
     max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    block_size: int | None = None
 
     def options(self) -> OneStepOptions:
         dtype = None if self.dtype in (None, "auto") else str(self.dtype).replace("torch.", "")
         dtype = _VLLM_DTYPES.get(dtype, dtype)
         if dtype is not None and dtype not in DTYPES:
             raise ConfigError(f"dtype={self.dtype!r} is not one kiln runs; use one of auto, {', '.join(sorted(DTYPES))}")
-        # vLLM takes any prompt up to max_model_len - 1 tokens: the one-step engine's input limit says the same.
-        max_input = self.max_model_len - 1 if self.max_model_len else None
+        # vLLM takes any prompt shorter than the context: the one-step engine's input limit says the same.
         return OneStepOptions(dtype, self.tensor_parallel_size or 1, self.pipeline_parallel_size or 1,
-                              self.max_num_seqs or OneStepOptions.max_batch_size, max_input, self.max_model_len)
+                              self.max_num_seqs or OneStepOptions.max_batch_size, None, self.max_model_len,
+                              self.max_num_batched_tokens, self.block_size, prompts_up_to_seq_len=True)
 
     def check_engine(self, info: Any) -> None:
         """Options given with a built engine must be what it was built with (an engine is not rebuilt silently)."""
         want = {"dtype": self.options().dtype, "tensor_parallel_size": self.tensor_parallel_size,
                 "pipeline_parallel_size": self.pipeline_parallel_size, "max_model_len": self.max_model_len,
-                "max_num_seqs": self.max_num_seqs}
+                "max_num_seqs": self.max_num_seqs, "max_num_batched_tokens": self.max_num_batched_tokens,
+                "block_size": self.block_size}
         has = {"dtype": info.model.dtype, "tensor_parallel_size": info.mapping.tp_size,
                "pipeline_parallel_size": info.mapping.pp_size, "max_model_len": info.build.max_seq_len,
-               "max_num_seqs": info.build.max_batch_size}
+               "max_num_seqs": info.build.max_batch_size, "max_num_batched_tokens": info.build.max_num_tokens,
+               "block_size": info.build.kv_block_size}
         for name, value in want.items():
             if value is not None and value != has[name]:
                 raise ConfigError(f"{name}={value!r}, but the engine {info.path} was built with {has[name]!r}; drop "

@@ -38,6 +38,10 @@ class OneStepOptions:
     max_batch_size: int = 8
     max_input_len: int | None = None
     max_seq_len: int | None = None
+    max_num_tokens: int | None = None
+    kv_block_size: int | None = None
+    # vLLM takes any prompt shorter than the context: max_input_len max_seq_len - 1 unless given.
+    prompts_up_to_seq_len: bool = False
 
 
 def cache_root() -> Path:
@@ -123,5 +127,7 @@ def _build_config(model, options: OneStepOptions):  # -> BuildConfig
     from kiln.config import BuildConfig
 
     max_seq_len = options.max_seq_len or model.max_position_embeddings
-    max_input_len = options.max_input_len or min(BuildConfig.max_input_len, max_seq_len - 1)
-    return BuildConfig(max_batch_size=options.max_batch_size, max_input_len=max_input_len, max_seq_len=max_seq_len)
+    default_input = max_seq_len - 1 if options.prompts_up_to_seq_len else min(BuildConfig.max_input_len, max_seq_len - 1)
+    return BuildConfig(max_batch_size=options.max_batch_size, max_input_len=options.max_input_len or default_input,
+                       max_seq_len=max_seq_len, max_num_tokens=options.max_num_tokens or BuildConfig.max_num_tokens,
+                       kv_block_size=options.kv_block_size or BuildConfig.kv_block_size)

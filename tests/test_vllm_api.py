@@ -111,6 +111,17 @@ def test_interrupted_one_step_leaves_no_entry(hf_dir, tmp_path, monkeypatch):
     assert not left.exists() and len(list(engines.iterdir())) == 1
 
 
+def test_vllm_build_options_reach_the_engine(hf_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    built = kiln.LLM(str(hf_dir), max_model_len=40, max_num_seqs=3, max_num_batched_tokens=64, block_size=8,
+                     device="cpu")
+    b = built.build
+    assert (b.max_seq_len, b.max_input_len, b.max_batch_size, b.max_num_tokens, b.kv_block_size) == (40, 39, 3, 64, 8)
+    assert kiln.LLM(str(hf_dir), device="cpu").build.max_input_len == 63  # vLLM: prompts up to the context - 1
+    with pytest.raises(ConfigError, match="block_size=16, but the engine"):
+        kiln.LLM(str(built.engine_dir), block_size=16, device="cpu")
+
+
 def test_engine_options_must_match(llm):
     with pytest.raises(ConfigError, match="tensor_parallel_size=2, but the engine"):
         kiln.LLM(str(llm.engine_dir), tensor_parallel_size=2, device="cpu")
