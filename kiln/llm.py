@@ -1,4 +1,5 @@
-"""LLM: the offline batch API. `kiln.LLM(engine_dir).generate(prompts, kiln.SamplingParams(max_tokens=64))`."""
+"""LLM: the offline batch API, shaped as vLLM's (docs/api.md).
+`kiln.LLM(engine_dir or hf_checkpoint).generate(prompts, kiln.SamplingParams(max_tokens=64))`."""
 
 from __future__ import annotations
 
