@@ -224,11 +224,18 @@ def engine_gemv_table(engine_config: dict[str, Any], device: torch.device) -> di
 
 
 def bind_linear_matmuls(model: torch.nn.Module, kernels: KernelSet, device: torch.device) -> int:
-    """After loading: give each linear layer whose weight shape has a Triton GEMV choice in `kernels.gemv` its
-    per-layer matmul (kiln.kernels.triton_gemv.GemvMatmul). CUDA with the triton set only: CPU and torch-backend
-    engines keep F.linear everywhere. Returns how many layers were bound."""
-    if device.type != "cuda" or kernels.name != "triton" or not kernels.gemv:
+    """After loading: give each weight-only quantized linear layer the Triton weight-only matmul
+    (kiln.kernels.triton_weight_only, bound from the attributes of the layer's torch matmul: bits, scale, zero,
+    group_size, k_offset), and each float linear layer whose weight shape has a Triton GEMV choice in `kernels.gemv`
+    its per-layer matmul (kiln.kernels.triton_gemv.GemvMatmul). CUDA with the triton set only: CPU and
+    torch-backend engines keep the torch matmuls everywhere. Returns how many layers were bound."""
+    if device.type != "cuda" or kernels.name != "triton":
         return 0
-    from kiln.kernels.triton_gemv import bind_gemv  # needs triton
+    from kiln.kernels.triton_weight_only import bind_weight_only  # needs triton
 
-    return bind_gemv(model, kernels.gemv)
+    bound = bind_weight_only(model)
+    if kernels.gemv:
+        from kiln.kernels.triton_gemv import bind_gemv
+
+        bound += bind_gemv(model, kernels.gemv)
+    return bound

@@ -1,0 +1,148 @@
+"""The weight-only Triton kernels (kiln/kernels/triton_weight_only*.py) through Triton's interpreter on the CPU,
+against x @ dequant(W).T written out in float64: per channel and group-wise (G 32/64/128, k_offset != 0, zeros),
+INT8 and INT4, bias, M = 1..16, the 64-row tile, split K, the dequantize + matmul path for prefill rows; and the
+binding of a quantized model's linear layers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+
+import pytest  # noqa: E402
+from interpreted_triton import interpret_triton  # noqa: E402
+
+if INTERPRET:
+    interpret_triton(("kiln.kernels.triton_gemv_kernels", "kiln.kernels.triton_weight_only_kernels",
+                      "kiln.kernels.triton_weight_only"))
+
+from kiln.kernels.triton_weight_only import FUSED_MAX_ROWS, WeightOnlyFormat, dequantize_weight  # noqa: E402
+from kiln.kernels.triton_weight_only import weight_only_matmul  # noqa: E402
+from weight_only_refs import group_wise, per_channel  # noqa: E402
+
+
+def _dev(t):
+    return None if t is None else t.to(DEVICE)
+
+
+def _close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.shape == want.shape
+    assert torch.allclose(got.cpu().double(), want, rtol=1e-5, atol=1e-5), (got.cpu().double() - want).abs().max()
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("rows, n, k, bias", [(1, 37, 70, False), (5, 64, 130, True), (16, 5, 2, True),
+                                              (33, 70, 64, False), (FUSED_MAX_ROWS + 3, 20, 34, True)])
+def test_per_channel_matches_dequantized_reference(bits, rows, n, k, bias):
+    gen = torch.Generator().manual_seed(rows * 1000 + n + k + bits)
+    weight, scale, dense = per_channel(n, k, bits, gen)
+    x = torch.randn(rows, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    got = weight_only_matmul(_dev(x), _dev(weight), _dev(scale), None, _dev(b), WeightOnlyFormat(bits))
+    _close(got, x.double() @ dense.T + (0 if b is None else b.double()))
+
+
+@pytest.mark.parametrize("bits, group, k_offset, rows, n, k", [
+    (4, 32, 0, 1, 33, 96), (4, 64, 16, 3, 40, 200), (4, 128, 64, 16, 70, 260), (4, 128, 0, 2, 16, 256),
+    (8, 32, 5, 4, 24, 80), (8, 128, 100, 7, 9, 300), (4, 32, 6, FUSED_MAX_ROWS + 1, 18, 70)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_group_wise_matches_dequantized_reference(bits, group, k_offset, rows, n, k, bias):
+    gen = torch.Generator().manual_seed(bits * 7 + group + k_offset + rows + n + k)
+    weight, scale, zero, dense = group_wise(n, k, bits, group, k_offset, gen)
+    x = torch.randn(rows, k, generator=gen)
+    b = torch.randn(n, generator=gen) if bias else None
+    got = weight_only_matmul(_dev(x), _dev(weight), _dev(scale), _dev(zero), _dev(b),
+                             WeightOnlyFormat(bits, group, k_offset))
+    _close(got, x.double() @ dense.T + (0 if b is None else b.double()))
+
+
+@pytest.mark.parametrize("fmt", [WeightOnlyFormat(4), WeightOnlyFormat(4, 128, 32), WeightOnlyFormat(8, 64, 0)])
+def test_split_k_sums_the_slices(fmt):
+    """K long enough that the launcher splits it (4 SMs stand in on the CPU): the slices' partials add up."""
+    gen = torch.Generator().manual_seed(3)
+    n, k = 16, 2048
+    if fmt.group_size:
+        weight, scale, zero, dense = group_wise(n, k, fmt.bits, fmt.group_size, fmt.k_offset, gen)
+    else:
+        (weight, scale, dense), zero = per_channel(n, k, fmt.bits, gen), None
+    x = torch.randn(2, k, generator=gen)
+    b = torch.randn(n, generator=gen)
+    _close(weight_only_matmul(_dev(x), _dev(weight), _dev(scale), _dev(zero), _dev(b), fmt),
+           x.double() @ dense.T + b.double())
+
+
+@pytest.mark.parametrize("fmt", [WeightOnlyFormat(4), WeightOnlyFormat(8), WeightOnlyFormat(4, 32, 10),
+                                 WeightOnlyFormat(8, 128, 0)])
+def test_dequantize_gives_the_reference_values(fmt):
+    gen = torch.Generator().manual_seed(5)
+    n, k = 35, 150
+    if fmt.group_size:
+        weight, scale, zero, dense = group_wise(n, k, fmt.bits, fmt.group_size, fmt.k_offset, gen)
+    else:
+        (weight, scale, dense), zero = per_channel(n, k, fmt.bits, gen), None
+    got = dequantize_weight(_dev(weight), _dev(scale), _dev(zero), fmt, torch.float32)
+    assert torch.allclose(got.cpu().double(), dense, rtol=1e-6, atol=0)
+
+
+def test_bfloat16_inputs():
+    gen = torch.Generator().manual_seed(9)
+    weight, scale, zero, dense = group_wise(48, 256, 4, 128, 0, gen, torch.bfloat16)
+    x = torch.randn(3, 256, generator=gen).to(torch.bfloat16)
+    got = weight_only_matmul(_dev(x), _dev(weight), _dev(scale), _dev(zero), None, WeightOnlyFormat(4, 128))
+    assert got.dtype == torch.bfloat16
+    want = x.double() @ dense.T
+    assert torch.allclose(got.cpu().double(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+
+
+def test_bad_formats_say_what_was_wrong():
+    gen = torch.Generator().manual_seed(0)
+    weight, scale, zero, _ = group_wise(8, 64, 4, 32, 0, gen)
+    x = torch.randn(2, 64, generator=gen)
+    with pytest.raises(ValueError, match="k_offset must be in 0..31"):
+        weight_only_matmul(x, weight, scale, zero, None, WeightOnlyFormat(4, 32, 3))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        weight_only_matmul(x, weight, scale, zero, None, WeightOnlyFormat(4, 48, 0))
+    with pytest.raises(ValueError, match="group-wise scale must be"):
+        weight_only_matmul(x, weight, scale[:, :1], zero[:, :1], None, WeightOnlyFormat(4, 32, 0))
+    with pytest.raises(ValueError, match="no zero point"):
+        weight_only_matmul(x, weight, scale[:, 0], zero[:, 0], None, WeightOnlyFormat(4))
+
+
+@pytest.mark.parametrize("algo", ["W8A16", "W4A16"])
+def test_bound_layers_match_the_torch_path(algo):
+    """bind_weight_only swaps a quantized layer's torch matmul for the kernels' (read from its bits/scale/zero/
+    group_size/k_offset attributes); outputs agree at decode and prefill row counts."""
+    from kiln.config import QuantConfig
+    from kiln.kernels.triton_weight_only import WeightOnlyKernelMatmul, bind_weight_only
+    from kiln.layers.linear import ColumnParallelLinear, ReplicatedLinear, RowParallelLinear
+    from kiln.quant.apply import WeightOnlyMatmul, quantize_model
+
+    bits = 8 if algo == "W8A16" else 4
+    layers = torch.nn.ModuleList([ColumnParallelLinear(64, 48, True, torch.float32),
+                                  RowParallelLinear(48, 32, False, torch.float32),
+                                  ReplicatedLinear(32, 8, False, torch.float32)])
+    quantize_model(layers, QuantConfig(quant_algo=algo))
+    gen = torch.Generator().manual_seed(11)
+    for layer in layers[:2]:
+        weight, scale, _ = per_channel(layer.out_features, layer.in_features, bits, gen)
+        layer.weight.data.copy_(weight)
+        layer.weight_scale.data.copy_(scale)
+        if layer.bias is not None:
+            layer.bias.data.normal_(generator=gen)
+    torch_matmuls = [layer.matmul for layer in layers]
+    assert isinstance(torch_matmuls[0], WeightOnlyMatmul) and torch_matmuls[0].group_size == 0
+    layers.to(DEVICE)
+    assert bind_weight_only(layers) == 2  # the replicated (float) layer keeps F.linear
+    assert all(isinstance(layer.matmul, WeightOnlyKernelMatmul) for layer in layers[:2])
+    for rows in (1, 7, FUSED_MAX_ROWS + 5):
+        x = torch.randn(rows, 64, generator=gen).to(DEVICE)
+        for layer, reference in zip(layers, torch_matmuls):
+            want = reference(x.cpu(), layer.weight.cpu(), None if layer.bias is None else layer.bias.cpu())
+            got = layer(x)
+            assert torch.allclose(got.cpu(), want, rtol=1e-5, atol=1e-5)
+            x = got
