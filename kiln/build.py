@@ -57,12 +57,14 @@ def moe_shape(info: ArtifactInfo) -> MoeShape | None:
 
 def linear_shapes(info: ArtifactInfo) -> list[tuple[int, int]]:
     """The distinct (out, in) weight shapes of the linear layers the ranks run (attention, dense MLP, router, LM
-    head), as each rank holds them: what the build times the GEMV on. Sorted, each once."""
+    head; not the weight-only quantized ones), as each rank holds them: what the build times the GEMV on. Sorted, each
+    once."""
     shapes: set[tuple[int, int]] = set()
     for rank in range(info.mapping.world_size):
-        model = meta_model(info.family, info.model, info.mapping.for_rank(rank))
+        model = meta_model(info.family, info.model, info.mapping.for_rank(rank), info.quant)
         for module in model.modules():
-            if isinstance(module, (LinearBase, LMHead)):
+            # Weight-only quantized layers run their own kernels (kiln.kernels.triton_weight_only): nothing to time.
+            if isinstance(module, (LinearBase, LMHead)) and module.weight.dtype != torch.int8:
                 shapes.add((int(module.weight.shape[0]), int(module.weight.shape[1])))
     return sorted(shapes)
 

@@ -1,7 +1,8 @@
 """The weight-only Triton kernels (kiln/kernels/triton_weight_only*.py) through Triton's interpreter on the CPU,
 against x @ dequant(W).T written out in float64: per channel and group-wise (G 32/64/128, k_offset != 0, zeros),
 INT8 and INT4, bias, M = 1..16, the 64-row tile, split K, the dequantize + matmul path for prefill rows; and the
-binding of a quantized model's linear layers."""
+binding of a quantized model's linear layers; the fused MoE over per-channel INT8/INT4 experts against the torch
+reference."""
 
 from __future__ import annotations
 
@@ -18,11 +19,17 @@ import pytest  # noqa: E402
 from interpreted_triton import interpret_triton  # noqa: E402
 
 if INTERPRET:
-    interpret_triton(("kiln.kernels.triton_gemv_kernels", "kiln.kernels.triton_weight_only_kernels",
-                      "kiln.kernels.triton_weight_only"))
+    interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_gemv_kernels",
+                      "kiln.kernels.triton_weight_only_kernels", "kiln.kernels.triton_weight_only",
+                      "kiln.kernels.triton_moe_kernels", "kiln.kernels.triton_moe",
+                      "kiln.kernels.triton_moe_weight_only_kernels", "kiln.kernels.triton_moe_weight_only"))
 
 from kiln.kernels.triton_weight_only import FUSED_MAX_ROWS, WeightOnlyFormat, dequantize_weight  # noqa: E402
 from kiln.kernels.triton_weight_only import weight_only_matmul  # noqa: E402
+from kiln.kernels import reference  # noqa: E402
+from kiln.kernels.triton_moe import GemmTile, MoeConfig  # noqa: E402
+from kiln.kernels.triton_moe_weight_only import fused_moe_weight_only  # noqa: E402
+from kiln.quant.weight_only import pack_int4, quantize_per_channel  # noqa: E402
 from weight_only_refs import group_wise, per_channel  # noqa: E402
 
 
@@ -134,6 +141,7 @@ def test_bound_layers_match_the_torch_path(algo):
         layer.weight_scale.data.copy_(scale)
         if layer.bias is not None:
             layer.bias.data.normal_(generator=gen)
+    layers[2].weight.data.normal_(generator=gen)
     torch_matmuls = [layer.matmul for layer in layers]
     assert isinstance(torch_matmuls[0], WeightOnlyMatmul) and torch_matmuls[0].group_size == 0
     layers.to(DEVICE)
@@ -146,3 +154,43 @@ def test_bound_layers_match_the_torch_path(algo):
             got = layer(x)
             assert torch.allclose(got.cpu(), want, rtol=1e-5, atol=1e-5)
             x = got
+
+
+def quantized_experts(experts: int, ffn: int, size: int, bits: int, dtype: torch.dtype, gen: torch.Generator):
+    """Per-channel quantized w13 [experts, 2 ffn, size] and w2 [experts, size, ffn]: (stored, scale) of each."""
+    out = []
+    for shape in ((experts, 2 * ffn, size), (experts, size, ffn)):
+        q, scale = quantize_per_channel(torch.randn(*shape, generator=gen) * shape[-1]**-0.5, bits, dtype)
+        out += [(pack_int4(q) if bits == 4 else q).to(DEVICE), scale.to(DEVICE)]
+    return out
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("tokens, size, ffn, experts, top_k, start, config", [
+    (1, 64, 32, 4, 2, 0, None), (5, 64, 48, 8, 4, 0, None), (19, 40, 24, 3, 2, 0, None),
+    (70, 32, 32, 4, 2, 0, MoeConfig(16, 2, GemmTile(16, 32, 4, 2), GemmTile(32, 64, 4, 2))),
+    (12, 32, 32, 4, 4, 4, None)])
+def test_weight_only_fused_moe_matches_reference(bits, tokens, size, ffn, experts, top_k, start, config):
+    gen = torch.Generator().manual_seed(tokens + size + ffn + bits)
+    w13, s13, w2, s2 = quantized_experts(experts, ffn, size, bits, torch.float32, gen)
+    x = torch.randn(tokens, size, generator=gen).to(DEVICE)
+    total = experts + start
+    weights, ids = torch.softmax(torch.randn(tokens, 2 * total, generator=gen), -1)[:, :total].topk(top_k, dim=-1)
+    weights, ids = weights.to(DEVICE), ids.to(DEVICE)
+    got = fused_moe_weight_only(x, w13, s13, w2, s2, weights, ids, start, bits, config=config)
+    want = reference.fused_moe_weight_only(x.cpu(), w13.cpu(), s13.cpu(), w2.cpu(), s2.cpu(), weights.cpu(),
+                                           ids.cpu(), start, bits)
+    assert torch.allclose(got.cpu(), want, rtol=1e-4, atol=1e-5), (got.cpu() - want).abs().max()
+
+
+def test_weight_only_fused_moe_refuses_bad_inputs():
+    gen = torch.Generator().manual_seed(0)
+    w13, s13, w2, s2 = quantized_experts(2, 16, 32, 4, torch.float32, gen)
+    x = torch.randn(3, 32, generator=gen).to(DEVICE)
+    weights, ids = torch.rand(3, 2).to(DEVICE), torch.tensor([[0, 1]] * 3).to(DEVICE)
+    with pytest.raises(ValueError, match="bits must be 8 or 4"):
+        fused_moe_weight_only(x, w13, s13, w2, s2, weights, ids, 0, 3)
+    with pytest.raises(ValueError, match="w13 must have shape"):
+        fused_moe_weight_only(x, w13, s13, w2, s2, weights, ids, 0, 8)
+    with pytest.raises(ValueError, match="w2_scale must have shape"):
+        fused_moe_weight_only(x, w13, s13, w2, s2[:, :4], weights, ids, 0, 4)
