@@ -69,6 +69,23 @@ def linear_shapes(info: ArtifactInfo) -> list[tuple[int, int]]:
     return sorted(shapes)
 
 
+def weight_only_shapes(info: ArtifactInfo) -> list[tuple[int, int, int, int]]:
+    """The distinct (out, in, bits, group size) of the weight-only quantized linear layers the ranks run, as each
+    rank holds them: what the build tunes the fused weight-only kernel on."""
+    if info.quant.quant_algo is None:
+        return []
+    shapes: set[tuple[int, int, int, int]] = set()
+    for rank in range(info.mapping.world_size):
+        model = meta_model(info.family, info.model, info.mapping.for_rank(rank), info.quant)
+        for module in model.modules():
+            matmul, weight = getattr(module, "matmul", None), getattr(module, "weight", None)
+            bits = getattr(matmul, "bits", None)
+            if bits in (4, 8) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                logical = getattr(weight, "logical_shape", weight.shape)
+                shapes.add((int(logical[0]), int(logical[1]), int(bits), int(getattr(matmul, "group_size", 0) or 0)))
+    return sorted(shapes)
+
+
 def choose_kernels(info: ArtifactInfo, build_config: BuildConfig, tune: bool = True,
                    log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """The engine's "kernels" section: on a GPU (unless `tune` is off) the winner of cuBLAS and the Triton GEMV for
@@ -84,8 +101,11 @@ def choose_kernels(info: ArtifactInfo, build_config: BuildConfig, tune: bool = T
         if shape is not None:
             log(f"tuning fused MoE tiles for {shape.experts} experts x ffn {shape.ffn} x hidden {shape.hidden}, "
                 f"token buckets up to {build_config.max_num_tokens}")
+    quantized = weight_only_shapes(info)
+    if log is not None and tune and device.type == "cuda" and quantized:
+        log(f"tuning the weight-only kernel for {len(quantized)} quantized weight shapes at 1..64 rows")
     return kernels_section(device, shape, info.model.torch_dtype, build_config.max_num_tokens, tune, log=log,
-                           linear_shapes=linear)
+                           linear_shapes=linear, weight_only_shapes=quantized)
 
 
 def _link_or_copy(src: Path, dst: Path, copy: bool = False) -> None:

@@ -158,7 +158,7 @@ def test_prefill_2048_within_a_quarter_of_bf16():
     assert quant <= 1.25 * bf16
 
 
-def _engine(tmp, family: str, precision: str):
+def _engine(tmp, family: str, precision: str, tune: bool):
     from kiln.cli.main import main
 
     if family == "dbrx":
@@ -173,15 +173,19 @@ def _engine(tmp, family: str, precision: str):
     assert main(["convert", "--model_dir", str(model_dir), "--output_dir", str(tmp / "ckpt"), "--dtype", "float32",
                  "--use_weight_only", "--weight_only_precision", precision]) == 0
     assert main(["build", "--checkpoint_dir", str(tmp / "ckpt"), "--output_dir", str(tmp / "engine"),
-                 "--max_batch_size", "6", "--max_input_len", "48", "--max_seq_len", "96", "--no_tune"]) == 0
+                 "--max_batch_size", "6", "--max_input_len", "48", "--max_seq_len", "96",
+                 *([] if tune else ["--no_tune"])]) == 0
     return tmp / "engine"
 
 
-@pytest.mark.parametrize("family, precision", [("mpt", "int4"), ("mpt", "int8"), ("dbrx", "int4"), ("dbrx", "int8")])
-def test_quantized_engine_graphs_match_eager_and_cpu(family, precision, tmp_path):
+@pytest.mark.parametrize("family, precision, tune", [("mpt", "int4", True), ("mpt", "int8", False),
+                                                     ("dbrx", "int4", False), ("dbrx", "int8", False)])
+def test_quantized_engine_graphs_match_eager_and_cpu(family, precision, tune, tmp_path):
+    """Graph replays, eager GPU steps and the CPU's torch path give the same greedy tokens (the MPT int4 engine with
+    its weight-only kernel configs tuned at build)."""
     from kiln.kernels.triton_weight_only import WeightOnlyKernelMatmul
 
-    engine = _engine(tmp_path, family, precision)
+    engine = _engine(tmp_path, family, precision, tune)
     prompts = [[5, 17, 33, 2, 99, 150, 7], list(range(40, 61)), [3]]
     params = kiln.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
     gpu = kiln.LLM(engine, device="cuda", kernel_backend="triton")
@@ -192,3 +196,22 @@ def test_quantized_engine_graphs_match_eager_and_cpu(family, precision, tmp_path
     eager = [o.outputs[0].token_ids for o in gpu.generate(prompts, params)]
     cpu = [o.outputs[0].token_ids for o in kiln.LLM(engine, device="cpu").generate(prompts, params)]
     assert with_graphs == eager == cpu
+
+
+def test_build_time_tuning_records_correct_configs():
+    """The tuner times the candidates of one shape at every row bucket on this GPU: every entry tuned, each config
+    loads back through the table and computes the reference result."""
+    from kiln.kernels import triton_weight_only_configs as wc
+    from kiln.kernels.triton_weight_only import weight_only_matmul
+    from kiln.kernels.triton_weight_only_tune import tune_weight_only_shapes
+
+    entries = tune_weight_only_shapes([(4096, 4096, 4, 128)], torch.bfloat16, torch.device("cuda"), budget_s=120)
+    assert len(entries) == len(wc.WO_ROW_BUCKETS) and all(e["tuned"] and e["config"] for e in entries)
+    for e in entries:
+        print(f"rows {e['rows']}: {e['config']} {e['triton_us']} us (bf16 cuBLAS {e['bf16_cublas_us']} us)")
+    table = wc.table_from_entries(entries)
+    fmt, stored, scale, zero, dense = _weight("int4_g128", 4096, 4096)
+    for rows in (1, 16, 64):
+        x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+        config = table[(rows, 4096, 4096, 4, 128)]
+        _assert_close(weight_only_matmul(x, stored, scale, zero, None, fmt, config), x.float() @ dense.T)

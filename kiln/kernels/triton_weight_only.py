@@ -23,13 +23,11 @@ import torch.nn.functional as F
 from kiln.kernels.triton_common import FLOAT_DTYPES, cdiv, check_device, dot_precision, dot_upcast
 from kiln.kernels.triton_common import multiprocessor_count, next_power_of_2, while_loops
 from kiln.kernels.triton_gemv_kernels import gemv_reduce_kernel
+from kiln.kernels.triton_weight_only_configs import FUSED_MAX_ROWS, WoConfig, WoKey, default_wo_config, rows_configs
 from kiln.kernels.triton_weight_only_kernels import dequantize_kernel, weight_only_kernel
 
 __all__ = ["FUSED_MAX_ROWS", "WeightOnlyFormat", "WeightOnlyKernelMatmul", "bind_weight_only", "dequantize_weight",
-           "weight_only_linear", "weight_only_matmul"]
-
-FUSED_MAX_ROWS = 64  # above: dequantize once, then cuBLAS
-
+           "quantized_layers", "weight_only_linear", "weight_only_matmul"]
 
 @dataclass(frozen=True)
 class WeightOnlyFormat:
@@ -39,12 +37,6 @@ class WeightOnlyFormat:
     group_size: int = 0
     k_offset: int = 0
 
-    def block_k(self) -> int:
-        """Logical K per tile: 128 stored bytes per row per channel; group-wise, the largest of 128/64/32 that
-        divides G, so that a tile never crosses a group boundary."""
-        if self.group_size == 0:
-            return 256 if self.bits == 4 else 128
-        return next(b for b in (128, 64, 32) if self.group_size % b == 0)
 
 
 def check_format(fmt: WeightOnlyFormat, n: int, k: int, weight: torch.Tensor, scale: torch.Tensor,
@@ -98,29 +90,25 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: tor
 @dataclass(frozen=True)
 class _Plan:
     block_m: int
-    block_n: int
-    block_k: int
     splits: int
     v_per_split: int
-    num_warps: int
-    num_stages: int
 
 
-def _plan(rows: int, n: int, k: int, fmt: WeightOnlyFormat, sms: int) -> _Plan:
-    """Tiles and split-K for one call: BLOCK_M covers the rows (16 at least, tl.dot's minimum); K is split until
-    about two programs per SM are in flight, keeping at least four tiles per split."""
+def _plan(rows: int, n: int, k: int, fmt: WeightOnlyFormat, config: WoConfig, sms: int) -> _Plan:
+    """BLOCK_M covers the rows (16 at least, tl.dot's minimum); K is cut into config.split_k slices, or (split_k 0)
+    until about two programs per SM are in flight, keeping at least four tiles per slice."""
     block_m = max(16, next_power_of_2(rows))
-    block_n = 64
-    block_k = fmt.block_k()
-    programs = cdiv(n, block_n) * cdiv(rows, block_m)
-    steps = cdiv(k + fmt.k_offset, block_k)
-    splits = max(1, min(cdiv(2 * sms, programs), steps // 4))
+    steps = cdiv(k + fmt.k_offset, config.block_k)
+    if config.split_k:
+        splits = min(config.split_k, steps)
+    else:
+        programs = cdiv(n, config.block_n) * cdiv(rows, block_m)
+        splits = max(1, min(cdiv(2 * sms, programs), steps // 4))
     per_split = cdiv(steps, splits)
-    return _Plan(block_m, block_n, block_k, cdiv(steps, per_split), per_split * block_k, 4,
-                 4 if block_m <= 16 else 3)
+    return _Plan(block_m, cdiv(steps, per_split), per_split * config.block_k)
 
 
-def _launch_fused(x, weight, scale, zero, bias, fmt: WeightOnlyFormat) -> torch.Tensor:
+def _launch_fused(x, weight, scale, zero, bias, fmt: WeightOnlyFormat, config: WoConfig | None = None) -> torch.Tensor:
     rows, k = x.shape
     n = weight.shape[0]
     y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
@@ -128,18 +116,19 @@ def _launch_fused(x, weight, scale, zero, bias, fmt: WeightOnlyFormat) -> torch.
         return y
     if k == 0:
         return y.zero_() if bias is None else y.copy_(bias.expand(rows, n))
-    plan = _plan(rows, n, k, fmt, multiprocessor_count(x.device))
+    config = config or default_wo_config(rows, fmt.bits, fmt.group_size)
+    plan = _plan(rows, n, k, fmt, config, multiprocessor_count(x.device))
     split = plan.splits > 1
     part = torch.empty(plan.splits, rows, n, dtype=torch.float32, device=x.device) if split else y
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
     zero_arg = zero if zero is not None else scale
-    weight_only_kernel[(cdiv(n, plan.block_n), plan.splits, cdiv(rows, plan.block_m))](
+    weight_only_kernel[(cdiv(n, config.block_n), plan.splits, cdiv(rows, plan.block_m))](
         x, weight, scale, zero_arg, bias_arg, y, part, rows, n, k, weight.shape[1], fmt.k_offset, plan.v_per_split,
         x.stride(0), weight.stride(0), scale.stride(0), y.stride(0),
         BITS=fmt.bits, GROUP=fmt.group_size, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None and not split,
-        SPLIT=split, BLOCK_M=plan.block_m, BLOCK_N=plan.block_n, BLOCK_K=plan.block_k,
-        DOT_F32=dot_upcast(x.dtype, x.device), PRECISION=dot_precision(x.dtype), WHILE_LOOP=while_loops(x.device),
-        num_warps=plan.num_warps, num_stages=plan.num_stages,
+        SPLIT=split, BLOCK_M=plan.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        EVEN_K=fmt.k_offset == 0 and k % config.block_k == 0, DOT_F32=dot_upcast(x.dtype, x.device), PRECISION=dot_precision(x.dtype), WHILE_LOOP=while_loops(x.device),
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:
         split_pad = max(2, next_power_of_2(plan.splits))
@@ -149,6 +138,13 @@ def _launch_fused(x, weight, scale, zero, bias, fmt: WeightOnlyFormat) -> torch.
             HAS_BIAS=bias is not None, SPLIT_PAD=split_pad, BLOCK=block, num_warps=4,
         )
     return y
+
+
+def _check_config(config: WoConfig, fmt: WeightOnlyFormat) -> None:
+    if not isinstance(config, WoConfig):
+        raise ValueError(f"config must be a WoConfig, got {type(config).__name__}")
+    if config.block_k < 32 or (fmt.group_size and fmt.group_size % config.block_k):
+        raise ValueError(f"config block_k {config.block_k} must be >= 32 and divide the group size {fmt.group_size}")
 
 
 def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: WeightOnlyFormat,
@@ -169,12 +165,15 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
 
 
 def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
-                       bias: torch.Tensor | None, fmt: WeightOnlyFormat) -> torch.Tensor:  # x [M, K] -> [M, N]
+                       bias: torch.Tensor | None, fmt: WeightOnlyFormat,
+                       config: WoConfig | None = None) -> torch.Tensor:  # x [M, K] -> [M, N]
     """y = x @ dequant(weight).T + bias in x's dtype (fp32 accumulation): the fused kernel up to FUSED_MAX_ROWS rows
-    of x, dequantize + cuBLAS above."""
+    of x (with `config`, or the default), dequantize + cuBLAS above."""
     _check(x, weight, scale, zero, bias, fmt)
+    if config is not None:
+        _check_config(config, fmt)
     if x.shape[0] <= FUSED_MAX_ROWS:
-        return _launch_fused(x, weight, scale, zero, bias, fmt)
+        return _launch_fused(x, weight, scale, zero, bias, fmt, config)
     return F.linear(x, dequantize_weight(weight, scale, zero, fmt, x.dtype), bias)
 
 
@@ -186,20 +185,24 @@ def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 
 class WeightOnlyKernelMatmul:
     """A quantized linear layer's matmul on CUDA: the Triton kernels over its stored weight, scale and zero (read
-    from the layer's torch matmul object at binding). Rows of any count; x of any leading shape."""
+    from the layer's torch matmul object at binding), with a launch config per row count 0..FUSED_MAX_ROWS (the
+    build's tuned choices, else the default: one tuple index per call). Rows of any count; x of any leading shape."""
 
-    __slots__ = ("fmt", "scale", "zero", "fallback")
+    __slots__ = ("fmt", "scale", "zero", "fallback", "configs")
 
     def __init__(self, fmt: WeightOnlyFormat, scale: torch.Tensor, zero: torch.Tensor | None,
-                 fallback: Callable[..., torch.Tensor]) -> None:
-        self.fmt, self.scale, self.zero, self.fallback = fmt, scale, zero, fallback
+                 fallback: Callable[..., torch.Tensor], configs: tuple[WoConfig, ...]) -> None:
+        if len(configs) != FUSED_MAX_ROWS + 1:
+            raise ValueError(f"WeightOnlyKernelMatmul takes one config per row count 0..{FUSED_MAX_ROWS}")
+        self.fmt, self.scale, self.zero, self.fallback, self.configs = fmt, scale, zero, fallback, configs
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if x.stride(-1) != 1:
             return self.fallback(x, weight, bias)  # a view the kernels do not read (never in kiln's layers)
         flat = x.reshape(-1, x.shape[-1])  # [tokens, in]
-        if flat.shape[0] <= FUSED_MAX_ROWS:
-            y = _launch_fused(flat, weight, self.scale, self.zero, bias, self.fmt)
+        rows = flat.shape[0]
+        if rows <= FUSED_MAX_ROWS:
+            y = _launch_fused(flat, weight, self.scale, self.zero, bias, self.fmt, self.configs[rows])
         else:
             y = F.linear(flat, dequantize_weight(weight, self.scale, self.zero, self.fmt, x.dtype), bias)
         return y.reshape(*x.shape[:-1], y.shape[-1])
@@ -223,17 +226,27 @@ def kernel_format(matmul: object, weight: torch.Tensor) -> WeightOnlyFormat | No
     return fmt
 
 
-def bind_weight_only(model: torch.nn.Module) -> int:
-    """Give every quantized linear layer of `model` (its `matmul` exposes bits/scale/...) a WeightOnlyKernelMatmul
-    where the kernels read its format; the rest keep their torch matmul. Returns how many layers were bound."""
-    bound = 0
+def quantized_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, WeightOnlyFormat]]:
+    """The layers of `model` whose quantized matmul (bits/scale/... attributes) the kernels can read, with formats."""
+    found = []
     for module in model.modules():
         matmul, weight = getattr(module, "matmul", None), getattr(module, "weight", None)
         if matmul is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             continue
         fmt = kernel_format(matmul, weight)
-        if fmt is None:
-            continue
-        module.matmul = WeightOnlyKernelMatmul(fmt, matmul.scale, getattr(matmul, "zero", None), matmul)
-        bound += 1
-    return bound
+        if fmt is not None:
+            found.append((module, fmt))
+    return found
+
+
+def bind_weight_only(model: torch.nn.Module, table: dict[WoKey, WoConfig] | None = None) -> int:
+    """Give every quantized linear layer of `model` the kernels can read a WeightOnlyKernelMatmul, with the configs
+    of `table` (the build's tuned choices) for its shape; the rest keep their torch matmul. Returns how many layers
+    were bound."""
+    layers = quantized_layers(model)
+    for module, fmt in layers:
+        n, k = module.weight.shape[0], module.weight.shape[1] * (2 if fmt.bits == 4 else 1)
+        configs = rows_configs(table or {}, n, k, fmt.bits, fmt.group_size)
+        matmul = module.matmul
+        module.matmul = WeightOnlyKernelMatmul(fmt, matmul.scale, getattr(matmul, "zero", None), matmul, configs)
+    return len(layers)

@@ -26,7 +26,9 @@ import triton.language as tl
 
 from kiln.kernels.triton_jit_common import dot_acc
 
-_MAGIC = 0x4B000000  # the bits of 2^23 as float32: or-ing u < 2^23 into its mantissa gives 2^23 + u exactly
+# The bits of 2^23 as float32: or-ing u < 2^23 into its mantissa gives 2^23 + u exactly. A constexpr: compiled
+# Triton reads no other kind of global.
+_MAGIC = tl.constexpr(0x4B000000)
 
 
 @triton.jit
@@ -55,54 +57,71 @@ def _bytes(w, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def _tile_dot(x_ptr, w_ptr, offs_n, n_ok, offs_m, m_ok, k0, K, KW, stride_xm, stride_wn, zero,
+def _load_w(w_ptr, offs_n, n_ok, k0, K, KW, stride_wn, valid, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
+            EVEN_K: tl.constexpr):
+    """The stored bytes of W[n block, k0 : k0 + BLOCK_K] ([BLOCK_N, BLOCK_K] int8, INT4 [BLOCK_N, BLOCK_K / 2]);
+    zeros where masked or not `valid`. k0 may be negative (the first tile of a slice starting mid-group). With EVEN_K every tile lies inside [0, K): the mask is constant along K, so the
+    loads stay 16-byte vectors."""
+    width: tl.constexpr = BLOCK_K if BITS == 8 else BLOCK_K // 2
+    start = k0 if BITS == 8 else k0 // 2  # k0 is even for INT4: whole bytes
+    offs = start + tl.arange(0, width)
+    if EVEN_K:
+        mask = n_ok[:, None] & valid
+    else:
+        limit = K if BITS == 8 else KW
+        mask = n_ok[:, None] & ((offs >= 0) & (offs < limit) & valid)[None, :]
+    return tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs[None, :], mask=mask, other=0)
+
+
+@triton.jit
+def _load_x(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """x[m block, k0 : k0 + BLOCK_K] as [BLOCK_M, BLOCK_K] (contiguous along K: vector loads), zeros where masked."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if EVEN_K:
+        mask = m_ok[:, None]
+    else:
+        mask = m_ok[:, None] & ((offs_k >= 0) & (offs_k < K))[None, :]
+    return tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _tile_dot(w, x_ptr, offs_m, m_ok, k0, K, stride_xm, zero,
               BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr,
-              DOT_F32: tl.constexpr, PRECISION: tl.constexpr, acc):
-    """acc + W[n block, k0 : k0 + BLOCK_K] @ x[m block, same]^T, W dequantized without its scale (minus `zero`
-    [BLOCK_N] when HAS_ZERO). k0 may be negative (the first tile of a slice starting mid-group): masked."""
+              BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, acc):
+    """acc + W_tile @ x[m block, k0 : k0 + BLOCK_K]^T, the tile's stored bytes `w` dequantized without their scale
+    (minus `zero` [BLOCK_N] when HAS_ZERO). For INT4, x's even and odd columns are split in registers."""
     dtype = x_ptr.dtype.element_ty
+    x = _load_x(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K, EVEN_K)  # [BLOCK_M, BLOCK_K]
     if BITS == 8:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = (offs_k >= 0) & (offs_k < K)
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
-                    mask=n_ok[:, None] & k_ok[None, :], other=0)  # [BLOCK_N, BLOCK_K] int8
         q = _bytes(w, SIGNED)
         if HAS_ZERO:
             q = q - zero[:, None]
-        x = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=k_ok[:, None] & m_ok[None, :],
-                    other=0.0)  # [BLOCK_K, BLOCK_M]
-        acc = dot_acc(q.to(dtype), x, acc, DOT_F32, PRECISION)
+        acc = dot_acc(q.to(dtype), tl.trans(x), acc, DOT_F32, PRECISION)
     else:
-        offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)  # k0 is even: whole bytes
-        b_ok = (offs_b >= 0) & (offs_b < KW)
-        w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_b[None, :],
-                    mask=n_ok[:, None] & b_ok[None, :], other=0)  # [BLOCK_N, BLOCK_K / 2] int8
         low, high = _nibbles(w, SIGNED)
         if HAS_ZERO:
             low = low - zero[:, None]
             high = high - zero[:, None]
-        x_rows = x_ptr + offs_m[None, :] * stride_xm + 2 * offs_b[:, None]
-        x_mask = b_ok[:, None] & m_ok[None, :]
-        x_even = tl.load(x_rows, mask=x_mask, other=0.0)  # [BLOCK_K / 2, BLOCK_M]
-        x_odd = tl.load(x_rows + 1, mask=x_mask, other=0.0)
-        acc = dot_acc(low.to(dtype), x_even, acc, DOT_F32, PRECISION)
-        acc = dot_acc(high.to(dtype), x_odd, acc, DOT_F32, PRECISION)
+        x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))  # [BLOCK_M, BLOCK_K / 2] each
+        acc = dot_acc(low.to(dtype), tl.trans(x_even), acc, DOT_F32, PRECISION)
+        acc = dot_acc(high.to(dtype), tl.trans(x_odd), acc, DOT_F32, PRECISION)
     return acc
 
 
 @triton.jit
-def _step(i, x_ptr, w_ptr, s_ptr, z_ptr, offs_n, n_ok, offs_m, m_ok, v_start, k_offset, K, KW,
-          stride_xm, stride_wn, stride_sn, acc,
+def _step(i, w, x_ptr, s_ptr, z_ptr, offs_n, n_ok, offs_m, m_ok, v_start, k_offset, K,
+          stride_xm, stride_sn, acc,
           BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr,
-          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
-    """Tile i of a program's slice: per channel, accumulate the unscaled product; group-wise, the tile's product
-    times its group's scale."""
+          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
+          PRECISION: tl.constexpr):
+    """Tile i of a program's slice (its bytes `w` already loaded): per channel, accumulate the unscaled product;
+    group-wise, the tile's product times its group's scale."""
     v0 = v_start + i * BLOCK_K
     k0 = v0 - k_offset
     if GROUP == 0:
         zero = tl.zeros([BLOCK_N], dtype=tl.float32)
-        acc = _tile_dot(x_ptr, w_ptr, offs_n, n_ok, offs_m, m_ok, k0, K, KW, stride_xm, stride_wn, zero,
-                        BITS, True, False, BLOCK_K, DOT_F32, PRECISION, acc)
+        acc = _tile_dot(w, x_ptr, offs_m, m_ok, k0, K, stride_xm, zero,
+                        BITS, True, False, BLOCK_K, BLOCK_M, EVEN_K, DOT_F32, PRECISION, acc)
     else:
         group_ptrs = offs_n.to(tl.int64) * stride_sn + v0 // GROUP
         scale = tl.load(s_ptr + group_ptrs, mask=n_ok, other=0.0).to(tl.float32)  # [BLOCK_N]
@@ -111,8 +130,8 @@ def _step(i, x_ptr, w_ptr, s_ptr, z_ptr, offs_n, n_ok, offs_m, m_ok, v_start, k_
         else:
             zero = tl.zeros([BLOCK_N], dtype=tl.float32)
         part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
-        part = _tile_dot(x_ptr, w_ptr, offs_n, n_ok, offs_m, m_ok, k0, K, KW, stride_xm, stride_wn, zero,
-                         BITS, False, HAS_ZERO, BLOCK_K, DOT_F32, PRECISION, part)
+        part = _tile_dot(w, x_ptr, offs_m, m_ok, k0, K, stride_xm, zero,
+                         BITS, False, HAS_ZERO, BLOCK_K, BLOCK_M, EVEN_K, DOT_F32, PRECISION, part)
         acc += part * scale[:, None]
     return acc
 
@@ -122,11 +141,16 @@ def weight_only_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
     M, N, K, KW, k_offset, v_per_split, stride_xm, stride_wn, stride_sn, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DOT_F32: tl.constexpr,
-    PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_N), splits, cdiv(M, BLOCK_M)). GROUP = 0: per channel (k_offset 0). The virtual length
-    K + k_offset is cut into slices of v_per_split (a multiple of BLOCK_K), one per split."""
+    K + k_offset is cut into slices of v_per_split (a multiple of BLOCK_K), one per split. EVEN_K: k_offset is 0
+    and BLOCK_K divides K (every tile whole; no mask along K).
+
+    Triton's pipeliner keeps num_stages tiles of W and x in flight (asynchronous copies to shared memory) when their
+    masks are constant along K (EVEN_K) and the pointers' alignment is known (sizes and strides divisible by 16, as
+    real layers' are); the dequantization then reads the tile from shared memory."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     pid_m = tl.program_id(2)
@@ -138,17 +162,20 @@ def weight_only_kernel(
     span = tl.minimum(K + k_offset - v_start, v_per_split)
     steps = tl.cdiv(span, BLOCK_K)
     acc = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)  # y^T of this block
+    k_first = v_start - k_offset
     if WHILE_LOOP:
         i = 0
         while i < steps:
-            acc = _step(i, x_ptr, w_ptr, s_ptr, z_ptr, offs_n, n_ok, offs_m, m_ok, v_start, k_offset, K, KW,
-                        stride_xm, stride_wn, stride_sn, acc, BITS, GROUP, HAS_ZERO, BLOCK_K, BLOCK_M, BLOCK_N,
+            w = _load_w(w_ptr, offs_n, n_ok, k_first + i * BLOCK_K, K, KW, stride_wn, True, BITS, BLOCK_K, EVEN_K)
+            acc = _step(i, w, x_ptr, s_ptr, z_ptr, offs_n, n_ok, offs_m, m_ok, v_start, k_offset, K,
+                        stride_xm, stride_sn, acc, BITS, GROUP, HAS_ZERO, BLOCK_K, BLOCK_M, BLOCK_N, EVEN_K,
                         DOT_F32, PRECISION)
             i += 1
     else:
         for i in range(0, steps):
-            acc = _step(i, x_ptr, w_ptr, s_ptr, z_ptr, offs_n, n_ok, offs_m, m_ok, v_start, k_offset, K, KW,
-                        stride_xm, stride_wn, stride_sn, acc, BITS, GROUP, HAS_ZERO, BLOCK_K, BLOCK_M, BLOCK_N,
+            w = _load_w(w_ptr, offs_n, n_ok, k_first + i * BLOCK_K, K, KW, stride_wn, True, BITS, BLOCK_K, EVEN_K)
+            acc = _step(i, w, x_ptr, s_ptr, z_ptr, offs_n, n_ok, offs_m, m_ok, v_start, k_offset, K,
+                        stride_xm, stride_sn, acc, BITS, GROUP, HAS_ZERO, BLOCK_K, BLOCK_M, BLOCK_N, EVEN_K,
                         DOT_F32, PRECISION)
     if GROUP == 0:
         acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
