@@ -50,12 +50,13 @@ def _check(hidden, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_
 def _launch_gate_up(hidden, w13, s13, act, routing: AlignedRouting, top_k: int, config: MoeConfig, bits: int):
     ffn, size = w13.shape[1] // 2, hidden.shape[1]
     tile = config.up
+    block_k = max(32, tile.block_k)
     num_m = routing.block_expert.numel()
     moe_wo_gate_up_kernel[(num_m * cdiv(ffn, tile.block_n),)](
         hidden, w13, s13, act, routing.sorted_ids, routing.block_expert, act.shape[0], top_k, ffn, size,
         w13.shape[2], num_m, hidden.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), act.stride(0),
-        BITS=bits, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=max(32, tile.block_k),
-        GROUP_M=config.group_m, DOT_F32=dot_upcast(hidden.dtype, hidden.device), PRECISION=dot_precision(hidden.dtype),
+        BITS=bits, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
+        EVEN_K=size % block_k == 0, DOT_F32=dot_upcast(hidden.dtype, hidden.device), PRECISION=dot_precision(hidden.dtype),
         WHILE_LOOP=while_loops(hidden.device), num_warps=tile.num_warps,
         num_stages=_fitting_stages(tile, config.block_m, 2, hidden.dtype, hidden.device),
     )
@@ -64,12 +65,13 @@ def _launch_gate_up(hidden, w13, s13, act, routing: AlignedRouting, top_k: int, 
 def _launch_down(act, w2, s2, weights, part, routing: AlignedRouting, config: MoeConfig, bits: int):
     size, ffn = w2.shape[1], act.shape[1]
     tile = config.down
+    block_k = max(32, tile.block_k)
     num_m = routing.block_expert.numel()
     moe_wo_down_kernel[(num_m * cdiv(size, tile.block_n),)](
         act, w2, s2, part, weights, routing.sorted_ids, routing.block_expert, act.shape[0], size, ffn, w2.shape[2],
         num_m, act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), part.stride(0),
-        BITS=bits, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=max(32, tile.block_k),
-        GROUP_M=config.group_m, DOT_F32=dot_upcast(act.dtype, act.device), PRECISION=dot_precision(act.dtype),
+        BITS=bits, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
+        EVEN_K=ffn % block_k == 0, DOT_F32=dot_upcast(act.dtype, act.device), PRECISION=dot_precision(act.dtype),
         WHILE_LOOP=while_loops(act.device), num_warps=tile.num_warps,
         num_stages=_fitting_stages(tile, config.block_m, 1, act.dtype, act.device),
     )

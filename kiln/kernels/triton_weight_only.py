@@ -96,14 +96,17 @@ class _Plan:
 
 def _plan(rows: int, n: int, k: int, fmt: WeightOnlyFormat, config: WoConfig, sms: int) -> _Plan:
     """BLOCK_M covers the rows (16 at least, tl.dot's minimum); K is cut into config.split_k slices, or (split_k 0)
-    until about two programs per SM are in flight, keeping at least four tiles per slice."""
+    until about two programs per SM are in flight (each keeps num_stages tiles loading), keeping at least four tiles
+    per slice and the partial sums small next to the weight."""
     block_m = max(16, next_power_of_2(rows))
     steps = cdiv(k + fmt.k_offset, config.block_k)
     if config.split_k:
         splits = min(config.split_k, steps)
     else:
         programs = cdiv(n, config.block_n) * cdiv(rows, block_m)
-        splits = max(1, min(cdiv(2 * sms, programs), steps // 4))
+        # fp32 partials (splits x rows x N x 4 bytes) stay under a quarter of the weight's bytes
+        partial_cap = max(1, k * fmt.bits // (128 * rows))
+        splits = max(1, min(cdiv(2 * sms, programs), steps // 4, partial_cap))
     per_split = cdiv(steps, splits)
     return _Plan(block_m, cdiv(steps, per_split), per_split * config.block_k)
 

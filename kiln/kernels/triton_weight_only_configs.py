@@ -54,6 +54,8 @@ def candidate_wo_configs(rows: int, bits: int, group: int) -> list[WoConfig]:
     a split; group-wise tiles never cross a group (deeper ones are cut to the group size)."""
     out: list[WoConfig] = []
     for block_n, nbytes, warps, stages in _TILES:
+        if nbytes > 128 and rows > 16:
+            continue  # deep tiles spill registers with 32-64 rows of x (ptxas, sm_90)
         block_k = nbytes * 8 // bits
         if group:
             block_k = min(block_k, default_block_k(bits, group))
