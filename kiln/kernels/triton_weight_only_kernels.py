@@ -195,7 +195,8 @@ def dequantize_kernel(
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """out[N, K] = dequant(W) in out's dtype, one pass (the prefill path hands it to cuBLAS). Grid (cdiv(N,
-    BLOCK_N), cdiv(KW, BLOCK_B)): each program reads a [BLOCK_N, BLOCK_B] tile of stored bytes."""
+    BLOCK_N), cdiv(KW, BLOCK_B)): each program reads a [BLOCK_N, BLOCK_B] tile of stored bytes. INT4's low and high
+    values are interleaved in registers (tl.join), so the output row is written contiguously."""
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_b = tl.program_id(1) * BLOCK_B + tl.arange(0, BLOCK_B)
     n_ok = offs_n < N
@@ -204,27 +205,30 @@ def dequantize_kernel(
     w = tl.load(w_ptr + rows * stride_wn + offs_b[None, :], mask=mask, other=0)
     signed = GROUP == 0
     if BITS == 8:
-        out = _dequant_values(_bytes(w, signed), offs_b, rows, mask, s_ptr, z_ptr, k_offset, stride_sn,
+        out = _dequant_values(_bytes(w, signed), offs_b, offs_n, n_ok, mask, s_ptr, z_ptr, k_offset, stride_sn,
                               GROUP, HAS_ZERO)
         tl.store(out_ptr + rows * stride_on + offs_b[None, :], out.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         low, high = _nibbles(w, signed)
-        low = _dequant_values(low, 2 * offs_b, rows, mask, s_ptr, z_ptr, k_offset, stride_sn, GROUP, HAS_ZERO)
-        high = _dequant_values(high, 2 * offs_b + 1, rows, mask, s_ptr, z_ptr, k_offset, stride_sn, GROUP, HAS_ZERO)
-        out_rows = out_ptr + rows * stride_on
-        tl.store(out_rows + 2 * offs_b[None, :], low.to(out_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_rows + 2 * offs_b[None, :] + 1, high.to(out_ptr.dtype.element_ty), mask=mask)
+        low = _dequant_values(low, 2 * offs_b, offs_n, n_ok, mask, s_ptr, z_ptr, k_offset, stride_sn, GROUP,
+                              HAS_ZERO)
+        high = _dequant_values(high, 2 * offs_b + 1, offs_n, n_ok, mask, s_ptr, z_ptr, k_offset, stride_sn, GROUP,
+                               HAS_ZERO)
+        out = tl.reshape(tl.join(low, high), [BLOCK_N, 2 * BLOCK_B])  # element 2j low, 2j + 1 high
+        offs_k = 2 * tl.program_id(1) * BLOCK_B + tl.arange(0, 2 * BLOCK_B)
+        out_mask = n_ok[:, None] & (offs_k < K)[None, :]
+        tl.store(out_ptr + rows * stride_on + offs_k[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
 @triton.jit
-def _dequant_values(q, offs_k, rows, mask, s_ptr, z_ptr, k_offset, stride_sn,
+def _dequant_values(q, offs_k, offs_n, n_ok, mask, s_ptr, z_ptr, k_offset, stride_sn,
                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
     """Float q [BLOCK_N, B] at columns offs_k -> its weights: q * s[n] per channel, (q - z) * s group-wise (the
     difference rounded to the scale's dtype first, as the torch dequantize does)."""
     if GROUP == 0:
-        scale = tl.load(s_ptr + rows + 0 * offs_k[None, :], mask=mask, other=0.0)  # one scale per row
-        return q * scale.to(tl.float32)
-    ptrs = rows * stride_sn + ((offs_k + k_offset) // GROUP)[None, :]
+        scale = tl.load(s_ptr + offs_n, mask=n_ok, other=0.0)  # one scale per row
+        return q * scale.to(tl.float32)[:, None]
+    ptrs = offs_n[:, None].to(tl.int64) * stride_sn + ((offs_k + k_offset) // GROUP)[None, :]
     scale = tl.load(s_ptr + ptrs, mask=mask, other=0.0)
     if HAS_ZERO:
         q = q - tl.load(z_ptr + ptrs, mask=mask, other=0.0).to(tl.float32)
