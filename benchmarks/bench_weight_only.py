@@ -1,6 +1,7 @@
 """The weight-only matmul kernels against bf16 cuBLAS at MPT-7B's and Baichuan2-13B's layer shapes: median time per
 call (L2 flushed by triton.testing.do_bench), speedup over bf16, and the HBM rate the quantized call reached (stored
-bytes + scales + zeros / time). Random weights (the kernels' speed does not depend on the values).
+bytes + scales + zeros / time). Random weights (the kernels' speed does not depend on the values); the kernels' default
+launch configs (an engine's build tunes them per shape: kernels.weight_only).
 
     python benchmarks/bench_weight_only.py [--rows 1 16 32 2048] [--formats int8 int4 int4_g128]
 """

@@ -212,7 +212,7 @@ def test_every_candidate_config_computes_the_same(fmt):
     for rows in (1, 40):
         x = torch.randn(rows, k, generator=gen)
         want = x.double() @ dense.T
-        for config in candidate_wo_configs(rows, fmt.bits, fmt.group_size)[::3]:  # a third of them: interpreter time
+        for config in candidate_wo_configs(rows, fmt.bits, fmt.group_size)[::2]:  # half of them: interpreter time
             _close(weight_only_matmul(_dev(x), _dev(weight), _dev(scale), _dev(zero), None, fmt, config), want)
 
 

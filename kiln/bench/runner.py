@@ -124,7 +124,8 @@ def _time_kiln(engine_dir: Path, options: BenchOptions, device: torch.device, re
     try:
         kernels = getattr(llm.runner, "kernels", None)
         report.engine["kernel_set"] = getattr(kernels, "name", None)
-        # Layers whose decode matmul is the build-chosen Triton GEMV rather than cuBLAS (0 where nothing was tuned).
+        # Layers bound to a Triton matmul: the build-chosen GEMV rather than cuBLAS (0 where nothing was tuned), and
+        # every weight-only quantized layer on CUDA (the weight-only kernels).
         report.engine["gemv_layers"] = getattr(llm.runner, "gemv_layers", 0)
         report.engine["cuda_graphs"] = getattr(llm.runner, "graphs", None) is not None
         report.engine["async_scheduling"] = llm.engine.async_scheduling

@@ -139,7 +139,7 @@ def _linear_section(shapes: list[tuple[int, int]], dtype: torch.dtype, device: t
 
 
 # Weight-only engines: the fused kernel's share (their quantized layers need no GEMV timing).
-WEIGHT_ONLY_BUDGET_S = 60.0
+WEIGHT_ONLY_BUDGET_S = 45.0
 
 
 def _weight_only_section(shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, device: torch.device,

@@ -44,16 +44,16 @@ def default_wo_config(rows: int, bits: int, group: int) -> WoConfig:
     return WoConfig(64, default_block_k(bits, group), 0, 4, 4 if rows <= 16 else 3)
 
 
-# (block_n, stored bytes per row per tile, warps, stages): 4-16 KiB of weights per stage.
-_TILES = ((64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3), (32, 128, 4, 4), (128, 128, 8, 3), (32, 256, 4, 3),
-          (16, 256, 4, 4))
+# (block_n, stored bytes per row per tile, warps, stages): 2-16 KiB of weights per stage. Few, because each distinct
+# tile compiles once per row block (16, 32, 64) and the build's tuning should take well under a minute.
+_TILES = ((64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3), (32, 128, 4, 4), (16, 256, 4, 4))
 
 
 def candidate_wo_configs(rows: int, bits: int, group: int) -> list[WoConfig]:
-    """The configs the build times for one (row bucket, N, K, format): each tile with automatic split-K and without
-    a split; group-wise tiles never cross a group (deeper ones are cut to the group size)."""
+    """The configs the build times for one (row bucket, N, K, format): each tile with automatic split-K, and the first
+    without a split; group-wise tiles never cross a group (deeper ones are cut to the group size)."""
     out: list[WoConfig] = []
-    for block_n, nbytes, warps, stages in _TILES:
+    for index, (block_n, nbytes, warps, stages) in enumerate(_TILES):
         if nbytes > 128 and rows > 16:
             continue  # deep tiles spill registers with 32-64 rows of x (ptxas, sm_90)
         block_k = nbytes * 8 // bits
@@ -61,7 +61,7 @@ def candidate_wo_configs(rows: int, bits: int, group: int) -> list[WoConfig]:
             block_k = min(block_k, default_block_k(bits, group))
         if rows > 16:
             stages = min(stages, 3)
-        for split in (0, 1):
+        for split in ((0, 1) if index == 0 else (0,)):
             config = WoConfig(block_n, block_k, split, warps, stages)
             if config not in out:
                 out.append(config)

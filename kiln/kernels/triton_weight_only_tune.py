@@ -70,7 +70,7 @@ def tune_shape(shape: WoShape, rows: int, dtype: torch.dtype, device: torch.devi
     return best, best_us, bf16_us
 
 
-def tune_weight_only_shapes(shapes: list[WoShape], dtype: torch.dtype, device: torch.device, budget_s: float = 60.0,
+def tune_weight_only_shapes(shapes: list[WoShape], dtype: torch.dtype, device: torch.device, budget_s: float = 45.0,
                             log: Callable[[str], None] | None = None) -> list[dict]:
     """The kernels.weight_only entries: every shape x row bucket timed on this GPU while `budget_s` lasts (the
     largest weights first); the rest, and everything off a GPU, recorded untuned (the default config)."""
