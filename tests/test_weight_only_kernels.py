@@ -33,6 +33,14 @@ from kiln.quant.weight_only import pack_int4, quantize_per_channel  # noqa: E402
 from weight_only_refs import group_wise, per_channel  # noqa: E402
 
 
+def stored_weight(fmt: WeightOnlyFormat, n: int, k: int, gen: torch.Generator):
+    """(stored weight, scale, zero or None, dense float64 [n, k]) of a random weight in `fmt`."""
+    if fmt.group_size:
+        return group_wise(n, k, fmt.bits, fmt.group_size, fmt.k_offset, gen)
+    (weight, scale, dense), zero = per_channel(n, k, fmt.bits, gen), None
+    return weight, scale, zero, dense
+
+
 def _dev(t):
     return None if t is None else t.to(DEVICE)
 
@@ -74,10 +82,7 @@ def test_split_k_sums_the_slices(fmt):
     """K long enough that the launcher splits it (4 SMs stand in on the CPU): the slices' partials add up."""
     gen = torch.Generator().manual_seed(3)
     n, k = 16, 2048
-    if fmt.group_size:
-        weight, scale, zero, dense = group_wise(n, k, fmt.bits, fmt.group_size, fmt.k_offset, gen)
-    else:
-        (weight, scale, dense), zero = per_channel(n, k, fmt.bits, gen), None
+    weight, scale, zero, dense = stored_weight(fmt, n, k, gen)
     x = torch.randn(2, k, generator=gen)
     b = torch.randn(n, generator=gen)
     _close(weight_only_matmul(_dev(x), _dev(weight), _dev(scale), _dev(zero), _dev(b), fmt),
@@ -89,10 +94,7 @@ def test_split_k_sums_the_slices(fmt):
 def test_dequantize_gives_the_reference_values(fmt):
     gen = torch.Generator().manual_seed(5)
     n, k = 35, 150
-    if fmt.group_size:
-        weight, scale, zero, dense = group_wise(n, k, fmt.bits, fmt.group_size, fmt.k_offset, gen)
-    else:
-        (weight, scale, dense), zero = per_channel(n, k, fmt.bits, gen), None
+    weight, scale, zero, dense = stored_weight(fmt, n, k, gen)
     got = dequantize_weight(_dev(weight), _dev(scale), _dev(zero), fmt, torch.float32)
     assert torch.allclose(got.cpu().double(), dense, rtol=1e-6, atol=0)
 
@@ -205,10 +207,7 @@ def test_every_candidate_config_computes_the_same(fmt):
 
     gen = torch.Generator().manual_seed(21)
     n, k = 40, 512
-    if fmt.group_size:
-        weight, scale, zero, dense = group_wise(n, k, fmt.bits, fmt.group_size, fmt.k_offset, gen)
-    else:
-        (weight, scale, dense), zero = per_channel(n, k, fmt.bits, gen), None
+    weight, scale, zero, dense = stored_weight(fmt, n, k, gen)
     for rows in (1, 40):
         x = torch.randn(rows, k, generator=gen)
         want = x.double() @ dense.T

@@ -10,8 +10,8 @@ import torch
 
 from kiln.kernels.triton_common import FLOAT_DTYPES, INDEX_DTYPES, cdiv, check_device, check_shape, check_tensor
 from kiln.kernels.triton_common import dot_precision, dot_upcast, while_loops
-from kiln.kernels.triton_moe import AlignedRouting, _fitting_stages, _launch_sum, align_routing
-from kiln.kernels.triton_moe_configs import MoeConfig, lookup_moe_config
+from kiln.kernels.triton_moe import AlignedRouting, _fitting_stages, _launch_sum, plan_moe_run
+from kiln.kernels.triton_moe_configs import MoeConfig
 from kiln.kernels.triton_moe_weight_only_kernels import moe_wo_down_kernel, moe_wo_gate_up_kernel
 
 __all__ = ["fused_moe_weight_only"]
@@ -93,18 +93,12 @@ def fused_moe_weight_only(
     """Triton version of reference.fused_moe_weight_only (choices of experts outside this rank's range add
     nothing)."""
     _check(hidden, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_start, bits)
-    tokens, size = hidden.shape
-    experts, ffn, top_k = w13.shape[0], w13.shape[1] // 2, topk_ids.shape[1]
-    out = torch.empty(tokens, size, dtype=hidden.dtype, device=hidden.device)
-    if tokens == 0 or top_k == 0 or experts == 0:
-        return out.zero_()
-    if config is None:
-        config = lookup_moe_config(tokens, size, ffn, experts, top_k)
-    ids = topk_ids.contiguous()
-    routing = align_routing(ids, experts, expert_start, config.block_m)
-    act = torch.empty(tokens * top_k, ffn, dtype=hidden.dtype, device=hidden.device)  # [assignments, ffn]
-    _launch_gate_up(hidden.contiguous(), w13, w13_scale.contiguous(), act, routing, top_k, config, bits)
-    part = torch.empty(tokens * top_k, size, dtype=torch.float32, device=hidden.device)  # [assignments, hidden]
-    _launch_down(act, w2, w2_scale.contiguous(), topk_weights.contiguous(), part, routing, config, bits)
-    _launch_sum(part, out, ids, expert_start, experts)
-    return out
+    run = plan_moe_run(hidden, w13.shape[0], w13.shape[1] // 2, topk_ids, expert_start, config)
+    if run.routing is None:
+        return run.out
+    _launch_gate_up(hidden.contiguous(), w13, w13_scale.contiguous(), run.act, run.routing, run.top_k, run.config,
+                    bits)
+    _launch_down(run.act, w2, w2_scale.contiguous(), topk_weights.contiguous(), run.part, run.routing, run.config,
+                 bits)
+    _launch_sum(run.part, run.out, run.ids, expert_start, w13.shape[0])
+    return run.out
