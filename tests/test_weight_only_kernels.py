@@ -222,10 +222,13 @@ def test_config_table_round_trip_and_defaults():
                wc.entry_to_dict(32, (64, 128, 4, 0), wc.WoConfig(128, 64, 0, 8, 3), True),
                wc.entry_to_dict(2, (64, 128, 4, 0), None, False)]
     table = wc.table_from_entries(entries)
-    assert table == {(1, 64, 128, 4, 0): wc.WoConfig(32, 128, 2, 4, 3), (32, 64, 128, 4, 0): wc.WoConfig(128, 64, 0, 8, 3)}
+    assert table == {(1, 64, 128, 4, 0): wc.WoConfig(32, 128, 2, 4, 3),
+                     (32, 64, 128, 4, 0): wc.WoConfig(128, 64, 0, 8, 3)}
     configs = wc.rows_configs(table, 64, 128, 4, 0)
     assert configs[1] == wc.WoConfig(32, 128, 2, 4, 3) and configs[17] == configs[32] == wc.WoConfig(128, 64, 0, 8, 3)
-    assert configs[2] == wc.default_wo_config(2, 4, 0) and len(configs) == FUSED_MAX_ROWS + 1
+    assert configs[2] == wc.default_wo_config(2, 4, 0, 128) and len(configs) == FUSED_MAX_ROWS + 1
+    assert wc.default_wo_config(1, 4, 0, 13696).block_k == 128  # Baichuan-13B's ffn: whole tiles
+    assert wc.default_wo_config(1, 4, 0, 4096).block_k == 256
     with pytest.raises(ValueError, match="block_k must divide the group size"):
         wc.table_from_entries([wc.entry_to_dict(1, (64, 128, 4, 32), wc.WoConfig(32, 64, 0, 4, 3), True)])
     with pytest.raises(ValueError, match="split_k must be an integer"):

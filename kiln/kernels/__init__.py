@@ -41,7 +41,7 @@ class KernelSet:
     paged_attention: Callable[..., torch.Tensor]
     fused_moe: Callable[..., torch.Tensor]
     add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.add_norm
-    # Weight-only per-channel INT8/INT4 experts (the triton set has its own kernel: kiln.kernels.triton_moe_weight_only).
+    # Weight-only per-channel INT8/INT4 experts (the triton set's: kiln.kernels.triton_moe_weight_only).
     fused_moe_weight_only: Callable[..., torch.Tensor] = reference.fused_moe_weight_only
     # {(row bucket, N, K): config} where the engine's build found the Triton GEMV faster than cuBLAS; empty: cuBLAS
     # everywhere (the torch set, an untuned engine, one tuned on another GPU).

@@ -119,7 +119,7 @@ def _launch_fused(x, weight, scale, zero, bias, fmt: WeightOnlyFormat, config: W
         return y
     if k == 0:
         return y.zero_() if bias is None else y.copy_(bias.expand(rows, n))
-    config = config or default_wo_config(rows, fmt.bits, fmt.group_size)
+    config = config or default_wo_config(rows, fmt.bits, fmt.group_size, k + fmt.k_offset)
     plan = _plan(rows, n, k, fmt, config, multiprocessor_count(x.device))
     split = plan.splits > 1
     part = torch.empty(plan.splits, rows, n, dtype=torch.float32, device=x.device) if split else y
@@ -130,7 +130,8 @@ def _launch_fused(x, weight, scale, zero, bias, fmt: WeightOnlyFormat, config: W
         x.stride(0), weight.stride(0), scale.stride(0), y.stride(0),
         BITS=fmt.bits, GROUP=fmt.group_size, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None and not split,
         SPLIT=split, BLOCK_M=plan.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        EVEN_K=fmt.k_offset == 0 and k % config.block_k == 0, DOT_F32=dot_upcast(x.dtype, x.device), PRECISION=dot_precision(x.dtype), WHILE_LOOP=while_loops(x.device),
+        EVEN_K=fmt.k_offset == 0 and k % config.block_k == 0, DOT_F32=dot_upcast(x.dtype, x.device),
+        PRECISION=dot_precision(x.dtype), WHILE_LOOP=while_loops(x.device),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:

@@ -39,9 +39,13 @@ def default_block_k(bits: int, group: int) -> int:
     return next(b for b in (128, 64, 32) if group % b == 0)
 
 
-def default_wo_config(rows: int, bits: int, group: int) -> WoConfig:
-    """The untuned choice: 64 rows of W per program, the default tile depth, split K automatically."""
-    return WoConfig(64, default_block_k(bits, group), 0, 4, 4 if rows <= 16 else 3)
+def default_wo_config(rows: int, bits: int, group: int, k: int = 0) -> WoConfig:
+    """The untuned choice: 64 rows of W per program, the default tile depth (halved, down to 32, until it divides K:
+    whole tiles need no mask along K and load as vectors), split K automatically."""
+    block_k = default_block_k(bits, group)
+    while k and k % block_k and block_k > 32:
+        block_k //= 2
+    return WoConfig(64, block_k, 0, 4, 4 if rows <= 16 else 3)
 
 
 # (block_n, stored bytes per row per tile, warps, stages): 2-16 KiB of weights per stage. Few, because each distinct
@@ -129,5 +133,5 @@ def table_from_entries(entries: Any) -> dict[WoKey, WoConfig]:
 def rows_configs(table: dict[WoKey, WoConfig], n: int, k: int, bits: int, group: int) -> tuple[WoConfig, ...]:
     """For one weight, the config at each row count 0..FUSED_MAX_ROWS (tuned where the table has it, else the
     default), so that a call picks its config by indexing with its row count."""
-    return tuple(table.get((wo_bucket(rows), n, k, bits, group)) or default_wo_config(rows, bits, group)
+    return tuple(table.get((wo_bucket(rows), n, k, bits, group)) or default_wo_config(rows, bits, group, k)
                  for rows in range(FUSED_MAX_ROWS + 1))

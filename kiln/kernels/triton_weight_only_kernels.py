@@ -60,7 +60,8 @@ def _bytes(w, SIGNED: tl.constexpr):
 def _load_w(w_ptr, offs_n, n_ok, k0, K, KW, stride_wn, valid, BITS: tl.constexpr, BLOCK_K: tl.constexpr,
             EVEN_K: tl.constexpr):
     """The stored bytes of W[n block, k0 : k0 + BLOCK_K] ([BLOCK_N, BLOCK_K] int8, INT4 [BLOCK_N, BLOCK_K / 2]);
-    zeros where masked or not `valid`. k0 may be negative (the first tile of a slice starting mid-group). With EVEN_K every tile lies inside [0, K): the mask is constant along K, so the
+    zeros where masked or not `valid`. k0 may be negative (the first tile of a slice starting mid-group). With
+    EVEN_K every tile lies inside [0, K): the mask is constant along K, so the
     loads stay 16-byte vectors."""
     width: tl.constexpr = BLOCK_K if BITS == 8 else BLOCK_K // 2
     start = k0 if BITS == 8 else k0 // 2  # k0 is even for INT4: whole bytes
