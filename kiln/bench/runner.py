@@ -23,15 +23,22 @@ from kiln.memory import MemoryPlan
 Log = Callable[[str], None]
 
 
-def run_bench(options: BenchOptions, log: Log = print) -> BenchReport:
+def run_bench(options: BenchOptions, log: Log = print) -> BenchReport | list[BenchReport]:
     """Run every case of `options` (on a dummy engine built for them, or on the given engine) and return the report;
-    also printed through `log` and written to options.output_json."""
+    also printed through `log` and written to options.output_json. With several --weight_only_precision values, one
+    report per precision (kiln.bench.precisions)."""
     options.validate()
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if len(options.weight_only_precision) > 1:
+        from kiln.bench.precisions import run_precisions
+
+        return run_precisions(options, device, log)
     if options.dummy:
         from kiln.bench.dummy import dummy_engine
+        from kiln.bench.precisions import precision_quant
 
-        with dummy_engine(options, log) as engine_dir:
+        precision = options.weight_only_precision[0] if options.weight_only_precision else "none"
+        with dummy_engine(options, log, precision_quant(precision, options.group_size)) as engine_dir:
             return bench_engine(engine_dir, options, device, log)
     return bench_engine(Path(str(options.engine_dir)), options, device, log)
 
@@ -117,7 +124,8 @@ def _time_kiln(engine_dir: Path, options: BenchOptions, device: torch.device, re
     try:
         kernels = getattr(llm.runner, "kernels", None)
         report.engine["kernel_set"] = getattr(kernels, "name", None)
-        # Layers whose decode matmul is the build-chosen Triton GEMV rather than cuBLAS (0 where nothing was tuned).
+        # Layers bound to a Triton matmul: the build-chosen GEMV rather than cuBLAS (0 where nothing was tuned), and
+        # every weight-only quantized layer on CUDA (the weight-only kernels).
         report.engine["gemv_layers"] = getattr(llm.runner, "gemv_layers", 0)
         report.engine["cuda_graphs"] = getattr(llm.runner, "graphs", None) is not None
         report.engine["async_scheduling"] = llm.engine.async_scheduling
