@@ -36,6 +36,10 @@ class BenchOptions:
     moe_tp_mode: int = 2  # 1: experts placed whole (expert parallel), 2: every expert split (tensor parallel)
     moe_tp_size: int = -1
     moe_ep_size: int = -1
+    # dummy weights: each precision's engine is converted, built and timed in turn (none: the unquantized dtype);
+    # several give a side-by-side table (kiln.bench.precisions). Empty: unquantized only.
+    weight_only_precision: list[str] = field(default_factory=list)
+    group_size: int = 128  # int4_awq / int4_gptq
 
     @property
     def dummy(self) -> bool:
@@ -66,6 +70,10 @@ class BenchOptions:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         self._check_numbers()
+        if self.weight_only_precision:
+            from kiln.bench.precisions import check_precisions
+
+            check_precisions(self)
         from kiln.bench.multirank import validate
 
         validate(self)

@@ -14,7 +14,7 @@ from kiln.config import ConfigError, Mapping
 from kiln.engine.scheduler import ScheduledSeq, SchedulerOutput, StepFeed
 from kiln.executor.cuda_graphs import DecodeGraphs, GraphLimits
 from kiln.executor.input_batch import DeviceFeed, DeviceStaging, HostBatch, build_host_batch
-from kiln.kernels import KernelSet, bind_linear_matmuls, select_kernels
+from kiln.kernels import KernelSet, bind_linear_matmuls, reference, select_kernels
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.memory import GiB, MemoryPlan
 from kiln.quant.apply import quantize_model
@@ -89,10 +89,20 @@ def load_weights(model: torch.nn.Module, path: str, device: torch.device) -> Non
         raise CheckpointError(f"cannot read {path}: {err}") from err
 
 
-def graphs_allowed(info: ArtifactInfo) -> bool:
-    """Whether the engine's layers can be captured in a CUDA graph: not a weight-only MoE, whose experts run the torch
-    reference, which reads the chosen expert ids on the host (until a weight-only fused-MoE kernel exists)."""
-    return info.quant.quant_algo is None or not info.model.is_moe
+# Weight-only formats whose experts the triton set's fused MoE runs (per channel; group-wise experts run the torch
+# reference, which syncs with the host).
+_KERNEL_MOE_ALGOS = ("W8A16", "W4A16")
+
+
+def graphs_allowed(info: ArtifactInfo, kernels: KernelSet | None = None) -> bool:
+    """Whether the engine's layers can be captured in a CUDA graph: not a weight-only MoE whose experts run the torch
+    reference (`kernels` None or the torch set), which reads the chosen expert ids on the host. The triton set's
+    weight-only fused MoE (per-channel INT8/INT4) never syncs with the host."""
+    if info.quant.quant_algo is None or not info.model.is_moe:
+        return True
+    return (kernels is not None and kernels.name == "triton"
+            and kernels.fused_moe_weight_only is not reference.fused_moe_weight_only
+            and info.quant.quant_algo in _KERNEL_MOE_ALGOS)
 
 
 class ModelRunner:
@@ -124,7 +134,7 @@ class ModelRunner:
         cache = cache or CacheConfig()
         # Several ranks would capture collectives too: not yet, they decode eagerly.
         self.use_cuda_graphs = (cache.use_cuda_graphs and device.type == "cuda" and self.kernels.name == "triton"
-                                and mapping.world_size == 1 and graphs_allowed(info))
+                                and mapping.world_size == 1 and graphs_allowed(info, self.kernels))
         self.num_blocks = self._num_blocks(cache)
         self._allocate_cache()
         self.staging = DeviceStaging(device)

@@ -32,10 +32,14 @@ if TYPE_CHECKING:
 
 class WeightOnlyMatmul:
     """A quantized linear layer's matmul: dequantize to the activation dtype, then F.linear (the torch path; the
-    reference every kernel is held to is `x @ dequant(W).T`)."""
+    reference every kernel is held to is `x @ dequant(W).T`). Its format attributes (bits, scale, zero, group_size,
+    k_offset, g_idx; prompts' group-wise format) are what kiln.kernels binds its GPU kernels from."""
 
     def __init__(self, method: WeightOnlyMethod, scale: nn.Parameter) -> None:
         self.method, self.scale = method, scale
+        self.bits = method.bits
+        # Per channel: no zero point, no groups, no act-order permutation.
+        self.zero, self.group_size, self.k_offset, self.g_idx = None, 0, 0, None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:  # [tokens, in] -> [tokens, out]
