@@ -7,13 +7,11 @@ from __future__ import annotations
 import json
 import urllib.request
 
+import openai
 import pytest
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-
-import kiln  # noqa: E402
-from fixtures_serve import CHAT_TEMPLATE, shared_mpt_books_engine, live_server  # noqa: E402
+import kiln
+from fixtures_serve import CHAT_TEMPLATE, shared_mpt_books_engine, live_server
 
 PROMPTS = ["Call me Ishmael. Some years ago,", "It was a fine morning in June, and Elizabeth",
            "The sea was calm and", "She said that"]

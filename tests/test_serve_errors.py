@@ -10,14 +10,12 @@ import threading
 import urllib.error
 import urllib.request
 
+import openai
 import pytest
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-
-from fixtures_serve import (MAX_INPUT_LEN, MAX_SEQ_LEN, LiveServer, free_port, live_server,  # noqa: E402
+from fixtures_serve import (MAX_INPUT_LEN, MAX_SEQ_LEN, LiveServer, free_port, live_server,
                             shared_mpt_books_engine)
-from kiln.serve.state import ServeConfig  # noqa: E402
+from kiln.serve.state import ServeConfig
 
 KEY = "sk-test-key"
 

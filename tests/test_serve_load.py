@@ -13,14 +13,12 @@ import sys
 import time
 import urllib.request
 
+import openai
 import pytest
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-
-import kiln  # noqa: E402
-from fixtures_serve import REPO, live_server, shared_mpt_books_engine, start_kiln_serve  # noqa: E402
-from kiln.cli.main import main as kiln_main  # noqa: E402
+import kiln
+from fixtures_serve import REPO, live_server, shared_mpt_books_engine, start_kiln_serve
+from kiln.cli.main import main as kiln_main
 
 WORDS = ["ship", "sea", "morning", "letter", "house", "garden", "storm", "captain"]
 

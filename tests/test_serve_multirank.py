@@ -7,14 +7,12 @@ import signal
 import time
 from pathlib import Path
 
+import openai
 import pytest
 
-openai = pytest.importorskip("openai")
-pytest.importorskip("fastapi")
-
-import kiln  # noqa: E402
-from fixtures_serve import MPT_BOOKS, shared_mpt_books_engine, start_kiln_serve  # noqa: E402
-from kiln.cli.main import main as kiln_main  # noqa: E402
+import kiln
+from fixtures_serve import MPT_BOOKS, shared_mpt_books_engine, start_kiln_serve
+from kiln.cli.main import main as kiln_main
 
 
 def children(pid: int) -> set[int]:
