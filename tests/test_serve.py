@@ -165,6 +165,19 @@ def test_sampling_extras_through_extra_body(client, llm):
     assert got.choices[0].text == want.text
 
 
+def test_logit_bias_steers_sampling_as_offline(client, llm):
+    forced = llm.encode(" ship")[-1]
+    got = client.completions.create(model="mpt-books", prompt=PROMPTS[2], max_tokens=4, temperature=0,
+                                    logit_bias={str(forced): 100})
+    assert got.choices[0].text == " ship" * 4  # +100 on one token's logit makes it the greedy choice every step
+    first = offline(llm, PROMPTS[2], max_tokens=1, temperature=0)[0].token_ids[0]
+    banned = client.completions.create(model="mpt-books", prompt=PROMPTS[2], max_tokens=6, temperature=0,
+                                       logit_bias={str(first): -100}, logprobs=0)
+    assert banned.choices[0].text == offline(llm, PROMPTS[2], max_tokens=6, temperature=0,
+                                             logit_bias={first: -100})[0].text
+    assert llm.encode(banned.choices[0].logprobs.tokens[0])[-1] != first
+
+
 def _post(server, path, body):
     req = urllib.request.Request(server.url + path, data=json.dumps(body).encode(), method="POST",
                                  headers={"Content-Type": "application/json"})

@@ -181,14 +181,15 @@ class EngineLoop:
             return
         self._requests[sub.request_id] = request
         for index, seq in enumerate(seqs):
-            self._owners[seq.seq_id] = (request, _Output(index, self._detokenizer(sub.prompt_ids), seq.params))
+            detok = self._detokenizer(sub.prompt_ids, params.skip_special_tokens)
+            self._owners[seq.seq_id] = (request, _Output(index, detok, seq.params))
 
-    def _detokenizer(self, prompt_ids: list[int]) -> Any:
+    def _detokenizer(self, prompt_ids: list[int], skip_special_tokens: bool) -> Any:
         if self.tokenizer is None:
             return None
         from kiln.tokenizer import IncrementalDetokenizer
 
-        return IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=skip_special_tokens)
 
     def _abort(self, request_id: str) -> None:
         request = self._requests.pop(request_id, None)

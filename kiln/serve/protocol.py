@@ -1,8 +1,8 @@
 """The request bodies of the OpenAI endpoints, validated strictly (a string where a number belongs is a 400, not a
 guess), and their mapping onto kiln's SamplingParams.
 
-Fields OpenAI defines that kiln cannot honour are refused by name when set (best_of, suffix, logit_bias, tools,
-response_format other than text); `user` and unknown fields are ignored, as OpenAI and vLLM do.
+Fields OpenAI defines that kiln cannot honour are refused by name when set (best_of, suffix, tools, response_format
+other than text); `user` and unknown fields are ignored, as OpenAI and vLLM do.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from kiln.serve.errors import APIError, bad_request
 
 MAX_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 MAX_CHOICES = 256  # prompts x n in one request: more is a batch job, not a request
+MAX_LOGIT_BIAS = 100.0  # OpenAI's range for a logit_bias value: [-100, 100]
 
 
 class _Strict(BaseModel):
@@ -47,11 +48,12 @@ class _SamplingFields(_Strict):
     ignore_eos: bool = False
     min_tokens: int = 0
     include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     best_of: int | None = None
-    logit_bias: dict[str, Any] | None = None
+    logit_bias: dict[str, float] | None = None
     use_beam_search: bool = False
 
 
@@ -106,8 +108,10 @@ def refuse_unsupported(req: _SamplingFields) -> None:
     """Fields kiln does not honour, refused rather than silently ignored."""
     if req.best_of is not None and req.best_of != req.n:
         raise bad_request("best_of is not supported (kiln returns every one of the n samples); use n", "best_of")
-    if req.logit_bias:
-        raise bad_request("logit_bias is not supported; use stop_token_ids or drop it", "logit_bias")
+    for token, bias in (req.logit_bias or {}).items():
+        if not token.isdigit() or abs(bias) > MAX_LOGIT_BIAS:
+            raise bad_request(f"logit_bias maps token ids (digit strings) to values in [-{MAX_LOGIT_BIAS:g}, "
+                              f"{MAX_LOGIT_BIAS:g}]; got {token!r}: {bias!r}", "logit_bias")
     if req.use_beam_search:
         raise bad_request("beam search is not served over HTTP; use kiln run --num_beams or kiln.LLM",
                           "use_beam_search")
@@ -127,7 +131,8 @@ def sampling_params(req: _SamplingFields, max_tokens: int, logprobs: int | None)
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     fields = dict(max_tokens=max_tokens, n=req.n, stop=stop, stop_token_ids=list(req.stop_token_ids or []),
                   seed=req.seed, logprobs=logprobs, ignore_eos=req.ignore_eos, min_tokens=req.min_tokens,
-                  include_stop_str_in_output=req.include_stop_str_in_output)
+                  include_stop_str_in_output=req.include_stop_str_in_output,
+                  skip_special_tokens=req.skip_special_tokens, logit_bias=dict(req.logit_bias or {}) or None)
     optional = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
                     presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
                     repetition_penalty=req.repetition_penalty)
