@@ -11,7 +11,7 @@
 # int4 group 128 (int4_awq) joins each case when this kiln converts that format (the group-wise branch), else the
 # script says it is skipped.
 set -uo pipefail
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 out=${OUT:-./out}; mkdir -p "$out"
 cases=" ${CASES-mpt7b baichuan2_13b dbrx prefill_2048} "
 tune=${TUNE-1}; tune_flag=""; [ -z "$tune" ] && tune_flag="--no_tune"
