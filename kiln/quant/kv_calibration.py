@@ -35,7 +35,7 @@ HELDOUT_TEXT = Path(__file__).resolve().parents[1] / "eval" / "data" / "heldout.
 MIN_WINDOW = 16
 BLOCK = 16  # the calibration cache's block size
 TOKENS_PER_STEP = 8192
-CHUNK_CHARS = 1 << 12  # about 1000 tokens: below every tokenizer's length warning
+CHUNK_CHARS = 1 << 10  # a few hundred tokens: below every tokenizer's length warning
 
 
 @dataclass
