@@ -200,3 +200,19 @@ def test_per_head_scales(tmp_path):
         assert torch.equal(per_head[layer].k_scale.max().expand(6), per_layer[layer].k_scale)
     tokens = outputs(kiln.LLM(tmp_path / "head" / "engine", device="cpu"), PROMPTS[:3], GREEDY)
     assert all(len(t) == GREEDY.max_tokens for t, _ in tokens)
+
+
+def test_tensor_parallel_engine_matches_one_rank(tmp_path):
+    """tp 2 (gloo on the CPU): each rank holds its kv heads' per-head scales; greedy tokens equal one rank's."""
+    model_dir = tiny_hf_dir(tmp_path, "dbrx")  # 4 heads, 2 kv heads: one kv head and its scales per rank
+    calib = ["--int8_kv_cache", "--per_head_kv_scales", "--calib_dataset", str(calib_text(tmp_path)), *CALIB]
+    one = convert_build(tmp_path / "tp1", model_dir, *calib)
+    two = convert_build(tmp_path / "tp2", model_dir, *calib, "--tp_size", "2")
+    full = layer_scales(one)
+    for rank in range(2):
+        with safe_open(str(two / f"rank{rank}.safetensors"), "pt") as f:
+            assert torch.equal(f.get_tensor("layers.0.attn.k_scale"), full[0].k_scale[rank:rank + 1])
+    assert full[0].k_scale[0] != full[0].k_scale[1]  # per head: a swapped shard would show
+    want = [t for t, _ in outputs(kiln.LLM(one, device="cpu"), PROMPTS, GREEDY)]
+    with kiln.LLM(two, device="cpu") as llm:
+        assert [t for t, _ in outputs(llm, PROMPTS, GREEDY)] == want

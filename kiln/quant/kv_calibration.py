@@ -93,15 +93,17 @@ def _record_text(line: str, path: Path, number: int) -> str:
     return text + "\n"
 
 
-def calibration_windows(tokenizer: Any, calib: KVCalibration) -> list[list[int]]:
-    """Token windows of one length: up to num_samples x max_seq_len tokens of the text, read until that many."""
-    wanted = calib.num_samples * calib.max_seq_len
+def calibration_windows(tokenizer: Any, calib: KVCalibration, max_positions: int) -> list[list[int]]:
+    """Token windows of one length: up to num_samples x max_seq_len tokens of the text, read until that many (a
+    window never longer than the model's `max_positions`)."""
+    max_len = min(calib.max_seq_len, max_positions)
+    wanted = calib.num_samples * max_len
     ids: list[int] = []
     for chunk in _text_chunks(calib.text_path()):
         ids.extend(tokenizer.encode(chunk, add_special_tokens=False))
         if len(ids) >= wanted:
             break
-    length = min(calib.max_seq_len, max(MIN_WINDOW, len(ids) // calib.num_samples))
+    length = min(max_len, max(MIN_WINDOW, len(ids) // calib.num_samples))
     count = min(calib.num_samples, len(ids) // length)
     if count == 0:
         raise ConfigError(f"--calib_dataset {calib.text_path()} holds {len(ids)} tokens, fewer than one "
@@ -177,7 +179,11 @@ def calibrate_kv_scales(family: Any, config: ModelConfig, source: Any, tokenizer
     calib.validate()
     device = torch.device(calib.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     run_config = config if device.type == "cuda" else dataclasses.replace(config, dtype="float32")
-    windows = calibration_windows(tokenizer, calib)
+    windows = calibration_windows(tokenizer, calib, config.max_position_embeddings)
+    top = max(max(w) for w in windows)
+    if top >= config.vocab_size:
+        raise ConfigError(f"the checkpoint's tokenizer gives token id {top} on the calibration text, beyond the "
+                          f"model's vocabulary of {config.vocab_size}; is the tokenizer this model's?")
     model = _float_model(family, run_config, source, device)
     base = select_kernels(device)
     recorder = AmaxRecorder(base.write_kv_cache)
