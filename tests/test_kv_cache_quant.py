@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import shutil
 from pathlib import Path
 
 import pytest
@@ -16,10 +15,8 @@ import torch
 from safetensors import safe_open
 
 import kiln
-from fixtures_dbrx import make_dbrx_checkpoint
-from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, save_checkpoint
+from fixtures_kv_cache import FORMATS, calib_text, convert_build, tiny_hf_dir
 from fixtures_runtime import BLOCK, PROMPTS
-from fixtures_tokenizers import build_neox_tokenizer_dir
 from kiln.cli.main import main as kiln_main
 from kiln.kernels import reference
 from kiln.quant import kv_cache as kvq
@@ -27,35 +24,6 @@ from kiln.quant import kv_cache as kvq
 CALIB = ["--calib_size", "6", "--calib_max_seq_length", "24"]
 GREEDY = kiln.SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
 BEAMS = kiln.SamplingParams(max_tokens=6, num_beams=3, n=2, ignore_eos=True)
-FORMATS = {"int8": "--int8_kv_cache", "fp8": "--fp8_kv_cache"}
-
-
-def tiny_hf_dir(tmp: Path, family: str) -> Path:
-    """A tiny random checkpoint with a GPT-NeoX style tokenizer (402 ids: the vocabulary is widened to 512)."""
-    if family == "dbrx":
-        model_dir, _, _ = make_dbrx_checkpoint(tmp, vocab_size=512)
-    else:
-        cfg = mpt_published_config(vocab_size=512)
-        model_dir = save_checkpoint(published_state(hf_mpt_model(cfg)), cfg, tmp / "hf")
-    build_neox_tokenizer_dir(tmp / "tok")
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tmp / "tok" / name, model_dir / name)
-    return model_dir
-
-
-def calib_text(tmp: Path) -> Path:
-    text = (Path(kvq.__file__).parent / "data" / "calib.txt").read_text(encoding="utf-8")[:6000]
-    (tmp / "calib.txt").write_text(text, encoding="utf-8")
-    return tmp / "calib.txt"
-
-
-def convert_build(tmp: Path, model_dir: Path, *flags: str) -> Path:
-    assert kiln_main(["convert", "--model_dir", str(model_dir), "--output_dir", str(tmp / "ckpt"), "--dtype",
-                      "float32", *flags]) == 0
-    assert kiln_main(["build", "--checkpoint_dir", str(tmp / "ckpt"), "--output_dir", str(tmp / "engine"),
-                      "--max_input_len", "24", "--max_seq_len", "48", "--max_num_tokens", "6", "--kv_block_size",
-                      str(BLOCK), "--max_batch_size", "8"]) == 0
-    return tmp / "engine"
 
 
 @pytest.fixture(scope="module", params=["dbrx", "mpt"])
@@ -216,3 +184,43 @@ def test_tensor_parallel_engine_matches_one_rank(tmp_path):
     want = [t for t, _ in outputs(kiln.LLM(one, device="cpu"), PROMPTS, GREEDY)]
     with kiln.LLM(two, device="cpu") as llm:
         assert [t for t, _ in outputs(llm, PROMPTS, GREEDY)] == want
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--int8_kv_cache", "--fp8_kv_cache"], "both an INT8 and an FP8 KV cache"),
+    (["--kv_cache_dtype", "fp16"], "--kv_cache_dtype fp16 is not one kiln runs"),
+    (["--calib_size", "8"], "--calib_size calibrate the KV cache's scales"),
+    (["--int8_kv_cache", "--calib_dataset", "no_such_file.txt"], "no_such_file.txt is not a file"),
+    (["--int8_kv_cache", "--calib_dataset", str(kvq.__file__).replace("quant/kv_cache.py", "eval/data/heldout.txt")],
+     "is the held-out text that kiln perplexity measures on"),
+    (["--int8_kv_cache", "--calib_size", "0"], "--calib_size must be >= 1"),
+])
+def test_bad_kv_cache_flags_are_one_line(argv, message, tmp_path, capsys):
+    assert kiln_main(["convert", "--preset", "mpt-tiny", "--output_dir", str(tmp_path / "c"), *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+    assert not (tmp_path / "c").exists()
+
+
+def test_build_int8_kv_cache_flag_needs_a_calibrated_checkpoint(tmp_path, capsys):
+    assert kiln_main(["convert", "--preset", "mpt-tiny", "--output_dir", str(tmp_path / "c")]) == 0
+    assert kiln_main(["build", "--checkpoint_dir", str(tmp_path / "c"), "--output_dir", str(tmp_path / "e"),
+                      "--int8_kv_cache"]) == 2
+    assert "was converted with no KV-cache quantization; convert with --int8_kv_cache" in capsys.readouterr().err
+
+
+def test_dummy_weights_and_bench_get_an_8bit_cache(tmp_path):
+    """Dummy weights have nothing to calibrate on: unit scales (amax 1), and `kiln bench --kv_cache_dtype`."""
+    assert kiln_main(["convert", "--preset", "mpt-tiny", "--fp8_kv_cache", "--output_dir", str(tmp_path / "c")]) == 0
+    config = json.loads((tmp_path / "c" / "config.json").read_text())
+    assert config["provenance"]["kv_cache_calibration"]["unit_scales"]
+    with safe_open(str(tmp_path / "c" / "rank0.safetensors"), "pt") as f:
+        assert torch.equal(f.get_tensor("layers.0.attn.v_scale"), torch.full((config["num_key_value_heads"],),
+                                                                              1 / 448.0).to(f.get_tensor(
+                                                                                  "layers.0.attn.v_scale").dtype))
+    assert kiln_main(["bench", "--preset", "mpt-tiny", "--kv_cache_dtype", "int8", "--batch_size", "2",
+                      "--input_len", "8", "--output_len", "3", "--device", "cpu", "--no_tune", "--warmup", "0",
+                      "--output_json", str(tmp_path / "b.json")]) == 0
+    engine = json.loads((tmp_path / "b.json").read_text())["engine"]
+    layers, kv_heads, head = config["num_hidden_layers"], config["num_key_value_heads"], config["head_size"]
+    assert engine["kv_cache_quant_algo"] == "INT8" and engine["kv_bytes_per_token"] == 2 * layers * kv_heads * head

@@ -26,7 +26,7 @@ if INTERPRET:
 
 import kiln  # noqa: E402
 from fixtures_runtime import PROMPTS  # noqa: E402
-from test_kv_cache_quant import FORMATS, calib_text, convert_build, tiny_hf_dir  # noqa: E402
+from fixtures_kv_cache import FORMATS, calib_text, convert_build, tiny_hf_dir  # noqa: E402
 
 CALIB = ["--calib_size", "4", "--calib_max_seq_length", "16"]
 GREEDY = kiln.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=1)

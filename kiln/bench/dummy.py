@@ -37,7 +37,10 @@ def dummy_model_config(options: BenchOptions) -> tuple[ConvertPlan, ModelConfig]
     source = DummyWeightSource(options.seed, _dummy_device(options), tied_head=config.tie_word_embeddings)
     from kiln.bench.multirank import dummy_mapping
 
-    plan = ConvertPlan(family, config, dummy_mapping(options, config), source, QuantConfig(), provenance)
+    # An 8-bit KV cache gets unit scales: dummy weights have nothing to calibrate on, and speed does not depend on them.
+    kv = options.kv_cache_dtype.upper() if options.kv_cache_dtype else None
+    plan = ConvertPlan(family, config, dummy_mapping(options, config), source, QuantConfig(kv_cache_quant_algo=kv),
+                       provenance)
     return plan, config
 
 
