@@ -224,3 +224,21 @@ def test_dummy_weights_and_bench_get_an_8bit_cache(tmp_path):
     engine = json.loads((tmp_path / "b.json").read_text())["engine"]
     layers, kv_heads, head = config["num_hidden_layers"], config["num_key_value_heads"], config["head_size"]
     assert engine["kv_cache_quant_algo"] == "INT8" and engine["kv_bytes_per_token"] == 2 * layers * kv_heads * head
+
+
+def test_quantize_and_one_step_build_calibrate_too(tmp_path):
+    """quantize.py's --kv_cache_dtype (with int8_wo) and the legacy one-step build's --int8_kv_cache (default
+    calibration: the shipped text)."""
+    model_dir = tiny_hf_dir(tmp_path, "mpt")
+    assert kiln_main(["quantize", "--model_dir", str(model_dir), "--qformat", "int8_wo", "--kv_cache_dtype", "fp8",
+                      "--calib_dataset", str(calib_text(tmp_path)), "--calib_size", "4", "--calib_max_seq_length",
+                      "16", "--device", "cpu", "--output_dir", str(tmp_path / "q")]) == 0
+    quant = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
+    assert (quant["quant_algo"], quant["kv_cache_quant_algo"]) == ("W8A16", "FP8")
+    assert kiln_main(["build", "--model_dir", str(model_dir), "--int8_kv_cache", "--output_dir", str(tmp_path / "e"),
+                      "--max_input_len", "24", "--max_seq_len", "48"]) == 0
+    config = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert config["quantization"]["kv_cache_quant_algo"] == "INT8"
+    assert config["provenance"]["kv_cache_calibration"]["text"] == "calib.txt"
+    tokens = outputs(kiln.LLM(tmp_path / "e", device="cpu"), PROMPTS[:2], GREEDY)
+    assert all(len(t) == GREEDY.max_tokens for t, _ in tokens)
