@@ -3,7 +3,8 @@
 # of dummy engines with a bf16, an INT8 and an FP8 KV cache at the same shapes, one after another in this run:
 # batch 8, 4096 prompt tokens + 64 generated (the long-context decode the 8-bit cache is for). Results go to $OUT (or
 # ./out): gpu_tests.log, bench.log (the printed tables), bench_<case>_<kv>.json, and kv_summary.txt (decode tokens/s
-# of each 8-bit cache over bf16's, per shape).
+# of each 8-bit cache over bf16's, per shape, beside the ratio of the weight + KV bytes each step must read: the most
+# the smaller cache can buy).
 #   TESTS=      skip the tests          LAYERS=8   layers of each slice (full width; KV and weights scale together)
 #   SHAPES="baichuan2-13b mpt-7b"               the presets to bench (unset: both)
 #   BATCH=8  INPUT=4096  OUTPUT=64              the case
@@ -36,7 +37,8 @@ for base in sorted(out.glob("bench_*_bf16.json")):
         path = out / f"bench_{shape}_{kv}.json"
         if path.exists():
             case = json.loads(path.read_text())["cases"][0]
-            line += f"; {kv} {case['tokens_per_s']:.1f} tok/s = {case['tokens_per_s'] / ref['tokens_per_s']:.2f}x"
+            line += (f"; {kv} {case['tokens_per_s']:.1f} tok/s = {case['tokens_per_s'] / ref['tokens_per_s']:.2f}x "
+                     f"(the bandwidth floors' ratio: {ref['floor_ms_per_step'] / case['floor_ms_per_step']:.2f}x)")
     print(line)
 EOF
 true
