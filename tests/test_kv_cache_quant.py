@@ -16,6 +16,7 @@ from safetensors import safe_open
 
 import kiln
 from fixtures_kv_cache import FORMATS, calib_text, convert_build, tiny_hf_dir
+from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, save_checkpoint
 from fixtures_runtime import BLOCK, PROMPTS
 from kiln.cli.main import main as kiln_main
 from kiln.kernels import reference
@@ -242,3 +243,25 @@ def test_quantize_and_one_step_build_calibrate_too(tmp_path):
     assert config["provenance"]["kv_cache_calibration"]["text"] == "calib.txt"
     tokens = outputs(kiln.LLM(tmp_path / "e", device="cpu"), PROMPTS[:2], GREEDY)
     assert all(len(t) == GREEDY.max_tokens for t, _ in tokens)
+
+
+def test_published_fp8_kv_scales_are_loaded_not_recalibrated(tmp_path, capsys):
+    """A checkpoint that carries vLLM's per-layer k_scale/v_scale (as llm-compressor writes them): --fp8_kv_cache
+    takes them as they are; a plain convert leaves them unread; a checkpoint missing some is refused."""
+    cfg = mpt_published_config(vocab_size=512)
+    state = published_state(hf_mpt_model(cfg))
+    published = {f"transformer.blocks.{i}.attn.{w}": torch.tensor(0.01 * (i + 1) + (0.005 if w == "v_scale" else 0))
+                 for i in range(cfg["n_layers"]) for w in ("k_scale", "v_scale")}
+    model_dir = save_checkpoint({**state, **published}, cfg, tmp_path / "hf")
+    engine = convert_build(tmp_path / "fp8", model_dir, "--fp8_kv_cache")
+    config = json.loads((engine / "config.json").read_text())
+    assert config["provenance"]["kv_cache_calibration"] == {"text": None, "published_scales": True}
+    for layer, scales in layer_scales(engine).items():
+        assert torch.allclose(scales.k_scale, torch.full((6,), 0.01 * (layer + 1)))
+        assert torch.allclose(scales.v_scale, torch.full((6,), 0.01 * (layer + 1) + 0.005))
+    assert kiln_main(["convert", "--model_dir", str(model_dir), "--output_dir", str(tmp_path / "plain")]) == 0
+    del published["transformer.blocks.1.attn.v_scale"]
+    broken = save_checkpoint({**state, **published}, cfg, tmp_path / "broken")
+    assert kiln_main(["convert", "--model_dir", str(broken), "--fp8_kv_cache", "--output_dir",
+                      str(tmp_path / "b")]) == 2
+    assert "lacks transformer.blocks.1.attn.v_scale" in capsys.readouterr().err

@@ -29,6 +29,7 @@ from kiln.kernels import KernelSet, select_kernels
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.layers.sharding import full_shape, shard_for
 from kiln.quant.kv_cache import kv_cache_format
+from kiln.quant.kv_published import published_kv_scales
 
 DEFAULT_CALIB_TEXT = Path(__file__).resolve().parent / "data" / "calib.txt"
 HELDOUT_TEXT = Path(__file__).resolve().parents[1] / "eval" / "data" / "heldout.txt"
@@ -233,7 +234,12 @@ def with_kv_scales(plan: Any, progress: bool = True) -> Any:
     if algo is None:
         return plan
     model_dir = plan.provenance.get("model_dir")
-    if not model_dir:
+    published = None
+    if algo == "FP8":  # a checkpoint that publishes its FP8 KV scales (vLLM's k_scale/v_scale) is not recalibrated
+        published = published_kv_scales(plan.source, plan.config.num_hidden_layers, plan.config.num_key_value_heads)
+    if published is not None:
+        scales, summary = published, {"text": None, "published_scales": True}
+    elif not model_dir:
         scales, summary = unit_kv_scales(plan.family, plan.config, algo), {"text": None, "unit_scales": True}
     else:
         from kiln.tokenizer import load_tokenizer  # only real checkpoints carry a tokenizer
