@@ -15,7 +15,7 @@ from kiln.bench.hf import HFUnavailable, load_hf_model, time_hf_case
 from kiln.bench.options import BenchOptions
 from kiln.bench.physics import WeightBytes, copy_bandwidth_gbs, decode_floor, matmul_tflops, weight_bytes
 from kiln.bench.report import GB, BenchReport, CaseResult, case_line, table
-from kiln.bench.timing import KilnTiming, time_kiln_case
+from kiln.bench.timing import KilnTiming, check_case_fits, time_kiln_case
 from kiln.checkpoint.kiln_format import ArtifactInfo, load_artifact
 from kiln.kernels import apply_engine_kernel_choices
 from kiln.memory import MemoryPlan
@@ -123,6 +123,8 @@ def _time_kiln(engine_dir: Path, options: BenchOptions, device: torch.device, re
         report.engine["cuda_graphs"] = getattr(llm.runner, "graphs", None) is not None
         report.engine["async_scheduling"] = llm.engine.async_scheduling
         kv_per_token = report.engine["kv_bytes_per_token"]
+        for batch in options.batch_sizes:  # every case before the first runs: no minutes lost to a later refusal
+            check_case_fits(llm, batch, options.input_len, options.output_len)
         for batch in options.batch_sizes:
             timing = time_kiln_case(llm, batch, options.input_len, options.output_len, options.warmup, device,
                                     options.seed * 1000 + batch)
@@ -184,11 +186,25 @@ def bench_engine(engine_dir: Path, options: BenchOptions, device: torch.device, 
         f"{weights.total / GB:.3f} GB; {kernels}")
     for note in report.notes:
         log(f"note: {note}")
-    _time_kiln(engine_dir, options, device, report, weights, log)
-    if options.compare_hf:
-        _compare_hf(info, options, device, report, log)
+    try:
+        _time_kiln(engine_dir, options, device, report, weights, log)
+        if options.compare_hf:
+            _compare_hf(info, options, device, report, log)
+    except BaseException as err:  # what was measured before a case failed is still written, then the error goes on
+        if report.cases:
+            report.error = f"{type(err).__name__}: {err}"
+            _write(report, options, log)
+        raise
+    _write(report, options, log)
+    return report
+
+
+def _write(report: BenchReport, options: BenchOptions, log: Log) -> None:
+    """The table and, with output_json, the JSON file of every case measured (all of them, or those before an
+    error, which the report then names)."""
     log(table(report))
+    if report.error:
+        log(f"measured {len(report.cases)} of {len(options.batch_sizes)} cases before: {report.error}")
     if options.output_json:
         report.write_json(options.output_json)
         log(f"wrote {options.output_json}")
-    return report

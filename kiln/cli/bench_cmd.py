@@ -37,8 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no_tune", action="store_true", help="dummy engines: record default kernel tiles, skip tuning")
     p.add_argument("--seed", type=int, default=0, help="seed of dummy weights and random prompts")
     par = p.add_argument_group("dummy weights sharded over GPUs (as kiln convert; the floor is then per GPU)")
-    par.add_argument("--tp_size", type=int, default=1)
-    par.add_argument("--pp_size", type=int, default=1)
+    par.add_argument("--tp_size", type=int, default=1, help="tensor parallel ranks of the dummy engine")
+    par.add_argument("--pp_size", type=int, default=1, help="pipeline parallel stages of the dummy engine")
     par.add_argument("--moe_tp_mode", type=int, default=2, help="1: experts placed whole on ranks (expert parallel), "
                                                                  "2: every expert split (tensor parallel)")
     par.add_argument("--moe_tp_size", type=int, default=-1, help="tensor parallel size over each expert")

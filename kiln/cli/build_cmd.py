@@ -71,8 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     legacy.add_argument("--model_version", choices=["v1_7b", "v1_13b", "v2_7b", "v2_13b"], help="Baichuan only")
     legacy.add_argument("--world_size", type=int, default=None, help="ranks (tp × pp; default tp × pp)")
     legacy.add_argument("--tp_size", type=int, default=None, help="tensor parallel size (default --world_size or 1)")
-    legacy.add_argument("--pp_size", type=int, default=1)
-    p.add_argument("--output_dir", default="kiln_engine")
+    legacy.add_argument("--pp_size", type=int, default=1, help="pipeline parallel stages")
+    p.add_argument("--output_dir", default="kiln_engine", help="where to write the engine (written atomically)")
     p.add_argument("--max_batch_size", type=int, default=8, help="sequences running at once")
     p.add_argument("--max_input_len", type=int, default=1024, help="longest prompt, in tokens")
     p.add_argument("--max_seq_len", type=int, default=None,

@@ -48,8 +48,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=sorted(STORAGE_TYPES) + sorted(DTYPES), help="hf_baichuan_convert.py's --dtype")
     p.add_argument("--num_layers", type=int, help="keep only the first N layers (a slice of a big model)")
     p.add_argument("--tp_size", "-tp", "--tensor-parallelism", "--tensor_parallelism", dest="tp_size", type=int,
-                   default=1)
-    p.add_argument("--pp_size", type=int, default=1)
+                   default=1, help="tensor parallel ranks (attention heads and MLP columns split over them)")
+    p.add_argument("--pp_size", type=int, default=1, help="pipeline parallel stages (contiguous layer ranges)")
     p.add_argument("--workers", type=int, default=None,
                    help="accepted for TensorRT-LLM compatibility; kiln reads each tensor once and writes every rank's "
                         "shard of it in the same pass, so more workers would buy nothing and the value is ignored")

@@ -36,8 +36,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export_path", default=None, help="the older quantize.py's spelling of --output_dir")
     p.add_argument("--export_format", default="tensorrt_llm", choices=["tensorrt_llm", "hf"],
                    help="tensorrt_llm (a kiln checkpoint); hf is refused: kiln writes only its own checkpoints")
-    p.add_argument("--tp_size", type=int, default=1)
-    p.add_argument("--pp_size", type=int, default=1)
+    p.add_argument("--tp_size", type=int, default=1, help="tensor parallel ranks of the checkpoint")
+    p.add_argument("--pp_size", type=int, default=1, help="pipeline parallel stages of the checkpoint")
     p.add_argument("--batch_size", type=int, default=1, help="calibration batch size (unused by full_prec)")
     p.add_argument("--seed", type=int, default=1234, help="calibration seed (unused by full_prec)")
     p.add_argument("--device", default=None, help="calibration device of --kv_cache_dtype (default: cuda when present)")
