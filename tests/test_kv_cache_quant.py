@@ -66,7 +66,7 @@ def fake_quant_llm(float_engine: Path, quant_engine: Path, **kwargs) -> kiln.LLM
 
 
 def outputs(llm: kiln.LLM, prompts, params) -> list[tuple[list[int], list]]:
-    return [(o.token_ids, o.logprobs) for r in llm.generate(prompts, params) for o in r.outputs]
+    return [(o.token_ids, o.token_logprobs) for r in llm.generate(prompts, params) for o in r.outputs]
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))

@@ -45,7 +45,7 @@ def test_triton_engine_matches_torch_engine(tmp_path, family, fmt):
     runs = {}
     for backend in ("torch", "triton"):
         llm = kiln.LLM(engine, device=DEVICE, kernel_backend=backend, use_cuda_graphs=False)
-        runs[backend] = ([(o.token_ids, o.logprobs) for r in llm.generate(prompts, GREEDY) for o in r.outputs],
+        runs[backend] = ([(o.token_ids, o.token_logprobs) for r in llm.generate(prompts, GREEDY) for o in r.outputs],
                          [a.k_cache.cpu() for a in llm.runner.model.attention_layers()])
     (want, want_cache), (got, got_cache) = runs["torch"], runs["triton"]
     assert [t for t, _ in got] == [t for t, _ in want]
