@@ -63,7 +63,7 @@ def quant_flags_given(args: argparse.Namespace) -> list[str]:
 def weight_only_algo(args: argparse.Namespace) -> str | None:
     """W8A16/W4A16 when the quantization flags given are exactly TensorRT-LLM's per-channel weight-only ones
     (`--use_weight_only`, optionally `--weight_only_precision int8|int4`); None for anything else."""
-    given = _given_names(args) - KV_FLAGS  # an INT8/FP8 KV cache combines with weight-only
+    given = _given_names(args) - kv_flags_taken(args)  # an INT8/FP8 KV cache combines with weight-only
     if "--use_weight_only" not in given or not given <= {"--use_weight_only", "--weight_only_precision"}:
         return None
     precision = getattr(args, _dest_of("--weight_only_precision"), "int8")  # TensorRT-LLM's default
@@ -79,8 +79,8 @@ def _given_names(args: argparse.Namespace) -> set[str]:
 
 
 def kv_cache_algo(args: argparse.Namespace) -> str | None:
-    """INT8 or FP8 when the flags ask for a quantized KV cache (None: the engine dtype); asking for both, an unknown
-    --kv_cache_dtype, or calibration flags without a KV format is a ConfigError."""
+    """INT8 or FP8 when the flags ask for a quantized KV cache (None: the engine dtype); asking for both or an
+    unknown --kv_cache_dtype is a ConfigError."""
     given = _given_names(args)
     asked = {KV_FORMAT_FLAGS[name] for name in given if name in KV_FORMAT_FLAGS}
     if "--kv_cache_dtype" in given:
@@ -92,11 +92,13 @@ def kv_cache_algo(args: argparse.Namespace) -> str | None:
     if len(asked) > 1:
         raise ConfigError("the flags ask for both an INT8 and an FP8 KV cache; give one of --int8_kv_cache "
                           "(-kv, --kv_cache_dtype int8) or --fp8_kv_cache (--kv_cache_dtype fp8)")
-    if not asked and given & CALIB_FLAGS:
-        flags = ", ".join(sorted(given & CALIB_FLAGS))
-        raise ConfigError(f"{flags} calibrate the KV cache's scales, which an unquantized KV cache has none of; add "
-                          "--int8_kv_cache or --fp8_kv_cache, or drop the calibration flags")
     return asked.pop() if asked else None
+
+
+def kv_flags_taken(args: argparse.Namespace) -> set[str]:
+    """The KV-cache flags this command line uses: with a KV format, its calibration flags too; without one, a
+    calibration flag asks for something kiln does not run (refused with the rest)."""
+    return KV_FLAGS if kv_cache_algo(args) else KV_FLAGS - CALIB_FLAGS
 
 
 def kv_calibration_from_flags(args: argparse.Namespace, per_head: bool = False) -> KVCalibration:
@@ -123,7 +125,7 @@ def quant_config_from_flags(args: argparse.Namespace, qformat_algo: str | None =
     algo = weight_only_algo(args)
     if algo is not None:
         return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv)
-    if not _given_names(args) - KV_FLAGS:
+    if not _given_names(args) - kv_flags_taken(args):
         return QuantConfig(quant_algo=qformat_algo, kv_cache_quant_algo=kv)
     refuse_quantization(args)
     return QuantConfig()

@@ -14,7 +14,7 @@ import dataclasses
 
 from kiln.checkpoint.convert import convert
 from kiln.cli.convert_cmd import plan_from_hf
-from kiln.cli.quant_flags import KV_FLAGS, add_quant_flags, kv_calibration_from_flags, quant_config_from_flags
+from kiln.cli.quant_flags import add_quant_flags, kv_calibration_from_flags, kv_flags_taken, quant_config_from_flags
 from kiln.cli.quant_flags import quant_flags_given, refuse_quantization
 from kiln.config import DTYPES, ConfigError
 HELP = "quantize a Hugging Face checkpoint into a kiln checkpoint (quantize.py's flags; full_prec, int8_wo and int4_wo for now)"
@@ -52,7 +52,7 @@ def output_dir(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> int:
     algo = QFORMAT_ALGOS.get(args.qformat)
-    if args.qformat != "full_prec" and (algo is None or set(quant_flags_given(args)) - KV_FLAGS):
+    if args.qformat != "full_prec" and (algo is None or set(quant_flags_given(args)) - kv_flags_taken(args)):
         refuse_quantization(args, [f"--qformat {args.qformat}"])
     quant = quant_config_from_flags(args, algo)  # --kv_cache_dtype int8|fp8 with any of them; the rest is refused
     calib = kv_calibration_from_flags(args) if quant.kv_cache_quant_algo else None
