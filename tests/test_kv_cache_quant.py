@@ -265,3 +265,18 @@ def test_published_fp8_kv_scales_are_loaded_not_recalibrated(tmp_path, capsys):
     assert kiln_main(["convert", "--model_dir", str(broken), "--fp8_kv_cache", "--output_dir",
                       str(tmp_path / "b")]) == 2
     assert "lacks transformer.blocks.1.attn.v_scale" in capsys.readouterr().err
+
+
+def test_build_reports_twice_the_tokens_of_bf16(tmp_path, capsys):
+    """`kiln build --memory_gib` counts the 8-bit cache: twice the KV tokens of a bf16 cache fit."""
+    fit = {}
+    for name, flags in (("bf16", []), ("int8", ["--int8_kv_cache"]), ("fp8", ["--fp8_kv_cache"])):
+        assert kiln_main(["convert", "--preset", "mpt-tiny", "--dtype", "bfloat16", *flags, "--output_dir",
+                          str(tmp_path / name / "c")]) == 0
+        capsys.readouterr()
+        assert kiln_main(["build", "--checkpoint_dir", str(tmp_path / name / "c"), "--output_dir",
+                          str(tmp_path / name / "e"), "--memory_gib", "1", "--no_tune"]) == 0
+        out = capsys.readouterr().out
+        fit[name] = int(out.split("in 1 GiB per rank: ")[1].split(" KV tokens fit")[0])
+        assert ("1 byte per element" in out) == bool(flags)
+    assert abs(fit["int8"] - 2 * fit["bf16"]) <= 1 and fit["fp8"] == fit["int8"]

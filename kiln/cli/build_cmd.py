@@ -180,5 +180,6 @@ def build_engine(args: argparse.Namespace, checkpoint_dir: str) -> int:
     print(f"built engine {out}: max_batch_size {config.max_batch_size}, max_input_len {config.max_input_len}, "
           f"max_seq_len {config.max_seq_len}")
     print(describe_kernels(load_artifact(out, "engine").raw.get("kernels") or {}))
-    print(describe(plan, config, args.memory_gib))
+    kv_cache = load_artifact(out, "engine").quant.kv_cache_quant_algo
+    print(describe(plan, config, args.memory_gib, kv_cache))
     return 0
