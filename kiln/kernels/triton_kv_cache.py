@@ -18,6 +18,9 @@ ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
 # e4m3: 3 mantissa bits; normal numbers from 2^-6, subnormal steps of 2^-9 below.
 E4M3_MIN_NORMAL: tl.constexpr = tl.constexpr(0.015625)
 SUBNORMAL_MAGIC: tl.constexpr = tl.constexpr(12582912.0 * 2.0**-9)
+# float32 bit masks, as int32 constants: sign, exponent and the top 3 mantissa bits; the sign bit alone.
+KEEP_E4M3_BITS: tl.constexpr = tl.constexpr(-1048576)  # 0xFFF00000
+SIGN_BIT: tl.constexpr = tl.constexpr(-2147483648)  # 0x80000000
 
 
 @triton.jit
@@ -27,10 +30,10 @@ def _round_e4m3(v):
     when rounding a mantissa up into the next power of two (31.9 becomes 16), and on the GPU the result is the same."""
     bits = v.to(tl.int32, bitcast=True)
     lsb = (bits >> 20) & 1  # the last kept mantissa bit
-    normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)  # keep sign, exponent, 3 bits
+    normal = ((bits + 0x7FFFF + lsb) & KEEP_E4M3_BITS).to(tl.float32, bitcast=True)  # keep sign, exponent, 3 bits
     magnitude = (tl.abs(v) + SUBNORMAL_MAGIC) - SUBNORMAL_MAGIC  # multiples of 2^-9, ties to even
     # The sign bit put back by hand: a tiny negative value rounds to -0, as the cast does.
-    subnormal = (magnitude.to(tl.int32, bitcast=True) | (bits & -2147483648)).to(tl.float32, bitcast=True)
+    subnormal = (magnitude.to(tl.int32, bitcast=True) | (bits & SIGN_BIT)).to(tl.float32, bitcast=True)
     return tl.where(tl.abs(v) < E4M3_MIN_NORMAL, subnormal, normal)
 
 
