@@ -23,6 +23,7 @@ from kiln.layers.embedding import LMHead
 from kiln.layers.linear import LinearBase
 from kiln.memory import GiB, MemoryPlan, activation_bytes, kv_bytes_per_token
 from kiln.models.decoder import stage_layers
+from kiln.quant.kv_cache import kv_element_size
 
 
 def check_memory_gib(memory_gib: float | None) -> None:
@@ -40,7 +41,8 @@ def plan_memory(info: ArtifactInfo, build: BuildConfig) -> MemoryPlan:
         weight_bytes = max(weight_bytes, check_rank_file(info, rank, params))
         layers = max(layers, len(stage_layers(info.model.num_hidden_layers, mapping)))
     element = info.model.torch_dtype.itemsize
-    return MemoryPlan(weight_bytes, kv_bytes_per_token(info.model, info.mapping, layers, element),
+    kv_element = kv_element_size(info.quant, info.model.torch_dtype)  # 1 for an INT8/FP8 cache
+    return MemoryPlan(weight_bytes, kv_bytes_per_token(info.model, info.mapping, layers, kv_element),
                       activation_bytes(info.model, build, element))
 
 

@@ -185,11 +185,15 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         # Weight-only per-channel INT8/INT4 (issue 14, first slice); every other format is refused by name.
-        if self.quant_algo not in (None, "W8A16", "W4A16") or self.kv_cache_quant_algo is not None:
+        if self.quant_algo not in (None, "W8A16", "W4A16"):
             raise ConfigError(
-                f"quantization {self.quant_algo or self.kv_cache_quant_algo!r} is not supported by this kiln version "
+                f"quantization {self.quant_algo!r} is not supported by this kiln version "
                 "(weight-only W8A16 and W4A16 are); convert with those or without quantization flags"
             )
+        # INT8 / FP8 KV cache with calibrated scales (kiln.quant.kv_cache), TensorRT-LLM's names.
+        if self.kv_cache_quant_algo not in (None, "INT8", "FP8"):
+            raise ConfigError(f"kv_cache_quant_algo {self.kv_cache_quant_algo!r} is not supported by this kiln "
+                              "version (INT8 and FP8 are); convert with --int8_kv_cache, --fp8_kv_cache or neither")
 
 
 @dataclass

@@ -4,6 +4,7 @@ directory that is removed however the run ends."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -38,7 +39,10 @@ def dummy_model_config(options: BenchOptions,
     source = DummyWeightSource(options.seed, _dummy_device(options), tied_head=config.tie_word_embeddings)
     from kiln.bench.multirank import dummy_mapping
 
-    plan = ConvertPlan(family, config, dummy_mapping(options, config), source, quant or QuantConfig(), provenance)
+    # An 8-bit KV cache gets unit scales: dummy weights have nothing to calibrate on, and speed does not depend on them.
+    kv = options.kv_cache_dtype.upper() if options.kv_cache_dtype else None
+    quant = dataclasses.replace(quant or QuantConfig(), kv_cache_quant_algo=kv)
+    plan = ConvertPlan(family, config, dummy_mapping(options, config), source, quant, provenance)
     return plan, config
 
 

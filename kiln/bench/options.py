@@ -18,6 +18,7 @@ class BenchOptions:
     config: str | None = None  # a Hugging Face style config.json for dummy weights
     num_layers: int | None = None  # dummy weights: keep only the first N layers (a slice at full width)
     dtype: str | None = None  # dummy weights' dtype (default: the preset's or config's)
+    kv_cache_dtype: str | None = None  # dummy weights: "int8" or "fp8" KV cache (unit scales); None: the dtype's
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
     input_len: int = 128
     output_len: int = 128
@@ -67,6 +68,12 @@ class BenchOptions:
         if self.engine_dir is not None and (self.num_layers is not None or self.dtype is not None):
             raise ConfigError("--num_layers and --dtype shape dummy weights (--preset/--config); an engine "
                               "(--engine_dir) already has its layers and dtype")
+        if self.kv_cache_dtype is not None and self.engine_dir is not None:
+            raise ConfigError("--kv_cache_dtype shapes a dummy engine (--preset/--config); an engine (--engine_dir) "
+                              "has the KV cache it was converted with")
+        if self.kv_cache_dtype not in (None, "int8", "fp8"):
+            raise ConfigError(f"unknown --kv_cache_dtype {self.kv_cache_dtype!r}; choose int8 or fp8 (or leave it "
+                              "out for the model dtype)")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         self._check_numbers()

@@ -89,6 +89,7 @@ def _engine_text(info: ArtifactInfo, options: BenchOptions, kernels: str, weight
     return {"source": source, "architecture": m.architecture, "dtype": m.dtype, "num_layers": m.num_hidden_layers,
             "world_size": info.mapping.world_size, "weight_bytes": weights.total, "expert_bytes": weights.experts,
             "embedding_bytes": weights.embedding, "kv_bytes_per_token": info.raw["memory_plan"]["kv_bytes_per_token"],
+            "kv_cache_quant_algo": info.quant.kv_cache_quant_algo,
             "build": info.raw.get("build"), "kernels": kernels, "kernel_backend": options.kernel_backend}
 
 

@@ -25,6 +25,7 @@ from kiln.config import FORMAT_VERSION, Mapping, ModelConfig, QuantConfig
 from kiln.layers.sharding import full_shape, shard_for
 from kiln.models.family import Family
 from kiln.quant.apply import quantize_model
+from kiln.quant.kv_calibration import with_kv_scales
 
 
 class WeightSource(Protocol):
@@ -41,6 +42,7 @@ class ConvertPlan:
     source: WeightSource
     quant: QuantConfig
     provenance: dict[str, Any]
+    kv_calibration: Any = None  # kiln.quant.kv_calibration.KVCalibration for an INT8/FP8 KV cache (None: defaults)
 
 
 def meta_model(family: Family, config: ModelConfig, mapping: Mapping,
@@ -112,6 +114,7 @@ def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True) ->
     inputs = tuple(Path(plan.provenance[k]) for k in ("model_dir", "config") if plan.provenance.get(k))
     check_output_dir(Path(output_dir), inputs)  # before the size estimate: a refused path is the clearer message
     check_fits(plan.family, plan.config, Path(output_dir), dummy=bool(plan.provenance.get("dummy")))
+    plan = with_kv_scales(plan, progress)  # an INT8/FP8 KV cache: calibrate its scales first
     ranks = rank_parameters(plan)
     full_model = meta_model(plan.family, plan.config, Mapping(), plan.quant)  # the global parameter order
     order = [name for name, _ in full_model.named_parameters()]

@@ -18,6 +18,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--config", help="dummy random weights of this Hugging Face style config.json")
     p.add_argument("--num_layers", type=int, help="dummy weights: keep only the first N layers (a slice at full width)")
     p.add_argument("--dtype", help="dummy weights' dtype: float32, float16 or bfloat16 (default: the config's)")
+    p.add_argument("--kv_cache_dtype", choices=["int8", "fp8"], default=None,
+                   help="dummy weights: an INT8 or FP8 KV cache (unit scales; default: the weights' dtype)")
     p.add_argument("--batch_size", type=int, nargs="+", default=[1, 8, 32], help="batch sizes, one case each")
     p.add_argument("--input_len", type=int, default=128, help="prompt tokens (random ids)")
     p.add_argument("--output_len", type=int, default=128, help="generated tokens (end tokens ignored)")
@@ -51,7 +53,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     options = BenchOptions(
         engine_dir=args.engine_dir, preset=args.preset, config=args.config, num_layers=args.num_layers,
-        dtype=args.dtype, batch_sizes=list(args.batch_size), input_len=args.input_len, output_len=args.output_len,
+        dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype, batch_sizes=list(args.batch_size), input_len=args.input_len, output_len=args.output_len,
         warmup=args.warmup, compare_hf=args.compare_hf, output_json=args.output_json,
         kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction, kernel_backend=args.kernel_backend,
         async_scheduling=not args.no_async_scheduling, device=args.device, tune=not args.no_tune, seed=args.seed, tp_size=args.tp_size, pp_size=args.pp_size,

@@ -2,19 +2,21 @@
 
 `--qformat full_prec` (quantize.py's default: no quantization) writes an unquantized kiln checkpoint, as kiln convert;
 `int8_wo`/`int4_wo` (ModelOpt's weight-only formats, no calibration) write the W8A16/W4A16 checkpoint that kiln
-convert --use_weight_only writes. Every other --qformat and --kv_cache_dtype is refused by quant_flags.py's one line
+convert --use_weight_only writes; `--kv_cache_dtype int8|fp8` adds a calibrated INT8/FP8 KV cache to any of them
+(--calib_dataset, --calib_size, --calib_max_seq_length). Every other --qformat is refused by quant_flags.py's one line
 until kiln has it (issues 14 and 15).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from kiln.checkpoint.convert import convert
 from kiln.cli.convert_cmd import plan_from_hf
-from kiln.cli.quant_flags import add_quant_flags, quant_flags_given, refuse_quantization
-from kiln.config import DTYPES, ConfigError, QuantConfig
-
+from kiln.cli.quant_flags import add_quant_flags, kv_calibration_from_flags, kv_flags_taken, quant_config_from_flags
+from kiln.cli.quant_flags import quant_flags_given, refuse_quantization
+from kiln.config import DTYPES, ConfigError
 HELP = "quantize a Hugging Face checkpoint into a kiln checkpoint (quantize.py's flags; full_prec, int8_wo and int4_wo for now)"
 QFORMATS = ["full_prec", "fp8", "int8_sq", "int4_awq", "w4a8_awq", "int8_wo", "int4_wo", "nvfp4"]
 # quantize.py's weight-only formats (ModelOpt's int8_wo/int4_wo: per-channel, no calibration) -> quant_algo.
@@ -38,7 +40,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pp_size", type=int, default=1, help="pipeline parallel stages of the checkpoint")
     p.add_argument("--batch_size", type=int, default=1, help="calibration batch size (unused by full_prec)")
     p.add_argument("--seed", type=int, default=1234, help="calibration seed (unused by full_prec)")
-    p.add_argument("--device", default=None, help="calibration device (unused by full_prec)")
+    p.add_argument("--device", default=None, help="calibration device of --kv_cache_dtype (default: cuda when present)")
     add_quant_flags(p, QUANT)
 
 
@@ -50,16 +52,20 @@ def output_dir(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> int:
     algo = QFORMAT_ALGOS.get(args.qformat)
-    if args.qformat != "full_prec" and (algo is None or quant_flags_given(args)):
+    if args.qformat != "full_prec" and (algo is None or set(quant_flags_given(args)) - kv_flags_taken(args)):
         refuse_quantization(args, [f"--qformat {args.qformat}"])
-    refuse_quantization(args)
+    quant = quant_config_from_flags(args, algo)  # --kv_cache_dtype int8|fp8 with any of them; the rest is refused
+    calib = kv_calibration_from_flags(args) if quant.kv_cache_quant_algo else None
+    if calib is not None and args.device is not None:
+        calib.device = args.device
     if args.export_format != "tensorrt_llm":
         raise ConfigError(f"--export_format {args.export_format} is refused: kiln writes kiln checkpoints only "
                           "(the Hugging Face directory given is already the unquantized hf format)")
     plan = plan_from_hf(args.model_dir, None if args.dtype == "auto" else args.dtype, args.tp_size, args.pp_size,
-                        quant=QuantConfig(quant_algo=algo))
-    out = convert(plan, output_dir(args))
+                        quant=quant)
+    out = convert(dataclasses.replace(plan, kv_calibration=calib), output_dir(args))
     what = f"{args.qformat} ({algo})" if algo else "unquantized (full_prec)"
+    what += f" with an {quant.kv_cache_quant_algo} KV cache" if quant.kv_cache_quant_algo else ""
     print(f"wrote {what} {plan.config.architecture} checkpoint ({plan.config.dtype}, "
           f"tp {plan.mapping.tp_size} × pp {plan.mapping.pp_size}) to {out}")
     return 0

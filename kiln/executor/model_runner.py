@@ -18,6 +18,7 @@ from kiln.kernels import KernelSet, bind_linear_matmuls, reference, select_kerne
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.memory import GiB, MemoryPlan
 from kiln.quant.apply import quantize_model
+from kiln.quant.kv_cache import bind_kv_scales, kv_cache_dtype
 from kiln.runtime_checks import check_rank_header
 from kiln.sampling import DeviceSample, Sampler, SamplerOutput, SamplingRow, to_device
 
@@ -128,6 +129,7 @@ class ModelRunner:
         check_rank_header(str(info.rank_file(mapping.rank)), mapping.rank, info.model.torch_dtype,
                           info.quant.quant_algo is not None)
         load_weights(self.model, str(info.rank_file(mapping.rank)), device)
+        bind_kv_scales(self.model)  # an INT8/FP8 KV cache's scales and their reciprocals, once
         self.model.eval()
         # The build's Triton GEMV choices (CUDA, triton kernels only), before any graph captures the layers.
         self.gemv_layers = bind_linear_matmuls(self.model, self.kernels, device)
@@ -193,10 +195,11 @@ class ModelRunner:
         return graphs
 
     def _allocate_cache(self) -> None:
+        dtype = kv_cache_dtype(self.info.quant, self.info.model.torch_dtype)  # int8 / float8 for a quantized cache
         for attn in self.model.attention_layers():
             shape = (self.num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=self.info.model.torch_dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.info.model.torch_dtype, device=self.device)
+            attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: give a sequence its own copy of a shared block before it writes into it."""

@@ -24,6 +24,7 @@ from torch import nn
 from kiln.config import ConfigError, QuantConfig
 from kiln.layers.linear import LinearBase, ReplicatedLinear
 from kiln.layers.moe import MoE
+from kiln.quant.kv_cache import add_kv_scale_params
 from kiln.quant.weight_only import WeightOnlyMethod, weight_only_method
 
 if TYPE_CHECKING:
@@ -85,8 +86,10 @@ def _replace(module: nn.Module, name: str, method: WeightOnlyMethod, where: str)
 
 
 def quantize_model(model: nn.Module, quant: QuantConfig | None) -> int:
-    """Give `model` the parameters and matmuls of `quant`'s weight-only format (nothing for an unquantized one).
-    Returns how many layers were quantized."""
+    """Give `model` the parameters and matmuls of `quant`'s weight-only format (nothing for an unquantized one), and
+    its attention layers their KV-cache scales when the KV cache is quantized (kiln.quant.kv_cache). Returns how many
+    layers' weights were quantized."""
+    add_kv_scale_params(model, quant)
     method = weight_only_method(quant.quant_algo if quant is not None else None)
     if method is None:
         return 0
