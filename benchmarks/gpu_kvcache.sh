@@ -9,7 +9,7 @@
 #   SHAPES="baichuan2-13b mpt-7b"               the presets to bench (unset: both)
 #   BATCH=8  INPUT=4096  OUTPUT=64              the case
 set -uo pipefail
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 out=${OUT:-./out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/versions.txt"
 python3 -c "import torch,triton;print('torch',torch.__version__,'triton',triton.__version__)" | tee -a "$out/versions.txt"
