@@ -23,8 +23,8 @@ python3 -m kiln build --checkpoint_dir "$eng/ckpt" --output_dir "$eng/engine" --
     --max_seq_len 1024 --no_tune > "$out/serve_build.log" 2>&1 && rm -rf "$eng/ckpt" &&
 timeout "${SERVE_S:-110}" python3 benchmarks/bench_serve.py --engine_dir "$eng/engine" --num_prompts 256 --input_len 128 \
     --output_len 128 --range_ratio 0.5 --request_rate inf --output_json "$out/serve_saturation.json" 2>&1 | tail -30 | tee "$out/serve.log"
-timeout 45 python3 benchmarks/bench_serve.py --engine_dir "$eng/engine" --num_prompts 30 --input_len 128 --output_len 64 \
-    --request_rate 2 --output_json "$out/serve_low_load.json" 2>&1 | tail -20 | tee -a "$out/serve.log"
+timeout 45 python3 benchmarks/bench_serve.py --engine_dir "$eng/engine" --num_prompts 20 --input_len 128 --output_len 64 \
+    --request_rate 4 --output_json "$out/serve_low_load.json" 2>&1 | tail -20 | tee -a "$out/serve.log"
 rm -rf "$eng"
 echo "== $SECONDS s: quant"
 TUNE= TESTS= KERNELS= CASES="${QUANT_CASES-mpt7b}" timeout "${QUANT_S:-200}" bash benchmarks/gpu_quant.sh
