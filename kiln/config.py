@@ -174,6 +174,11 @@ class Mapping:
         return data
 
 
+# SmoothQuant W8A8 formats, TensorRT-LLM's names (kiln.quant.smoothquant.SQ_ALGOS says what each means).
+SMOOTHQUANT_ALGOS = ("W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
+                     "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN")
+
+
 @dataclass
 class QuantConfig:
     """How the checkpoint's weights and KV cache are quantized (None: not quantized)."""
@@ -182,10 +187,15 @@ class QuantConfig:
     kv_cache_quant_algo: str | None = None
     group_size: int = 128
     exclude_modules: list[str] = field(default_factory=list)
+    smoothquant_val: float | None = None  # SmoothQuant's alpha (W8A8_SQ_* algos; TensorRT-LLM's field name)
 
     def __post_init__(self) -> None:
         # Weight-only per-channel INT8/INT4 (issue 14, first slice); every other format is refused by name.
-        if self.quant_algo not in (None, "W8A16", "W4A16"):
+        if self.quant_algo in SMOOTHQUANT_ALGOS:  # SmoothQuant W8A8 (kiln.quant.smoothquant)
+            if not isinstance(self.smoothquant_val, (int, float)) or not 0.0 <= self.smoothquant_val <= 1.0:
+                raise ConfigError(f"{self.quant_algo} needs a SmoothQuant alpha in [0, 1] (--smoothquant ALPHA), "
+                                  f"got {self.smoothquant_val!r}")
+        elif self.quant_algo not in (None, "W8A16", "W4A16"):
             raise ConfigError(
                 f"quantization {self.quant_algo!r} is not supported by this kiln version "
                 "(weight-only W8A16 and W4A16 are); convert with those or without quantization flags"

@@ -26,6 +26,7 @@ from kiln.layers.sharding import full_shape, shard_for
 from kiln.models.family import Family
 from kiln.quant.apply import quantize_model
 from kiln.quant.kv_calibration import with_kv_scales
+from kiln.quant.sq_calibration import with_smoothquant
 
 
 class WeightSource(Protocol):
@@ -115,8 +116,9 @@ def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True) ->
     check_output_dir(Path(output_dir), inputs)  # before the size estimate: a refused path is the clearer message
     check_fits(plan.family, plan.config, Path(output_dir), dummy=bool(plan.provenance.get("dummy")))
     plan = with_kv_scales(plan, progress)  # an INT8/FP8 KV cache: calibrate its scales first
-    ranks = rank_parameters(plan)
     full_model = meta_model(plan.family, plan.config, Mapping(), plan.quant)  # the global parameter order
+    plan = with_smoothquant(plan, dict(full_model.named_parameters()), progress)  # SmoothQuant: calibrate, smooth
+    ranks = rank_parameters(plan)
     order = [name for name, _ in full_model.named_parameters()]
     dtype = plan.config.torch_dtype
     with atomic_output_dir(output_dir, inputs) as tmp:

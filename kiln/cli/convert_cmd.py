@@ -144,7 +144,7 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
         source = DummyWeightSource(args.seed, args.dummy_device, tied_head=config.tie_word_embeddings)
         provenance = {"preset": args.preset, "config": args.config, "dummy": True, "seed": args.seed}
     calib = None
-    if quant.kv_cache_quant_algo is not None:  # an INT8/FP8 KV cache: how convert calibrates its scales
+    if quant.kv_cache_quant_algo is not None or quant.smoothquant_val is not None:  # how convert calibrates
         calib = kv_calibration_from_flags(args, getattr(args, "per_head_kv_scales", False))
     return ConvertPlan(family, config, mapping, source, quant, provenance, calib)
 

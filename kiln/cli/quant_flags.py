@@ -17,6 +17,7 @@ import argparse
 from kiln.cli.trtllm_flags import DEST_PREFIX, CompatFlag, add_compat_flag, in_given_order, spelled
 from kiln.config import ConfigError, QuantConfig
 from kiln.quant.kv_calibration import KVCalibration
+from kiln.quant.smoothquant import sq_algo
 
 MESSAGE = ("this quantization is not implemented in kiln yet (issues 14 and 15; kiln runs weight-only "
            "--use_weight_only --weight_only_precision int8|int4 and an INT8/FP8 KV cache, --int8_kv_cache or "
@@ -118,13 +119,37 @@ def kv_calibration_from_flags(args: argparse.Namespace, per_head: bool = False) 
     return calib
 
 
+# SmoothQuant W8A8 (kiln.quant.smoothquant): --smoothquant ALPHA with --per_token / --per_channel, calibrated as the
+# calibration flags say.
+SQ_FLAGS = {"--smoothquant", "--per_token", "--per_channel"}
+
+
+def smoothquant_config(args: argparse.Namespace, kv: str | None) -> QuantConfig | None:
+    """The SmoothQuant QuantConfig when the flags are `--smoothquant ALPHA` with optional --per_token, --per_channel
+    and calibration flags (and a KV-cache format); None otherwise."""
+    given = _given_names(args) - kv_flags_taken(args) - CALIB_FLAGS
+    if "--smoothquant" not in given or not given <= SQ_FLAGS:
+        return None
+    value = getattr(args, _dest_of("--smoothquant"))
+    try:
+        alpha = float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--smoothquant takes the smoothing alpha, a number in [0, 1] (e.g. 0.5), got {value!r}") \
+            from None
+    return QuantConfig(quant_algo=sq_algo("--per_token" in given, "--per_channel" in given), kv_cache_quant_algo=kv,
+                       smoothquant_val=alpha)
+
+
 def quant_config_from_flags(args: argparse.Namespace, qformat_algo: str | None = None) -> QuantConfig:
-    """The QuantConfig the quantization flags ask for (weight-only INT8/INT4, or `qformat_algo` that quantize.py's
-    --qformat chose); anything else is refused by `refuse_quantization`'s one line."""
+    """The QuantConfig the quantization flags ask for (weight-only INT8/INT4, SmoothQuant, or `qformat_algo` that
+    quantize.py's --qformat chose); anything else is refused by `refuse_quantization`'s one line."""
     kv = kv_cache_algo(args)
     algo = weight_only_algo(args)
     if algo is not None:
         return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv)
+    smooth = smoothquant_config(args, kv)
+    if smooth is not None:
+        return smooth
     if not _given_names(args) - kv_flags_taken(args):
         return QuantConfig(quant_algo=qformat_algo, kv_cache_quant_algo=kv)
     refuse_quantization(args)

@@ -25,6 +25,7 @@ from kiln.config import ConfigError, QuantConfig
 from kiln.layers.linear import LinearBase, ReplicatedLinear
 from kiln.layers.moe import MoE
 from kiln.quant.kv_cache import add_kv_scale_params
+from kiln.quant.smoothquant import apply_smoothquant, smoothquant_method
 from kiln.quant.weight_only import WeightOnlyMethod, weight_only_method
 
 if TYPE_CHECKING:
@@ -90,6 +91,9 @@ def quantize_model(model: nn.Module, quant: QuantConfig | None) -> int:
     its attention layers their KV-cache scales when the KV cache is quantized (kiln.quant.kv_cache). Returns how many
     layers' weights were quantized."""
     add_kv_scale_params(model, quant)
+    sq = smoothquant_method(quant.quant_algo if quant is not None else None)
+    if sq is not None:  # SmoothQuant W8A8 (kiln.quant.smoothquant)
+        return apply_smoothquant(model, sq)
     method = weight_only_method(quant.quant_algo if quant is not None else None)
     if method is None:
         return 0

@@ -131,7 +131,7 @@ class AmaxRecorder:
         self.write(key, value, k_cache, v_cache, slot_mapping, kv_scales)
 
 
-def _float_model(family: Any, config: ModelConfig, source: Any, device: torch.device) -> torch.nn.Module:
+def float_model(family: Any, config: ModelConfig, source: Any, device: torch.device) -> torch.nn.Module:
     """The unquantized model at tp 1 on `device`, its weights read from `source` (full tensors)."""
     with torch.device(device):
         model = family.model_class(config, Mapping())
@@ -141,8 +141,8 @@ def _float_model(family: Any, config: ModelConfig, source: Any, device: torch.de
     return model.eval()
 
 
-def _run_windows(model: torch.nn.Module, kernels: KernelSet, windows: list[list[int]], device: torch.device,
-                 progress: bool) -> None:
+def run_windows(model: torch.nn.Module, kernels: KernelSet, windows: list[list[int]], device: torch.device,
+                 progress: bool, desc: str = "calibrate KV cache") -> None:
     """Prefill every window (several per forward, each its own sequence) through `model`."""
     length = len(windows[0])
     blocks_per_seq = -(-length // BLOCK)
@@ -153,7 +153,7 @@ def _run_windows(model: torch.nn.Module, kernels: KernelSet, windows: list[list[
     for attn in attn_layers:
         attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
         attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
-    bar = tqdm(total=len(windows), desc="calibrate KV cache", unit="seq", disable=not progress)
+    bar = tqdm(total=len(windows), desc=desc, unit="seq", disable=not progress)
     for start in range(0, len(windows), per_step):
         batch = windows[start:start + per_step]
         seqs = len(batch)
@@ -185,10 +185,10 @@ def calibrate_kv_scales(family: Any, config: ModelConfig, source: Any, tokenizer
     if top >= config.vocab_size:
         raise ConfigError(f"the checkpoint's tokenizer gives token id {top} on the calibration text, beyond the "
                           f"model's vocabulary of {config.vocab_size}; is the tokenizer this model's?")
-    model = _float_model(family, run_config, source, device)
+    model = float_model(family, run_config, source, device)
     base = select_kernels(device)
     recorder = AmaxRecorder(base.write_kv_cache)
-    _run_windows(model, dataclasses.replace(base, write_kv_cache=recorder), windows, device, progress)
+    run_windows(model, dataclasses.replace(base, write_kv_cache=recorder), windows, device, progress)
     scales: dict[str, torch.Tensor] = {}
     for name, module in model.named_modules():
         if hasattr(module, "k_cache") and id(module.k_cache) in recorder.amax:

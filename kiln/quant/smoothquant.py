@@ -1,0 +1,247 @@
+"""SmoothQuant W8A8: INT8 weights and INT8 activations, as TensorRT-LLM's `--smoothquant ALPHA` with its
+`--per_token` / `--per_channel` switches (../shared/docs/quantization.md, SmoothQuant).
+
+The four formats, under TensorRT-LLM's quant_algo names:
+
+    W8A8_SQ_PER_TENSOR_PLUGIN             one static activation scale per layer, one weight scale per layer
+    W8A8_SQ_PER_CHANNEL                   one static activation scale per layer, one weight scale per output channel
+    W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN   one dynamic activation scale per token, one weight scale per layer
+    W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN  one dynamic activation scale per token, one weight scale per output channel
+
+Scales are symmetric over 127 (`scale = amax / 127`, `q = clamp(round(v / scale), -127, 127)`), for weights and
+activations alike. A layer computes `y = (q_x @ q_w.T) * a_scale[token or 1] * w_scale[out] + bias`, the integer
+product exact in int32 (CUDA: torch._int_mm) or float64 (CPU).
+
+Smoothing (applied by convert, kiln.quant.sq_calibration) moves activation outliers into the weights:
+`X W^T = (X / s)(W * s)^T` with `s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`. For QKV and the first MLP projection
+the `1 / s` is folded into the norm before them; for the attention output and down projections it is a runtime
+`smoother` (`1 / s`, multiplied onto the activation before it is quantized).
+
+What is quantized: every column/row-parallel linear layer and DBRX's experts (w13 with one static or per-token scale
+for the MoE input, w2 with a per-expert smoother and, static, a per-expert activation scale). The embedding, the LM
+head, the norms and the MoE router (its weight multiplied by `s`, in the engine dtype) stay float.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.layers.linear import LinearBase, ReplicatedLinear, RowParallelLinear
+from kiln.layers.moe import MoE
+from kiln.layers.sharding import ShardSpec
+
+if TYPE_CHECKING:
+    from kiln.kernels import KernelSet
+
+QMAX = 127.0
+# quant_algo -> (per_token activations, per_channel weights); the same names as kiln.config.SMOOTHQUANT_ALGOS.
+SQ_ALGOS = {
+    "W8A8_SQ_PER_TENSOR_PLUGIN": (False, False),
+    "W8A8_SQ_PER_CHANNEL": (False, True),
+    "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN": (True, False),
+    "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN": (True, True),
+}
+
+
+def sq_algo(per_token: bool, per_channel: bool) -> str:
+    """The quant_algo of TensorRT-LLM's `--smoothquant` with `--per_token` / `--per_channel`."""
+    return next(name for name, modes in SQ_ALGOS.items() if modes == (per_token, per_channel))
+
+
+def quantize_weight(w: torch.Tensor, per_channel: bool,
+                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [out, in] float -> q [out, in] int8 and scale [out] in `scale_dtype` (per tensor: every entry the same). q
+    is computed from the scale as stored, so that q * scale is exactly what the rounding chose."""
+    wf = w.float()
+    amax = wf.abs().amax(dim=-1) if per_channel else wf.abs().amax().expand(wf.shape[0])
+    scale = (amax / QMAX).to(scale_dtype)  # [out]
+    stored = scale.float().unsqueeze(-1)
+    safe = torch.where(stored == 0, torch.ones_like(stored), stored)
+    q = torch.clamp(torch.round(wf / safe), -QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def quantize_activation(x: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [tokens, in] -> q [tokens, in] int8 and its scale [tokens, 1] float32: the static per-tensor `static_scale`
+    ([1]) when given, else each token's own amax / 127 (an all-zero token gets scale 1)."""
+    xf = x.float()
+    if static_scale is None:
+        amax = xf.abs().amax(dim=-1, keepdim=True)
+        scale = torch.where(amax == 0, torch.ones_like(amax), amax / QMAX)
+    else:
+        scale = static_scale.float().reshape(1, 1).expand(xf.shape[0], 1)
+    q = torch.clamp(torch.round(xf / scale), -QMAX, QMAX).to(torch.int8)
+    return q, scale
+
+
+def int8_matmul(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
+    """qx [tokens, in] int8 @ qw [out, in] int8 ^T -> [tokens, out] float32, exact up to the final rounding:
+    torch._int_mm (int32 accumulation) on CUDA, float64 on the CPU (|sum| < 2^53)."""
+    if qx.is_cuda:
+        rows = qx.shape[0]
+        padded = max(32, -(-rows // 8) * 8)  # _int_mm wants more than 16 rows, a multiple of 8
+        if padded != rows:
+            qx = F.pad(qx, (0, 0, 0, padded - rows))
+        return torch._int_mm(qx, qw.t())[:rows].float()
+    return (qx.double() @ qw.double().t()).float()
+
+
+def sq_linear(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, act_scale: torch.Tensor | None,
+              smoother: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
+    """One W8A8 linear layer: x [tokens, in] (times `smoother` [in] first) quantized, multiplied by qw [out, in],
+    scaled by the activation scale and w_scale [out], plus bias; returned in x's dtype."""
+    xs = x if smoother is None else x.float() * smoother.float()
+    qx, a_scale = quantize_activation(xs, act_scale)
+    y = int8_matmul(qx, qw) * a_scale * w_scale.float()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x.dtype)
+
+
+@dataclass(frozen=True)
+class SmoothQuantMethod:
+    """One SmoothQuant format: what convert quantizes (its `quantize`/`pack` are convert's weight-only interface)."""
+
+    quant_algo: str
+    per_token: bool
+    per_channel: bool
+
+    def quantize(self, full: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Full (smoothed) weight [..., out, in] -> q [..., out, in] int8 and scale [..., out]; experts one by one
+        (a per-tensor scale is per expert)."""
+        if full.dim() < 3:
+            return quantize_weight(full, self.per_channel, scale_dtype)
+        q = torch.empty(full.shape, dtype=torch.int8, device=full.device)
+        scale = torch.empty(full.shape[:-1], dtype=scale_dtype, device=full.device)
+        for e in range(full.shape[0]):
+            q[e], scale[e] = quantize_weight(full[e], self.per_channel, scale_dtype)
+        return q, scale
+
+    def pack(self, q: torch.Tensor) -> torch.Tensor:
+        return q
+
+    def dequantize(self, stored: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return stored.to(dtype) * scale.to(dtype).unsqueeze(-1)
+
+
+def smoothquant_method(quant_algo: str | None) -> SmoothQuantMethod | None:
+    if quant_algo not in SQ_ALGOS:
+        return None
+    per_token, per_channel = SQ_ALGOS[quant_algo]
+    return SmoothQuantMethod(quant_algo, per_token, per_channel)
+
+
+class SmoothQuantMatmul:
+    """A W8A8 linear layer's matmul (bound once at load; the forward pass holds no format checks). `act_scale` is
+    None for per-token activations, `smoother` None where the smoothing lives in the norm before the layer."""
+
+    def __init__(self, w_scale: nn.Parameter, act_scale: nn.Parameter | None,
+                 smoother: nn.Parameter | None) -> None:
+        self.w_scale, self.act_scale, self.smoother = w_scale, act_scale, smoother
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:  # [tokens, in] -> [tokens, out]
+        return sq_linear(x, weight, self.w_scale, self.act_scale, self.smoother, bias)
+
+
+def sq_glu_experts(hidden: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w13_act: torch.Tensor | None,
+                   w2: torch.Tensor, w2_scale: torch.Tensor, w2_act: torch.Tensor | None, w2_smoother: torch.Tensor,
+                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int) -> torch.Tensor:
+    """The W8A8 fused MoE in torch: hidden [tokens, hidden]; w13 [E, 2 * ffn, hidden] int8 (rows gate; up), scale
+    [E, 2 * ffn]; w2 [E, hidden, ffn] int8, scale [E, hidden], smoother [E, ffn], static act scales w13_act [1] and
+    w2_act [E] (None: per token). Returns this rank's [tokens, hidden] in hidden's dtype."""
+    out = torch.zeros(hidden.shape[0], hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    local_ids = topk_ids.long() - expert_start
+    qx, x_scale = quantize_activation(hidden, w13_act)  # the MoE input is quantized once for every expert
+    ffn = w13.shape[1] // 2
+    for e in torch.unique(local_ids).tolist():
+        if e < 0 or e >= w13.shape[0]:
+            continue
+        token_idx, slot = torch.where(local_ids == e)
+        gate_up = int8_matmul(qx[token_idx], w13[e]) * x_scale[token_idx] * w13_scale[e].float()
+        act = (F.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]).to(hidden.dtype)  # the engine dtype, as the float MoE
+        y = sq_linear(act, w2[e], w2_scale[e], None if w2_act is None else w2_act[e:e + 1], w2_smoother[e], None)
+        out.index_add_(0, token_idx, y.float() * topk_weights[token_idx, slot, None].float())
+    return out.to(hidden.dtype)
+
+
+class SmoothQuantExperts:
+    """A W8A8 MoE's experts (the torch path on every device)."""
+
+    def __init__(self, moe: MoE, per_token: bool) -> None:
+        self.moe, self.per_token = moe, per_token
+
+    def __call__(self, kernels: KernelSet, x: torch.Tensor, weights: torch.Tensor,
+                 ids: torch.Tensor) -> torch.Tensor:  # x [tokens, hidden] -> [tokens, hidden] (this rank's part)
+        m = self.moe
+        return sq_glu_experts(x, m.w13, m.w13_scale, None if self.per_token else m.w13_act_scale,
+                              m.w2, m.w2_scale, None if self.per_token else m.w2_act_scale, m.w2_smoother,
+                              weights, ids, m.expert_start)
+
+
+def _float_param(module: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 specs: tuple[ShardSpec, ...]) -> nn.Parameter:
+    param = nn.Parameter(torch.empty(shape, dtype=dtype, device=device), requires_grad=False)
+    param.shard_specs = specs  # type: ignore[attr-defined]
+    setattr(module, name, param)
+    return param
+
+
+def _int8_weight(module: nn.Module, name: str, method: SmoothQuantMethod) -> tuple[nn.Parameter, tuple]:
+    """Swap the float parameter `name` ([..., out, in]) for int8 storage and add `<name>_scale` ([..., out])."""
+    old: nn.Parameter = getattr(module, name)
+    logical, specs = tuple(old.shape), getattr(old, "shard_specs", ())
+    stored = nn.Parameter(torch.empty(logical, dtype=torch.int8, device=old.device), requires_grad=False)
+    stored.shard_specs = specs  # type: ignore[attr-defined]
+    stored.logical_shape = logical  # type: ignore[attr-defined]
+    stored.weight_only = method  # type: ignore[attr-defined]  (convert quantizes the full weight through it)
+    setattr(module, name, stored)
+    scale = _float_param(module, name + "_scale", logical[:-1], old.dtype, old.device,
+                         tuple(s for s in specs if s.dim < len(logical) - 1))
+    scale.is_weight_scale = True  # type: ignore[attr-defined]
+    return old, specs
+
+
+def _moved(specs: tuple[ShardSpec, ...], dim: int, new_dim: int) -> tuple[ShardSpec, ...]:
+    """The weight's split of dimension `dim`, re-aimed at dimension `new_dim` of a smoother or scale."""
+    return tuple(ShardSpec(new_dim, s.segments, s.pad) for s in specs if s.dim == dim)
+
+
+def _quantize_linear(module: LinearBase, method: SmoothQuantMethod) -> None:
+    old, specs = _int8_weight(module, "weight", method)
+    act = _float_param(module, "act_scale", (1,), old.dtype, old.device, ())
+    smoother = None
+    if isinstance(module, RowParallelLinear):  # its input is not a norm's output: smoothed at run time
+        smoother = _float_param(module, "smoother", (module.in_features,), old.dtype, old.device,
+                                _moved(specs, 1, 0))
+    module.matmul = SmoothQuantMatmul(module.weight_scale, None if method.per_token else act, smoother)
+
+
+def _quantize_moe(moe: MoE, method: SmoothQuantMethod) -> None:
+    old13, _ = _int8_weight(moe, "w13", method)
+    old2, specs2 = _int8_weight(moe, "w2", method)
+    _float_param(moe, "w13_act_scale", (1,), old13.dtype, old13.device, ())
+    experts = _moved(specs2, 0, 0)
+    _float_param(moe, "w2_act_scale", (old2.shape[0],), old2.dtype, old2.device, experts)
+    _float_param(moe, "w2_smoother", (old2.shape[0], old2.shape[2]), old2.dtype, old2.device,
+                 experts + _moved(specs2, 2, 1))
+    moe.run_experts = SmoothQuantExperts(moe, method.per_token)
+
+
+def apply_smoothquant(model: nn.Module, method: SmoothQuantMethod) -> int:
+    """Give `model` the parameters and matmuls of `method`'s W8A8 format. Returns how many layers were quantized."""
+    count = 0
+    for _, module in list(model.named_modules()):
+        if isinstance(module, LinearBase) and not isinstance(module, ReplicatedLinear):
+            _quantize_linear(module, method)
+            count += 1
+        elif isinstance(module, MoE):
+            _quantize_moe(module, method)
+            count += 1
+    return count
+
