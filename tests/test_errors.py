@@ -79,9 +79,13 @@ def test_no_weights_and_no_config(tmp_path, capsys):
 def test_convert_flag_errors(tmp_path, capsys):
     assert kiln_main(["convert", "--output_dir", str(tmp_path / "x")]) == 2
     assert "exactly one of --model_dir, --preset or --config" in capsys.readouterr().err
-    assert kiln_main(["convert", "--preset", "dbrx-tiny", "--smoothquant", "0.5", "--output_dir",
+    assert kiln_main(["convert", "--preset", "dbrx-tiny", "--smoothquant", "0.5", "--use_weight_only",
+                      "--output_dir", str(tmp_path / "x")]) == 2  # SmoothQuant runs, but not mixed with weight-only
+    assert "--smoothquant, --use_weight_only: this quantization is not implemented in kiln yet" in \
+        capsys.readouterr().err
+    assert kiln_main(["convert", "--preset", "dbrx-tiny", "--smoothquant", "2", "--output_dir",
                       str(tmp_path / "x")]) == 2
-    assert "--smoothquant: this quantization is not implemented in kiln yet" in capsys.readouterr().err
+    assert "needs a SmoothQuant alpha in [0, 1]" in capsys.readouterr().err
     assert kiln_main(["convert", "--preset", "dbrx-tiny", "--tp_size", "3", "--output_dir", str(tmp_path / "x")]) == 2
     assert "cannot be split evenly over 3 ranks" in capsys.readouterr().err
     with pytest.raises(SystemExit):

@@ -4,7 +4,7 @@ on tiny random checkpoints in the published layouts placed where the READMEs loo
 mosaicml/mpt-7b, baichuan-inc/Baichuan-13B-Chat, each with its tokenizer). Tensor and pipeline sizes above 2 are
 scaled to 2 so that the ranks run on two CPU cores. Each line must produce what it is for (a checkpoint or engine with
 the stated mapping, dtype, weight and KV-cache quantization, or generated text) or fail with the exact one-line reason:
-quantization other than weight-only INT8/INT4 and an INT8/FP8 KV cache is refused until issues 14/15 finish, the
+quantization other than weight-only INT8/INT4, SmoothQuant and an INT8/FP8 KV cache is refused until issues 14/15 finish, the
 legacy build.py's one-step flags (--dtype, --model_version) over an already converted checkpoint are refused, the
 tiny Baichuan stand-in cannot be recognised without --model_version (the published one can), and the MPT README's
 `--tp_szie` is a misspelling that must stay an error.
@@ -94,10 +94,12 @@ EXPECT: dict[str, list[Expect]] = {
     MPT: [
         ckpt("ckpts/mpt-7b/fp16", "float16"), ckpt("ckpts/mpt-7b/fp32_tp4", "float32", tp=2),
         ckpt("ckpts/mpt-7b/int8_wo", "float32", quant_algo="W8A16"),
-        ckpt("ckpts/mpt-7b/int4_wo", "float32", quant_algo="W4A16"), quant("--smoothquant"),
+        ckpt("ckpts/mpt-7b/int4_wo", "float32", quant_algo="W4A16"),
+        ckpt("ckpts/mpt-7b/int8_sq", "float32", quant_algo="W8A8_SQ_PER_TENSOR_PLUGIN"),
         ckpt("ckpts/mpt-7b/fp16_int8kv", "float16", kv_algo="INT8"), quant("--qformat int4_awq"), quant("--qformat fp8, --kv_cache_dtype"),
         ckpt("ckpts/mpt-7b/int8_wo", "float32", tp=2, quant_algo="W8A16"),
-        ckpt("ckpts/mpt-7b/int4_wo", "float32", quant_algo="W4A16"), quant("--qformat int8_sq, --kv_cache_dtype"),
+        ckpt("ckpts/mpt-7b/int4_wo", "float32", quant_algo="W4A16"),
+        ckpt("ckpts/mpt-7b/sq_int8kv", "float32", quant_algo="W8A8_SQ_PER_CHANNEL", kv_algo="INT8"),
         engine("trt_engines/mpt-7b/fp16", "float16"),
         Expect("typo", flags="--tp_szie 4"),
         engine("trt_engines/mpt-30b/fp16_tp4", "float16", tp=2),
@@ -113,7 +115,8 @@ EXPECT: dict[str, list[Expect]] = {
         Expect("error", flags="cannot tell which Baichuan this is"),
         Expect("error", flags="applies only with --model_dir (a one-step build)"),  # its --dtype, --model_version
         quant("--quant_ckpt_path, --use_weight_only, --weight_only_precision, --per_group, --int8_kv_cache"),
-        quant("-sq"), quant("--use_smooth_quant, --per_token, --per_channel"),
+        Expect("error", flags="cannot tell which Baichuan this is"),  # -sq runs, but the stand-in needs a version
+        quant("--use_smooth_quant, --per_token, --per_channel"),
         quant("--qformat fp8, --calib_size"), quant("--quantized_fp8_model_path, --enable_fp8, --fp8_kv_cache"),
         quant("--qformat int4_awq, --group_size, --calib_size"),
         quant("--quant_ckpt_path, --use_weight_only, --weight_only_precision, --per_group, --group_size"),
@@ -179,7 +182,7 @@ def test_every_readme_line_has_an_expectation():
         assert all(Path(to_kiln(line)[0]).name in {"convert", "build", "run", "quantize", "summarize"}
                    for line in lines)
     kinds = Counter(e.kind for lines in EXPECT.values() for e in lines)  # the counts docs/cli.md states
-    assert kinds == {"checkpoint": 13, "engine": 12, "text": 7, "quant": 12, "error": 2, "typo": 1, "summarize": 3}
+    assert kinds == {"checkpoint": 15, "engine": 12, "text": 7, "quant": 9, "error": 3, "typo": 1, "summarize": 3}
     assert {(seed, i) for seed, lines in EXPECT.items() for i, e in enumerate(lines) if e.kind == "summarize"} == \
         SUMMARIZE_LINES
     assert to_kiln(commands[DBRX][2])[-4:] == ["--pp_size", "2", "--tp_size", "2"]

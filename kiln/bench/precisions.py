@@ -17,7 +17,8 @@ from kiln.bench.report import BenchReport
 from kiln.config import ConfigError, QuantConfig
 
 # --weight_only_precision -> quant_algo (TensorRT-LLM's names; the group-wise ones per the group-wise format).
-PRECISION_ALGOS = {"none": None, "int8": "W8A16", "int4": "W4A16", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_GPTQ"}
+PRECISION_ALGOS = {"none": None, "int8": "W8A16", "int4": "W4A16", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_GPTQ",
+                   "int8_sq": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"}  # SmoothQuant W8A8 (unit absmax on dummies)
 GROUP_WISE = ("int4_awq", "int4_gptq")
 
 
@@ -28,6 +29,8 @@ def precision_quant(precision: str, group_size: int) -> QuantConfig:
         return QuantConfig()
     if precision in GROUP_WISE:
         return QuantConfig(quant_algo=algo, group_size=group_size)
+    if precision == "int8_sq":  # alpha matters only for calibrated weights; dummies smooth on unit absmax
+        return QuantConfig(quant_algo=algo, smoothquant_val=0.5)
     return QuantConfig(quant_algo=algo)
 
 
