@@ -249,3 +249,50 @@ def test_quantized_model_equals_fake_quant_reference(family, mode, tmp_path):
         want, got = prefill_logits(ref, ids), prefill_logits(model, ids)
         assert torch.allclose(got, want, rtol=1e-4, atol=1e-4), (got - want).abs().max()
         assert not torch.allclose(got, prefill_logits(plain, ids), atol=1e-4)  # the rounding is really there
+
+
+# ------------------------------------------------------------------------------------------ tensor parallel, flags
+
+def scores_and_tokens(engine: Path) -> tuple[list[torch.Tensor], list[list[int]]]:
+    greedy = kiln.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
+    with kiln.LLM(engine, device="cpu") as llm:
+        return [llm.score(p) for p in PROMPTS], [r.outputs[0].token_ids for r in llm.generate(PROMPTS, greedy)]
+
+
+def sq_engine(tmp: Path, hf: Path, text: Path, mode: str, *extra: str) -> Path:
+    assert kiln_main(["convert", "--model_dir", str(hf), "--output_dir", str(tmp / "ckpt"), "--dtype", "float32",
+                      "--smoothquant", "0.5", *MODES[mode], "--calib_size", "4", "--calib_max_seq_length", "32",
+                      "--calib_dataset", str(text), *extra]) == 0
+    assert kiln_main(["build", "--checkpoint_dir", str(tmp / "ckpt"), "--output_dir", str(tmp / "engine"),
+                      "--max_batch_size", "4", "--max_input_len", "32", "--max_seq_len", "64"]) == 0
+    return tmp / "engine"
+
+
+@pytest.mark.parametrize("family, mode, extra", [
+    ("mpt", "tens-ch", ()),  # static activation scales: every rank quantizes exactly as one rank does
+    ("dbrx", "tens-ch", ()),  # experts tensor parallel: w13 rows, w2's ffn and its smoother split
+    ("dbrx", "tens-tens", ("--moe_tp_mode", "1")),  # expert parallel: whole experts, their smoothers and scales
+    ("mpt", "tok-ch", ()),  # per token: a row-parallel layer's scale is over its rank's slice (close, not equal)
+])
+def test_tp2_equals_tp1(family, mode, extra, tmp_path):
+    hf, text = calibrated_dir(tmp_path, family), calib_text(tmp_path)
+    one = scores_and_tokens(sq_engine(tmp_path / "tp1", hf, text, mode))
+    two = scores_and_tokens(sq_engine(tmp_path / "tp2", hf, text, mode, "--tp_size", "2", *extra))
+    # Per token, each rank's o_proj/down_proj input slice has its own scales: rounding differs at the level of the
+    # quantization noise itself (these random tiny models' logits move by ~0.05 under it).
+    tol = 0.15 if "--per_token" in MODES[mode] else 1e-4
+    for a, b in zip(two[0], one[0]):
+        assert (a - b).abs().max().item() < tol
+    if tol < 1e-3:
+        assert two[1] == one[1]
+
+
+def test_quantize_int8_sq_and_bad_alpha(tmp_path, capsys):
+    hf, text = calibrated_dir(tmp_path, "mpt"), calib_text(tmp_path)
+    assert kiln_main(["quantize", "--model_dir", str(hf), "--output_dir", str(tmp_path / "q"), "--qformat", "int8_sq",
+                      "--calib_size", "2", "--calib_max_seq_length", "16", "--calib_dataset", str(text)]) == 0
+    quant = json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]
+    assert (quant["quant_algo"], quant["smoothquant_val"]) == ("W8A8_SQ_PER_CHANNEL", 0.5)
+    assert kiln_main(["convert", "--model_dir", str(hf), "--output_dir", str(tmp_path / "x"), "-sq", "high"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "kiln convert: error: --smoothquant takes the smoothing alpha, a number in [0, 1] (e.g. 0.5), got 'high'")

@@ -1,0 +1,184 @@
+"""Triton kernels of SmoothQuant W8A8 (contract: kiln.quant.smoothquant's torch functions, bit for bit).
+
+- `add_norm_quant`: the pre-norm block's residual add and LayerNorm/RMSNorm (triton_norm's math) with the INT8
+  quantization of the normed row in the same pass: the norm's output never goes to memory in the float dtype, the
+  QKV and first MLP projection read int8 (the smoothing is folded into the norm weights by convert).
+- `smooth_quant`: a row times the runtime smoother, quantized (per token or static): the attention output and the
+  MLP activation before o_proj / down_proj.
+- `int8_gemm`: q_x [M, K] int8 @ q_w [N, K] int8 ^T with int32 accumulation and the scaling epilogue
+  `acc * a_scale[m] * w_scale[n] + bias[n]`, stored in the activation dtype.
+
+Rounding is torch.round's (to nearest, ties to even) by the 1.5 * 2^23 trick, the divisions IEEE (div_rn), so that
+the int8 values equal the torch path's.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kiln.kernels.triton_common import next_power_of_2, while_loops
+
+ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
+QMAX: tl.constexpr = tl.constexpr(127.0)
+
+
+@triton.jit
+def _quantize_row(v, mask, scale_ptr, out_scale_ptr, q_ptr, row, stride_q, cols, PER_TOKEN: tl.constexpr):
+    """Quantize one float32 row `v` (masked lanes 0): per token amax / 127 (1 for an all-zero row) or the static
+    scale; store q (int8) and the row's scale (float32)."""
+    if PER_TOKEN:
+        amax = tl.max(tl.abs(v), axis=0)
+        scale = tl.where(amax == 0.0, 1.0, tl.math.div_rn(amax, QMAX))
+    else:
+        scale = tl.load(scale_ptr).to(tl.float32)
+    r = tl.minimum(tl.maximum(tl.math.div_rn(v, scale), -QMAX), QMAX)
+    r = (r + ROUND_MAGIC) - ROUND_MAGIC
+    tl.store(q_ptr + row * stride_q + cols, r.to(tl.int8), mask=mask)
+    tl.store(out_scale_ptr + row, scale)
+
+
+@triton.jit
+def _add_norm_quant_kernel(
+    x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, q_ptr, act_scale_ptr, out_scale_ptr,
+    dim, stride_x, stride_r, stride_s, stride_q, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, PER_TOKEN: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < dim
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * stride_s + cols, s, mask=mask)
+        x = s.to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    if RMS:
+        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
+        normed = (x * rstd).to(w.dtype)
+        y = normed.to(tl.float32) * w.to(tl.float32)
+    else:
+        mean = tl.sum(x, axis=0) / dim
+        centred = tl.where(mask, x - mean, 0.0)
+        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / dim + eps)
+        y = centred * rstd * w.to(tl.float32)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    # The norm's output as the float path would hold it (rounded to the model dtype), then quantized.
+    y = tl.where(mask, y.to(sum_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    _quantize_row(y, mask, act_scale_ptr, out_scale_ptr, q_ptr, row, stride_q, cols, PER_TOKEN)
+
+
+@triton.jit
+def _smooth_quant_kernel(x_ptr, smoother_ptr, q_ptr, act_scale_ptr, out_scale_ptr, dim, stride_x, stride_q,
+                         HAS_SMOOTHER: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < dim
+    v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_SMOOTHER:
+        v = v * tl.load(smoother_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    _quantize_row(v, mask, act_scale_ptr, out_scale_ptr, q_ptr, row, stride_q, cols, PER_TOKEN)
+
+
+@triton.jit
+def _gemm_step(a_ptr, b_ptr, rm, rn, kk, M, N, K, stride_am, stride_bn, acc):
+    """acc [BLOCK_M, BLOCK_N] int32 + the int8 tiles of columns kk."""
+    a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + kk[None, :],
+                mask=(rm[:, None] < M) & (kk[None, :] < K), other=0)
+    b = tl.load(b_ptr + rn[None, :].to(tl.int64) * stride_bn + kk[:, None],
+                mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
+    return tl.dot(a, b, acc, out_dtype=tl.int32)
+
+
+@triton.jit
+def _int8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, c_ptr, M, N, K,
+                      stride_am, stride_bn, stride_cm, HAS_BIAS: tl.constexpr, WHILE_LOOP: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m, pid_n = tl.program_id(0), tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    steps = tl.cdiv(K, BLOCK_K)
+    if WHILE_LOOP:  # the interpreter (triton_common.while_loops)
+        i = 0
+        while i < steps:
+            acc = _gemm_step(a_ptr, b_ptr, rm, rn, i * BLOCK_K + rk, M, N, K, stride_am, stride_bn, acc)
+            i += 1
+    else:
+        for i in range(0, steps):
+            acc = _gemm_step(a_ptr, b_ptr, rm, rn, i * BLOCK_K + rk, M, N, K, stride_am, stride_bn, acc)
+    a_scale = tl.load(a_scale_ptr + rm, mask=rm < M, other=0.0)
+    w_scale = tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+    y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)
+        y += bias[None, :]
+    tl.store(c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :], y.to(c_ptr.dtype.element_ty),
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
+def add_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
+                   eps: float, rms: bool, act_scale: torch.Tensor | None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, residual [tokens, dim] -> (q [tokens, dim] int8, scale [tokens, 1] float32, summed [tokens, dim]);
+    act_scale [1] static, None per token."""
+    tokens, dim = x.shape
+    q = torch.empty(tokens, dim, dtype=torch.int8, device=x.device)
+    scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
+    summed = x if residual is None else torch.empty_like(x)
+    if tokens == 0:
+        return q, scale, summed
+    block = max(next_power_of_2(dim), 16)
+    res = residual if residual is not None else x
+    _add_norm_quant_kernel[(tokens,)](
+        x, res, weight, bias if bias is not None else weight, summed, q, act_scale if act_scale is not None else scale,
+        scale, dim, x.stride(0), res.stride(0), summed.stride(0), q.stride(0), float(eps),
+        HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, RMS=rms, PER_TOKEN=act_scale is None,
+        BLOCK=block, num_warps=_warps(block))
+    return q, scale, summed
+
+
+def smooth_quant(x: torch.Tensor, smoother: torch.Tensor | None,
+                 act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [tokens, dim] (times smoother [dim]) -> q [tokens, dim] int8 and scale [tokens, 1] float32, as
+    kiln.quant.smoothquant.quantize_activation."""
+    x = x.contiguous()
+    tokens, dim = x.shape
+    q = torch.empty(tokens, dim, dtype=torch.int8, device=x.device)
+    scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
+    if tokens == 0:
+        return q, scale
+    block = max(next_power_of_2(dim), 16)
+    _smooth_quant_kernel[(tokens,)](
+        x, smoother if smoother is not None else x, q, act_scale if act_scale is not None else scale, scale,
+        dim, x.stride(0), q.stride(0), HAS_SMOOTHER=smoother is not None, PER_TOKEN=act_scale is None,
+        BLOCK=block, num_warps=_warps(block))
+    return q, scale
+
+
+def int8_gemm(qx: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
+              bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """qx [M, K] int8, a_scale [M, 1] float32, qw [N, K] int8, w_scale [N], bias [N] -> [M, N] `out_dtype`."""
+    m, k = qx.shape
+    n = qw.shape[0]
+    out = torch.empty(m, n, dtype=out_dtype, device=qx.device)
+    if m == 0:
+        return out
+    block_m = 16 if m <= 16 else 64 if m <= 64 else 128
+    block_n, block_k = 128, 64
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
+    _int8_gemm_kernel[grid](qx, qw, a_scale, w_scale, bias if bias is not None else w_scale, out, m, n, k,
+                            qx.stride(0), qw.stride(0), out.stride(0), HAS_BIAS=bias is not None,
+                            WHILE_LOOP=while_loops(qx.device),
+                            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_m <= 16 else 8,
+                            num_stages=3)
+    return out

@@ -1,0 +1,81 @@
+"""SmoothQuant's Triton kernels (kiln.kernels.triton_smoothquant) against the torch path they replace, bit for bit:
+the fused add + norm + quantize, the smoother + quantize, and the INT8 GEMM with its scaling epilogue. On the CPU
+through Triton's interpreter, compiled on a GPU."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = "cpu" if INTERPRET else "cuda"
+
+import pytest  # noqa: E402
+
+from interpreted_triton import interpret_triton  # noqa: E402
+
+if INTERPRET:
+    interpret_triton(("kiln.kernels.triton_norm", "kiln.kernels.triton_smoothquant"))
+
+from kiln.kernels import reference  # noqa: E402
+from kiln.kernels.triton_norm import add_norm  # noqa: E402
+from kiln.kernels.triton_smoothquant import add_norm_quant, int8_gemm, smooth_quant  # noqa: E402
+from kiln.quant.smoothquant import int8_matmul, quantize_activation, quantize_weight  # noqa: E402
+
+DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
+
+
+def rows(tokens: int, dim: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, dim, generator=gen) * torch.exp(torch.randn(1, dim, generator=gen))  # outlier channels
+    x[min(1, tokens - 1)] = 0.0  # an all-zero token: per-token scale 1
+    return x.to(dtype).to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rms, bias, residual", [(False, True, True), (False, False, False), (True, False, True)])
+@pytest.mark.parametrize("static", [False, True])
+def test_add_norm_quant_equals_norm_then_quantize(dtype, rms, bias, residual, static):
+    x, res = rows(5, 80, dtype, 0), rows(5, 80, dtype, 1) if residual else None
+    w = (torch.rand(80) + 0.5).to(dtype).to(DEVICE)
+    b = torch.randn(80).to(dtype).to(DEVICE) if bias else None
+    act = torch.tensor([0.05], device=DEVICE) if static else None
+    if res is not None:
+        res[1] = -x[1]  # keep the zero token zero after the add
+    q, scale, summed = add_norm_quant(x, res, w, b, 1e-5, rms, act)
+    normed, want_sum = add_norm(x, res, w, b, 1e-5, rms)  # the same norm arithmetic, then torch's quantization
+    want_q, want_scale = quantize_activation(normed, act)
+    assert torch.equal(summed, want_sum)
+    assert torch.equal(scale, want_scale) and torch.equal(q, want_q)
+    torch_normed = reference.add_norm(x, res, w, b, 1e-5, rms)[0]  # and torch's norm: within a rounding step
+    assert (quantize_activation(torch_normed, act)[0].int() - q.int()).abs().max() <= 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("smoother, static", [(True, False), (True, True), (False, False)])
+def test_smooth_quant_equals_torch(dtype, smoother, static):
+    x = rows(6, 72, dtype, 2)
+    s = (torch.rand(72) + 0.25).to(dtype).to(DEVICE) if smoother else None
+    act = torch.tensor([0.03], device=DEVICE) if static else None
+    q, scale = smooth_quant(x, s, act)
+    want_q, want_scale = quantize_activation(x if s is None else x.float() * s.float(), act)
+    assert torch.equal(scale, want_scale) and torch.equal(q, want_q)
+
+
+@pytest.mark.parametrize("m", [1, 19])
+@pytest.mark.parametrize("bias", [True, False])
+def test_int8_gemm_epilogue_equals_torch(m, bias):
+    gen = torch.Generator().manual_seed(m)
+    qx = torch.randint(-127, 128, (m, 200), generator=gen, dtype=torch.int8).to(DEVICE)
+    qw, w_scale = quantize_weight(torch.randn(136, 200, generator=gen), True, torch.float32)
+    qw, w_scale = qw.to(DEVICE), w_scale.to(DEVICE)
+    a_scale = (torch.rand(m, 1, generator=gen) / 100).to(DEVICE)
+    b = torch.randn(136, generator=gen).to(DEVICE) if bias else None
+    got = int8_gemm(qx, a_scale, qw, w_scale, b, torch.float32)
+    want = int8_matmul(qx, qw) * a_scale * w_scale.float()
+    if b is not None:
+        want = want + b
+    assert torch.allclose(got, want, rtol=1e-6, atol=1e-6) if not INTERPRET else torch.equal(got, want)
