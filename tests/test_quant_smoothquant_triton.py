@@ -18,7 +18,10 @@ import pytest  # noqa: E402
 from interpreted_triton import interpret_triton  # noqa: E402
 
 if INTERPRET:
-    interpret_triton(("kiln.kernels.triton_norm", "kiln.kernels.triton_smoothquant"))
+    interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_attention_kernels",
+                      "kiln.kernels.triton_kv_cache", "kiln.kernels.triton_attention", "kiln.kernels.triton_moe_kernels",
+                      "kiln.kernels.triton_moe", "kiln.kernels.triton_norm", "kiln.kernels.triton_ops",
+                      "kiln.kernels.triton_smoothquant"))
 
 from kiln.kernels import reference  # noqa: E402
 from kiln.kernels.triton_norm import add_norm  # noqa: E402
@@ -79,3 +82,32 @@ def test_int8_gemm_epilogue_equals_torch(m, bias):
     if b is not None:
         want = want + b
     assert torch.allclose(got, want, rtol=1e-6, atol=1e-6) if not INTERPRET else torch.equal(got, want)
+
+
+# ------------------------------------------------------------------------------------- bound into a whole model
+
+@pytest.mark.parametrize("family, mode", [("mpt", "tens-ch"), ("baichuan", "tok-ch")])
+def test_bound_model_matches_torch_model(family, mode, tmp_path):
+    """A tiny W8A8 model with the Triton matmuls and quantizing norms bound (bind_smoothquant) against the same
+    model on the torch path: logits equal up to the norm's float rounding (an int8 value one step off, rarely)."""
+    from test_quant_smoothquant import MODES, calibrated_dir, prefill_logits, quantized_model, version_flags
+
+    from fixtures_kv_cache import calib_text
+    from kiln.cli.main import main as kiln_main
+    from kiln.kernels.triton_smoothquant import QuantizingNorm, TritonSmoothQuantMatmul, bind_smoothquant
+
+    hf, text = calibrated_dir(tmp_path, family), calib_text(tmp_path)
+    ckpt = tmp_path / "ckpt"
+    assert kiln_main(["convert", "--model_dir", str(hf), "--output_dir", str(ckpt), "--dtype", "float32",
+                      "--smoothquant", "0.5", *MODES[mode], "--calib_size", "4", "--calib_max_seq_length", "32",
+                      "--calib_dataset", str(text), *version_flags(family)]) == 0
+    torch_model, triton_model = quantized_model(ckpt), quantized_model(ckpt)
+    names = [n for n, _ in triton_model.named_parameters()]
+    assert bind_smoothquant(triton_model) == 4 * len(triton_model.layers)
+    assert [n for n, _ in triton_model.named_parameters()] == names  # the quantizing norms keep the parameters
+    block = triton_model.layers["0"]
+    assert isinstance(block.input_norm, QuantizingNorm) and isinstance(block.post_attn_norm, QuantizingNorm)
+    assert isinstance(block.attn.o_proj.matmul, TritonSmoothQuantMatmul)
+    for ids in ([5, 17, 33, 2, 99, 150, 7], list(range(40, 61))):
+        want, got = prefill_logits(torch_model, ids), prefill_logits(triton_model, ids)
+        assert torch.allclose(got, want, rtol=1e-3, atol=2e-3), (got - want).abs().max()

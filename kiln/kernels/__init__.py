@@ -283,6 +283,9 @@ def bind_linear_matmuls(model: torch.nn.Module, kernels: KernelSet, device: torc
     from kiln.kernels.triton_weight_only import bind_weight_only  # needs triton
 
     bound = bind_weight_only(model, kernels.weight_only)
+    from kiln.kernels.triton_smoothquant import bind_smoothquant  # SmoothQuant W8A8 layers and their norms
+
+    bound += bind_smoothquant(model)
     if kernels.gemv:
         from kiln.kernels.triton_gemv import bind_gemv
 

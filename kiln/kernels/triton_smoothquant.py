@@ -14,11 +14,17 @@ the int8 values equal the torch path's.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
+from torch import nn
 
 from kiln.kernels.triton_common import next_power_of_2, while_loops
+from kiln.layers.linear import LinearBase
+from kiln.layers.norm import FusedAddNorm, RMSNorm
+from kiln.quant.smoothquant import SmoothQuantMatmul
 
 ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
 QMAX: tl.constexpr = tl.constexpr(127.0)
@@ -182,3 +188,71 @@ def int8_gemm(qx: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, w_scale
                             BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=4 if block_m <= 16 else 8,
                             num_stages=3)
     return out
+
+
+# ------------------------------------------------------------------------------------------ binding to a model
+
+class QuantizedActivation(NamedTuple):
+    """A norm's output already quantized: q [tokens, dim] int8, scale [tokens, 1] float32, the model dtype."""
+
+    q: torch.Tensor
+    scale: torch.Tensor
+    dtype: torch.dtype
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.q.shape
+
+
+class TritonSmoothQuantMatmul:
+    """A W8A8 layer on the Triton kernels: its input quantized by the norm before it (QKV, the first MLP projection)
+    or here by smooth_quant (o_proj, down_proj: the smoother rides in that pass), then the INT8 GEMM."""
+
+    def __init__(self, w_scale: torch.Tensor, act_scale: torch.Tensor | None, smoother: torch.Tensor | None) -> None:
+        self.w_scale, self.act_scale, self.smoother = w_scale, act_scale, smoother
+
+    def __call__(self, x: torch.Tensor | QuantizedActivation, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:  # [tokens, in] -> [tokens, out]
+        if isinstance(x, QuantizedActivation):
+            q, scale, dtype = x
+        else:
+            (q, scale), dtype = smooth_quant(x, self.smoother, self.act_scale), x.dtype
+        return int8_gemm(q, scale, weight, self.w_scale, bias, dtype)
+
+
+class QuantizingNorm(FusedAddNorm):
+    """The norm before a W8A8 layer, quantizing its output in the add + norm kernel. It holds the same weight and
+    bias parameters under the same names, so the model's parameters are unchanged."""
+
+    def __init__(self, norm: nn.Module, act_scale: torch.Tensor | None) -> None:
+        super().__init__()
+        self.weight, self.bias = norm.weight, getattr(norm, "bias", None)
+        self.eps, self.rms = norm.eps, isinstance(norm, RMSNorm)
+        # The layer's own act_scale parameter, referenced, not registered here a second time.
+        object.__setattr__(self, "act_scale", act_scale)
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[QuantizedActivation, torch.Tensor]:
+        q, scale, summed = add_norm_quant(x, residual, self.weight, self.bias, self.eps, self.rms, self.act_scale)
+        return QuantizedActivation(q, scale, x.dtype), summed
+
+
+def _first_projection(block: nn.Module) -> LinearBase | None:
+    """The dense MLP's first projection (a MoE's router reads the float norm output: not fused)."""
+    first = getattr(block.ffn, "gate_up_proj", None)
+    return first if first is not None else getattr(block.ffn, "up_proj", None)
+
+
+def bind_smoothquant(model: nn.Module) -> int:
+    """Give every W8A8 linear layer of `model` the Triton matmul, and the norms before QKV and a dense MLP the
+    quantizing add + norm. Returns how many layers were bound."""
+    bound = 0
+    for module in model.modules():
+        matmul = getattr(module, "matmul", None)
+        if isinstance(module, LinearBase) and isinstance(matmul, SmoothQuantMatmul):
+            module.matmul = TritonSmoothQuantMatmul(matmul.w_scale, matmul.act_scale, matmul.smoother)
+            bound += 1
+    for block in getattr(model, "layers", {}).values():
+        for norm_name, layer in (("input_norm", block.attn.qkv_proj), ("post_attn_norm", _first_projection(block))):
+            if layer is not None and isinstance(layer.matmul, TritonSmoothQuantMatmul):
+                setattr(block, norm_name, QuantizingNorm(getattr(block, norm_name), layer.matmul.act_scale))
+    return bound

@@ -38,10 +38,20 @@ class RMSNorm(nn.Module):
         return reference.rms_norm(x, self.weight, self.eps)
 
 
+class FusedAddNorm(nn.Module):
+    """A norm that a quantized format swapped in after loading, with its own fused add + norm (SmoothQuant's
+    quantizing norm, kiln.kernels.triton_smoothquant): its output is what the next layer's bound matmul reads."""
+
+    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[object, torch.Tensor]:
+        raise NotImplementedError
+
+
 def add_and_norm(norm: nn.Module, x: torch.Tensor, residual: torch.Tensor | None,
                  kernels: KernelSet) -> tuple[torch.Tensor, torch.Tensor]:
     """`summed = x + residual` (x when residual is None) and `norm(summed)` through the engine's kernels: one
     Triton launch on the GPU instead of an add and a norm. Returns (normed, summed), both [tokens, dim]."""
+    if isinstance(norm, FusedAddNorm):
+        return norm.add_norm(x, residual)  # type: ignore[return-value]
     if isinstance(norm, RMSNorm):
         return kernels.add_norm(x, residual, norm.weight, None, norm.eps, True)
     if isinstance(norm, LayerNorm):
