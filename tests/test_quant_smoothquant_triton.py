@@ -86,6 +86,7 @@ def test_int8_gemm_epilogue_equals_torch(m, bias):
 
 # ------------------------------------------------------------------------------------- bound into a whole model
 
+@pytest.mark.skipif(not INTERPRET, reason="CPU models; on a GPU test_quant_smoothquant_gpu.py runs whole engines")
 @pytest.mark.parametrize("family, mode", [("mpt", "tens-ch"), ("baichuan", "tok-ch")])
 def test_bound_model_matches_torch_model(family, mode, tmp_path):
     """A tiny W8A8 model with the Triton matmuls and quantizing norms bound (bind_smoothquant) against the same
