@@ -18,14 +18,10 @@ _MAX_DIM = 32768  # one row lives in registers; wider rows are not a hidden size
 
 
 @triton.jit
-def _add_norm_kernel(
-    x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr,
-    dim, stride_x, stride_r, stride_o, stride_s, eps,
-    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < dim
+def add_norm_row(x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, row, cols, mask, dim, stride_x, stride_r, stride_s, eps,
+                 HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr):
+    """One row's residual add (the sum stored) and norm: returns the normed row in float32, before rounding to the
+    model dtype (also the body of SmoothQuant's quantizing norm, triton_smoothquant)."""
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
@@ -45,6 +41,20 @@ def _add_norm_kernel(
         y = centred * rstd * w.to(tl.float32)
         if HAS_BIAS:
             y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    return y
+
+
+@triton.jit
+def _add_norm_kernel(
+    x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, sum_ptr,
+    dim, stride_x, stride_r, stride_o, stride_s, eps,
+    HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr, BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < dim
+    y = add_norm_row(x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, row, cols, mask, dim, stride_x, stride_r, stride_s, eps,
+                     HAS_RESIDUAL, HAS_BIAS, RMS)
     tl.store(out_ptr + row * stride_o + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
 

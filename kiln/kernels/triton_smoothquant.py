@@ -22,6 +22,7 @@ import triton.language as tl
 from torch import nn
 
 from kiln.kernels.triton_common import next_power_of_2, while_loops
+from kiln.kernels.triton_norm import add_norm_row
 from kiln.layers.linear import LinearBase
 from kiln.layers.norm import FusedAddNorm, RMSNorm
 from kiln.quant.smoothquant import SmoothQuantMatmul
@@ -55,24 +56,8 @@ def _add_norm_quant_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < dim
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-        s = (x + r).to(sum_ptr.dtype.element_ty)
-        tl.store(sum_ptr + row * stride_s + cols, s, mask=mask)
-        x = s.to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
-    if RMS:
-        rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / dim + eps)
-        normed = (x * rstd).to(w.dtype)
-        y = normed.to(tl.float32) * w.to(tl.float32)
-    else:
-        mean = tl.sum(x, axis=0) / dim
-        centred = tl.where(mask, x - mean, 0.0)
-        rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, axis=0) / dim + eps)
-        y = centred * rstd * w.to(tl.float32)
-        if HAS_BIAS:
-            y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    y = add_norm_row(x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, row, cols, mask, dim, stride_x, stride_r, stride_s, eps,
+                     HAS_RESIDUAL, HAS_BIAS, RMS)
     # The norm's output as the float path would hold it (rounded to the model dtype), then quantized.
     y = tl.where(mask, y.to(sum_ptr.dtype.element_ty).to(tl.float32), 0.0)
     _quantize_row(y, mask, act_scale_ptr, out_scale_ptr, q_ptr, row, stride_q, cols, PER_TOKEN)
