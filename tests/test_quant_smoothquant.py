@@ -268,19 +268,23 @@ def sq_engine(tmp: Path, hf: Path, text: Path, mode: str, *extra: str) -> Path:
     return tmp / "engine"
 
 
+TP2 = ("--tp_size", "2")
+
+
 @pytest.mark.parametrize("family, mode, extra", [
-    ("mpt", "tens-ch", ()),  # static activation scales: every rank quantizes exactly as one rank does
-    ("dbrx", "tens-ch", ()),  # experts tensor parallel: w13 rows, w2's ffn and its smoother split
-    ("dbrx", "tens-tens", ("--moe_tp_mode", "1")),  # expert parallel: whole experts, their smoothers and scales
-    ("mpt", "tok-ch", ()),  # per token: a row-parallel layer's scale is over its rank's slice (close, not equal)
+    ("mpt", "tens-ch", TP2),  # static activation scales: every rank quantizes exactly as one rank does
+    ("dbrx", "tens-ch", TP2),  # experts tensor parallel: w13 rows, w2's ffn and its smoother split
+    ("dbrx", "tens-tens", (*TP2, "--moe_tp_mode", "1")),  # expert parallel: whole experts, smoothers, scales
+    ("baichuan", "tok-ch", ("--pp_size", "2")),  # pipeline stages: each its own layers' smoothing
+    ("mpt", "tok-ch", TP2),  # per token: a row-parallel layer's scale is over its rank's slice (close, not equal)
 ])
-def test_tp2_equals_tp1(family, mode, extra, tmp_path):
+def test_parallel_equals_one_rank(family, mode, extra, tmp_path):
     hf, text = calibrated_dir(tmp_path, family), calib_text(tmp_path)
-    one = scores_and_tokens(sq_engine(tmp_path / "tp1", hf, text, mode))
-    two = scores_and_tokens(sq_engine(tmp_path / "tp2", hf, text, mode, "--tp_size", "2", *extra))
+    one = scores_and_tokens(sq_engine(tmp_path / "tp1", hf, text, mode, *version_flags(family)))
+    two = scores_and_tokens(sq_engine(tmp_path / "tp2", hf, text, mode, *version_flags(family), *extra))
     # Per token, each rank's o_proj/down_proj input slice has its own scales: rounding differs at the level of the
     # quantization noise itself (these random tiny models' logits move by ~0.05 under it).
-    tol = 0.15 if "--per_token" in MODES[mode] else 1e-4
+    tol = 0.15 if "--per_token" in MODES[mode] and "--tp_size" in extra else 1e-4
     for a, b in zip(two[0], one[0]):
         assert (a - b).abs().max().item() < tol
     if tol < 1e-3:
