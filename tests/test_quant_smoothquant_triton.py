@@ -14,6 +14,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 DEVICE = "cpu" if INTERPRET else "cuda"
 
 import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 
 from interpreted_triton import interpret_triton  # noqa: E402
 
@@ -25,7 +26,8 @@ if INTERPRET:
 
 from kiln.kernels import reference  # noqa: E402
 from kiln.kernels.triton_norm import add_norm  # noqa: E402
-from kiln.kernels.triton_smoothquant import add_norm_quant, int8_gemm, smooth_quant  # noqa: E402
+from kiln.kernels.triton_smoothquant import act_quant, add_norm_quant, int8_gemm, smooth_quant  # noqa: E402
+from kiln.layers.mlp import silu_and_mul  # noqa: E402
 from kiln.quant.smoothquant import int8_matmul, quantize_activation, quantize_weight  # noqa: E402
 
 DTYPES = [torch.float32] if INTERPRET else [torch.float32, torch.bfloat16]
@@ -68,6 +70,22 @@ def test_smooth_quant_equals_torch(dtype, smoother, static):
     assert torch.equal(scale, want_scale) and torch.equal(q, want_q)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gated, static", [(True, False), (True, True), (False, False)])
+def test_act_quant_equals_activation_then_quantize(dtype, gated, static):
+    """silu(gate) * up or exact GELU, times the smoother, quantized, against torch's ops then quantize_activation:
+    equal int8 values but where exp/erf's last bit moves a value across a rounding boundary (one step, rarely)."""
+    x = rows(7, 2 * 48 if gated else 48, dtype, 3)
+    s = (torch.rand(48) + 0.25).to(dtype).to(DEVICE)
+    act = torch.tensor([0.05], device=DEVICE) if static else None
+    q, scale = act_quant(x, gated, s, act)
+    torch_act = silu_and_mul(x) if gated else F.gelu(x)
+    want_q, want_scale = quantize_activation(torch_act.float() * s.float(), act)
+    assert torch.allclose(scale, want_scale, rtol=1e-5, atol=0)
+    diff = (q.int() - want_q.int()).abs()
+    assert diff.max() <= 1 and (diff > 0).float().mean() < 0.02
+
+
 @pytest.mark.parametrize("m", [1, 19])
 @pytest.mark.parametrize("bias", [True, False])
 def test_int8_gemm_epilogue_equals_torch(m, bias):
@@ -95,7 +113,8 @@ def test_bound_model_matches_torch_model(family, mode, tmp_path):
 
     from fixtures_kv_cache import calib_text
     from kiln.cli.main import main as kiln_main
-    from kiln.kernels.triton_smoothquant import QuantizingNorm, TritonSmoothQuantMatmul, bind_smoothquant
+    from kiln.kernels.triton_smoothquant import QuantizingActivation, QuantizingNorm, TritonSmoothQuantMatmul
+    from kiln.kernels.triton_smoothquant import bind_smoothquant
 
     hf, text = calibrated_dir(tmp_path, family), calib_text(tmp_path)
     ckpt = tmp_path / "ckpt"
@@ -109,6 +128,7 @@ def test_bound_model_matches_torch_model(family, mode, tmp_path):
     block = triton_model.layers["0"]
     assert isinstance(block.input_norm, QuantizingNorm) and isinstance(block.post_attn_norm, QuantizingNorm)
     assert isinstance(block.attn.o_proj.matmul, TritonSmoothQuantMatmul)
+    assert isinstance(block.ffn.activation, QuantizingActivation)
     for ids in ([5, 17, 33, 2, 99, 150, 7], list(range(40, 61))):
         want, got = prefill_logits(torch_model, ids), prefill_logits(triton_model, ids)
         assert torch.allclose(got, want, rtol=1e-3, atol=2e-3), (got - want).abs().max()

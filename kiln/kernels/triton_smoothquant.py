@@ -3,8 +3,10 @@
 - `add_norm_quant`: the pre-norm block's residual add and LayerNorm/RMSNorm (triton_norm's math) with the INT8
   quantization of the normed row in the same pass: the norm's output never goes to memory in the float dtype, the
   QKV and first MLP projection read int8 (the smoothing is folded into the norm weights by convert).
-- `smooth_quant`: a row times the runtime smoother, quantized (per token or static): the attention output and the
-  MLP activation before o_proj / down_proj.
+- `smooth_quant`: a row times the runtime smoother, quantized (per token or static): the attention output before
+  o_proj.
+- `act_quant`: a dense MLP's activation (silu(gate) * up, or exact GELU) times down_proj's smoother, quantized, in
+  the same pass: down_proj reads int8.
 - `int8_gemm`: q_x [M, K] int8 @ q_w [N, K] int8 ^T with int32 accumulation and the scaling epilogue
   `acc * a_scale[m] * w_scale[n] + bias[n]`, stored in the activation dtype.
 
@@ -24,6 +26,7 @@ from torch import nn
 from kiln.kernels.triton_common import next_power_of_2, while_loops
 from kiln.kernels.triton_norm import add_norm_row
 from kiln.layers.linear import LinearBase
+from kiln.layers.mlp import GatedMLP
 from kiln.layers.norm import FusedAddNorm, RMSNorm
 from kiln.quant.smoothquant import SmoothQuantMatmul
 
@@ -83,6 +86,29 @@ def _gemm_step(a_ptr, b_ptr, rm, rn, kk, M, N, K, stride_am, stride_bn, acc):
     b = tl.load(b_ptr + rn[None, :].to(tl.int64) * stride_bn + kk[:, None],
                 mask=(rn[None, :] < N) & (kk[:, None] < K), other=0)
     return tl.dot(a, b, acc, out_dtype=tl.int32)
+
+
+@triton.jit
+def _act_quant_kernel(x_ptr, smoother_ptr, q_ptr, act_scale_ptr, out_scale_ptr, dim, stride_x, stride_q,
+                      GATED: tl.constexpr, PER_TOKEN: tl.constexpr, BLOCK: tl.constexpr):
+    """One row of the MLP activation: silu(gate) * up (GATED, x holds [gate; up]) or exact GELU, rounded to the model
+    dtype as torch's ops leave it, times the smoother, quantized."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < dim
+    base = x_ptr + row * stride_x + cols
+    dtype = x_ptr.dtype.element_ty
+    if GATED:
+        gate = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(base + dim, mask=mask, other=0.0).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        act = (silu * up).to(dtype).to(tl.float32)
+    else:
+        v = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        act = (0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))).to(dtype).to(tl.float32)
+    act = act * tl.load(smoother_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    _quantize_row(tl.where(mask, act, 0.0), mask, act_scale_ptr, out_scale_ptr, q_ptr, row, stride_q, cols,
+                  PER_TOKEN)
 
 
 @triton.jit
@@ -156,6 +182,23 @@ def smooth_quant(x: torch.Tensor, smoother: torch.Tensor | None,
     return q, scale
 
 
+def act_quant(x: torch.Tensor, gated: bool, smoother: torch.Tensor,
+              act_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The MLP activation (x [tokens, 2 * inter] -> silu(gate) * up, or x [tokens, inter] -> gelu(x)) times the
+    smoother [inter], quantized: q [tokens, inter] int8 and scale [tokens, 1] float32."""
+    x = x.contiguous()
+    tokens, dim = x.shape[0], x.shape[1] // 2 if gated else x.shape[1]
+    q = torch.empty(tokens, dim, dtype=torch.int8, device=x.device)
+    scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
+    if tokens == 0:
+        return q, scale
+    block = max(next_power_of_2(dim), 16)
+    _act_quant_kernel[(tokens,)](x, smoother, q, act_scale if act_scale is not None else scale, scale, dim,
+                                 x.stride(0), q.stride(0), GATED=gated, PER_TOKEN=act_scale is None, BLOCK=block,
+                                 num_warps=_warps(block))
+    return q, scale
+
+
 def int8_gemm(qx: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor,
               bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     """qx [M, K] int8, a_scale [M, 1] float32, qw [N, K] int8, w_scale [N], bias [N] -> [M, N] `out_dtype`."""
@@ -205,6 +248,18 @@ class TritonSmoothQuantMatmul:
         return int8_gemm(q, scale, weight, self.w_scale, bias, dtype)
 
 
+class QuantizingActivation:
+    """A dense MLP's activation bound to the fused activation + smoother + quantize kernel: down_proj's input
+    arrives quantized."""
+
+    def __init__(self, gated: bool, smoother: torch.Tensor, act_scale: torch.Tensor | None) -> None:
+        self.gated, self.smoother, self.act_scale = gated, smoother, act_scale
+
+    def __call__(self, x: torch.Tensor) -> QuantizedActivation:
+        q, scale = act_quant(x, self.gated, self.smoother, self.act_scale)
+        return QuantizedActivation(q, scale, x.dtype)
+
+
 class QuantizingNorm(FusedAddNorm):
     """The norm before a W8A8 layer, quantizing its output in the add + norm kernel. It holds the same weight and
     bias parameters under the same names, so the model's parameters are unchanged."""
@@ -240,4 +295,8 @@ def bind_smoothquant(model: nn.Module) -> int:
         for norm_name, layer in (("input_norm", block.attn.qkv_proj), ("post_attn_norm", _first_projection(block))):
             if layer is not None and isinstance(layer.matmul, TritonSmoothQuantMatmul):
                 setattr(block, norm_name, QuantizingNorm(getattr(block, norm_name), layer.matmul.act_scale))
+        down = getattr(block.ffn, "down_proj", None)
+        if down is not None and isinstance(down.matmul, TritonSmoothQuantMatmul):
+            block.ffn.activation = QuantizingActivation(isinstance(block.ffn, GatedMLP), down.matmul.smoother,
+                                                        down.matmul.act_scale)
     return bound

@@ -10,8 +10,17 @@ from kiln.config import Mapping, ModelConfig
 from kiln.layers.linear import ColumnParallelLinear, MergedColumnParallelLinear, RowParallelLinear
 
 
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:  # [tokens, 2 * inter] rows [gate; up] -> [tokens, inter]
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class GeluMLP(nn.Module):
     """`down(gelu_exact(up(x)))`, with biases unless the model has none."""
+
+    # up's output -> down's input: torch's exact GELU, unless a quantized format bound a fused kernel that also
+    # quantizes down's input (kiln.kernels.triton_smoothquant); chosen once at load, not per call.
+    activation = staticmethod(F.gelu)
 
     def __init__(self, config: ModelConfig, mapping: Mapping) -> None:
         super().__init__()
@@ -20,11 +29,13 @@ class GeluMLP(nn.Module):
         self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden]
-        return self.down_proj(F.gelu(self.up_proj(x)))
+        return self.down_proj(self.activation(self.up_proj(x)))
 
 
 class GatedMLP(nn.Module):
     """`down(silu(gate(x)) * up(x))` with gate and up fused in one column-parallel weight [gate; up]."""
+
+    activation = staticmethod(silu_and_mul)  # bound like GeluMLP.activation
 
     def __init__(self, config: ModelConfig, mapping: Mapping) -> None:
         super().__init__()
@@ -34,5 +45,4 @@ class GatedMLP(nn.Module):
         self.down_proj = RowParallelLinear(inter, config.hidden_size, *args)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [tokens, hidden]
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(self.activation(self.gate_up_proj(x)))
