@@ -174,6 +174,10 @@ class Mapping:
         return data
 
 
+GROUP_WISE_QUANT_ALGOS = ("W4A16_AWQ", "W4A16_GPTQ")
+QUANT_ALGOS = (None, "W8A16", "W4A16", *GROUP_WISE_QUANT_ALGOS)
+
+
 @dataclass
 class QuantConfig:
     """How the checkpoint's weights and KV cache are quantized (None: not quantized)."""
@@ -181,15 +185,19 @@ class QuantConfig:
     quant_algo: str | None = None
     kv_cache_quant_algo: str | None = None
     group_size: int = 128
+    has_zero_point: bool = False  # group-wise formats: asymmetric, with zero points
     exclude_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        # Weight-only per-channel INT8/INT4 (issue 14, first slice); every other format is refused by name.
-        if self.quant_algo not in (None, "W8A16", "W4A16") or self.kv_cache_quant_algo is not None:
+        # Weight-only per-channel INT8/INT4 and group-wise INT4 (AWQ, GPTQ); every other format is refused by name.
+        if self.quant_algo not in QUANT_ALGOS or self.kv_cache_quant_algo is not None:
             raise ConfigError(
                 f"quantization {self.quant_algo or self.kv_cache_quant_algo!r} is not supported by this kiln version "
-                "(weight-only W8A16 and W4A16 are); convert with those or without quantization flags"
+                f"({', '.join(a for a in QUANT_ALGOS if a)} are); convert with those or without quantization flags"
             )
+        if self.quant_algo in GROUP_WISE_QUANT_ALGOS and self.group_size not in (32, 64, 128):
+            raise ConfigError(f"group size {self.group_size!r} is not one kiln runs for {self.quant_algo}; use "
+                              "--group_size 32, 64 or 128")
 
 
 @dataclass

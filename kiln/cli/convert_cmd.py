@@ -10,7 +10,7 @@ from kiln.checkpoint.convert import ConvertPlan, convert
 from kiln.checkpoint.hf_reader import HFCheckpoint
 from kiln.checkpoint.safety import config_from_hf
 from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_config, keep_first_layers
-from kiln.cli.quant_flags import add_quant_flags, quant_config_from_flags
+from kiln.cli.quant_flags import add_quant_flags, calibration_from_flags, quant_config_from_flags
 from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
 from kiln.models import PRESETS, family_for_hf_config
@@ -29,7 +29,8 @@ IGNORED = ["--use_parallel_embedding", "--use_embedding_sharing", "--embedding_s
 REFUSED = ["--max_prompt_embedding_table_size", "--lora_target_modules", "--hf_lora_dir", "--max_lora_rank"]
 QUANT = ["--use_weight_only", "--weight_only_precision", "--per_group", "--group_size", "--quant_ckpt_path",
          "--smoothquant", "--per_token", "--per_channel", "--int8_kv_cache", "--fp8_kv_cache", "--calibrate_kv_cache",
-         "--calib_dataset", "--dataset_cache_dir", "--quantize_lm_head"]
+         "--calib_dataset", "--dataset_cache_dir", "--quantize_lm_head", "--calib_size", "--calib_max_seq_length",
+         "--desc_act"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -59,7 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_version", choices=["v1_7b", "v1_13b", "v2_7b", "v2_13b"], default=None,
                    help="Baichuan only: which Baichuan (v1/v2) and size (7b RoPE, 13b ALiBi); needed only when the "
                         "config's sizes are not the published ones (default: recognised from config.json)")
-    p.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of dummy weights and of AWQ/GPTQ calibration's windows")
     p.add_argument("--dummy_device", default="cpu", help="device that generates dummy weights (cuda is faster)")
     add_quant_flags(p, QUANT)
     add_compat_flags(p, IGNORED, REFUSED)
@@ -140,7 +141,8 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     else:
         source = DummyWeightSource(args.seed, args.dummy_device, tied_head=config.tie_word_embeddings)
         provenance = {"preset": args.preset, "config": args.config, "dummy": True, "seed": args.seed}
-    return ConvertPlan(family, config, mapping, source, quant, provenance)
+    calibration, dataset = calibration_from_flags(args, quant, args.seed)
+    return ConvertPlan(family, config, mapping, source, quant, provenance, calibration, dataset)
 
 
 def plan_from_hf(model_dir: str, dtype: str | None, tp_size: int, pp_size: int,
