@@ -270,3 +270,190 @@ def test_tp2_with_a_group_cut_between_ranks_equals_tp1(family, group, tmp_path):
     assert two[1] == one[1]
     for a, b in zip(two[0], one[0]):
         assert (a - b).abs().max().item() < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------------ calibration
+
+def correlated_layer(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A weight [48, 128] and inputs [512, 128] whose channels are correlated and of very different sizes."""
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(16, 128, generator=gen)
+    x = torch.randn(512, 16, generator=gen) @ mix + 0.1 * torch.randn(512, 128, generator=gen)
+    x = x * torch.logspace(-1, 1, 128)[torch.randperm(128, generator=gen)]
+    return torch.randn(48, 128, generator=gen) * 0.05, x
+
+
+@pytest.mark.parametrize("desc_act", [False, True])
+def test_gptq_lowers_the_layer_output_error_below_round_to_nearest(desc_act):
+    from kiln.quant.gptq import gptq_quantize
+
+    w, x = correlated_layer(7)
+    hessian = 2 * x.double().T @ x.double() / x.shape[0]
+    q, scale, zero = gptq_quantize(w, hessian, 32, 4, torch.float32, desc_act=desc_act)
+    assert q.min() >= 0 and q.max() <= 15 and scale.shape == zero.shape == (48, 4)
+    gptq = dequantize_groups(pack_uint4(q), scale, zero, 4, 32, torch.float32)
+    rtn = ref_fake_quant(w, 32)
+
+    def error(approx: torch.Tensor) -> float:
+        return float(((x @ (approx - w).T) ** 2).mean())
+
+    assert error(gptq) < 0.7 * error(rtn), (error(gptq), error(rtn))
+
+
+def test_awq_scales_never_raise_the_sampled_error():
+    from kiln.quant.awq import output_error, search_scale
+
+    w, x = correlated_layer(8)
+    s = search_scale([(w, x)], x.abs().mean(0), 32, 4)
+    assert not torch.equal(s, torch.ones_like(s))  # activation-aware: some alpha > 0 wins here
+    assert output_error([(w, x)], s, 32, 4) < output_error([(w, x)], torch.ones(128), 32, 4)
+
+
+class RandomScales:
+    """Stand-in for AwqFolder.search: a random positive scale per input channel (so that folding is exercised)."""
+
+    def __init__(self) -> None:
+        self.gen = torch.Generator().manual_seed(11)
+
+    def __call__(self, pairs, mean):
+        return torch.rand(mean.shape[0], generator=self.gen) * 3 + 0.2
+
+
+@pytest.mark.parametrize("family", ["mpt", "baichuan", "dbrx"])
+def test_awq_folding_leaves_the_float_block_unchanged(family, tmp_path):
+    from kiln.quant.awq_fold import AwqFolder
+    from kiln.quant.capture import BlockCapture
+    from kiln.quant.group_wise import GroupWiseMethod
+    from kiln.quant.layerwise import LayerwiseModel
+
+    version = "v2_7b" if family == "baichuan" else None  # RoPE, gated MLP
+    if family == "mpt":
+        cfg = mpt_published_config()
+        hf_dir = save_checkpoint(published_state(hf_mpt_model(cfg)), cfg, tmp_path / "hf")
+    elif family == "baichuan":
+        hf_dir = make_baichuan_checkpoint(tmp_path, version)[0]
+    else:
+        hf_dir = make_dbrx_checkpoint(tmp_path)[0]
+    plan = plan_from_hf(str(hf_dir), "float32", 1, 1, version)
+    tokens = torch.randint(0, plan.config.vocab_size, (4, 16), generator=torch.Generator().manual_seed(0))
+    model = LayerwiseModel(plan.config, plan.source, tokens, chunk=2)
+    acts = model.embed()
+    block = model.block(0)
+    before = dict((n, p.clone()) for n, p in block.named_parameters())
+    capture = BlockCapture(block, 64, hessian=False)
+    want = model.run(block, acts)
+    capture.remove()
+    folder = AwqFolder(capture, GroupWiseMethod("W4A16_AWQ", 4, 32), 4, clipping=False)
+    folder.search = RandomScales()
+    folder.fold_block(block)
+    changed = [n for n, p in block.named_parameters() if not torch.equal(p, before[n])]
+    assert "input_norm.weight" in changed and "post_attn_norm.weight" in changed
+    got = model.run(block, acts)
+    for a, b in ((got.hidden, want.hidden), (got.residual, want.residual)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+
+
+def dequantized_checkpoint(ckpt: Path, out: Path) -> None:
+    """A float checkpoint with the test's own dequantization of every group-wise tensor of `ckpt` (tp 1)."""
+    shutil.copytree(ckpt, out)
+    config = json.loads((out / "config.json").read_text())
+    group = config["quantization"]["group_size"]
+    config["quantization"] = {"quant_algo": None}
+    (out / "config.json").write_text(json.dumps(config))
+    tensors = load_file(str(ckpt / "rank0.safetensors"))
+    float_tensors = {}
+    for name, t in tensors.items():
+        if name.endswith(("_scale", "_zero")):
+            continue
+        if name + "_scale" in tensors:
+            q = torch.stack([t.view(torch.uint8) & 0xF, t.view(torch.uint8) >> 4], -1).flatten(-2).float()
+            idx = torch.arange(q.shape[-1]) // group
+            t = (q - tensors[name + "_zero"][..., idx]) * tensors[name + "_scale"][..., idx]
+        float_tensors[name] = t.contiguous()
+    (out / "rank0.safetensors").chmod(0o644)
+    save_file(float_tensors, str(out / "rank0.safetensors"), {"format": "pt", "kiln_rank": "0"})
+
+
+@pytest.mark.parametrize("family, algo", [("mpt", "awq"), ("baichuan", "gptq"), ("dbrx", "awq"), ("dbrx", "gptq")])
+def test_calibrated_engine_runs_its_dequantized_weights(family, algo, tmp_path):
+    if family == "mpt":
+        cfg = mpt_published_config()
+        hf_dir, version = save_checkpoint(published_state(hf_mpt_model(cfg)), cfg, tmp_path / "hf"), None
+    elif family == "baichuan":
+        hf_dir, version = make_baichuan_checkpoint(tmp_path, "v2_13b")[0], "v2_13b"
+    else:
+        hf_dir, version = make_dbrx_checkpoint(tmp_path)[0], None
+    quant = QuantConfig(quant_algo=f"W4A16_{algo.upper()}", group_size=32, has_zero_point=True)
+    plan = plan_from_hf(str(hf_dir), "float32", 1, 1, version, quant)
+    # No tokenizer in these fixtures: seeded random tokens (what dummy weights calibrate on).
+    plan = dataclasses.replace(plan, calibration=CalibrationOptions(algo, sequences=4, length=24, sample_tokens=64,
+                                                                    grid=4),
+                               provenance={**plan.provenance, "model_dir": None})
+    convert(plan, tmp_path / "ckpt", progress=False)
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    assert config["provenance"]["calibration"]["algo"] == algo and config["quantization"]["has_zero_point"]
+    dequantized_checkpoint(tmp_path / "ckpt", tmp_path / "float")
+    quantized, reference = scores_and_tokens(build(tmp_path)), scores_and_tokens(build(tmp_path, "float", "e2"))
+    assert quantized[1] == reference[1]
+    for a, b in zip(quantized[0], reference[0]):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
+# ---------------------------------------------------------------------------------------------------- command line
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_convert_flags_make_a_calibrated_gptq_checkpoint_and_build_prints_its_bytes(tmp_path, capsys):
+    out = tmp_path / "ckpt"
+    assert kiln_main(["convert", "--preset", "mpt-tiny", "--output_dir", str(out), "--use_weight_only",
+                      "--weight_only_precision", "int4_gptq", "--per_group", "--group_size", "64", "--calib_size", "2",
+                      "--calib_max_seq_length", "16", "--desc_act"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == "W4A16_GPTQ" and config["quantization"]["group_size"] == 64
+    calibration = config["provenance"]["calibration"]
+    assert (calibration["algo"], calibration["sequences"], calibration["length"], calibration["desc_act"]) == (
+        "gptq", 2, 16, True)
+    capsys.readouterr()
+    assert kiln_main(["build", "--checkpoint_dir", str(out), "--output_dir", str(tmp_path / "engine")]) == 0
+    printed = capsys.readouterr().out
+    tensors = load_file(str(out / "rank0.safetensors"))
+    quantized = sum(t.numel() * t.element_size() for n, t in tensors.items()
+                    if t.dtype == torch.int8 or n.endswith(("_scale", "_zero")))
+    plan = json.loads((tmp_path / "engine" / "config.json").read_text())["memory_plan"]
+    assert plan["quantized_bytes"] == quantized and "of which quantized" in printed
+
+
+def test_quantize_int4_awq_reads_the_given_text_with_the_model_tokenizer(tmp_path):
+    text = tmp_path / "calib.txt"
+    text.write_text("It was a bright cold day in April, and the clocks were striking thirteen. " * 40)
+    out = tmp_path / "awq"
+    repo = Path(__file__).resolve().parents[1]
+    assert kiln_main(["quantize", "--model_dir", str(repo / "models" / "mpt-books"), "--qformat", "int4_awq",
+                      "--awq_block_size", "64", "--calib_size", "2", "--calib_max_seq_length", "32",
+                      "--calib_dataset", str(text), "--output_dir", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == "W4A16_AWQ" and config["quantization"]["group_size"] == 64
+    assert config["provenance"]["calibration"]["dataset"] == str(text)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["convert", "--preset", "mpt-tiny", "--use_weight_only", "--weight_only_precision", "int4_awq", "--group_size",
+      "100"], "group size 100 is not one kiln runs for W4A16_AWQ; use --group_size 32, 64 or 128"),
+    (["convert", "--preset", "mpt-tiny", "--use_weight_only", "--weight_only_precision", "int4_gptq", "--calib_size",
+      "none"], "--calib_size takes an integer >= 1, got 'none'"),
+    (["quantize", "--model_dir", "models/mpt-books", "--qformat", "int4_gptq", "--calib_dataset", "no-such.txt"],
+     "--calib_dataset no-such.txt is not a file"),
+    (["quantize", "--model_dir", "m", "--qformat", "int4_awq", "--group_size", "64", "--awq_block_size", "128"],
+     "--group_size and --awq_block_size name the same group size"),
+])
+def test_bad_calibration_flags_are_one_line(argv, message, tmp_path, monkeypatch, capsys):
+    repo = Path(__file__).resolve().parents[1]
+    argv = [str(repo / a) if a.startswith("models/") else a for a in argv]
+    monkeypatch.chdir(tmp_path)
+    assert kiln_main(argv) == 2
+    assert message in one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []

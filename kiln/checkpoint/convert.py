@@ -140,8 +140,9 @@ def calibrated(plan: ConvertPlan, scratch: Path, progress: bool) -> ConvertPlan:
     tokens = calibration_tokens(plan.provenance.get("model_dir"), plan.config.vocab_size, options.sequences,
                                 options.length, options.seed, plan.calib_dataset)
     source = calibrate(plan.config, plan.source, method, tokens, options, scratch, progress)
+    text = plan.calib_dataset or "kiln/eval/data/calibration.txt"
     record = {**dataclasses.asdict(options), "sequences": int(tokens.shape[0]),
-              "dataset": plan.calib_dataset or "kiln/eval/data/calibration.txt"}
+              "dataset": text if plan.provenance.get("model_dir") else "seeded random token ids (no tokenizer)"}
     return dataclasses.replace(plan, source=source, provenance={**plan.provenance, "calibration": record})
 
 

@@ -161,19 +161,18 @@ def _replace_groups(module: nn.Module, name: str, method: GroupWiseMethod, where
         setattr(module, name + suffix, extra)
 
 
-def _quantize_group_wise(model: nn.Module, method: GroupWiseMethod) -> int:
-    count = 0
-    for where, module in list(model.named_modules()):
-        if isinstance(module, LinearBase) and not isinstance(module, ReplicatedLinear):
-            _replace_groups(module, "weight", method, where)
-            module.matmul = GroupWiseMatmul(method, module.weight_scale, module.weight_zero, module.weight.k_offset)
-            count += 1
-        elif isinstance(module, MoE):
-            _replace_groups(module, "w13", method, where)
-            _replace_groups(module, "w2", method, where)
-            module.run_experts = GroupWiseExperts(method, module)
-            count += 1
-    return count
+def _bind(module: nn.Module, method: WeightOnlyMethod | GroupWiseMethod, where: str) -> None:
+    """The quantized parameters and matmul (or experts) of one linear layer or MoE."""
+    group_wise = isinstance(method, GroupWiseMethod)
+    replace = _replace_groups if group_wise else _replace
+    for name in ("w13", "w2") if isinstance(module, MoE) else ("weight",):
+        replace(module, name, method, where)  # type: ignore[arg-type]
+    if isinstance(module, MoE):
+        module.run_experts = (GroupWiseExperts if group_wise else WeightOnlyExperts)(method, module)
+    elif group_wise:
+        module.matmul = GroupWiseMatmul(method, module.weight_scale, module.weight_zero, module.weight.k_offset)
+    else:
+        module.matmul = WeightOnlyMatmul(method, module.weight_scale)
 
 
 def quantize_model(model: nn.Module, quant: QuantConfig | None) -> int:
@@ -181,20 +180,12 @@ def quantize_model(model: nn.Module, quant: QuantConfig | None) -> int:
     Returns how many layers were quantized."""
     algo = quant.quant_algo if quant is not None else None
     group_wise = group_wise_method(algo, quant.group_size if quant is not None else 0)
-    if group_wise is not None:
-        return _quantize_group_wise(model, group_wise)
-    method = weight_only_method(algo)
+    method = group_wise if group_wise is not None else weight_only_method(algo)
     if method is None:
         return 0
     count = 0
     for where, module in list(model.named_modules()):
-        if isinstance(module, LinearBase) and not isinstance(module, ReplicatedLinear):
-            _replace(module, "weight", method, where)
-            module.matmul = WeightOnlyMatmul(method, module.weight_scale)
-            count += 1
-        elif isinstance(module, MoE):
-            _replace(module, "w13", method, where)
-            _replace(module, "w2", method, where)
-            module.run_experts = WeightOnlyExperts(method, module)
+        if isinstance(module, MoE) or (isinstance(module, LinearBase) and not isinstance(module, ReplicatedLinear)):
+            _bind(module, method, where)
             count += 1
     return count

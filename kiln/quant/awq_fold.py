@@ -37,8 +37,8 @@ def v_scalable(attn: Attention) -> bool:
 class AwqFolder:
     """Search, fold and clip one block's linears from what BlockCapture recorded of their inputs."""
 
-    def __init__(self, capture: BlockCapture, method: GroupWiseMethod, grid: int) -> None:
-        self.capture, self.method, self.grid = capture, method, grid
+    def __init__(self, capture: BlockCapture, method: GroupWiseMethod, grid: int, clipping: bool = True) -> None:
+        self.capture, self.method, self.grid, self.clipping = capture, method, grid, clipping
 
     def inputs(self, name: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample rows [t, in], mean |x| [in]) of a weight's recorded inputs."""
@@ -49,7 +49,8 @@ class AwqFolder:
         return search_scale(pairs, mean, self.method.group_size, self.method.bits, self.grid)
 
     def clip(self, weight: torch.Tensor, x: torch.Tensor) -> None:
-        weight.copy_(search_clip(weight, x, self.method.group_size, self.method.bits, self.grid))
+        if self.clipping:
+            weight.copy_(search_clip(weight, x, self.method.group_size, self.method.bits, self.grid))
 
     @torch.no_grad()
     def fold_block(self, block: DecoderBlock) -> None:

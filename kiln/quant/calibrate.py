@@ -43,6 +43,7 @@ class CalibrationOptions:
     damp: float = 0.01  # GPTQ damping, a fraction of the mean diagonal of H
     sample_tokens: int = 2048  # AWQ's search sample per weight
     grid: int = 20  # AWQ's alpha grid and clipping grid
+    awq_clip: bool = True  # AWQ's clipping search after the scales
 
 
 class CalibratedSource:
@@ -131,5 +132,5 @@ def _awq_block(model: LayerwiseModel, block: DecoderBlock, acts: Any, method: Gr
     capture = BlockCapture(block, options.sample_tokens, hessian=False)
     out = model.run(block, acts)
     capture.remove()
-    AwqFolder(capture, method, options.grid).fold_block(block)
+    AwqFolder(capture, method, options.grid, options.awq_clip).fold_block(block)
     return out
