@@ -315,7 +315,7 @@ class RandomScales:
     def __init__(self) -> None:
         self.gen = torch.Generator().manual_seed(11)
 
-    def __call__(self, pairs, mean):
+    def __call__(self, pairs, mean, inspect=None):
         return torch.rand(mean.shape[0], generator=self.gen) * 3 + 0.2
 
 

@@ -3,9 +3,10 @@
 Scale search: for the linears that read one input (QKV after the input norm; the MLP's first linears, or the MoE's
 router and every expert's w13, after the second norm; the output projection after V; the down projection after the
 up projection), per input channel `s = mean|x|^alpha / sqrt(max * min)` over a grid of alpha in [0, 1); the alpha
-whose `Q(W * s) / s` gives the smallest squared error of the linears' outputs on a sample of calibration tokens wins.
-Kiln measures the error on the linears' own outputs (AutoAWQ on the output of the whole attention or MLP); with
-alpha 0 (s = 1, plain round to nearest) among the candidates, the chosen scales never do worse on the sample.
+whose `Q(W * s) / s` gives the smallest squared error on a sample of calibration windows wins: the error of the
+module's output, as AutoAWQ measures it (the attention's output for QKV, the MLP's for its first linears, each
+expert's for its w13), or of the linear's own (the output and down projections, w2). With alpha 0 (s = 1, plain
+round to nearest) among the candidates, the chosen scales never do worse on the sample.
 
 Folding: `W[:, c] *= s[c]` for the linears, and the producer of their input divided by s: a norm's weight (and
 bias), the V rows of QKV, the up rows of a gated MLP or of each expert's w13. The float model's outputs are unchanged
@@ -20,6 +21,8 @@ squared error of that group's partial outputs on the sample.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -44,16 +47,27 @@ def output_error(pairs: list[tuple[torch.Tensor, torch.Tensor]], scale: torch.Te
 
 
 def search_scale(pairs: list[tuple[torch.Tensor, torch.Tensor]], x_mean: torch.Tensor, group_size: int, bits: int,
-                 grid: int = 20) -> torch.Tensor:
-    """The per-input-channel scale [in] that minimises output_error over alpha in {0, 1/grid, ...}."""
-    best, best_scale = float("inf"), torch.ones_like(x_mean)
+                 grid: int = 20, inspect: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> torch.Tensor:
+    """The per-input-channel scale [in] that minimises the error over alpha in {0, 1/grid, ...}: of the linears' own
+    outputs (output_error), or, with `inspect` (the weights -> the output of the module that holds them, on the
+    sample), of that module's output with the pairs' weights replaced by `Q(W * s) / s`."""
     pairs = [(w.float(), x.float()) for w, x in pairs if x.shape[0]]
     if not pairs:
-        return best_scale
+        return torch.ones_like(x_mean)
+    if inspect is None:
+        def error(s: torch.Tensor) -> float:
+            return output_error(pairs, s, group_size, bits)
+    else:
+        reference = inspect([w for w, _ in pairs])
+
+        def error(s: torch.Tensor) -> float:
+            approx = inspect([fake_quant(w * s, group_size, bits) / s for w, _ in pairs])
+            return float(((approx - reference) ** 2).sum())
+    best, best_scale = float("inf"), torch.ones_like(x_mean)
     for step in range(grid):
         s = x_mean.float().pow(step / grid).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
-        err = output_error(pairs, s, group_size, bits)
+        err = error(s)
         if err < best:
             best, best_scale = err, s
     return best_scale

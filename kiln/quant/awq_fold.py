@@ -3,7 +3,10 @@ chosen scales into the producer (kiln.quant.awq has the searches and the reasons
 
 from __future__ import annotations
 
+from typing import Callable, TypeVar
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kiln.layers.attention import Attention
@@ -29,6 +32,19 @@ def scale_rows(weight: torch.Tensor, bias: torch.Tensor | None, start: int, s: t
         bias[start: start + s.shape[0]].div_(s)
 
 
+T = TypeVar("T")
+
+
+def with_weight(param: torch.Tensor, value: torch.Tensor, run: Callable[[], T]) -> T:
+    """run() with `param` holding `value` for the time of the call."""
+    saved = param.data
+    param.data = value.to(saved.dtype)
+    try:
+        return run()
+    finally:
+        param.data = saved
+
+
 def v_scalable(attn: Attention) -> bool:
     """V feeds the output projection channel for channel only without GQA, and V / s clips as V does only unclipped."""
     return attn.num_kv_heads == attn.num_heads and attn.clip_qkv is None
@@ -37,16 +53,29 @@ def v_scalable(attn: Attention) -> bool:
 class AwqFolder:
     """Search, fold and clip one block's linears from what BlockCapture recorded of their inputs."""
 
-    def __init__(self, capture: BlockCapture, method: GroupWiseMethod, grid: int, clipping: bool = True) -> None:
+    def __init__(self, capture: BlockCapture, method: GroupWiseMethod, grid: int, clipping: bool = True,
+                 attention: Callable[[Attention, torch.Tensor], torch.Tensor | None] | None = None) -> None:
+        # attention(attn, x): the attention's output on recorded windows x (LayerwiseModel.attention)
         self.capture, self.method, self.grid, self.clipping = capture, method, grid, clipping
+        self.attention = attention
 
     def inputs(self, name: str, width: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(sample rows [t, in], mean |x| [in]) of a weight's recorded inputs."""
         stats = self.capture.stat(name)
         return stats.rows(width), stats.mean_abs(width)
 
-    def search(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], mean: torch.Tensor) -> torch.Tensor:
-        return search_scale(pairs, mean, self.method.group_size, self.method.bits, self.grid)
+    def search(self, pairs: list[tuple[torch.Tensor, torch.Tensor]], mean: torch.Tensor,
+               inspect: Callable[[list[torch.Tensor]], torch.Tensor] | None = None) -> torch.Tensor:
+        return search_scale(pairs, mean, self.method.group_size, self.method.bits, self.grid, inspect)
+
+    def attention_output(self, attn: Attention, x: torch.Tensor) -> Callable[[list[torch.Tensor]], torch.Tensor] | None:
+        """QKV weight -> the attention's output on the sample windows x (None when x is not whole windows)."""
+        if self.attention is None or self.attention(attn, x) is None:  # (one run: cheap beside the search's)
+            return None
+
+        def inspect(weights: list[torch.Tensor]) -> torch.Tensor:
+            return with_weight(attn.qkv_proj.weight, weights[0], lambda: self.attention(attn, x))
+        return inspect
 
     def clip(self, weight: torch.Tensor, x: torch.Tensor) -> None:
         if self.clipping:
@@ -57,7 +86,7 @@ class AwqFolder:
         attn = block.attn
         qkv = attn.qkv_proj
         x, mean = self.inputs("attn.qkv_proj.weight", qkv.weight.shape[1])
-        s = self.search([(qkv.weight, x)], mean)
+        s = self.search([(qkv.weight, x)], mean, self.attention_output(attn, x))
         scale_norm(block.input_norm, s)
         qkv.weight.mul_(s)  # no clipping: Q and K errors reach the attention scores
         o = attn.o_proj
@@ -79,7 +108,7 @@ class AwqFolder:
         first = mlp.gate_up_proj if gated else mlp.up_proj
         name = "ffn.gate_up_proj.weight" if gated else "ffn.up_proj.weight"
         x, mean = self.inputs(name, first.weight.shape[1])
-        s = self.search([(first.weight, x)], mean)
+        s = self.search([(first.weight, x)], mean, lambda ws: with_weight(first.weight, ws[0], lambda: mlp(x)))
         scale_norm(norm, s)
         first.weight.mul_(s)
         self.clip(first.weight, x / s)
@@ -95,7 +124,15 @@ class AwqFolder:
     def fold_moe(self, moe: MoE, norm: nn.Module) -> None:
         experts, hidden, ffn = moe.w13.shape[0], moe.w13.shape[2], moe.w13.shape[1] // 2
         xs = [self.inputs(f"ffn.w13.{e}", hidden)[0] for e in range(experts)]
-        s = self.search([(moe.w13[e], xs[e]) for e in range(experts)], self.capture.moe_input.mean_abs(hidden))
+        used = [e for e in range(experts) if xs[e].shape[0]]
+
+        def expert_outputs(w13s: list[torch.Tensor]) -> torch.Tensor:  # each expert's output on its own tokens
+            outs = []
+            for e, w13 in zip(used, w13s):
+                gate_up = xs[e] @ w13.T
+                outs.append((F.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]) @ moe.w2[e].float().T)
+            return torch.cat(outs)
+        s = self.search([(moe.w13[e], xs[e]) for e in used], self.capture.moe_input.mean_abs(hidden), expert_outputs)
         scale_norm(norm, s)
         moe.router.weight.mul_(s)  # the router stays float: scaling its columns keeps its logits exactly
         moe.w13.mul_(s)

@@ -129,8 +129,9 @@ def _gptq_weight(weight: torch.Tensor, hessian: torch.Tensor, method: GroupWiseM
 
 def _awq_block(model: LayerwiseModel, block: DecoderBlock, acts: Any, method: GroupWiseMethod,
                options: CalibrationOptions, config: ModelConfig) -> Any:
-    capture = BlockCapture(block, options.sample_tokens, hessian=False)
+    whole_windows = max(1, options.sample_tokens // model.length) * model.length  # the attention runs on windows
+    capture = BlockCapture(block, whole_windows, hessian=False)
     out = model.run(block, acts)
     capture.remove()
-    AwqFolder(capture, method, options.grid, options.awq_clip).fold_block(block)
+    AwqFolder(capture, method, options.grid, options.awq_clip, model.attention).fold_block(block)
     return out

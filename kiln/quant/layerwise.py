@@ -17,6 +17,7 @@ from torch import nn
 from kiln.config import Mapping, ModelConfig
 from kiln.kernels import REFERENCE
 from kiln.layers.context import AttentionMetadata, ForwardContext
+from kiln.layers.attention import Attention
 from kiln.layers.embedding import VocabEmbedding
 from kiln.layers.sharding import full_shape
 from kiln.models.decoder import DecoderBlock
@@ -67,9 +68,9 @@ class LayerwiseModel:
             stop = min(start + self.chunk, self.sequences)
             yield slice(start * self.length, stop * self.length)
 
-    def context(self, block: DecoderBlock, sequences: int) -> ForwardContext:
-        """A prefill of `sequences` sequences of `length` tokens, each in its own cache block."""
-        attn, n, length = block.attn, sequences, self.length
+    def context(self, attn: Attention, sequences: int) -> ForwardContext:
+        """A prefill of `sequences` sequences of `length` tokens, each in its own cache block of `attn`'s cache."""
+        n, length = sequences, self.length
         attn.k_cache = torch.zeros(n, length, attn.num_kv_heads, attn.head_dim)
         attn.v_cache = torch.zeros_like(attn.k_cache)
         meta = AttentionMetadata(
@@ -86,8 +87,18 @@ class LayerwiseModel:
             for part in self.chunks():
                 n = (part.stop - part.start) // self.length
                 res = None if acts.residual is None else acts.residual[part]
-                h, r = block(positions[: part.stop - part.start], acts.hidden[part], res, self.context(block, n))
+                h, r = block(positions[: part.stop - part.start], acts.hidden[part], res, self.context(block.attn, n))
                 hidden.append(h)
                 residual.append(r)
         block.attn.k_cache = block.attn.v_cache = torch.empty(0)
         return Activations(torch.cat(hidden), torch.cat(residual))
+
+    def attention(self, attn: Attention, x: torch.Tensor) -> torch.Tensor | None:
+        """attn's output on x [n * length, hidden] (whole windows, as they were recorded), None for a partial one."""
+        n, rest = divmod(x.shape[0], self.length)
+        if rest or not n:
+            return None
+        with torch.no_grad():
+            out = attn(torch.arange(self.length).repeat(n), x, self.context(attn, n))
+        attn.k_cache = attn.v_cache = torch.empty(0)
+        return out
