@@ -484,3 +484,23 @@ def test_gptq_beats_per_channel_int4_on_held_out_text(model, tmp_path):
     gptq = slice_perplexity(tmp_path / "gptq", model, "--use_weight_only", "--weight_only_precision", "int4_gptq",
                             "--calib_size", "16", "--calib_max_seq_length", "256")
     assert fp32 < 200 and gptq / fp32 - 1 < 0.01 and gptq < int4, (fp32, int4, gptq)
+
+
+@pytest.mark.parametrize("described, where, named", [
+    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": False}, "config",
+     'gptq (bits 4, group_size 128, desc_act true, sym false)'),
+    ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"}, "config",
+     'awq (bits 4, group_size 64, zero_point true, version "gemm")'),
+    ({"bits": 8, "group_size": -1, "desc_act": False}, "quantize_config.json", "gptq (bits 8, group_size -1"),
+])
+def test_published_quantized_checkpoints_are_refused_by_name(described, where, named, tmp_path, capsys):
+    cfg = mpt_published_config()
+    if where == "config":
+        cfg = {**cfg, "quantization_config": described}
+    hf_dir = save_checkpoint(published_state(hf_mpt_model(mpt_published_config())), cfg, tmp_path / "hf")
+    if where != "config":
+        (hf_dir / "quantize_config.json").write_text(json.dumps(described))
+    assert kiln_main(["convert", "--model_dir", str(hf_dir), "--output_dir", str(tmp_path / "out")]) == 2
+    line = one_error_line(capsys)
+    assert "is a quantized checkpoint, " + named in line and "cannot load published quantized checkpoints" in line
+    assert not (tmp_path / "out").exists()

@@ -11,6 +11,7 @@ from kiln.checkpoint.hf_reader import HFCheckpoint
 from kiln.checkpoint.safety import config_from_hf
 from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_config, keep_first_layers
 from kiln.cli.quant_flags import add_quant_flags, calibration_from_flags, quant_config_from_flags
+from kiln.quant.published import refuse_published
 from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
 from kiln.models import PRESETS, family_for_hf_config
@@ -125,6 +126,8 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     overrides the quantization flags (the one-step commands resolve their own)."""
     quant = quant if quant is not None else quant_config_from_flags(args)
     hf, checkpoint = resolve_source(args)
+    if checkpoint is not None:
+        refuse_published(Path(args.model_dir), hf)  # published GPTQ/AWQ weights: named, before any tensor is read
     family = family_for_hf_config(hf)
     if args.model_version is not None and family.name != "baichuan":
         raise ConfigError(f"--model_version applies to Baichuan checkpoints only, and this is a {family.name} model; "
