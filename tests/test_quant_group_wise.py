@@ -24,6 +24,7 @@ from fixtures_baichuan import BaichuanReference, make_baichuan_checkpoint
 from fixtures_dbrx import make_dbrx_checkpoint
 from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, reference_greedy, reference_logits, \
     save_checkpoint
+from test_quant_weight_only import slice_perplexity
 from kiln.checkpoint.convert import convert
 from kiln.cli.convert_cmd import plan_from_hf
 from kiln.cli.main import main as kiln_main
@@ -460,21 +461,6 @@ def test_bad_calibration_flags_are_one_line(argv, message, tmp_path, monkeypatch
 
 
 # ----------------------------------------------------------------------------------- accuracy on the trained models
-
-def slice_perplexity(tmp: Path, model: str, *flags: str) -> float:
-    """kiln perplexity of a float32 engine of a shipped model on the first 1000 held-out tokens (windows of 512,
-    stride 256), converted with `flags`."""
-    repo = Path(__file__).resolve().parents[1]
-    ckpt, engine, out = tmp / "ckpt", tmp / "engine", tmp / "ppl.json"
-    assert kiln_main(["convert", "--model_dir", str(repo / "models" / model), "--output_dir", str(ckpt), "--dtype",
-                      "float32", *flags]) == 0
-    assert kiln_main(["build", "--checkpoint_dir", str(ckpt), "--output_dir", str(engine), "--max_batch_size", "1",
-                      "--max_input_len", "511", "--max_seq_len", "512"]) == 0
-    assert kiln_main(["perplexity", "--engine_dir", str(engine), "--tokenizer_dir", str(repo / "models" / model),
-                      "--max_tokens", "1000", "--max_length", "512", "--stride", "256", "--output_json",
-                      str(out)]) == 0
-    return json.loads(out.read_text())["perplexity"]
-
 
 @pytest.mark.parametrize("model", ["mpt-books", "dbrx-books"])
 def test_gptq_beats_per_channel_int4_on_held_out_text(model, tmp_path):
