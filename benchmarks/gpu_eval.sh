@@ -5,7 +5,7 @@
 # (its published modelling code is remote code, which kiln never runs), so it is kiln only.
 #   BATCH=8  summarize batch size        MODELS="mpt-books dbrx-books baichuan2-books"
 set -uo pipefail
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 out=${OUT:-./out}; mkdir -p "$out"
 work=$(mktemp -d /tmp/kiln-eval-XXXX)
 batch=${BATCH:-8}
@@ -13,7 +13,7 @@ ite=$(( (112 + batch - 1) / batch ))
 for model in ${MODELS:-mpt-books dbrx-books baichuan2-books}; do
   python3 -m kiln convert --model_dir "models/$model" --output_dir "$work/$model-ckpt" --dtype bfloat16 >/dev/null &&
   python3 -m kiln build --checkpoint_dir "$work/$model-ckpt" --output_dir "$work/$model-engine" \
-      --max_batch_size "$batch" --max_input_len 1024 --max_seq_len 1124 >/dev/null || { echo "build $model failed"; continue; }
+      --max_batch_size "$batch" --max_input_len 1024 --max_seq_len 1124 --no_tune >/dev/null || { echo "build $model failed"; continue; }
   hf=(--test_hf); [ "$model" = baichuan2-books ] && hf=()
   echo "== kiln summarize $model (batch $batch, $ite batches)" | tee -a "$out/summarize.log"
   timeout 240 python3 -m kiln summarize --engine_dir "$work/$model-engine" --hf_model_dir "models/$model" --test_kiln \

@@ -10,7 +10,7 @@
 #   ATTN_SWEEP=1  add the decode attention tile sweep (bench_kernels.py --only attn --attn_sweep, ~2 min)
 #   PROFILE=1   add benchmarks/profile_decode.py (kernel table of decode steps, MPT-7B shape)
 set -uo pipefail
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 out=${OUT:-./out}; mkdir -p "$out"
 cases=" ${CASES-dbrx mpt7b baichuan2_13b prefill_2048} "
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/versions.txt"

@@ -23,6 +23,7 @@ from kiln.layers.embedding import LMHead
 from kiln.layers.linear import LinearBase
 from kiln.memory import GiB, MemoryPlan, activation_bytes, kv_bytes_per_token
 from kiln.models.decoder import stage_layers
+from kiln.quant.kv_cache import kv_element_size
 
 
 def check_memory_gib(memory_gib: float | None) -> None:
@@ -42,7 +43,8 @@ def plan_memory(info: ArtifactInfo, build: BuildConfig) -> MemoryPlan:
             weight_bytes, quantized = rank_bytes, quantized_bytes(params)
         layers = max(layers, len(stage_layers(info.model.num_hidden_layers, mapping)))
     element = info.model.torch_dtype.itemsize
-    return MemoryPlan(weight_bytes, kv_bytes_per_token(info.model, info.mapping, layers, element),
+    kv_element = kv_element_size(info.quant, info.model.torch_dtype)  # 1 for an INT8/FP8 cache
+    return MemoryPlan(weight_bytes, kv_bytes_per_token(info.model, info.mapping, layers, kv_element),
                       activation_bytes(info.model, build, element), quantized)
 
 
@@ -65,13 +67,32 @@ def moe_shape(info: ArtifactInfo) -> MoeShape | None:
 
 def linear_shapes(info: ArtifactInfo) -> list[tuple[int, int]]:
     """The distinct (out, in) weight shapes of the linear layers the ranks run (attention, dense MLP, router, LM
-    head), as each rank holds them: what the build times the GEMV on. Sorted, each once."""
+    head; not the weight-only quantized ones), as each rank holds them: what the build times the GEMV on. Sorted, each
+    once."""
     shapes: set[tuple[int, int]] = set()
     for rank in range(info.mapping.world_size):
-        model = meta_model(info.family, info.model, info.mapping.for_rank(rank))
+        model = meta_model(info.family, info.model, info.mapping.for_rank(rank), info.quant)
         for module in model.modules():
-            if isinstance(module, (LinearBase, LMHead)):
+            # Weight-only quantized layers run their own kernels (kiln.kernels.triton_weight_only): nothing to time.
+            if isinstance(module, (LinearBase, LMHead)) and module.weight.dtype != torch.int8:
                 shapes.add((int(module.weight.shape[0]), int(module.weight.shape[1])))
+    return sorted(shapes)
+
+
+def weight_only_shapes(info: ArtifactInfo) -> list[tuple[int, int, int, int]]:
+    """The distinct (out, in, bits, group size) of the weight-only quantized linear layers the ranks run, as each
+    rank holds them: what the build tunes the fused weight-only kernel on."""
+    if info.quant.quant_algo is None:
+        return []
+    shapes: set[tuple[int, int, int, int]] = set()
+    for rank in range(info.mapping.world_size):
+        model = meta_model(info.family, info.model, info.mapping.for_rank(rank), info.quant)
+        for module in model.modules():
+            matmul, weight = getattr(module, "matmul", None), getattr(module, "weight", None)
+            bits = getattr(matmul, "bits", None)
+            if bits in (4, 8) and isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                logical = getattr(weight, "logical_shape", weight.shape)
+                shapes.add((int(logical[0]), int(logical[1]), int(bits), int(getattr(matmul, "group_size", 0) or 0)))
     return sorted(shapes)
 
 
@@ -90,8 +111,11 @@ def choose_kernels(info: ArtifactInfo, build_config: BuildConfig, tune: bool = T
         if shape is not None:
             log(f"tuning fused MoE tiles for {shape.experts} experts x ffn {shape.ffn} x hidden {shape.hidden}, "
                 f"token buckets up to {build_config.max_num_tokens}")
+    quantized = weight_only_shapes(info)
+    if log is not None and tune and device.type == "cuda" and quantized:
+        log(f"tuning the weight-only kernel for {len(quantized)} quantized weight shapes at 1..64 rows")
     return kernels_section(device, shape, info.model.torch_dtype, build_config.max_num_tokens, tune, log=log,
-                           linear_shapes=linear)
+                           linear_shapes=linear, weight_only_shapes=quantized)
 
 
 def _link_or_copy(src: Path, dst: Path, copy: bool = False) -> None:

@@ -190,14 +190,18 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         # Weight-only per-channel INT8/INT4 and group-wise INT4 (AWQ, GPTQ); every other format is refused by name.
-        if self.quant_algo not in QUANT_ALGOS or self.kv_cache_quant_algo is not None:
+        if self.quant_algo not in QUANT_ALGOS:
             raise ConfigError(
-                f"quantization {self.quant_algo or self.kv_cache_quant_algo!r} is not supported by this kiln version "
+                f"quantization {self.quant_algo!r} is not supported by this kiln version "
                 f"({', '.join(a for a in QUANT_ALGOS if a)} are); convert with those or without quantization flags"
             )
         if self.quant_algo in GROUP_WISE_QUANT_ALGOS and self.group_size not in (32, 64, 128):
             raise ConfigError(f"group size {self.group_size!r} is not one kiln runs for {self.quant_algo}; use "
                               "--group_size 32, 64 or 128")
+        # INT8 / FP8 KV cache with calibrated scales (kiln.quant.kv_cache), TensorRT-LLM's names.
+        if self.kv_cache_quant_algo not in (None, "INT8", "FP8"):
+            raise ConfigError(f"kv_cache_quant_algo {self.kv_cache_quant_algo!r} is not supported by this kiln "
+                              "version (INT8 and FP8 are); convert with --int8_kv_cache, --fp8_kv_cache or neither")
 
 
 @dataclass

@@ -1,10 +1,10 @@
-"""LLM: the offline batch API. `kiln.LLM(engine_dir).generate(prompts, kiln.SamplingParams(max_tokens=64))`."""
+"""LLM: the offline batch API, shaped as vLLM's (docs/api.md).
+`kiln.LLM(engine_dir or hf_checkpoint).generate(prompts, kiln.SamplingParams(max_tokens=64))`."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence as Seq
 
@@ -19,7 +19,11 @@ from kiln.engine.scheduler import ScheduledSeq, Scheduler, SchedulerOutput
 from kiln.engine.sequence import FinishReason, Sequence
 from kiln.executor import create_executor
 from kiln.executor.model_runner import CacheConfig
+from kiln.outputs import CompletionOutput, Logprob, RequestOutput, StreamDelta, position_logprobs
+from kiln.prompts import PromptError, parse_prompts
 from kiln.sampling_params import SamplingParams
+
+__all__ = ["LLM", "CompletionOutput", "Logprob", "RequestError", "RequestOutput", "StreamDelta"]
 
 logger = logging.getLogger(__name__)
 
@@ -28,64 +32,24 @@ class RequestError(ValueError):
     """A request the engine cannot serve, with the limit it breaks and how to fix it."""
 
 
-@dataclass
-class CompletionOutput:
-    """One generated sequence: its tokens (the end token included when generation stopped on it), text and why
-    it ended. For beam search, `logprobs` are the processed log-probabilities the beam was scored with and `score`
-    is the beam's score (cumulative logprob / generated length ** length_penalty, transformers' sequences_scores);
-    `score` is None otherwise."""
-
-    index: int
-    token_ids: list[int] = field(default_factory=list)
-    text: str = ""
-    finish_reason: str | None = None
-    logprobs: list[float] = field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
-    logits: list[torch.Tensor] = field(default_factory=list)  # with return_logits: [vocab] float32 per token
-    score: float | None = None
-
-    @property
-    def cumulative_logprob(self) -> float:
-        return float(sum(self.logprobs))
-
-
-@dataclass
-class RequestOutput:
-    """Everything generated for one prompt (several outputs when n > 1)."""
-
-    request_id: int
-    prompt: str | None
-    prompt_token_ids: list[int]
-    outputs: list[CompletionOutput]
-
-    @property
-    def finished(self) -> bool:
-        return all(o.finish_reason is not None for o in self.outputs)
-
-
-@dataclass
-class StreamDelta:
-    """What one step added to one output (for streaming)."""
-
-    request_id: int
-    index: int
-    token_id: int
-    text: str
-    finish_reason: str | None
-
-
 class _Tracker:
     """Follows one output: incremental text and stop strings."""
 
     def __init__(self, llm: "LLM", out: CompletionOutput, prompt_ids: list[int], params: SamplingParams) -> None:
         self.out, self.params = out, params
-        self.detok = llm._detokenizer(prompt_ids)
+        self.detok = llm._detokenizer(prompt_ids, params) if params.detokenize else None
+        self.decode_one = llm._token_text
+        if params.logprobs is not None:
+            out.logprobs = []
 
     def add(self, event: TokenEvent) -> tuple[str, bool]:
         """Record a token; return the new text and whether a stop string ended the output."""
         self.out.token_ids.append(event.token_id)
         if event.logprob is not None:
-            self.out.logprobs.append(event.logprob)
+            self.out.token_logprobs.append(event.logprob)
+            if self.out.logprobs is not None:
+                self.out.logprobs.append(position_logprobs(event.token_id, event.logprob, event.top_logprobs,
+                                                           self.decode_one))
         if event.top_logprobs:
             self.out.top_logprobs.append(event.top_logprobs)
         if event.logits is not None:
@@ -102,6 +66,7 @@ class _Tracker:
             if at >= 0:
                 end = at + len(stop) if self.params.include_stop_str_in_output else at
                 self.out.text = self.out.text[:end]
+                self.out.stop_reason = stop
                 return self.out.text[before:], True
         return piece, False
 
@@ -109,15 +74,19 @@ class _Tracker:
 class _BeamTracker:
     """Follows one beam-search request: nothing until the search ends, then every returned beam at once."""
 
-    def __init__(self, llm: "LLM", request: "RequestOutput") -> None:
-        self.llm, self.request = llm, request
+    def __init__(self, llm: "LLM", request: "RequestOutput", params: SamplingParams) -> None:
+        self.llm, self.request, self.params = llm, request, params
 
     def finish(self, event: BeamEvent) -> list[CompletionOutput]:
         outs = self.request.outputs
         for out, beam in zip(outs, event.beams):
-            out.token_ids, out.logprobs, out.score = list(beam.token_ids), list(beam.logprobs), beam.score
+            out.token_ids, out.token_logprobs, out.score = list(beam.token_ids), list(beam.logprobs), beam.score
             out.finish_reason = beam.finish_reason.value
-            detok = self.llm._detokenizer(self.request.prompt_token_ids)
+            if self.params.logprobs is not None:  # the scored (processed) logprob of each beam token; rank unknown
+                out.logprobs = [{t: Logprob(lp, None, self.llm._token_text(t))}
+                                for t, lp in zip(beam.token_ids, beam.logprobs)]
+            detok = self.llm._detokenizer(self.request.prompt_token_ids, self.params) if self.params.detokenize \
+                else None
             if detok is not None:
                 out.text = "".join(detok.add(t) for t in beam.token_ids) + detok.flush()
         for out in outs[len(event.beams):]:  # cannot happen when the search ran to its end; kept honest
@@ -143,15 +112,43 @@ def engine_tokenizer(engine_dir: str | Path, tokenizer_dir: str | Path | None) -
 
 
 class LLM:
-    """A loaded engine with its runtime. Prompts are strings (with a tokenizer) or lists of token ids."""
+    """A loaded engine with its runtime. `model` is a kiln engine directory, or a Hugging Face checkpoint directory
+    that is converted and built once into kiln's engine cache (kiln.one_step) and reused from there.
 
-    def __init__(self, engine_dir: str | Path, tokenizer_dir: str | Path | None = None, device: str | None = None,
-                 kv_cache_free_gpu_memory_fraction: float = 0.9, kv_cache_bytes: int | None = None,
-                 enable_prefix_caching: bool = True, kernel_backend: str = "auto",
+    vLLM's argument names are accepted where kiln has the same concept (docs/api.md has the table): `tokenizer`
+    (= tokenizer_dir), `dtype`, `tensor_parallel_size`, `pipeline_parallel_size`, `max_model_len`, `max_num_seqs`,
+    `max_num_batched_tokens`, `block_size` (the one-step convert and build; with an engine they must agree with it), `gpu_memory_utilization`
+    (= kv_cache_free_gpu_memory_fraction), `enforce_eager` (= not use_cuda_graphs) and `seed` (seeds torch's global
+    RNG, which requests without their own seed draw from). `trust_remote_code` is accepted and changes nothing:
+    kiln never runs a checkpoint's code."""
+
+    def __init__(self, model: str | Path | None = None, tokenizer: str | Path | None = None, *,
+                 engine_dir: str | Path | None = None, tokenizer_dir: str | Path | None = None,
+                 device: str | None = None, kv_cache_free_gpu_memory_fraction: float = 0.9,
+                 kv_cache_bytes: int | None = None, enable_prefix_caching: bool = True, kernel_backend: str = "auto",
                  use_cuda_graphs: bool = True, async_scheduling: bool = True,
-                 kv_cache_max_tokens: int | None = None) -> None:
+                 kv_cache_max_tokens: int | None = None, dtype: str | None = None,
+                 tensor_parallel_size: int | None = None, pipeline_parallel_size: int | None = None,
+                 max_model_len: int | None = None, max_num_seqs: int | None = None,
+                 max_num_batched_tokens: int | None = None, block_size: int | None = None,
+                 gpu_memory_utilization: float | None = None, enforce_eager: bool | None = None,
+                 seed: int | None = None, trust_remote_code: bool = False) -> None:
+        from kiln.llm_args import OneStepArgs, resolve_engine
+
+        one_step = OneStepArgs(dtype, tensor_parallel_size, pipeline_parallel_size, max_model_len, max_num_seqs,
+                               max_num_batched_tokens, block_size)
+        engine_dir = resolve_engine(model, engine_dir, one_step)
+        tokenizer_dir = tokenizer if tokenizer is not None else tokenizer_dir
+        if gpu_memory_utilization is not None:
+            kv_cache_free_gpu_memory_fraction = gpu_memory_utilization
+        if enforce_eager is not None:
+            use_cuda_graphs = not enforce_eager
+        if seed is not None:
+            torch.manual_seed(seed)
+        self.engine_dir = Path(engine_dir)
         self.info = load_artifact(engine_dir, "engine")
         self.build = self.info.build
+        one_step.check_engine(self.info)
         dev = runtime_device(device)
         cache = CacheConfig(kv_cache_free_gpu_memory_fraction, kv_cache_bytes, use_cuda_graphs, kv_cache_max_tokens)
         runner = create_executor(self.info, dev, cache, kernel_backend)
@@ -161,6 +158,12 @@ class LLM:
         # a multi-rank engine only with KILN_MULTIRANK_ASYNC=1, else it runs its steps one at a time).
         self.runner, self.engine = runner, LLMEngine(scheduler, runner, async_scheduling)
         self.tokenizer = engine_tokenizer(engine_dir, tokenizer_dir)
+
+    def get_tokenizer(self) -> Any:
+        """vLLM's get_tokenizer(): the Hugging Face (transformers) tokenizer where the engine's tokenizer is one,
+        else kiln's own tokenizer (Baichuan's SentencePiece, DBRX's tiktoken: encode/decode as transformers'), or
+        None for an engine without a tokenizer."""
+        return getattr(self.tokenizer, "hf", self.tokenizer)
 
     def close(self) -> None:
         """Stop the engine's worker processes (multi-rank engines); the LLM cannot generate afterwards."""
@@ -172,12 +175,19 @@ class LLM:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _detokenizer(self, prompt_ids: list[int]) -> Any:
+    def _detokenizer(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Any:
         if self.tokenizer is None:
             return None
         from kiln.tokenizer import IncrementalDetokenizer
 
-        return IncrementalDetokenizer(self.tokenizer, prompt_ids)
+        skip = params.skip_special_tokens if params is not None else True
+        return IncrementalDetokenizer(self.tokenizer, prompt_ids, skip_special_tokens=skip)
+
+    def _token_text(self, token_id: int) -> str | None:
+        """One token's text, for Logprob.decoded_token (None without a tokenizer)."""
+        if self.tokenizer is None:
+            return None
+        return self.tokenizer.decode([token_id], skip_special_tokens=False)
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -232,19 +242,48 @@ class LLM:
             raise RequestError("stop strings are not supported with beam search (transformers has none either); "
                                "use stop_token_ids or end_id")
 
-    def _add_requests(self, prompts: Seq[str | list[int]], params: Seq[SamplingParams]) -> tuple[
+    def _encode_all(self, prompts: Any, params: list[SamplingParams]) -> tuple[list[str | None], list[list[int]]]:
+        """Texts (None for token-id prompts) and token ids of every prompt, truncated as truncate_prompt_tokens says."""
+        try:
+            parsed = parse_prompts(prompts)
+        except PromptError as err:
+            raise RequestError(str(err)) from None
+        if len(params) not in (1, len(parsed)) :
+            raise RequestError(f"{len(params)} sampling params for {len(parsed)} prompts; give one or one each")
+        texts = [p.text for p in parsed]
+        ids = [self.encode(p.text) if p.token_ids is None else p.token_ids for p in parsed]
+        params = params * len(parsed) if len(params) == 1 else params
+        keep = [p.truncate_prompt_tokens for p in params]
+        return texts, [i[-k:] if k is not None else i for i, k in zip(ids, keep)]
+
+    def _prompt_logprobs(self, ids: list[int], k: int) -> list[dict[int, Logprob] | None]:
+        """vLLM's prompt_logprobs: None for the first token, then each token's logprob given those before it, with
+        the k most likely tokens at that position (raw model distribution)."""
+        logprobs = torch.log_softmax(self.score(ids)[:-1].float().cpu(), dim=-1)  # [prompt tokens - 1, vocab]
+        chosen = logprobs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
+        top_values, top_ids = logprobs.topk(min(k, logprobs.shape[1]), dim=-1) if k else (None, None)
+        out: list[dict[int, Logprob] | None] = [None]
+        for pos, token in enumerate(ids[1:]):
+            top = list(zip(top_ids[pos].tolist(), top_values[pos].tolist())) if k else []
+            out.append(position_logprobs(token, chosen[pos], top, self._token_text))
+        return out
+
+    def _add_requests(self, prompts: Any, params: list[SamplingParams]) -> tuple[
             list[RequestOutput], dict[int, tuple[int, _Tracker]]]:
         requests, trackers = [], {}
-        encoded = [self.encode(p) for p in prompts]
+        texts, encoded = self._encode_all(prompts, params)
+        params = params * len(encoded) if len(params) == 1 else params
         for i, (ids, p) in enumerate(zip(encoded, params)):
             self._check(ids, p, f"prompt {i}")
-        for rid, (prompt, ids, p) in enumerate(zip(prompts, encoded, params)):
-            req = RequestOutput(rid, prompt if isinstance(prompt, str) else None, ids, [])
+        prompt_logprobs = [self._prompt_logprobs(ids, p.prompt_logprobs) if p.prompt_logprobs is not None else None
+                           for ids, p in zip(encoded, params)]  # before any request runs: score() needs it so
+        for rid, (text, ids, p) in enumerate(zip(texts, encoded, params)):
+            req = RequestOutput(rid, text, ids, [], prompt_logprobs[rid])
             stops = self.stop_ids(p)
             if p.use_beam_search:  # one sequence: the engine forks the beams from it
                 req.outputs = [CompletionOutput(index) for index in range(p.n)]
                 seq = Sequence(self.engine.new_seq_id(), ids, p.max_tokens, stops, p.ignore_eos, p.min_tokens, p)
-                trackers[seq.seq_id] = (rid, _BeamTracker(self, req))
+                trackers[seq.seq_id] = (rid, _BeamTracker(self, req, p))
                 self.engine.add(seq)
                 requests.append(req)
                 continue
@@ -259,18 +298,16 @@ class LLM:
             requests.append(req)
         return requests, trackers
 
-    def stream(self, prompts: Seq[str | list[int]] | str,
-               sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> Iterator[StreamDelta]:
-        """Generate, yielding each output's new token and text as soon as it is made. A beam-search request yields
-        nothing while it searches (a beam's tokens can still be replaced by another's) and, when it ends, one delta
-        per returned beam holding the beam's whole text (token_id: its last token) and its finish reason."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    def stream(self, prompts: Any, sampling_params: SamplingParams | Seq[SamplingParams] | None = None
+               ) -> Iterator[StreamDelta]:
+        """Generate, yielding each output's new token and text as soon as it is made. Prompts take vLLM's shapes
+        (kiln.prompts). A beam-search request yields nothing while it searches (a beam's tokens can still be
+        replaced by another's) and, when it ends, one delta per returned beam holding the beam's whole text
+        (token_id: its last token) and its finish reason."""
         if sampling_params is None or isinstance(sampling_params, SamplingParams):
-            params = [sampling_params or SamplingParams()] * len(prompts)
+            params = [sampling_params or SamplingParams()]
         else:
             params = list(sampling_params)
-            if len(params) != len(prompts):
-                raise RequestError(f"{len(params)} sampling params for {len(prompts)} prompts; give one or one each")
         requests, trackers = self._add_requests(prompts, params)
         self.last_results = requests
         try:
@@ -294,6 +331,8 @@ class LLM:
             event.seq.finish_reason.value if event.finished and event.seq.finish_reason else None)
         if reason is not None:
             tracker.out.finish_reason = reason
+            if not stopped and reason == FinishReason.STOP.value and event.token_id in tracker.params.stop_token_ids:
+                tracker.out.stop_reason = event.token_id  # vLLM: a stop_token_ids hit names the token; eos: None
             del trackers[event.seq.seq_id]
         return StreamDelta(rid, tracker.out.index, event.token_id, text, reason)
 
@@ -324,7 +363,8 @@ class LLM:
         return logits
 
     def chat(self, conversations: list[dict[str, str]] | list[list[dict[str, str]]],
-             sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
+             sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+             use_tqdm: bool = True) -> list[RequestOutput]:
         """Generate replies to one conversation or a batch of them ([{"role": ..., "content": ...}, ...]), formatted
         with the family's chat format (the tokenizer's chat_template, or Baichuan's user/assistant tokens)."""
         if self.tokenizer is None:
@@ -332,11 +372,23 @@ class LLM:
         if conversations and isinstance(conversations[0], dict):
             conversations = [conversations]  # type: ignore[list-item]
         prompts = [self.tokenizer.apply_chat_template(list(c), add_generation_prompt=True) for c in conversations]
-        return self.generate(prompts, sampling_params)
+        return self.generate(prompts, sampling_params, use_tqdm)
 
-    def generate(self, prompts: Seq[str | list[int]] | str,
-                 sampling_params: SamplingParams | Seq[SamplingParams] | None = None) -> list[RequestOutput]:
-        """Generate for every prompt (batched together) and return one RequestOutput per prompt, in order."""
-        for _ in self.stream(prompts, sampling_params):
-            pass
+    def generate(self, prompts: Any, sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
+                 use_tqdm: bool = True) -> list[RequestOutput]:
+        """Generate for every prompt (batched together) and return one RequestOutput per prompt, in order.
+        `use_tqdm` shows a progress bar of finished prompts on stderr when stderr is a terminal (as vLLM)."""
+        from tqdm import tqdm
+
+        bar = None
+        if use_tqdm:
+            bar = tqdm(total=None, desc="Processed prompts", unit="prompt", disable=None, dynamic_ncols=True)
+        try:
+            for delta in self.stream(prompts, sampling_params):
+                if bar is not None and delta.finish_reason is not None:
+                    bar.total = len(self.last_results)
+                    bar.update(int(self.last_results[delta.request_id].finished))
+        finally:
+            if bar is not None:
+                bar.close()
         return self.last_results

@@ -40,14 +40,15 @@ def activation_bytes(model: ModelConfig, build: BuildConfig, element_size: int) 
     return tokens * per_token + logits
 
 
-def describe(plan: MemoryPlan, build: BuildConfig, memory_gib: float | None) -> str:
-    """The plan as the lines `kiln build` prints."""
+def describe(plan: MemoryPlan, build: BuildConfig, memory_gib: float | None, kv_cache: str | None = None) -> str:
+    """The plan as the lines `kiln build` prints (`kv_cache`: the quantized KV cache's name, e.g. INT8)."""
     need_kv = build.max_batch_size * build.max_beam_width * build.max_seq_len * plan.kv_bytes_per_token
+    kind = f" ({kv_cache}, 1 byte per element)" if kv_cache else ""
     lines = [
         f"weights per rank:        {plan.weight_bytes / GiB:10.3f} GiB",
         *([f"  of which quantized:    {plan.quantized_bytes / GiB:10.3f} GiB (scales and zero points included)"]
           if plan.quantized_bytes else []),
-        f"KV cache per token:      {plan.kv_bytes_per_token / 1024:10.1f} KiB",
+        f"KV cache per token:      {plan.kv_bytes_per_token / 1024:10.1f} KiB{kind}",
         f"activations (max step):  {plan.activation_bytes / GiB:10.3f} GiB",
         f"KV for max_batch_size x max_seq_len: {need_kv / GiB:.3f} GiB",
     ]

@@ -74,7 +74,9 @@ def check_param_ids(params: Any, vocab_size: int) -> None:
     """end_id, stop_token_ids and bad word ids must name tokens of the model: an id beyond the vocabulary can never
     be produced, so an end_id there would silently never stop the output."""
     named = [("end_id", [params.end_id] if params.end_id is not None else []),
-             ("stop_token_ids", list(params.stop_token_ids))] + [("bad_word_ids", list(w)) for w in params.bad_word_ids]
+             ("stop_token_ids", list(params.stop_token_ids)),
+             ("logit_bias token", list(getattr(params, "logit_bias", None) or {}))] + [
+                 ("bad_word_ids", list(w)) for w in params.bad_word_ids]
     for what, ids in named:
         for token in ids:
             if not 0 <= token < vocab_size:

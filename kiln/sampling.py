@@ -5,6 +5,7 @@ Processing order for each row (a step runs only for rows whose parameters ask fo
 1. bad words: a one-token bad sequence is always banned; the last token of a longer one is banned when the
    output ends with all the tokens before it (logit set to -inf);
 2. min_tokens: while the output is shorter than ``params.min_tokens``, the row's stop tokens are banned;
+   then ``params.logit_bias`` (vLLM's, OpenAI's) is added to the named tokens' logits;
 3. penalties: repetition penalty (transformers: over prompt and output tokens, a positive logit divided by it, a
    negative one multiplied), then presence and frequency penalties (OpenAI: over output tokens,
    ``logit -= frequency * count + presence * (count > 0)``);
@@ -217,12 +218,15 @@ def process_logits(logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tenso
     vocab = logits.shape[1]
     ban_rows, ban_tokens = _ban_pairs(rows, vocab)
     penalised = [i for i, row in enumerate(rows) if row.params.has_penalty]
-    if not ban_rows and not penalised:
+    biased = [i for i, row in enumerate(rows) if row.params.logit_bias]
+    if not ban_rows and not penalised and not biased:
         return logits
     out = logits.clone()
     if ban_rows:
         ban = to_device(torch.tensor([ban_rows, ban_tokens], dtype=torch.int64), out.device)  # [2, bans]: one copy
         out[ban[0], ban[1]] = -float("inf")
+    if biased:
+        _add_logit_bias(out, rows, biased)
     if penalised:
         _apply_penalties(out, [rows[i] for i in penalised], penalised)
     return out
@@ -296,7 +300,7 @@ def _bad_words_of(row: SamplingRow) -> list[list[int]]:
 def _is_plain_greedy(row: SamplingRow) -> bool:
     """Greedy with nothing to apply before the argmax."""
     params = row.params
-    return (params.greedy and not params.has_penalty and not _bad_words_of(row)
+    return (params.greedy and not params.has_penalty and not _bad_words_of(row) and not params.logit_bias
             and not _min_tokens_active(row) and not params.no_repeat_ngram_size)
 
 
@@ -319,6 +323,19 @@ def _ban_pairs(rows: list[SamplingRow], vocab: int) -> tuple[list[int], list[int
                 ban_rows.append(i)
                 ban_tokens.append(tok)
     return ban_rows, ban_tokens
+
+
+def _add_logit_bias(out: torch.Tensor, rows: list[SamplingRow], biased: list[int]) -> None:
+    """Add each biased row's {token_id: bias} to ``out`` ``[rows, vocab]`` in place (ids outside the vocab skipped:
+    the LLM refuses them before they get here)."""
+    vocab = out.shape[1]
+    pairs = [(i, tok, bias) for i in biased for tok, bias in rows[i].params.logit_bias.items() if 0 <= tok < vocab]
+    if not pairs:
+        return
+    index = to_device(torch.tensor([[i for i, _, _ in pairs], [t for _, t, _ in pairs]], dtype=torch.int64),
+                      out.device)  # [2, pairs]
+    out.index_put_((index[0], index[1]), to_device(torch.tensor([b for _, _, b in pairs]), out.device),
+                   accumulate=True)
 
 
 def _flat_ids(id_lists: list[list[int]], vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -102,11 +102,26 @@ class SamplingParams:
     return_logits: bool = False
     # transformers' / TensorRT-LLM's no_repeat_ngram_size: no n-gram of prompt + output occurs twice (0: off).
     no_repeat_ngram_size: int = 0
+    # vLLM's names, same meaning and defaults: prompt_logprobs=k returns, for every prompt token after the first,
+    # its logprob and the k most likely tokens' (RequestOutput.prompt_logprobs); skip_special_tokens drops special
+    # tokens from the output text; logit_bias {token_id: bias} is added to the logits before sampling;
+    # truncate_prompt_tokens=k keeps only the last k prompt tokens; detokenize=False leaves output text empty.
+    prompt_logprobs: int | None = None
+    skip_special_tokens: bool = True
+    spaces_between_special_tokens: bool = True
+    logit_bias: dict[int, float] | None = None
+    truncate_prompt_tokens: int | None = None
+    detokenize: bool = True
 
     def __post_init__(self) -> None:
-        # A single stop string is a common way to write it (OpenAI accepts both); keep the field a list.
+        # A single stop string is a common way to write it (OpenAI accepts both); keep the field a list. vLLM's
+        # default for stop, stop_token_ids and bad_words is None: the same as empty here.
         if isinstance(self.stop, str):
             self.stop = [self.stop]
+        for name in ("stop", "stop_token_ids", "bad_words", "bad_word_ids"):
+            if getattr(self, name) is None:
+                setattr(self, name, [])
+        self._check_vllm_fields()
         self._check_lengths()
         self._check_sampling()
         self._check_penalties()
@@ -177,6 +192,28 @@ class SamplingParams:
         for name in ("ignore_eos", "include_stop_str_in_output", "use_beam_search", "return_logits"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"SamplingParams.{name} must be True or False, got {getattr(self, name)!r}")
+
+    def _check_vllm_fields(self) -> None:
+        if self.prompt_logprobs is not None:
+            _check_int("prompt_logprobs", self.prompt_logprobs, low=0, hint=" or None (0: only the prompt token's)")
+        if self.truncate_prompt_tokens is not None:
+            _check_int("truncate_prompt_tokens", self.truncate_prompt_tokens, low=1, hint=" or None")
+        for name in ("skip_special_tokens", "spaces_between_special_tokens", "detokenize"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"SamplingParams.{name} must be True or False, got {getattr(self, name)!r}")
+        if self.logit_bias is None:
+            return
+        if not isinstance(self.logit_bias, dict):
+            raise ValueError(f"SamplingParams.logit_bias must be a dict {{token_id: bias}}, got {self.logit_bias!r}")
+        # JSON objects (the OpenAI API) carry token ids as strings: accept "42" as 42.
+        bias = {}
+        for tok, value in self.logit_bias.items():
+            tid = int(tok) if isinstance(tok, str) and tok.strip().isdigit() else tok
+            if isinstance(tid, bool) or not isinstance(tid, int) or tid < 0:
+                raise ValueError(f"SamplingParams.logit_bias keys must be token ids (integers >= 0), got {tok!r}")
+            _check_float("logit_bias value", value, "a finite number", _is_real(value))
+            bias[tid] = float(value)
+        self.logit_bias = bias
 
     def _check_beam_search(self) -> None:
         _check_int("num_beams", self.num_beams, low=1)

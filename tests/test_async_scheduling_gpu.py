@@ -59,7 +59,7 @@ def test_async_matches_sync_on_the_gpu(engine, graphs):
             run = llm.runner.graphs.run
             llm.runner.graphs.run = lambda batch, *feed: (fed_replays.append(len(feed)), run(batch, *feed))[1]
         outs = llm.generate(PROMPTS, _params())
-        results[async_on] = [(o.outputs[0].token_ids, o.outputs[0].logprobs) for o in outs]
+        results[async_on] = [(o.outputs[0].token_ids, o.outputs[0].token_logprobs) for o in outs]
         if graphs and async_on:
             assert sum(fed_replays) > 10  # decode steps replayed with placeholders fed on the device
         assert llm.engine.num_launched_ahead > (10 if async_on else -1)

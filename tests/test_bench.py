@@ -242,3 +242,33 @@ def test_case_beyond_the_engine_limits_is_refused(dbrx_engine, capsys):
 def test_presets_are_all_known_to_bench():
     for name in PRESETS:
         BenchOptions(preset=name).validate()
+
+
+def test_every_case_is_checked_before_the_first_runs(dbrx_engine, capsys):
+    assert kiln_main(["bench", "--engine_dir", str(dbrx_engine), "--batch_size", "1", "2", "5", "--input_len", "8",
+                      "--output_len", "4"]) == 2
+    out = capsys.readouterr()
+    assert "max_batch_size 4" in out.err and "batch    1:" not in out.out  # refused before batch 1 was timed
+
+
+def test_a_later_failing_case_keeps_what_was_measured(dbrx_engine, tmp_path, monkeypatch, capsys):
+    import kiln.bench.runner as runner
+
+    timed = runner.time_kiln_case
+
+    def fails_at_batch_2(llm, batch, *args, **kwargs):
+        if batch == 2:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return timed(llm, batch, *args, **kwargs)
+
+    monkeypatch.setattr(runner, "time_kiln_case", fails_at_batch_2)
+    out = tmp_path / "bench.json"
+    assert kiln_main(["bench", "--engine_dir", str(dbrx_engine), "--batch_size", "1", "2", "--input_len", "8",
+                      "--output_len", "4", "--warmup", "0", "--output_json", str(out)]) != 0
+    report = json.loads(out.read_text())
+    assert [c["batch_size"] for c in report["cases"]] == [1] and report["cases"][0]["decode_ms_per_step"] > 0
+    assert report["error"] == "RuntimeError: CUDA out of memory (simulated)"
+    printed = capsys.readouterr().out
+    assert "measured 1 of 2 cases before: RuntimeError" in printed
+    rows = [line for line in printed.splitlines() if line.startswith("| ")]
+    assert rows[0].startswith("| batch | prefill ms") and [r.split("|")[1].strip() for r in rows[1:]] == ["1"]

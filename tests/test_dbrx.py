@@ -62,7 +62,10 @@ def test_wrong_theta_would_be_caught(dbrx_fp32, tmp_path):
     engine, hf, _ = dbrx_fp32
     cfg = dbrx_published_config()
     wrong = hf_dbrx_model(cfg)
-    wrong.transformer.rotary_emb.inv_freq.copy_(1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)))
+    rotaries = [m for m in wrong.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    assert rotaries  # one model-wide module in transformers 5, one per attention layer in 4.x
+    for rotary in rotaries:
+        rotary.inv_freq.copy_(1.0 / (10000 ** (torch.arange(0, 16, 2).float() / 16)))
     wrong.load_state_dict(hf.state_dict())
     prompt = PROMPTS[2]
     with torch.no_grad():

@@ -79,8 +79,9 @@ def test_no_weights_and_no_config(tmp_path, capsys):
 def test_convert_flag_errors(tmp_path, capsys):
     assert kiln_main(["convert", "--output_dir", str(tmp_path / "x")]) == 2
     assert "exactly one of --model_dir, --preset or --config" in capsys.readouterr().err
-    assert kiln_main(["convert", "--preset", "dbrx-tiny", "--int8_kv_cache", "--output_dir", str(tmp_path / "x")]) == 2
-    assert "--int8_kv_cache: this quantization is not implemented in kiln yet" in capsys.readouterr().err
+    assert kiln_main(["convert", "--preset", "dbrx-tiny", "--smoothquant", "0.5", "--output_dir",
+                      str(tmp_path / "x")]) == 2
+    assert "--smoothquant: this quantization is not implemented in kiln yet" in capsys.readouterr().err
     assert kiln_main(["convert", "--preset", "dbrx-tiny", "--tp_size", "3", "--output_dir", str(tmp_path / "x")]) == 2
     assert "cannot be split evenly over 3 ranks" in capsys.readouterr().err
     with pytest.raises(SystemExit):

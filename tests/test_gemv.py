@@ -291,7 +291,7 @@ def test_cpu_engine_output_is_unchanged_by_recorded_choices(mpt_engine, tmp_path
         assert all(m.matmul is F.linear for m in llm.runner.model.modules() if isinstance(m, LinearBase))
         outs.append(llm.generate([[1, 2, 3, 4, 5]], params)[0].outputs[0])
         llm.close()
-    assert outs[0].token_ids == outs[1].token_ids and outs[0].logprobs == outs[1].logprobs
+    assert outs[0].token_ids == outs[1].token_ids and outs[0].token_logprobs == outs[1].token_logprobs
 
 
 def test_triton_wins_only_by_the_margin_and_an_exhausted_budget_keeps_cublas():

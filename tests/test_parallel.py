@@ -51,7 +51,7 @@ def run_engine(engine: Path) -> Reference:
     with kiln.LLM(engine, device="cpu") as llm:
         tokens = [r.outputs[0].token_ids for r in llm.generate(PROMPTS, GREEDY)]
         scores = [llm.score(PROMPTS[0]), llm.score(PROMPTS[2])]
-        sampled = [(r.outputs[0].token_ids, r.outputs[0].logprobs) for r in llm.generate(PROMPTS[:3], SEEDED)]
+        sampled = [(r.outputs[0].token_ids, r.outputs[0].token_logprobs) for r in llm.generate(PROMPTS[:3], SEEDED)]
         beams = [[(o.token_ids, o.cumulative_logprob) for o in r.outputs] for r in llm.generate(PROMPTS[:2], BEAMS)]
         micro_batched = getattr(llm.runner, "micro_batched_steps", 0)
     return Reference(Path(), (), tokens, scores, sampled, beams, micro_batched)

@@ -490,3 +490,17 @@ def test_published_quantized_checkpoints_are_refused_by_name(described, where, n
     line = one_error_line(capsys)
     assert "is a quantized checkpoint, " + named in line and "cannot load published quantized checkpoints" in line
     assert not (tmp_path / "out").exists()
+
+
+def test_group_wise_weights_combine_with_an_int8_kv_cache(tmp_path):
+    out = tmp_path / "ckpt"
+    assert kiln_main(["convert", "--preset", "mpt-tiny", "--output_dir", str(out), "--use_weight_only",
+                      "--weight_only_precision", "int4_awq", "--int8_kv_cache", "--calib_size", "2",
+                      "--calib_max_seq_length", "16"]) == 0
+    config = json.loads((out / "config.json").read_text())
+    quant = config["quantization"]
+    assert quant["quant_algo"] == "W4A16_AWQ" and quant["kv_cache_quant_algo"] == "INT8"
+    assert config["provenance"]["calibration"]["sequences"] == 2 and "kv_cache_calibration" in config["provenance"]
+    assert kiln_main(["build", "--checkpoint_dir", str(out), "--output_dir", str(tmp_path / "engine")]) == 0
+    with kiln.LLM(tmp_path / "engine", device="cpu") as llm:
+        assert len(llm.generate([[5, 6, 7]], GREEDY)[0].outputs[0].token_ids) == 6

@@ -16,7 +16,8 @@ import pytest  # noqa: E402
 from interpreted_triton import interpret_triton  # noqa: E402
 
 if INTERPRET:
-    interpret_triton(("kiln.kernels.triton_weight_only",))
+    interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_gemv_kernels",
+                      "kiln.kernels.triton_weight_only_kernels", "kiln.kernels.triton_weight_only"))
 
 from kiln.kernels.triton_weight_only import weight_only_linear  # noqa: E402
 from kiln.quant.weight_only import pack_int4, quantize_per_channel  # noqa: E402

@@ -460,3 +460,17 @@ def test_repeat_ngram_bans_match_transformers():
             assert set(repeat_ngram_bans(ids, n)) == set(torch.nonzero(ref[0] == -float("inf")).flatten().tolist())
     with pytest.raises(ValueError, match="no_repeat_ngram_size"):
         SamplingParams(no_repeat_ngram_size=-1)
+
+
+def test_logit_bias_adds_to_the_named_tokens_only():
+    """vLLM's logit_bias: each row's {token: bias} added to its logits (an id outside the vocab skipped), other
+    rows untouched; with a bias, a greedy row leaves the plain-argmax fast path and takes the biased argmax."""
+    logits = torch.tensor([FIXED, FIXED, FIXED])  # [3, 10]
+    rows = [_row(SamplingParams(temperature=0, logit_bias={1: 5.0, 4: -1.5, 99: 3.0})), _row(SamplingParams()),
+            _row(SamplingParams(temperature=0, logit_bias={7: 0.25}))]
+    want = logits.clone()
+    want[0, 1] += 5.0
+    want[0, 4] -= 1.5
+    want[2, 7] += 0.25
+    assert torch.equal(process_logits(logits, rows), want)
+    assert Sampler().sample(logits[:1], rows[:1]).token_ids == [1]  # -0.4 + 5 beats 2.9

@@ -4,6 +4,7 @@ directory that is removed however the run ends."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 import tempfile
 from pathlib import Path
@@ -19,9 +20,10 @@ from kiln.config import BuildConfig, ConfigError, ModelConfig, QuantConfig
 from kiln.models import family_for_hf_config
 
 
-def dummy_model_config(options: BenchOptions) -> tuple[ConvertPlan, ModelConfig]:
+def dummy_model_config(options: BenchOptions,
+                       quant: QuantConfig | None = None) -> tuple[ConvertPlan, ModelConfig]:
     """The convert plan of the dummy model (sharded as --tp_size/--pp_size/--moe_* say), with --num_layers and
-    --dtype applied."""
+    --dtype applied, quantized as `quant` says (random weights quantized by convert as a real model's would be)."""
     hf = dummy_hf_config(options.preset, options.config)
     family = family_for_hf_config(hf)
     config = family.config_from_hf(hf, options.dtype)
@@ -37,7 +39,10 @@ def dummy_model_config(options: BenchOptions) -> tuple[ConvertPlan, ModelConfig]
     source = DummyWeightSource(options.seed, _dummy_device(options), tied_head=config.tie_word_embeddings)
     from kiln.bench.multirank import dummy_mapping
 
-    plan = ConvertPlan(family, config, dummy_mapping(options, config), source, QuantConfig(), provenance)
+    # An 8-bit KV cache gets unit scales: dummy weights have nothing to calibrate on, and speed does not depend on them.
+    kv = options.kv_cache_dtype.upper() if options.kv_cache_dtype else None
+    quant = dataclasses.replace(quant or QuantConfig(), kv_cache_quant_algo=kv)
+    plan = ConvertPlan(family, config, dummy_mapping(options, config), source, quant, provenance)
     return plan, config
 
 
@@ -60,15 +65,18 @@ def bench_build_config(options: BenchOptions, config: ModelConfig) -> BuildConfi
 
 
 @contextlib.contextmanager
-def dummy_engine(options: BenchOptions, log: Callable[[str], None] = print) -> Iterator[Path]:
-    """Convert dummy weights and build an engine for the bench's cases in a temporary directory (kernels tuned on a
-    GPU unless options.tune is off); yield the engine directory and remove everything afterwards."""
-    plan, config = dummy_model_config(options)
+def dummy_engine(options: BenchOptions, log: Callable[[str], None] = print,
+                 quant: QuantConfig | None = None) -> Iterator[Path]:
+    """Convert dummy weights (quantized as `quant` says) and build an engine for the bench's cases in a temporary
+    directory (kernels tuned on a GPU unless options.tune is off); yield the engine directory and remove everything
+    afterwards."""
+    plan, config = dummy_model_config(options, quant)
     limits = bench_build_config(options, config)
     tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
     try:
-        log(f"dummy {config.architecture} ({config.dtype}, {config.num_hidden_layers} layers): converting and "
-            f"building in {tmp}")
+        quantized = "" if plan.quant.quant_algo is None else f", weight-only {plan.quant.quant_algo}"
+        log(f"dummy {config.architecture} ({config.dtype}{quantized}, {config.num_hidden_layers} layers): converting "
+            f"and building in {tmp}")
         stretched = plan.provenance.get("max_position_embeddings_of_the_config")
         if stretched is not None:
             log(f"note: the case needs {config.max_position_embeddings} positions, the config has {stretched}: the "

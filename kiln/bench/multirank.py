@@ -19,6 +19,7 @@ from kiln.checkpoint.convert import meta_model
 from kiln.checkpoint.kiln_format import ArtifactInfo
 from kiln.config import ConfigError, Mapping, ModelConfig
 from kiln.memory import kv_bytes_per_token
+from kiln.quant.kv_cache import kv_element_size
 from kiln.models.decoder import stage_layers
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ def staged_kv_bytes_per_token(info: ArtifactInfo) -> int:
     """KV bytes one token adds to one GPU of every stage together (a decode step reads every stage's cache, one
     stage after another)."""
     mapping, model = info.mapping, info.model
-    element = model.torch_dtype.itemsize
+    element = kv_element_size(info.quant, model.torch_dtype)  # 1 for an INT8/FP8 cache
     return sum(kv_bytes_per_token(model, mapping, len(stage_layers(model.num_hidden_layers,
                                                                    mapping.for_rank(p * mapping.tp_size))), element)
                for p in range(mapping.pp_size))

@@ -18,6 +18,7 @@ class BenchOptions:
     config: str | None = None  # a Hugging Face style config.json for dummy weights
     num_layers: int | None = None  # dummy weights: keep only the first N layers (a slice at full width)
     dtype: str | None = None  # dummy weights' dtype (default: the preset's or config's)
+    kv_cache_dtype: str | None = None  # dummy weights: "int8" or "fp8" KV cache (unit scales); None: the dtype's
     batch_sizes: list[int] = field(default_factory=lambda: [1, 8, 32])
     input_len: int = 128
     output_len: int = 128
@@ -36,6 +37,10 @@ class BenchOptions:
     moe_tp_mode: int = 2  # 1: experts placed whole (expert parallel), 2: every expert split (tensor parallel)
     moe_tp_size: int = -1
     moe_ep_size: int = -1
+    # dummy weights: each precision's engine is converted, built and timed in turn (none: the unquantized dtype);
+    # several give a side-by-side table (kiln.bench.precisions). Empty: unquantized only.
+    weight_only_precision: list[str] = field(default_factory=list)
+    group_size: int = 128  # int4_awq / int4_gptq
 
     @property
     def dummy(self) -> bool:
@@ -63,9 +68,19 @@ class BenchOptions:
         if self.engine_dir is not None and (self.num_layers is not None or self.dtype is not None):
             raise ConfigError("--num_layers and --dtype shape dummy weights (--preset/--config); an engine "
                               "(--engine_dir) already has its layers and dtype")
+        if self.kv_cache_dtype is not None and self.engine_dir is not None:
+            raise ConfigError("--kv_cache_dtype shapes a dummy engine (--preset/--config); an engine (--engine_dir) "
+                              "has the KV cache it was converted with")
+        if self.kv_cache_dtype not in (None, "int8", "fp8"):
+            raise ConfigError(f"unknown --kv_cache_dtype {self.kv_cache_dtype!r}; choose int8 or fp8 (or leave it "
+                              "out for the model dtype)")
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         self._check_numbers()
+        if self.weight_only_precision:
+            from kiln.bench.precisions import check_precisions
+
+            check_precisions(self)
         from kiln.bench.multirank import validate
 
         validate(self)

@@ -3,6 +3,7 @@ measured in the same process with a large copy."""
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -59,14 +60,21 @@ class WeightBytes:
     # Keyword-only, so that subclasses' positional fields (multirank.StagedWeightBytes.stages) keep their place.
     head: int = field(default=0, kw_only=True)  # the LM head: prefill runs it for one row per sequence, not per token
     element_size: int = field(default=2, kw_only=True)  # bytes per weight element: the model dtype's
+    # Weight-only quantized engines: logical weights (not bytes) of the dense layers and the experts, for the
+    # prefill FLOPs; None: bytes / element_size (an unquantized engine).
+    dense_params: int | None = field(default=None, kw_only=True)
+    expert_params: int | None = field(default=None, kw_only=True)
 
     def prefill_flops(self, batch: int, input_len: int) -> float:
         """Matmul FLOPs of a prefill of `batch` prompts of `input_len` tokens: 2 x active params per token (every
         weight but the embedding and the head, experts at top_k / E) plus the head for one row per sequence.
         Attention's own score and value products are not counted (they are not weights)."""
-        dense = self.total - self.experts - self.embedding - self.head
-        experts = self.experts * (self.top_k / self.num_experts if self.num_experts else 0.0)
-        per_token = (dense + experts) / self.element_size
+        share = self.top_k / self.num_experts if self.num_experts else 0.0
+        if self.dense_params is not None and self.expert_params is not None:
+            per_token = self.dense_params + self.expert_params * share
+        else:
+            dense = self.total - self.experts - self.embedding - self.head
+            per_token = (dense + self.experts * share) / self.element_size
         return 2.0 * (per_token * batch * input_len + self.head / self.element_size * batch)
 
     def active(self, batch: int) -> float:
@@ -83,17 +91,26 @@ def weight_bytes(info: ArtifactInfo, plan: MemoryPlan) -> WeightBytes:
     """Split rank 0's weights (the engine's memory plan counts the largest rank) by what decode reads."""
     params = meta_model(info.family, info.model, info.mapping.for_rank(0), info.quant).named_parameters()
     experts = embedding = head = 0
+    dense_params = expert_params = 0  # logical weights (quantized ones at their unpacked shape), scales excluded
     element = torch.empty(0, dtype=info.model.torch_dtype).element_size()
     for name, param in params:
+        # Quantized weights count their stored bytes (INT4: half a byte each); their scales and zeros are separate
+        # parameters and count as dense bytes, read every step like the weights.
         nbytes = param.numel() * param.element_size()
+        logical = math.prod(getattr(param, "logical_shape", param.shape))
         if name.endswith((".w13", ".w2")):
             experts += nbytes
+            expert_params += logical
         elif name == "embed_tokens.weight":
             embedding += nbytes
         elif name == "lm_head.weight":
             head += nbytes
+        elif not getattr(param, "is_weight_scale", False) and not name.endswith(("_scale", "_zero", "_g_idx")):
+            dense_params += logical
+    quantized = info.quant.quant_algo is not None
     return WeightBytes(plan.weight_bytes, experts, embedding, info.model.moe_num_experts, info.model.moe_top_k,
-                       head=head, element_size=element)
+                       head=head, element_size=element, dense_params=dense_params if quantized else None,
+                       expert_params=expert_params if quantized else None)
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int | None = None) -> float:

@@ -56,6 +56,7 @@ class BenchReport:
     notes: list[str] = field(default_factory=list)
     hf: dict[str, Any] = field(default_factory=dict)
     cases: list[CaseResult] = field(default_factory=list)
+    error: str | None = None  # the error that ended the run early (the cases before it are kept)
 
     def to_dict(self) -> dict[str, Any]:
         return {"kiln_bench_format": 1, **dataclasses.asdict(self)}

@@ -15,7 +15,7 @@ from kiln.bench.hf import HFUnavailable, load_hf_model, time_hf_case
 from kiln.bench.options import BenchOptions
 from kiln.bench.physics import WeightBytes, copy_bandwidth_gbs, decode_floor, matmul_tflops, weight_bytes
 from kiln.bench.report import GB, BenchReport, CaseResult, case_line, table
-from kiln.bench.timing import KilnTiming, time_kiln_case
+from kiln.bench.timing import KilnTiming, check_case_fits, time_kiln_case
 from kiln.checkpoint.kiln_format import ArtifactInfo, load_artifact
 from kiln.kernels import apply_engine_kernel_choices
 from kiln.memory import MemoryPlan
@@ -23,15 +23,22 @@ from kiln.memory import MemoryPlan
 Log = Callable[[str], None]
 
 
-def run_bench(options: BenchOptions, log: Log = print) -> BenchReport:
+def run_bench(options: BenchOptions, log: Log = print) -> BenchReport | list[BenchReport]:
     """Run every case of `options` (on a dummy engine built for them, or on the given engine) and return the report;
-    also printed through `log` and written to options.output_json."""
+    also printed through `log` and written to options.output_json. With several --weight_only_precision values, one
+    report per precision (kiln.bench.precisions)."""
     options.validate()
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if len(options.weight_only_precision) > 1:
+        from kiln.bench.precisions import run_precisions
+
+        return run_precisions(options, device, log)
     if options.dummy:
         from kiln.bench.dummy import dummy_engine
+        from kiln.bench.precisions import precision_quant
 
-        with dummy_engine(options, log) as engine_dir:
+        precision = options.weight_only_precision[0] if options.weight_only_precision else "none"
+        with dummy_engine(options, log, precision_quant(precision, options.group_size)) as engine_dir:
             return bench_engine(engine_dir, options, device, log)
     return bench_engine(Path(str(options.engine_dir)), options, device, log)
 
@@ -82,6 +89,7 @@ def _engine_text(info: ArtifactInfo, options: BenchOptions, kernels: str, weight
     return {"source": source, "architecture": m.architecture, "dtype": m.dtype, "num_layers": m.num_hidden_layers,
             "world_size": info.mapping.world_size, "weight_bytes": weights.total, "expert_bytes": weights.experts,
             "embedding_bytes": weights.embedding, "kv_bytes_per_token": info.raw["memory_plan"]["kv_bytes_per_token"],
+            "kv_cache_quant_algo": info.quant.kv_cache_quant_algo,
             "build": info.raw.get("build"), "kernels": kernels, "kernel_backend": options.kernel_backend}
 
 
@@ -117,11 +125,14 @@ def _time_kiln(engine_dir: Path, options: BenchOptions, device: torch.device, re
     try:
         kernels = getattr(llm.runner, "kernels", None)
         report.engine["kernel_set"] = getattr(kernels, "name", None)
-        # Layers whose decode matmul is the build-chosen Triton GEMV rather than cuBLAS (0 where nothing was tuned).
+        # Layers bound to a Triton matmul: the build-chosen GEMV rather than cuBLAS (0 where nothing was tuned), and
+        # every weight-only quantized layer on CUDA (the weight-only kernels).
         report.engine["gemv_layers"] = getattr(llm.runner, "gemv_layers", 0)
         report.engine["cuda_graphs"] = getattr(llm.runner, "graphs", None) is not None
         report.engine["async_scheduling"] = llm.engine.async_scheduling
         kv_per_token = report.engine["kv_bytes_per_token"]
+        for batch in options.batch_sizes:  # every case before the first runs: no minutes lost to a later refusal
+            check_case_fits(llm, batch, options.input_len, options.output_len)
         for batch in options.batch_sizes:
             timing = time_kiln_case(llm, batch, options.input_len, options.output_len, options.warmup, device,
                                     options.seed * 1000 + batch)
@@ -183,11 +194,25 @@ def bench_engine(engine_dir: Path, options: BenchOptions, device: torch.device, 
         f"{weights.total / GB:.3f} GB; {kernels}")
     for note in report.notes:
         log(f"note: {note}")
-    _time_kiln(engine_dir, options, device, report, weights, log)
-    if options.compare_hf:
-        _compare_hf(info, options, device, report, log)
+    try:
+        _time_kiln(engine_dir, options, device, report, weights, log)
+        if options.compare_hf:
+            _compare_hf(info, options, device, report, log)
+    except BaseException as err:  # what was measured before a case failed is still written, then the error goes on
+        if report.cases:
+            report.error = f"{type(err).__name__}: {err}"
+            _write(report, options, log)
+        raise
+    _write(report, options, log)
+    return report
+
+
+def _write(report: BenchReport, options: BenchOptions, log: Log) -> None:
+    """The table and, with output_json, the JSON file of every case measured (all of them, or those before an
+    error, which the report then names)."""
     log(table(report))
+    if report.error:
+        log(f"measured {len(report.cases)} of {len(options.batch_sizes)} cases before: {report.error}")
     if options.output_json:
         report.write_json(options.output_json)
         log(f"wrote {options.output_json}")
-    return report

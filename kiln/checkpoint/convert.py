@@ -29,6 +29,7 @@ from kiln.quant.apply import quantize_model
 from kiln.quant.calibrate import CalibrationOptions, calibrate
 from kiln.quant.calib_data import calibration_tokens
 from kiln.quant.group_wise import group_wise_method, slice_groups
+from kiln.quant.kv_calibration import with_kv_scales
 
 
 class WeightSource(Protocol):
@@ -45,8 +46,9 @@ class ConvertPlan:
     source: WeightSource
     quant: QuantConfig
     provenance: dict[str, Any]
+    kv_calibration: Any = None  # kiln.quant.kv_calibration.KVCalibration for an INT8/FP8 KV cache (None: defaults)
     calibration: CalibrationOptions | None = None  # AWQ/GPTQ; None: group-wise formats round to nearest
-    calib_dataset: str | None = None  # a local text file (None: kiln's shipped calibration text)
+    calib_dataset: str | None = None  # a local text file for AWQ/GPTQ (None: kiln's shipped calibration text)
 
 
 def meta_model(family: Family, config: ModelConfig, mapping: Mapping,
@@ -125,6 +127,7 @@ def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True) ->
     inputs = tuple(Path(plan.provenance[k]) for k in ("model_dir", "config") if plan.provenance.get(k))
     check_output_dir(Path(output_dir), inputs)  # before the size estimate: a refused path is the clearer message
     check_fits(plan.family, plan.config, Path(output_dir), dummy=bool(plan.provenance.get("dummy")))
+    plan = with_kv_scales(plan, progress)  # an INT8/FP8 KV cache: calibrate its scales first, on the float model
     if plan.calibration is None:
         return _convert(plan, Path(output_dir), inputs, progress)
     with tempfile.TemporaryDirectory(prefix="kiln-calib-") as scratch:

@@ -15,6 +15,7 @@ from kiln.checkpoint.safety import check_claimed_layers
 from kiln.config import ConfigError, ModelConfig
 from kiln.models.family import Family, expected_sources, find_rule, sources_for
 from kiln.models.transforms import TRANSFORMS
+from kiln.quant.kv_published import PUBLISHED_SCALE_PATTERNS
 
 
 class HFWeightSource:
@@ -39,7 +40,8 @@ class HFWeightSource:
                 + (" ..." if len(missing) > 8 else "")
             )
         known = expected_sources(self.rules, source_layers)
-        ignored = [re.compile(p) for p in family.ignored_sources]
+        # Published KV-cache scales (vLLM's k_scale/v_scale) are read by kiln.quant.kv_published, not the weight map.
+        ignored = [re.compile(p) for p in (*family.ignored_sources, *PUBLISHED_SCALE_PATTERNS)]
         unexpected = sorted(n for n in present - known if not any(p.search(n) for p in ignored))
         if unexpected:
             raise CheckpointError(

@@ -71,8 +71,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     legacy.add_argument("--model_version", choices=["v1_7b", "v1_13b", "v2_7b", "v2_13b"], help="Baichuan only")
     legacy.add_argument("--world_size", type=int, default=None, help="ranks (tp × pp; default tp × pp)")
     legacy.add_argument("--tp_size", type=int, default=None, help="tensor parallel size (default --world_size or 1)")
-    legacy.add_argument("--pp_size", type=int, default=1)
-    p.add_argument("--output_dir", default="kiln_engine")
+    legacy.add_argument("--pp_size", type=int, default=1, help="pipeline parallel stages")
+    p.add_argument("--output_dir", default="kiln_engine", help="where to write the engine (written atomically)")
     p.add_argument("--max_batch_size", type=int, default=8, help="sequences running at once")
     p.add_argument("--max_input_len", type=int, default=1024, help="longest prompt, in tokens")
     p.add_argument("--max_seq_len", type=int, default=None,
@@ -148,6 +148,7 @@ def main(args: argparse.Namespace) -> int:
         if quant.quant_algo is not None:
             raise ConfigError("--use_weight_only applies to a one-step build from --model_dir; a checkpoint is "
                               "quantized by kiln convert (pass the flags there)")
+        check_kv_cache_flags(quant.kv_cache_quant_algo, checkpoint_dir)
         return build_engine(args, checkpoint_dir)
     parent = Path(args.output_dir).resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -159,6 +160,19 @@ def main(args: argparse.Namespace) -> int:
         return build_engine(args, str(checkpoint))
 
 
+def check_kv_cache_flags(asked: str | None, checkpoint_dir: str) -> None:
+    """The legacy build.py's --int8_kv_cache / --fp8_kv_cache over a checkpoint: the checkpoint must already hold
+    that KV cache's calibrated scales (kiln convert --int8_kv_cache / -kv writes them)."""
+    if asked is None:
+        return
+    has = load_artifact(checkpoint_dir, "checkpoint").quant.kv_cache_quant_algo
+    if has != asked:
+        flag = "--int8_kv_cache" if asked == "INT8" else "--fp8_kv_cache"
+        raise ConfigError(f"{flag} asks for an {asked} KV cache, but {checkpoint_dir} was converted with "
+                          f"{has or 'no KV-cache quantization'}; convert with {flag} (hf_baichuan_convert.py's -kv) "
+                          "to calibrate its scales, or drop the flag")
+
+
 def build_engine(args: argparse.Namespace, checkpoint_dir: str) -> int:
     config = build_config(args, checkpoint_dir)
     out, plan = build(checkpoint_dir, args.output_dir, config, args.memory_gib, tune=not args.no_tune,
@@ -166,5 +180,6 @@ def build_engine(args: argparse.Namespace, checkpoint_dir: str) -> int:
     print(f"built engine {out}: max_batch_size {config.max_batch_size}, max_input_len {config.max_input_len}, "
           f"max_seq_len {config.max_seq_len}")
     print(describe_kernels(load_artifact(out, "engine").raw.get("kernels") or {}))
-    print(describe(plan, config, args.memory_gib))
+    kv_cache = load_artifact(out, "engine").quant.kv_cache_quant_algo
+    print(describe(plan, config, args.memory_gib, kv_cache))
     return 0

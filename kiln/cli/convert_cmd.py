@@ -10,7 +10,8 @@ from kiln.checkpoint.convert import ConvertPlan, convert
 from kiln.checkpoint.hf_reader import HFCheckpoint
 from kiln.checkpoint.safety import config_from_hf
 from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_config, keep_first_layers
-from kiln.cli.quant_flags import add_quant_flags, calibration_from_flags, quant_config_from_flags
+from kiln.cli.quant_flags import add_quant_flags, calibration_from_flags, kv_calibration_from_flags, \
+    quant_config_from_flags
 from kiln.quant.published import refuse_published
 from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
@@ -30,8 +31,8 @@ IGNORED = ["--use_parallel_embedding", "--use_embedding_sharing", "--embedding_s
 REFUSED = ["--max_prompt_embedding_table_size", "--lora_target_modules", "--hf_lora_dir", "--max_lora_rank"]
 QUANT = ["--use_weight_only", "--weight_only_precision", "--per_group", "--group_size", "--quant_ckpt_path",
          "--smoothquant", "--per_token", "--per_channel", "--int8_kv_cache", "--fp8_kv_cache", "--calibrate_kv_cache",
-         "--calib_dataset", "--dataset_cache_dir", "--quantize_lm_head", "--calib_size", "--calib_max_seq_length",
-         "--desc_act"]
+         "--calib_dataset", "--dataset_cache_dir", "--quantize_lm_head", "--kv_cache_dtype", "--calib_size",
+         "--calib_max_seq_length", "--desc_act"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -49,8 +50,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=sorted(STORAGE_TYPES) + sorted(DTYPES), help="hf_baichuan_convert.py's --dtype")
     p.add_argument("--num_layers", type=int, help="keep only the first N layers (a slice of a big model)")
     p.add_argument("--tp_size", "-tp", "--tensor-parallelism", "--tensor_parallelism", dest="tp_size", type=int,
-                   default=1)
-    p.add_argument("--pp_size", type=int, default=1)
+                   default=1, help="tensor parallel ranks (attention heads and MLP columns split over them)")
+    p.add_argument("--pp_size", type=int, default=1, help="pipeline parallel stages (contiguous layer ranges)")
     p.add_argument("--workers", type=int, default=None,
                    help="accepted for TensorRT-LLM compatibility; kiln reads each tensor once and writes every rank's "
                         "shard of it in the same pass, so more workers would buy nothing and the value is ignored")
@@ -64,6 +65,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of dummy weights and of AWQ/GPTQ calibration's windows")
     p.add_argument("--dummy_device", default="cpu", help="device that generates dummy weights (cuda is faster)")
     add_quant_flags(p, QUANT)
+    p.add_argument("--per_head_kv_scales", action="store_true",
+                   help="INT8/FP8 KV cache: calibrate one scale per kv head instead of one per layer")
     add_compat_flags(p, IGNORED, REFUSED)
 
 
@@ -144,8 +147,11 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     else:
         source = DummyWeightSource(args.seed, args.dummy_device, tied_head=config.tie_word_embeddings)
         provenance = {"preset": args.preset, "config": args.config, "dummy": True, "seed": args.seed}
+    calib = None
+    if quant.kv_cache_quant_algo is not None:  # an INT8/FP8 KV cache: how convert calibrates its scales
+        calib = kv_calibration_from_flags(args, getattr(args, "per_head_kv_scales", False))
     calibration, dataset = calibration_from_flags(args, quant, args.seed)
-    return ConvertPlan(family, config, mapping, source, quant, provenance, calibration, dataset)
+    return ConvertPlan(family, config, mapping, source, quant, provenance, calib, calibration, dataset)
 
 
 def plan_from_hf(model_dir: str, dtype: str | None, tp_size: int, pp_size: int,
@@ -164,6 +170,7 @@ def main(args: argparse.Namespace) -> int:
     out = convert(plan, str(resolve_output_dir(args)))
     m = plan.mapping
     algo = f", weights {plan.quant.quant_algo}" if plan.quant.quant_algo else ""
+    algo += f", {plan.quant.kv_cache_quant_algo} KV cache" if plan.quant.kv_cache_quant_algo else ""
     print(f"wrote {plan.config.architecture} checkpoint ({plan.config.dtype}{algo}, tp {m.tp_size} × pp {m.pp_size}"
           f"{f', experts ep {m.moe_ep_size} × tp {m.moe_tp_size}' if plan.config.is_moe else ''}) to {out}")
     return 0

@@ -6,19 +6,13 @@ import argparse
 import os
 import sys
 
-from kiln.cli import bench_cmd, build_cmd, convert_cmd, perplexity_cmd, quantize_cmd, run_cmd, summarize_cmd
+from kiln.cli import (bench_cmd, build_cmd, convert_cmd, perplexity_cmd, quantize_cmd, run_cmd, serve_cmd,
+                      summarize_cmd)
 from kiln.cli.errors import DEBUG_ENV, run_reported
+from kiln.cli.parser import KilnParser
 
 COMMANDS = {"convert": convert_cmd, "build": build_cmd, "run": run_cmd, "bench": bench_cmd, "quantize": quantize_cmd,
-            "summarize": summarize_cmd, "perplexity": perplexity_cmd}
-
-
-def hyphen_aliases(parser: argparse.ArgumentParser) -> None:
-    """Accept `--max-batch-size` for `--max_batch_size`, as a courtesy to hyphen habits."""
-    for action in list(parser._actions):
-        extra = [s.replace("_", "-") for s in action.option_strings if s.startswith("--") and "_" in s]
-        for alias in extra:
-            parser._option_string_actions[alias] = action
+            "summarize": summarize_cmd, "perplexity": perplexity_cmd, "serve": serve_cmd}
 
 
 def kiln_version() -> str:
@@ -34,15 +28,15 @@ def kiln_version() -> str:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="kiln", description="Inference engine for DBRX, MPT and Baichuan.")
+    parser = KilnParser(prog="kiln", description="Inference engine for DBRX, MPT and Baichuan. Every flag also takes "
+                                                 "its hyphenated spelling (--max-batch-size for --max_batch_size).")
     parser.add_argument("--version", action="version", version=f"kiln {kiln_version()}")
     parser.add_argument("--debug", action="store_true",
                         help=f"print the traceback of an error before its one-line message (or set {DEBUG_ENV}=1)")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=KilnParser)
     for name, module in COMMANDS.items():
         cmd = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(cmd)
-        hyphen_aliases(cmd)
         cmd.set_defaults(handler=module.main)
     return parser
 

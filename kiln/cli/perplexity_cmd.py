@@ -22,7 +22,7 @@ HELDOUT = Path(__file__).resolve().parent.parent / "eval" / "data" / "heldout.tx
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine_dir", default="kiln_engine")
+    p.add_argument("--engine_dir", default="kiln_engine", help="the kiln engine to measure")
     p.add_argument("--text_file", default=None, help="UTF-8 text to score (default: kiln's shipped held-out text, "
                                                      "kiln/eval/data/heldout.txt)")
     p.add_argument("--hf_model_dir", help="also score the same windows with transformers on this checkpoint; the "

@@ -4,10 +4,13 @@ them.
 Every command that ports a TensorRT-LLM script registers the quantization flags that script takes (so that a
 pasted command line parses), and calls `quant_config_from_flags` (or `refuse_quantization`) before doing anything.
 What kiln runs: `--use_weight_only` with `--weight_only_precision int8` (the default, W8A16) or `int4` (W4A16), and
-the group-wise `int4_awq` (W4A16_AWQ) and `int4_gptq` (W4A16_GPTQ) with their calibration flags (`--per_group`,
-`--group_size`, `--calib_dataset`, `--calib_size`, `--calib_max_seq_length`, GPTQ's `--desc_act`). Any other
-quantization flag, or a weight-only precision kiln does not run, is refused with one line naming every quantization
-flag given, never ignored (issue 15 adds the other formats).
+the group-wise `int4_awq` (W4A16_AWQ) and `int4_gptq` (W4A16_GPTQ) with their flags (`--per_group`, `--group_size`,
+`--calib_dataset`, `--calib_size`, `--calib_max_seq_length`, GPTQ's `--desc_act`); an INT8 or FP8 KV cache
+(`--int8_kv_cache`, `--calibrate_kv_cache`/`-kv`, `--fp8_kv_cache`, quantize.py's `--kv_cache_dtype int8|fp8`), alone
+or with weight-only, calibrated as `--calib_dataset`, `--calib_size` and `--calib_max_seq_length` say (the same text
+and windows as AWQ/GPTQ when both are asked for). Any other quantization flag, or a weight-only precision kiln does
+not run, is refused with one line naming every quantization flag given, never ignored (issue 15 adds the other
+formats).
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import argparse
 from kiln.cli.trtllm_flags import DEST_PREFIX, CompatFlag, add_compat_flag, in_given_order, spelled
 from kiln.config import GROUP_WISE_QUANT_ALGOS, ConfigError, QuantConfig
 from kiln.quant.calibrate import CalibrationOptions
+from kiln.quant.kv_calibration import KVCalibration
 
 MESSAGE = ("this quantization is not implemented in kiln yet (issue 15; kiln runs weight-only "
-           "--use_weight_only --weight_only_precision int8|int4|int4_awq|int4_gptq); use those, or drop the "
-           "quantization flags for an unquantized model in the --dtype given")
+           "--use_weight_only --weight_only_precision int8|int4|int4_awq|int4_gptq and an INT8/FP8 KV cache, "
+           "--int8_kv_cache or --fp8_kv_cache); use those, or drop the quantization flags for an unquantized model in "
+           "the --dtype given")
 # --weight_only_precision -> TensorRT-LLM's quant_algo.
 WEIGHT_ONLY = {"int8": "W8A16", "int4": "W4A16", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_GPTQ"}
 # What group-wise INT4 takes beside --use_weight_only/--weight_only_precision (convert) or --qformat (quantize).
@@ -49,6 +54,13 @@ QUANT: dict[str, CompatFlag] = {f.names[0]: f for group in [
 ] for f in group}
 
 
+# The KV-cache flags (kiln.quant.kv_cache) and the calibration flags that go with them.
+KV_CACHE_DTYPES = {"int8": "INT8", "fp8": "FP8"}
+KV_FORMAT_FLAGS = {"--int8_kv_cache": "INT8", "--calibrate_kv_cache": "INT8", "--fp8_kv_cache": "FP8"}
+CALIB_FLAGS = {"--calib_dataset", "--calib_size", "--calib_max_seq_length"}
+KV_FLAGS = set(KV_FORMAT_FLAGS) | CALIB_FLAGS | {"--kv_cache_dtype"}
+
+
 def add_quant_flags(parser: argparse.ArgumentParser, names: list[str]) -> None:
     """Register the named quantization flags (first spellings in QUANT) so that they parse."""
     group = parser.add_argument_group("quantization (weight-only int8/int4 runs; the rest is refused with a message)")
@@ -60,12 +72,8 @@ def quant_flags_given(args: argparse.Namespace) -> list[str]:
     return [spelled(args, flag) for flag in in_given_order(args, list(QUANT.values()))]
 
 
-def _given(args: argparse.Namespace) -> set[str]:
-    return {flag.names[0] for flag in in_given_order(args, list(QUANT.values()))}
-
-
 def _fits(algo: str | None, others: set[str]) -> bool:
-    """Whether the quantization flags `others` (beside those that chose `algo`) belong to `algo`."""
+    """Whether the quantization flags `others` (beside those that chose `algo` and the KV cache's) belong to `algo`."""
     if algo not in GROUP_WISE_QUANT_ALGOS:
         return not others
     allowed = GROUP_WISE_FLAGS - ({"--desc_act"} if algo == "W4A16_AWQ" else set())
@@ -74,8 +82,8 @@ def _fits(algo: str | None, others: set[str]) -> bool:
 
 def weight_only_algo(args: argparse.Namespace) -> str | None:
     """The quant_algo of TensorRT-LLM's weight-only flags (`--use_weight_only`, optionally `--weight_only_precision
-    int8|int4|int4_awq|int4_gptq`, the group-wise ones with their calibration flags); None for anything else."""
-    given = _given(args)
+    int8|int4|int4_awq|int4_gptq`, the group-wise ones with their flags); None for anything else."""
+    given = _given_names(args) - kv_flags_taken(args)  # an INT8/FP8 KV cache combines with weight-only
     if "--use_weight_only" not in given:
         return None
     precision = getattr(args, _dest_of("--weight_only_precision"), "int8")  # TensorRT-LLM's default
@@ -83,13 +91,58 @@ def weight_only_algo(args: argparse.Namespace) -> str | None:
     return algo if _fits(algo, given - {"--use_weight_only", "--weight_only_precision"}) else None
 
 
-def qformat_takes_flags(args: argparse.Namespace, algo: str) -> bool:
-    """Whether every quantization flag given belongs to the format quantize.py's --qformat chose (`algo`)."""
-    return _fits(algo, _given(args))
+def qformat_takes_flags(args: argparse.Namespace, algo: str | None) -> bool:
+    """Whether every quantization flag given (beside the KV cache's) belongs to the format quantize.py's --qformat
+    chose (`algo`; None: full_prec)."""
+    return _fits(algo, _given_names(args) - kv_flags_taken(args))
 
 
 def _dest_of(name: str) -> str:
     return DEST_PREFIX + name.lstrip("-")
+
+
+def _given_names(args: argparse.Namespace) -> set[str]:
+    return {flag.names[0] for flag in in_given_order(args, list(QUANT.values()))}
+
+
+def kv_cache_algo(args: argparse.Namespace) -> str | None:
+    """INT8 or FP8 when the flags ask for a quantized KV cache (None: the engine dtype); asking for both or an
+    unknown --kv_cache_dtype is a ConfigError."""
+    given = _given_names(args)
+    asked = {KV_FORMAT_FLAGS[name] for name in given if name in KV_FORMAT_FLAGS}
+    if "--kv_cache_dtype" in given:
+        value = str(getattr(args, _dest_of("--kv_cache_dtype"))).lower()
+        if value not in KV_CACHE_DTYPES:
+            raise ConfigError(f"--kv_cache_dtype {value} is not one kiln runs; choose int8 or fp8, or drop the flag "
+                              "for a KV cache in the model dtype")
+        asked.add(KV_CACHE_DTYPES[value])
+    if len(asked) > 1:
+        raise ConfigError("the flags ask for both an INT8 and an FP8 KV cache; give one of --int8_kv_cache "
+                          "(-kv, --kv_cache_dtype int8) or --fp8_kv_cache (--kv_cache_dtype fp8)")
+    return asked.pop() if asked else None
+
+
+def kv_flags_taken(args: argparse.Namespace) -> set[str]:
+    """The KV-cache flags this command line uses: with a KV format, its calibration flags too; without one, a
+    calibration flag asks for something kiln does not run (refused with the rest)."""
+    return KV_FLAGS if kv_cache_algo(args) else KV_FLAGS - CALIB_FLAGS
+
+
+def kv_calibration_from_flags(args: argparse.Namespace, per_head: bool = False) -> KVCalibration:
+    """How to calibrate the KV scales: --calib_dataset (default: kiln's shipped text), --calib_size (default 512
+    sequences), --calib_max_seq_length (default 512 tokens each)."""
+    def number(name: str, default: int) -> int:
+        value = getattr(args, _dest_of(name), default)
+        try:
+            return int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} takes a whole number, got {value!r}") from None
+
+    calib = KVCalibration(dataset=getattr(args, _dest_of("--calib_dataset"), None),
+                          num_samples=number("--calib_size", 512),
+                          max_seq_len=number("--calib_max_seq_length", 512), per_head=per_head)
+    calib.validate()
+    return calib
 
 
 def _int_flag(args: argparse.Namespace, name: str, default: int, lowest: int = 1) -> int:
@@ -115,17 +168,17 @@ def _group_size(args: argparse.Namespace) -> int:
 
 def quant_config_from_flags(args: argparse.Namespace, qformat_algo: str | None = None) -> QuantConfig:
     """The QuantConfig the quantization flags ask for (weight-only INT8/INT4/AWQ/GPTQ, or `qformat_algo` that
-    quantize.py's --qformat chose); anything else is refused by `refuse_quantization`'s one line."""
+    quantize.py's --qformat chose, and the KV cache); anything else is refused by `refuse_quantization`'s one line."""
+    kv = kv_cache_algo(args)
     algo = weight_only_algo(args)
-    if algo is None and qformat_algo is not None and qformat_takes_flags(args, qformat_algo):
-        algo = qformat_algo
     if algo is None:
-        refuse_quantization(args)
-        return QuantConfig()
+        if not qformat_takes_flags(args, qformat_algo):
+            refuse_quantization(args)
+        algo = qformat_algo
     if algo not in GROUP_WISE_QUANT_ALGOS:
-        return QuantConfig(quant_algo=algo)
+        return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv)
     # What stays in the engine dtype (TensorRT-LLM's exclude_modules, in kiln's module names).
-    return QuantConfig(quant_algo=algo, group_size=_group_size(args), has_zero_point=True,
+    return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, group_size=_group_size(args), has_zero_point=True,
                        exclude_modules=["embed_tokens", "lm_head", "*router", "*norm*"])
 
 
@@ -145,5 +198,5 @@ def refuse_quantization(args: argparse.Namespace, extra: list[str] | None = None
     """Raise a ConfigError naming every quantization flag given, in command-line order, after `extra` (what a
     command found itself, such as quantize.py's `--qformat int4_awq`)."""
     flags = list(extra or []) + quant_flags_given(args)
-    if flags:
+    if flags:  # (named with the KV-cache flags too: one refused flag makes the whole line)
         raise ConfigError(f"{', '.join(flags)}: {MESSAGE}")

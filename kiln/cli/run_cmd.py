@@ -18,6 +18,7 @@ from kiln.cli.run_checks import (DEFAULT_TEMPERATURE, DEFAULT_TOP_K, check_run_a
                                   read_npy_prompts)
 from kiln.config import ConfigError
 from kiln.llm import LLM, RequestOutput
+from kiln.one_step import OneStepOptions, engine_for, is_kiln_artifact
 from kiln.sampling_params import SamplingParams
 
 HELP = "generate text from an engine"
@@ -37,78 +38,109 @@ DEFAULT_PROMPT = "Born in north-east France, Soyer trained as a"  # run.py's def
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine_dir", default="kiln_engine")
-    p.add_argument("--tokenizer_dir", help="Hugging Face tokenizer directory (needed for text prompts and output; "
+    add_input_flags(p.add_argument_group("inputs"))
+    add_limit_flags(p.add_argument_group("limits"))
+    add_sampling_flags(p.add_argument_group("sampling"))
+    add_output_flags(p.add_argument_group("outputs"))
+    add_parallel_flags(p.add_argument_group("parallelism and device"))
+    add_debug_flags(p.add_argument_group("debug and profiling"))
+    add_compat_flags(p, IGNORED, REFUSED)
+
+
+def add_input_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--engine_dir", default=None,
+                   help="the kiln engine to run (default: kiln_engine, or with --model_dir alone the cached engine "
+                        "of that checkpoint)")
+    g.add_argument("--hf_model_dir", "--model_dir", dest="hf_model_dir",
+                   help="a Hugging Face checkpoint: its tokenizer when --engine_dir is given (run.py), else converted "
+                        "and built once into kiln's engine cache ($KILN_CACHE_DIR or ~/.cache/kiln) and run")
+    g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="with --model_dir alone: the engine's dtype (default: the checkpoint's)")
+    g.add_argument("--tokenizer_dir", help="Hugging Face tokenizer directory (needed for text prompts and output; "
                                           "default --hf_model_dir, else the tokenizer the engine carries)")
-    p.add_argument("--input_text", nargs="+", default=[DEFAULT_PROMPT], help="one or more prompts, batched together")
-    p.add_argument("--input_file", help=".txt (a prompt per line), .csv (token ids per row) or .npy (token ids, "
+    g.add_argument("--input_text", nargs="+", default=[DEFAULT_PROMPT], help="one or more prompts, batched together")
+    g.add_argument("--input_file", help=".txt (a prompt per line), .csv (token ids per row) or .npy (token ids, "
                                         "padded with --pad_id)")
-    p.add_argument("--chat", action="store_true",
+    g.add_argument("--chat", action="store_true",
                    help="treat each --input_text as a user message and apply the model's chat format")
-    p.add_argument("--system_prompt", default=None, help="system message for --chat")
-    p.add_argument("--max_input_length", type=int, default=None,
+    g.add_argument("--system_prompt", default=None, help="system message for --chat")
+    g.add_argument("--no_add_special_tokens", dest="add_special_tokens", action="store_false",
+                   help="tokenize prompts without the tokenizer's special tokens (BOS)")
+
+
+def add_limit_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--max_output_len", type=int, required=True, help="tokens to generate per output (at most)")
+    g.add_argument("--max_input_length", type=int, default=None,
                    help="keep only the last N prompt tokens (default: no truncation; the engine's limit applies)")
-    p.add_argument("--max_output_len", type=int, required=True)
-    p.add_argument("--num_return_sequences", type=int, default=None,
-                   help="outputs per prompt (default: 1, or every beam with --num_beams)")
-    p.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (1: no beam search)")
-    p.add_argument("--length_penalty", type=float, default=1.0,
-                   help="beam search: finished beams score cumulative logprob / length ** length_penalty")
-    p.add_argument("--early_stopping", type=early_stopping, default=True,
-                   help="beam search, as run.py's integer: 1 (default) stops once num_beams beams finished, 0 when no "
-                        "running beam is likely to beat them, any other value (or 'never') when none can")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE)
-    p.add_argument("--top_k", type=int, default=DEFAULT_TOP_K, help="1 (the default) is greedy; 0 disables top-k")
-    p.add_argument("--top_p", type=float, default=0.0, help="0 (the default) disables top-p")
-    p.add_argument("--min_p", type=float, default=0.0)
-    p.add_argument("--repetition_penalty", type=float, default=1.0)
-    p.add_argument("--presence_penalty", type=float, default=0.0)
-    p.add_argument("--frequency_penalty", type=float, default=0.0)
-    p.add_argument("--min_length", type=int, default=0, help="no end token before this many outputs")
-    p.add_argument("--random_seed", type=int, default=0)
-    p.add_argument("--end_id", type=int, default=None, help="end token (default: the tokenizer's end tokens)")
-    p.add_argument("--pad_id", type=int, default=None, help="padding of --output_npy/--output_csv and .npy input")
-    p.add_argument("--stop_words", nargs="+", action="append", default=None,
+    g.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9,
+                   help="share of the free GPU memory the KV cache takes after the weights are loaded")
+    g.add_argument("--max_tokens_in_paged_kv_cache", type=int, default=None,
+                   help="at most this many tokens in the KV cache, whatever the memory fraction allows")
+
+
+def add_sampling_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="softmax temperature (0: greedy)")
+    g.add_argument("--top_k", type=int, default=DEFAULT_TOP_K, help="1 is greedy (run.py's default); 0 disables top-k")
+    g.add_argument("--top_p", type=float, default=0.0, help="nucleus sampling mass; 0 disables top-p")
+    g.add_argument("--min_p", type=float, default=0.0, help="drop tokens below this share of the most likely one's")
+    g.add_argument("--repetition_penalty", type=float, default=1.0, help="transformers' (1: off)")
+    g.add_argument("--presence_penalty", type=float, default=0.0, help="OpenAI's (0: off)")
+    g.add_argument("--frequency_penalty", type=float, default=0.0, help="OpenAI's (0: off)")
+    g.add_argument("--no_repeat_ngram_size", type=int, default=None,
+                   help="no n-gram of prompt + output occurs twice (transformers' no_repeat_ngram_size)")
+    g.add_argument("--min_length", type=int, default=0, help="no end token before this many outputs")
+    g.add_argument("--random_seed", type=int, default=0, help="seed of sampled (not greedy) outputs")
+    g.add_argument("--end_id", type=int, default=None, help="end token (default: the tokenizer's end tokens)")
+    g.add_argument("--stop_words", nargs="+", action="append", default=None,
                    help="stop words; given once they apply to every prompt, repeated the i-th group is prompt i's "
                         "(run.py's grouping)")
-    p.add_argument("--bad_words", nargs="+", action="append", default=None,
+    g.add_argument("--bad_words", nargs="+", action="append", default=None,
                    help="words never to produce, grouped per prompt as --stop_words")
-    p.add_argument("--ignore_eos", action="store_true", help="generate max_output_len tokens whatever comes")
-    p.add_argument("--streaming", action="store_true", help="print tokens as they are made")
-    p.add_argument("--streaming_interval", type=int, default=5, help="print every N tokens when streaming (run.py's 5)")
-    p.add_argument("--output_csv", help="token ids (prompt + output, padded) per sequence, run.py's layout")
-    p.add_argument("--output_npy", help="the same as an int32 [sequences, length] array")
-    p.add_argument("--output_log_probs_npy",
+    g.add_argument("--ignore_eos", action="store_true", help="generate max_output_len tokens whatever comes")
+    g.add_argument("--num_return_sequences", type=int, default=None,
+                   help="outputs per prompt (default: 1, or every beam with --num_beams)")
+    g.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (1: no beam search)")
+    g.add_argument("--length_penalty", type=float, default=1.0,
+                   help="beam search: finished beams score cumulative logprob / length ** length_penalty")
+    g.add_argument("--early_stopping", type=early_stopping, default=True,
+                   help="beam search, as run.py's integer: 1 stops once num_beams beams finished, 0 when no "
+                        "running beam is likely to beat them, any other value (or 'never') when none can")
+
+
+def add_output_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--streaming", action="store_true",
+                   help="print the text as it is made (one output: as it comes; several: a line per output every "
+                        "--streaming_interval tokens), then the usual results")
+    g.add_argument("--streaming_interval", type=int, default=5,
+                   help="with several outputs, print each every N tokens (run.py's 5)")
+    g.add_argument("--pad_id", type=int, default=None, help="padding of --output_npy/--output_csv and .npy input")
+    g.add_argument("--output_csv", help="token ids (prompt + output, padded) per sequence, run.py's layout")
+    g.add_argument("--output_npy", help="the same as an int32 [sequences, length] array")
+    g.add_argument("--output_log_probs_npy",
                    help="log-probs of each generated token, float32 [prompts, outputs, max_output_len], 0-padded")
-    p.add_argument("--output_logits_npy", help="the raw logits of every generated token, float32 [prompts, outputs, "
+    g.add_argument("--output_logits_npy", help="the raw logits of every generated token, float32 [prompts, outputs, "
                    "max_output_len, vocab], 0-padded (vocab x 4 bytes per token: for short runs and debugging)")
-    p.add_argument("--output_cum_log_probs_npy", help="cumulative log-prob of each output, float32 [prompts, outputs]")
-    p.add_argument("--output_json", help="one object per prompt: input_ids, output_ids per beam, text per beam")
-    p.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
-    p.add_argument("--no_cuda_graphs", "--enforce_eager", dest="no_cuda_graphs", action="store_true",
+    g.add_argument("--output_cum_log_probs_npy", help="cumulative log-prob of each output, float32 [prompts, outputs]")
+    g.add_argument("--output_json", help="one object per prompt: input_ids, output_ids per beam, text per beam")
+
+
+def add_parallel_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--tp_size", type=int, default=None,
+                   help="with --model_dir alone: tensor parallel ranks of the engine (default 1); a built engine "
+                        "runs with the ranks it was converted for")
+    g.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+
+
+def add_debug_flags(g: argparse._ArgumentGroup) -> None:
+    g.add_argument("--no_cuda_graphs", "--enforce_eager", dest="no_cuda_graphs", action="store_true",
                    help="run decode steps eagerly instead of replaying CUDA graphs (for debugging and profiling)")
-    p.add_argument("--no_async_scheduling", action="store_true",
+    g.add_argument("--no_async_scheduling", action="store_true",
                    help="run each step only after the previous one's tokens reached the host (by default a "
                    "single-rank engine launches the next step first, overlapping host and GPU work)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    add_run_py_flags(p)
-
-
-def add_run_py_flags(p: argparse.ArgumentParser) -> None:
-    """run.py's flags beyond the sampling and output ones, and those kiln accepts and ignores or refuses."""
-    p.add_argument("--hf_model_dir", "--model_dir", dest="hf_model_dir",
-                   help="run.py's Hugging Face model directory: the tokenizer's when --tokenizer_dir is not given")
-    p.add_argument("--no_add_special_tokens", dest="add_special_tokens", action="store_false",
-                   help="tokenize prompts without the tokenizer's special tokens (BOS)")
-    p.add_argument("--no_repeat_ngram_size", type=int, default=None,
-                   help="no n-gram of prompt + output occurs twice (transformers' no_repeat_ngram_size)")
-    p.add_argument("--max_tokens_in_paged_kv_cache", type=int, default=None,
-                   help="at most this many tokens in the KV cache, whatever the memory fraction allows")
-    p.add_argument("--run_profiling", action="store_true",
+    g.add_argument("--run_profiling", action="store_true",
                    help="as run.py: after the run, time 10 more runs of the same batch (after as many "
                         "warm-up runs) and print the average latency")
-    p.add_argument("--log_level", choices=sorted(LOG_LEVELS), default="info", help="run.py's log levels")
-    add_compat_flags(p, IGNORED, REFUSED)
+    g.add_argument("--log_level", choices=sorted(LOG_LEVELS), default="info", help="run.py's log levels")
 
 
 def early_stopping(text: str) -> bool | str:
@@ -236,7 +268,7 @@ def write_log_probs(args: argparse.Namespace, results: list[RequestOutput]) -> N
     cumulative = np.zeros((len(results), outputs), dtype=np.float32)
     for i, r in enumerate(results):
         for j, o in enumerate(r.outputs):
-            per_token[i, j, : len(o.logprobs)] = o.logprobs
+            per_token[i, j, : len(o.token_logprobs)] = o.token_logprobs
             cumulative[i, j] = o.cumulative_logprob
     if args.output_log_probs_npy:
         np.save(args.output_log_probs_npy, per_token)
@@ -270,14 +302,25 @@ def print_results(results: list[RequestOutput], tokenizer) -> None:
 
 def stream_to_stdout(llm: LLM, prompts: list[list[int]], params: list[SamplingParams], interval: int,
                      has_text: bool) -> list[RequestOutput]:
-    """Print each output's new text (or token ids) every `interval` tokens as `[prompt.output] piece`."""
+    """Print the text as it is made (incrementally detokenized, so never half a character). One output (one
+    prompt, one sequence): its text as it comes, then a newline. Several: a line `[prompt.output] text` per output
+    every `interval` tokens and when it ends (newlines shown as \\n, so that lines stay apart). Without a
+    tokenizer the token ids are printed instead of text. The usual results follow (print_results)."""
+    single = len(prompts) == 1 and params[0].n == 1 and not params[0].use_beam_search
     pending: dict[tuple[int, int], list[str]] = {}
     for delta in llm.stream(prompts, params):
+        piece = delta.text if has_text else f" {delta.token_id}"
+        if single:
+            print(piece, end="", flush=True)
+            continue
         key = (delta.request_id, delta.index)
-        pending.setdefault(key, []).append(delta.text if has_text else f" {delta.token_id}")
+        pending.setdefault(key, []).append(piece)
         if len(pending[key]) >= interval or delta.finish_reason:
             end = f" [{delta.finish_reason}]" if delta.finish_reason else ""
-            print(f"[{key[0]}.{key[1]}] {''.join(pending.pop(key))!r}{end}", flush=True)
+            text = "".join(pending.pop(key)).replace("\n", "\\n")
+            print(f"[{key[0]}.{key[1]}] {text}{end}", flush=True)
+    if single:
+        print(flush=True)
     return llm.last_results
 
 
@@ -290,12 +333,28 @@ def write_context_logits(llm: LLM, results: list[RequestOutput], path: str) -> N
 def profile(llm: LLM, prompts: list[list[int]], params: list[SamplingParams]) -> None:
     """run.py's --run_profiling: as many warm-up runs as timed ones, then the average latency of the timed runs."""
     for _ in range(PROFILE_ITERATIONS):
-        llm.generate(prompts, params)
+        llm.generate(prompts, params, use_tqdm=False)
     start = time.perf_counter()
     for _ in range(PROFILE_ITERATIONS):
-        llm.generate(prompts, params)
+        llm.generate(prompts, params, use_tqdm=False)
     latency = (time.perf_counter() - start) / PROFILE_ITERATIONS
     print(f"batch_size: {len(prompts)}, avg latency of {PROFILE_ITERATIONS} iterations: {latency:.4f} sec")
+
+
+def engine_dir(args: argparse.Namespace) -> str:
+    """--engine_dir; else, with --model_dir (a Hugging Face checkpoint), its engine from kiln's one-step cache
+    (converted and built on first use); else run.py's default, kiln_engine."""
+    one_step = [f"--{n}" for n in ("dtype", "tp_size") if getattr(args, n) is not None]
+    if args.engine_dir is not None or not args.hf_model_dir or is_kiln_artifact(args.hf_model_dir):
+        if one_step:
+            raise ConfigError(f"{', '.join(one_step)} applies to a one-step run from --model_dir alone; a built "
+                              "engine runs with the dtype and ranks kiln convert gave it")
+        if args.engine_dir is None and args.hf_model_dir and is_kiln_artifact(args.hf_model_dir):
+            return args.hf_model_dir  # a kiln engine given as --model_dir: run it
+        return args.engine_dir or "kiln_engine"
+    if args.tp_size is not None and args.tp_size < 1:
+        raise ConfigError(f"--tp_size must be >= 1, got {args.tp_size}")
+    return str(engine_for(args.hf_model_dir, OneStepOptions(dtype=args.dtype, tp_size=args.tp_size or 1)))
 
 
 def main(args: argparse.Namespace) -> int:
@@ -305,7 +364,8 @@ def main(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr)
     logging.getLogger("kiln").setLevel(LOG_LEVELS[args.log_level])
-    llm = LLM(args.engine_dir, tokenizer_dir=args.tokenizer_dir or args.hf_model_dir, device=args.device,
+    tokenizer_dir = args.tokenizer_dir or (args.hf_model_dir if args.engine_dir is not None else None)
+    llm = LLM(engine_dir(args), tokenizer_dir=tokenizer_dir, device=args.device,
               kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,
               use_cuda_graphs=not args.no_cuda_graphs, async_scheduling=not args.no_async_scheduling,
               kv_cache_max_tokens=args.max_tokens_in_paged_kv_cache)
@@ -323,7 +383,7 @@ def generate_and_write(args: argparse.Namespace, llm: LLM) -> int:
     if args.streaming:
         results = stream_to_stdout(llm, prompts, params, args.streaming_interval, tokenizer is not None)
     else:
-        results = llm.generate(prompts, params)
+        results = llm.generate(prompts, params, use_tqdm=False)
     print_results(results, tokenizer)
     pad = args.pad_id if args.pad_id is not None else (base.end_id if base.end_id is not None else
                                                        (tokenizer.pad_token_id if tokenizer else 0)) or 0

@@ -25,7 +25,7 @@ HELP = "summarize articles with an engine (and transformers) and report ROUGE, a
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine_dir", default="kiln_engine")
+    p.add_argument("--engine_dir", default="kiln_engine", help="the kiln engine to evaluate (with --test_kiln)")
     p.add_argument("--hf_model_dir", help="the Hugging Face checkpoint: transformers' model for --test_hf, and the "
                                           "tokenizer when --tokenizer_dir is not given")
     p.add_argument("--tokenizer_dir", help="tokenizer directory (default: --hf_model_dir, else the tokenizer "
@@ -43,23 +43,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reference_field", default="highlights", help="the reference summary's field "
                                                                    "(default: highlights)")
     p.add_argument("--max_ite", type=int, default=20, help="batches to run (default 20)")
-    p.add_argument("--batch_size", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=1, help="articles summarized together")
     p.add_argument("--max_input_length", type=int, default=923, help="keep the last N prompt tokens (default 923)")
     p.add_argument("--output_len", type=int, default=100, help="tokens to generate per summary (default 100)")
-    p.add_argument("--num_beams", type=int, default=1)
-    p.add_argument("--length_penalty", type=float, default=1.0)
-    p.add_argument("--early_stopping", type=early_stopping, default=True)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--num_beams", type=int, default=1, help="beam search with this many beams (1: none)")
+    p.add_argument("--length_penalty", type=float, default=1.0, help="beam search length penalty (transformers')")
+    p.add_argument("--early_stopping", type=early_stopping, default=True, help="beam search: 1, 0 or never (as kiln run)")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature when sampling (--top_k other than 1)")
     p.add_argument("--top_k", type=int, default=1, help="1 (the default) is greedy")
     p.add_argument("--top_p", type=float, default=0.0, help="0 (the default) disables top-p")
     p.add_argument("--random_seed", type=int, default=0, help="dataset shuffle and sampling seed (default 0)")
     p.add_argument("--check_accuracy", action="store_true",
                    help="fail (exit 1) unless kiln's rouge1 beats the threshold (and its perplexity, with --eval_ppl)")
     p.add_argument("--tensorrt_llm_rouge1_threshold", "--kiln_rouge1_threshold", dest="rouge1_threshold",
-                   type=float, default=15.0)
+                   type=float, default=15.0, help="--check_accuracy's lowest passing rouge1")
     p.add_argument("--eval_ppl", action="store_true", help="also the per-token perplexity of prompt + summary")
     p.add_argument("--tensorrt_llm_ppl_threshold", "--kiln_ppl_threshold", dest="ppl_threshold", type=float,
-                   default=15.0)
+                   default=15.0, help="--check_accuracy's highest passing perplexity (with --eval_ppl)")
     p.add_argument("--output_json", help='write {"kiln": {...}, "hf": {...}}: ROUGE, tokens/s, time, summaries')
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
 
@@ -125,7 +125,7 @@ def run_kiln(args: argparse.Namespace, groups: list[list[SummaryExample]], tok_d
         params = sampling_params(args)
 
         def generate(prompts: list[list[int]]) -> list[list[int]]:
-            return [r.outputs[0].token_ids for r in llm.generate(prompts, params)]
+            return [r.outputs[0].token_ids for r in llm.generate(prompts, params, use_tqdm=False)]
 
         return run_summaries("kiln", progress(groups, "kiln"), llm.tokenizer, args.max_input_length, generate,
                              llm.score if args.eval_ppl else None)

@@ -14,10 +14,11 @@ from kiln.config import ConfigError, Mapping
 from kiln.engine.scheduler import ScheduledSeq, SchedulerOutput, StepFeed
 from kiln.executor.cuda_graphs import DecodeGraphs, GraphLimits
 from kiln.executor.input_batch import DeviceFeed, DeviceStaging, HostBatch, build_host_batch
-from kiln.kernels import KernelSet, bind_linear_matmuls, select_kernels
+from kiln.kernels import KernelSet, bind_linear_matmuls, reference, select_kernels
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.memory import GiB, MemoryPlan
 from kiln.quant.apply import quantize_model
+from kiln.quant.kv_cache import bind_kv_scales, kv_cache_dtype
 from kiln.runtime_checks import check_rank_header
 from kiln.sampling import DeviceSample, Sampler, SamplerOutput, SamplingRow, to_device
 
@@ -89,10 +90,20 @@ def load_weights(model: torch.nn.Module, path: str, device: torch.device) -> Non
         raise CheckpointError(f"cannot read {path}: {err}") from err
 
 
-def graphs_allowed(info: ArtifactInfo) -> bool:
-    """Whether the engine's layers can be captured in a CUDA graph: not a weight-only MoE, whose experts run the torch
-    reference, which reads the chosen expert ids on the host (until a weight-only fused-MoE kernel exists)."""
-    return info.quant.quant_algo is None or not info.model.is_moe
+# Weight-only formats whose experts the triton set's fused MoE runs (per channel; group-wise experts run the torch
+# reference, which syncs with the host).
+_KERNEL_MOE_ALGOS = ("W8A16", "W4A16")
+
+
+def graphs_allowed(info: ArtifactInfo, kernels: KernelSet | None = None) -> bool:
+    """Whether the engine's layers can be captured in a CUDA graph: not a weight-only MoE whose experts run the torch
+    reference (`kernels` None or the torch set), which reads the chosen expert ids on the host. The triton set's
+    weight-only fused MoE (per-channel INT8/INT4) never syncs with the host."""
+    if info.quant.quant_algo is None or not info.model.is_moe:
+        return True
+    return (kernels is not None and kernels.name == "triton"
+            and kernels.fused_moe_weight_only is not reference.fused_moe_weight_only
+            and info.quant.quant_algo in _KERNEL_MOE_ALGOS)
 
 
 class ModelRunner:
@@ -118,13 +129,14 @@ class ModelRunner:
         check_rank_header(str(info.rank_file(mapping.rank)), mapping.rank, info.model.torch_dtype,
                           info.quant.quant_algo is not None)
         load_weights(self.model, str(info.rank_file(mapping.rank)), device)
+        bind_kv_scales(self.model)  # an INT8/FP8 KV cache's scales and their reciprocals, once
         self.model.eval()
         # The build's Triton GEMV choices (CUDA, triton kernels only), before any graph captures the layers.
         self.gemv_layers = bind_linear_matmuls(self.model, self.kernels, device)
         cache = cache or CacheConfig()
         # Several ranks would capture collectives too: not yet, they decode eagerly.
         self.use_cuda_graphs = (cache.use_cuda_graphs and device.type == "cuda" and self.kernels.name == "triton"
-                                and mapping.world_size == 1 and graphs_allowed(info))
+                                and mapping.world_size == 1 and graphs_allowed(info, self.kernels))
         self.num_blocks = self._num_blocks(cache)
         self._allocate_cache()
         self.staging = DeviceStaging(device)
@@ -183,10 +195,11 @@ class ModelRunner:
         return graphs
 
     def _allocate_cache(self) -> None:
+        dtype = kv_cache_dtype(self.info.quant, self.info.model.torch_dtype)  # int8 / float8 for a quantized cache
         for attn in self.model.attention_layers():
             shape = (self.num_blocks, self.block_size, attn.num_kv_heads, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=self.info.model.torch_dtype, device=self.device)
-            attn.v_cache = torch.zeros(shape, dtype=self.info.model.torch_dtype, device=self.device)
+            attn.k_cache = torch.zeros(shape, dtype=dtype, device=self.device)
+            attn.v_cache = torch.zeros(shape, dtype=dtype, device=self.device)
 
     def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         """Copy-on-write: give a sequence its own copy of a shared block before it writes into it."""

@@ -20,6 +20,7 @@ from kiln.kernels import reference
 from kiln.kernels.triton_moe_configs import config_from_dict, config_to_dict, default_moe_config
 from kiln.kernels.triton_moe_configs import register_moe_config, token_buckets
 from kiln.kernels.triton_gemv_configs import ROW_BUCKETS, GemvConfig, GemvKey, entry_to_dict, table_from_entries
+from kiln.kernels import triton_weight_only_configs as wo_configs
 
 KERNELS_FORMAT = 1
 
@@ -40,13 +41,16 @@ class KernelSet:
     paged_attention: Callable[..., torch.Tensor]
     fused_moe: Callable[..., torch.Tensor]
     add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.add_norm
-    # Weight-only INT8/INT4 experts: the torch reference in every set until a Triton kernel exists.
+    # Weight-only per-channel INT8/INT4 experts (the triton set's: kiln.kernels.triton_moe_weight_only).
     fused_moe_weight_only: Callable[..., torch.Tensor] = reference.fused_moe_weight_only
     # Group-wise INT4 experts (W4A16_AWQ/GPTQ): the torch reference until a Triton kernel is bound here.
     fused_moe_group_wise: Callable[..., torch.Tensor] = reference.fused_moe_group_wise
     # {(row bucket, N, K): config} where the engine's build found the Triton GEMV faster than cuBLAS; empty: cuBLAS
     # everywhere (the torch set, an untuned engine, one tuned on another GPU).
     gemv: dict[GemvKey, GemvConfig] = field(default_factory=dict, hash=False, compare=False)
+    # {(row bucket, N, K, bits, group): config} of the weight-only kernel tuned by the engine's build on this GPU;
+    # empty: the default configs.
+    weight_only: dict[wo_configs.WoKey, wo_configs.WoConfig] = field(default_factory=dict, hash=False, compare=False)
 
 
 REFERENCE = KernelSet(
@@ -67,12 +71,14 @@ def select_kernels(device: torch.device, backend: str = "auto",
     if backend == "torch" or (backend == "auto" and device.type != "cuda"):
         return REFERENCE
     gemv: dict[GemvKey, GemvConfig] = {}
+    weight_only: dict[wo_configs.WoKey, wo_configs.WoConfig] = {}
     if engine_config is not None:
         apply_engine_kernel_choices(engine_config, device)
         gemv = engine_gemv_table(engine_config, device)
+        weight_only = engine_weight_only_table(engine_config, device)
     from kiln.kernels.triton_ops import triton_kernels  # imported only when chosen: triton is optional on CPU
 
-    return dataclasses.replace(triton_kernels(), gemv=gemv)
+    return dataclasses.replace(triton_kernels(), gemv=gemv, weight_only=weight_only)
 
 
 def device_name(device: torch.device) -> str:
@@ -134,23 +140,50 @@ def _linear_section(shapes: list[tuple[int, int]], dtype: torch.dtype, device: t
     return {"dtype": str(dtype).replace("torch.", ""), "entries": entries}
 
 
+# Weight-only engines: the fused kernel's share (their quantized layers need no GEMV timing).
+WEIGHT_ONLY_BUDGET_S = 45.0
+
+
+def _weight_only_section(shapes: list[tuple[int, int, int, int]], dtype: torch.dtype, device: torch.device,
+                         tune: bool, log: Callable[[str], None] | None) -> dict[str, Any]:
+    entries = None
+    if tune and device.type == "cuda":
+        from kiln.kernels.triton_weight_only_tune import tune_weight_only_shapes  # needs triton and a GPU
+
+        try:
+            entries = tune_weight_only_shapes(shapes, dtype, device, WEIGHT_ONLY_BUDGET_S, log)
+        except Exception as err:  # noqa: BLE001 - tuning must never fail a build: the default configs are correct
+            warnings.warn(f"weight-only kernel tuning failed ({type(err).__name__}: {err}); the engine keeps the "
+                          "default configs")
+    if entries is None:
+        entries = [wo_configs.entry_to_dict(rows, shape, None, False) for shape in sorted(set(shapes))
+                   for rows in wo_configs.WO_ROW_BUCKETS]
+    return {"dtype": str(dtype).replace("torch.", ""), "entries": entries}
+
+
 def kernels_section(device: torch.device, moe: MoeShape | None, dtype: torch.dtype, max_num_tokens: int,
                     tune: bool = True, budget_s: float = 120.0, log: Callable[[str], None] | None = None,
-                    linear_shapes: list[tuple[int, int]] | None = None) -> dict[str, Any]:
+                    linear_shapes: list[tuple[int, int]] | None = None,
+                    weight_only_shapes: list[tuple[int, int, int, int]] | None = None) -> dict[str, Any]:
     """What `kiln build` stores under "kernels": the device it saw; for every distinct linear weight shape (N, K)
     in `linear_shapes` and decode row bucket (1, 2, 4, 8, 16), whether the Triton GEMV or cuBLAS is faster; and
     for an MoE model the fused-MoE tiles of every token bucket up to max_num_tokens. Tuned on that GPU when `tune`
-    is set and the device is CUDA (within about `budget_s` seconds in all), else cuBLAS and the default tiles."""
+    is set and the device is CUDA (within about `budget_s` seconds in all), else cuBLAS and the default tiles. For
+    each weight-only quantized shape (N, K, bits, group) in `weight_only_shapes`, the fused kernel's fastest config
+    per row bucket (its own WEIGHT_ONLY_BUDGET_S)."""
     start = time.perf_counter()
+    wo_part = None if not weight_only_shapes else \
+        _weight_only_section(weight_only_shapes, dtype, device, tune, log)
     linear_part = None if linear_shapes is None else \
         _linear_section(linear_shapes, dtype, device, tune, min(LINEAR_BUDGET_S, budget_s), log)
     moe_budget = max(0.0, budget_s - (time.perf_counter() - start))
     moe_part = None if moe is None else _moe_section(moe, dtype, device, max_num_tokens, tune, moe_budget, log)
     tuned = (moe_part is not None and any(c["tuned"] for c in moe_part["configs"])) or \
-        (linear_part is not None and any(e["tuned"] for e in linear_part["entries"]))
+        (linear_part is not None and any(e["tuned"] for e in linear_part["entries"])) or \
+        (wo_part is not None and any(e["tuned"] for e in wo_part["entries"]))
     return {"format": KERNELS_FORMAT, "device": device_name(device), "tuned": tuned,
             "tune_seconds": round(time.perf_counter() - start, 1), "fused_moe": moe_part, "linear": linear_part,
-            "attention": dict(ATTENTION_CHOICE)}
+            "weight_only": wo_part, "attention": dict(ATTENTION_CHOICE)}
 
 
 _WARNED: set[tuple[str, str]] = set()
@@ -207,8 +240,10 @@ def apply_engine_kernel_choices(engine_config: dict[str, Any], device: torch.dev
     for key, config in entries:
         register_moe_config(key, config)
     gemv = engine_gemv_table(engine_config, device)
-    return (f"kernels: {len(entries)} tuned fused-MoE tile configs, {len(gemv)} Triton GEMV choices from the build "
-            f"on {device_name(device)}")
+    weight_only = engine_weight_only_table(engine_config, device)
+    quant = f", {len(weight_only)} weight-only kernel configs" if weight_only else ""
+    return (f"kernels: {len(entries)} tuned fused-MoE tile configs, {len(gemv)} Triton GEMV choices{quant} from the "
+            f"build on {device_name(device)}")
 
 
 def engine_gemv_table(engine_config: dict[str, Any], device: torch.device) -> dict[GemvKey, GemvConfig]:
@@ -225,12 +260,33 @@ def engine_gemv_table(engine_config: dict[str, Any], device: torch.device) -> di
                          "(kiln build)") from None
 
 
-def bind_linear_matmuls(model: torch.nn.Module, kernels: KernelSet, device: torch.device) -> int:
-    """After loading: give each linear layer whose weight shape has a Triton GEMV choice in `kernels.gemv` its
-    per-layer matmul (kiln.kernels.triton_gemv.GemvMatmul). CUDA with the triton set only: CPU and torch-backend
-    engines keep F.linear everywhere. Returns how many layers were bound."""
-    if device.type != "cuda" or kernels.name != "triton" or not kernels.gemv:
-        return 0
-    from kiln.kernels.triton_gemv import bind_gemv  # needs triton
+def engine_weight_only_table(engine_config: dict[str, Any],
+                             device: torch.device) -> dict[wo_configs.WoKey, wo_configs.WoConfig]:
+    """The weight-only kernel configs the engine's build tuned on this device's GPU (empty: the defaults)."""
+    section, _ = _usable_section(engine_config, device)
+    part = None if section is None else section.get("weight_only")
+    if part is None:
+        return {}
+    try:
+        return wo_configs.table_from_entries(part.get("entries") if isinstance(part, dict) else part)
+    except ValueError as err:
+        raise ValueError(f"the engine's kernels.weight_only section is malformed ({err}); rebuild the engine "
+                         "(kiln build)") from None
 
-    return bind_gemv(model, kernels.gemv)
+
+def bind_linear_matmuls(model: torch.nn.Module, kernels: KernelSet, device: torch.device) -> int:
+    """After loading: give each weight-only quantized linear layer the Triton weight-only matmul
+    (kiln.kernels.triton_weight_only, bound from the attributes of the layer's torch matmul: bits, scale, zero,
+    group_size, k_offset), and each float linear layer whose weight shape has a Triton GEMV choice in `kernels.gemv`
+    its per-layer matmul (kiln.kernels.triton_gemv.GemvMatmul). CUDA with the triton set only: CPU and
+    torch-backend engines keep the torch matmuls everywhere. Returns how many layers were bound."""
+    if device.type != "cuda" or kernels.name != "triton":
+        return 0
+    from kiln.kernels.triton_weight_only import bind_weight_only  # needs triton
+
+    bound = bind_weight_only(model, kernels.weight_only)
+    if kernels.gemv:
+        from kiln.kernels.triton_gemv import bind_gemv
+
+        bound += bind_gemv(model, kernels.gemv)
+    return bound

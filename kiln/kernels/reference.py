@@ -5,6 +5,8 @@ signatures and are tested against these functions. Layouts shared by every imple
 
 - KV cache of one layer: `k_cache`, `v_cache` of shape [num_blocks, block_size, num_kv_heads, head_dim]. Token position
   p of a sequence lives in slot `block_table[p // block_size] * block_size + p % block_size`.
+- An INT8/FP8 cache (kiln.quant.kv_cache) comes with its layer's `KVScales`: the write quantizes, the attention
+  dequantizes, as that module's contract says; a float cache has none.
 - A batch is packed: the new tokens of all sequences are concatenated ([tokens, ...]); `query_start_loc` [seqs + 1]
   gives each sequence's range and `seq_lens` [seqs] its total length after this step (cached + new tokens), so the
   new tokens of sequence b sit at positions seq_lens[b] - q_len_b ... seq_lens[b] - 1.
@@ -17,6 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kiln.quant import kv_cache as kvq
 from kiln.quant.group_wise import dequantize_groups
 from kiln.quant.weight_only import dequantize
 
@@ -27,14 +30,19 @@ def write_kv_cache(
     k_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
     v_cache: torch.Tensor,  # [num_blocks, block_size, kv_heads, head_dim]
     slot_mapping: torch.Tensor,  # [tokens] int64; a negative slot means "do not store"
+    kv_scales: kvq.KVScales | None = None,  # an INT8/FP8 cache's scales
 ) -> None:
-    """Store each token's key and value at its slot of the paged cache."""
+    """Store each token's key and value at its slot of the paged cache (quantized with `kv_scales` when given)."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]
     k_flat = k_cache.view(-1, *k_cache.shape[2:])
     v_flat = v_cache.view(-1, *v_cache.shape[2:])
-    k_flat[slots] = key[keep].to(k_cache.dtype)
-    v_flat[slots] = value[keep].to(v_cache.dtype)
+    if kv_scales is None:
+        k_flat[slots] = key[keep].to(k_cache.dtype)
+        v_flat[slots] = value[keep].to(v_cache.dtype)
+    else:
+        k_flat[slots] = kvq.quantize(key[keep], kv_scales.k_inv, k_cache.dtype)
+        v_flat[slots] = kvq.quantize(value[keep], kv_scales.v_inv, v_cache.dtype)
 
 
 def gather_sequence_kv(
@@ -59,11 +67,13 @@ def paged_attention(
     *,
     max_query_len: int | None = None,
     max_seq_len: int | None = None,
+    kv_scales: kvq.KVScales | None = None,  # an INT8/FP8 cache's scales
 ) -> torch.Tensor:  # [tokens, heads, head_dim]
     """Causal attention of the new tokens over everything cached for their sequence (prefill, chunked prefill and
     decode alike). ALiBi adds `slope_h * (key_pos - query_pos)` to the scores, the query-relative form, which is
     softmax-equivalent to MPT's and Baichuan's own. Scores and softmax run in float32. `max_query_len` and
-    `max_seq_len` are the batch's bounds, hints that the Triton version uses to pick tiles; here they are unused."""
+    `max_seq_len` are the batch's bounds, hints that the Triton version uses to pick tiles; here they are unused.
+    A quantized cache is dequantized to float32 (`q * scale`) before the scores."""
     out = torch.empty_like(query)
     heads, kv_heads = query.shape[1], k_cache.shape[2]
     group = heads // kv_heads
@@ -74,8 +84,12 @@ def paged_attention(
         q_len = q.shape[0]
         if q_len == 0:
             continue
-        k = gather_sequence_kv(k_cache, block_tables[b], seq_len).float()  # [seq_len, kv_heads, head_dim]
-        v = gather_sequence_kv(v_cache, block_tables[b], seq_len).float()
+        k = gather_sequence_kv(k_cache, block_tables[b], seq_len)  # [seq_len, kv_heads, head_dim]
+        v = gather_sequence_kv(v_cache, block_tables[b], seq_len)
+        if kv_scales is None:
+            k, v = k.float(), v.float()
+        else:
+            k, v = kvq.dequantize(k, kv_scales.k_scale), kvq.dequantize(v, kv_scales.v_scale)
         k = k.repeat_interleave(group, dim=1)  # [seq_len, heads, head_dim]
         v = v.repeat_interleave(group, dim=1)
         scores = torch.einsum("qhd,khd->hqk", q, k) * scale  # [heads, q_len, seq_len]

@@ -12,6 +12,8 @@ import torch
 from kiln.kernels.triton_attention_kernels import paged_attention_kernel, reduce_splits_kernel
 from kiln.kernels.triton_common import FLOAT_DTYPES, INDEX_DTYPES, cdiv, check_device, check_shape, check_tensor
 from kiln.kernels.triton_common import dot_precision, dot_upcast, multiprocessor_count, next_power_of_2, while_loops
+from kiln.kernels.triton_kv_cache import check_kv_scales
+from kiln.quant.kv_cache import QUANTIZED_KV_DTYPES, KVScales
 
 MAX_HEAD_DIM = 256
 # A split-K partition covers at least this many keys (two BLOCK_N steps, so the loads of one overlap the math of
@@ -150,12 +152,14 @@ def _split_counters(count: int, device: torch.device) -> torch.Tensor:
     return _COUNTERS[device]
 
 
-def _check_attention_inputs(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, alibi_slopes) -> None:
+def _check_attention_inputs(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, alibi_slopes,
+                            kv_scales) -> None:
     check_tensor("query", query, 3, FLOAT_DTYPES)
     device = query.device
     check_device(device)
-    check_tensor("k_cache", k_cache, 4, FLOAT_DTYPES, device)
-    check_tensor("v_cache", v_cache, 4, FLOAT_DTYPES, device)
+    check_tensor("k_cache", k_cache, 4, FLOAT_DTYPES + QUANTIZED_KV_DTYPES, device)
+    check_tensor("v_cache", v_cache, 4, (k_cache.dtype,), device)
+    check_kv_scales(k_cache, kv_scales, device)
     check_shape("v_cache", v_cache, tuple(k_cache.shape))
     check_tensor("block_tables", block_tables, 2, INDEX_DTYPES, device)
     check_tensor("query_start_loc", query_start_loc, 1, INDEX_DTYPES, device)
@@ -207,6 +211,7 @@ def paged_attention(
     max_seq_len: int | None = None,
     num_splits: int | None = None,
     config: AttentionConfig | None = None,
+    kv_scales: KVScales | None = None,  # an INT8/FP8 cache's scales
 ) -> torch.Tensor:  # [tokens, heads, head_dim]
     """Triton version of reference.paged_attention. Never syncs with the host: `max_query_len` (1 marks a decode
     batch; without it a batch with one token per sequence is taken as decode; when it fits one query tile, each
@@ -214,7 +219,7 @@ def paged_attention(
     context) only steer the launch choices; `num_splits` forces the grid's split count and `config` the table's
     choice (tuning). The grid depends on the shapes and these bounds only, never on tensor contents, so the launch
     can be captured in a CUDA graph."""
-    _check_attention_inputs(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, alibi_slopes)
+    _check_attention_inputs(query, k_cache, v_cache, block_tables, query_start_loc, seq_lens, alibi_slopes, kv_scales)
     tokens, heads, head_dim = query.shape
     seqs = seq_lens.shape[0]
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -241,11 +246,12 @@ def paged_attention(
     if num_splits < 1:
         raise ValueError(f"num_splits must be >= 1, got {num_splits}")
     return _launch(query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, alibi_slopes, scale,
-                   config, num_splits, q_tiles, one_tile)
+                   config, num_splits, q_tiles, one_tile, kv_scales)
 
 
 def _launch(query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, alibi_slopes, scale: float,
-            config: AttentionConfig, num_splits: int, q_tiles: int, one_tile: bool) -> torch.Tensor:
+            config: AttentionConfig, num_splits: int, q_tiles: int, one_tile: bool,
+            kv_scales: KVScales | None) -> torch.Tensor:
     tokens, heads, head_dim = query.shape
     kv_heads, block_size = k_cache.shape[2], k_cache.shape[1]
     head_dim_pad = max(16, next_power_of_2(head_dim))
@@ -258,6 +264,7 @@ def _launch(query, k_cache, v_cache, out, block_tables, query_start_loc, seq_len
     alibi = alibi_slopes if alibi_slopes is not None else query
     paged_attention_kernel[(q_tiles, kv_heads, num_splits)](
         query, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, alibi, part_acc, part_ml, counters,
+        kv_scales.k_scale if kv_scales else query, kv_scales.v_scale if kv_scales else query,
         float(scale) * math.log2(math.e), seq_lens.shape[0], tokens, heads,
         query.stride(0), query.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -266,7 +273,7 @@ def _launch(query, k_cache, v_cache, out, block_tables, query_start_loc, seq_len
         BLOCK_M=config.block_m, BLOCK_Q=config.block_m // (heads // kv_heads), BLOCK_N=config.block_n,
         NUM_SPLITS=num_splits, KEYS_PER_SPLIT=config.keys_per_split, FUSED_MERGE=config.fused_merge,
         ONE_TILE=one_tile, USE_ALIBI=alibi_slopes is not None, DOT_F32=dot_upcast(query.dtype, query.device),
-        PRECISION=dot_precision(query.dtype), WHILE_LOOP=while_loops(query.device),
+        PRECISION=dot_precision(query.dtype), WHILE_LOOP=while_loops(query.device), QUANT_KV=kv_scales is not None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if num_splits > 1 and not config.fused_merge:

@@ -1,6 +1,7 @@
 """Triton kernels of kiln's unified paged attention (the launcher is in triton_attention.py).
 
-One program owns a tile of BLOCK_M rows = BLOCK_Q query tokens of one sequence x the GROUP query heads that share
+An INT8/FP8 cache (QUANT_KV) is read as 8-bit tiles and dequantized in registers with the kv head's scales
+(kiln.quant.kv_cache). One program owns a tile of BLOCK_M rows = BLOCK_Q query tokens of one sequence x the GROUP query heads that share
 one kv head (row r is token r // GROUP, head r % GROUP), so each K/V tile is loaded once for the whole group. It
 walks the sequence's keys in BLOCK_N steps through the block table with an online softmax in float32 (base 2:
 scores are pre-multiplied by log2(e)).
@@ -170,7 +171,7 @@ def _finish_fused(out_ptr, out_off, acc, m_i, l_i, part_acc_ptr, part_ml_ptr, co
 @triton.jit
 def paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, alibi_ptr,
-    part_acc_ptr, part_ml_ptr, counters_ptr,
+    part_acc_ptr, part_ml_ptr, counters_ptr, k_scale_ptr, v_scale_ptr,
     qk_scale, num_seqs, num_tokens, num_heads,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh, stride_bt,
@@ -178,7 +179,7 @@ def paged_attention_kernel(
     BLOCK_M: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, NUM_SPLITS: tl.constexpr,
     KEYS_PER_SPLIT: tl.constexpr, FUSED_MERGE: tl.constexpr,
     ONE_TILE: tl.constexpr, USE_ALIBI: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    WHILE_LOOP: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, QUANT_KV: tl.constexpr,
 ):
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -223,6 +224,10 @@ def paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, HEAD_DIM_PAD], dtype=tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt
     kv_offset = kv_head * stride_kh
+    if QUANT_KV:
+        # An INT8/FP8 cache: tiles are converted to the query's dtype as loaded (exact: |q| <= 127 or an e4m3
+        # value), and the head's scales are folded into the softmax scale (K) and the output (V, after the loop).
+        qk_scale = qk_scale * tl.load(k_scale_ptr + kv_head)
     if WHILE_LOOP:
         start = kv_start
         while start < kv_end:
@@ -237,6 +242,8 @@ def paged_attention_kernel(
                 start, q, acc, m_i, l_i, q_pos, slope, qk_scale, k_cache_ptr, v_cache_ptr, table, kv_offset, kv_end,
                 dims, dim_ok, stride_kb, stride_ks, stride_vb, stride_vs,
                 BLOCK_SIZE, BLOCK_N, USE_ALIBI, DOT_F32, PRECISION)
+    if QUANT_KV:
+        acc = acc * tl.load(v_scale_ptr + kv_head)  # before any split merge: the merge is linear in acc
     out_mask = row_ok[:, None] & dim_ok[None, :]
     out_off = token[:, None] * stride_ot + head[:, None] * stride_oh + dims[None, :]
     base = token * num_heads + head  # [BLOCK_M] int64: the row's (token, head) within a split's partials

@@ -139,22 +139,43 @@ def fused_moe(
 ) -> torch.Tensor:  # [tokens, hidden]
     """Triton version of reference.fused_moe (choices of experts outside this rank's range add nothing)."""
     _check_moe_inputs(hidden, w13, w2, topk_weights, topk_ids, expert_start)
+    run = plan_moe_run(hidden, w13.shape[0], w13.shape[1] // 2, topk_ids, expert_start, config)
+    if run.routing is None:
+        return run.out
+    _launch_gate_up(hidden, w13, run.act, run.routing, run.top_k, run.config)
+    _launch_down(run.act, w2, topk_weights.contiguous(), run.part, run.routing, run.config)
+    _launch_sum(run.part, run.out, run.ids, expert_start, w13.shape[0])
+    return run.out
+
+
+@dataclass(frozen=True)
+class MoeRun:
+    """One fused-MoE call's config, routing and buffers (routing None: nothing to compute, `out` is zeros)."""
+
+    out: torch.Tensor  # [tokens, hidden]
+    config: MoeConfig | None
+    ids: torch.Tensor  # [tokens, top_k], contiguous
+    top_k: int
+    routing: AlignedRouting | None = None
+    act: torch.Tensor | None = None  # [assignments, ffn]
+    part: torch.Tensor | None = None  # [assignments, hidden] fp32
+
+
+def plan_moe_run(hidden: torch.Tensor, experts: int, ffn: int, topk_ids: torch.Tensor, expert_start: int,
+                 config: MoeConfig | None) -> MoeRun:
+    """The tiles (looked up unless given), the aligned routing and the buffers of one call (shared by the bf16 and
+    the weight-only fused MoE)."""
     tokens, size = hidden.shape
-    experts, ffn, top_k = w13.shape[0], w13.shape[1] // 2, topk_ids.shape[1]
+    top_k = topk_ids.shape[1]
     out = torch.empty(tokens, size, dtype=hidden.dtype, device=hidden.device)
-    if tokens == 0 or top_k == 0 or experts == 0:
-        return out.zero_()
-    if config is None:
-        config = lookup_moe_config(tokens, size, ffn, experts, top_k)
     ids = topk_ids.contiguous()
-    weights = topk_weights.contiguous()
+    if tokens == 0 or top_k == 0 or experts == 0:
+        return MoeRun(out.zero_(), config, ids, top_k)
+    config = config or lookup_moe_config(tokens, size, ffn, experts, top_k)
     routing = align_routing(ids, experts, expert_start, config.block_m)
-    act = torch.empty(tokens * top_k, ffn, dtype=hidden.dtype, device=hidden.device)  # [assignments, ffn]
-    _launch_gate_up(hidden, w13, act, routing, top_k, config)
-    part = torch.empty(tokens * top_k, size, dtype=torch.float32, device=hidden.device)  # [assignments, hidden]
-    _launch_down(act, w2, weights, part, routing, config)
-    _launch_sum(part, out, ids, expert_start, experts)
-    return out
+    act = torch.empty(tokens * top_k, ffn, dtype=hidden.dtype, device=hidden.device)
+    part = torch.empty(tokens * top_k, size, dtype=torch.float32, device=hidden.device)
+    return MoeRun(out, config, ids, top_k, routing, act, part)
 
 
 _BLOCK_M_CANDIDATES = (16, 32, 64, 128)

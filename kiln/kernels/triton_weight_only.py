@@ -1,93 +1,256 @@
-"""Triton weight-only GEMV for decode rows: y[M, N] = x[M, K] @ dequant(W)[N, K]^T (+ bias), W stored as kiln's
-weight-only per-channel INT8 or INT4 (kiln.quant.weight_only: int8 [N, K], or two 4-bit values per byte along K, low
-nibble first, [N, K / 2]) with one scale per output row.
+"""Launcher of kiln's weight-only INT8/INT4 matmul on the GPU (kernels in triton_weight_only_kernels.py; contract:
+`x @ dequant(W).T + bias`, the torch path of kiln.quant), and the per-layer callable that quantized linear layers
+use once an engine on CUDA is loaded (`bind_weight_only`).
 
-The weight is streamed once in its stored bytes and dequantized in registers: each program owns BLOCK_N rows of W and
-one row of x, walks K in BLOCK_K stored bytes, and accumulates q * x in fp32; the row scale multiplies the sum once at
-the end (sum_k q * s * x = s * sum_k q * x). For INT4 the low and high nibbles of byte j multiply x[2j] and x[2j + 1],
-so x is read as its even and odd elements and nothing is interleaved.
+Two paths, by the rows of x:
+- up to FUSED_MAX_ROWS (decode, batches up to 64): the fused kernel, which streams the stored bytes once per
+  BLOCK_M rows and dequantizes in registers; split along K when the output blocks alone would not fill the GPU.
+- more rows (prefill): one Triton pass writes the dequantized weight in x's dtype and cuBLAS multiplies it. At 2048
+  tokens the GEMM costs ~10x the dequantization, so this stays within a few percent of the bf16 model's prefill.
 
-First slice: tested against the torch reference through Triton's interpreter (tests/test_quant_weight_only_triton.py);
-not yet chosen by any engine (that needs timing on a GPU against dequantize-then-cuBLAS).
+Formats: per channel (group_size 0: signed values, one scale per row) and group-wise (unsigned values, scale and
+zero per (row, group), k_offset where a rank's slice starts mid-group). Nothing syncs with the host: graph-safe.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
-import triton
-import triton.language as tl
+import torch.nn.functional as F
 
-BLOCK_N, BLOCK_K = 32, 64
+from kiln.kernels.triton_common import FLOAT_DTYPES, cdiv, check_device, dot_precision, dot_upcast
+from kiln.kernels.triton_common import multiprocessor_count, next_power_of_2, while_loops
+from kiln.kernels.triton_gemv_kernels import gemv_reduce_kernel
+from kiln.kernels.triton_weight_only_configs import FUSED_MAX_ROWS, WoConfig, WoKey, default_wo_config, rows_configs
+from kiln.kernels.triton_weight_only_kernels import dequantize_kernel, weight_only_kernel
 
+__all__ = ["FUSED_MAX_ROWS", "WeightOnlyFormat", "WeightOnlyKernelMatmul", "bind_weight_only", "dequantize_weight",
+           "quantized_layers", "weight_only_linear", "weight_only_matmul"]
 
-@triton.jit
-def weight_only_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-    N, KW, stride_xm, stride_wn, stride_ym,
-    BITS: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """Grid (cdiv(N, BLOCK_N), M): program (n, m) computes y[m, n block]. KW is the stored width (K or K / 2)."""
-    pid_n = tl.program_id(0)
-    m = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = offs_n < N
-    x_row = x_ptr + m.to(tl.int64) * stride_xm
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    # A while loop: Triton's interpreter cannot take a runtime scalar as a range bound here (numpy refuses
-    # int() of its one-element array); compiled, the loop is the same.
-    k0 = 0
-    while k0 < KW:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_ok = offs_k < KW
-        w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :]
-        w = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0)  # [BLOCK_N, BLOCK_K] int8
-        if BITS == 8:
-            x = tl.load(x_row + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            acc += w.to(tl.float32) * x[None, :]
-        else:
-            low = (w << 4).to(tl.int8) >> 4  # arithmetic shifts sign-extend the low nibble
-            high = w >> 4
-            x_even = tl.load(x_row + 2 * offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            x_odd = tl.load(x_row + 2 * offs_k + 1, mask=k_ok, other=0.0).to(tl.float32)
-            acc += low.to(tl.float32) * x_even[None, :] + high.to(tl.float32) * x_odd[None, :]
-        k0 += BLOCK_K
-    y = tl.sum(acc, axis=1) * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)  # [BLOCK_N]
-    if HAS_BIAS:
-        y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-    tl.store(y_ptr + m.to(tl.int64) * stride_ym + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+@dataclass(frozen=True)
+class WeightOnlyFormat:
+    """How a layer's weight is stored: bits 8 or 4; group_size 0 (per channel) or G; k_offset (group-wise only)."""
+
+    bits: int
+    group_size: int = 0
+    k_offset: int = 0
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, bits: int) -> None:
-    """Refuse inputs the kernel would misread, saying what was wrong."""
-    if bits not in (8, 4):
-        raise ValueError(f"bits must be 8 or 4, got {bits}")
+
+def check_format(fmt: WeightOnlyFormat, n: int, k: int, weight: torch.Tensor, scale: torch.Tensor,
+                 zero: torch.Tensor | None) -> None:
+    """Refuse a weight the kernels would misread, saying what is wrong (ValueError)."""
+    if fmt.bits not in (8, 4):
+        raise ValueError(f"bits must be 8 or 4, got {fmt.bits}")
+    if fmt.group_size == 0:
+        if fmt.k_offset != 0 or zero is not None:
+            raise ValueError("a per-channel weight (group_size 0) has no zero point and k_offset 0")
+        if tuple(scale.shape) != (n,):
+            raise ValueError(f"scale and bias must be [N] = [{n}]; got {tuple(scale.shape)}")
+        return
+    group = fmt.group_size
+    if group < 32 or group % 32:
+        raise ValueError(f"group_size must be a multiple of 32 for the Triton kernels, got {group}")
+    if not 0 <= fmt.k_offset < group or (fmt.bits == 4 and fmt.k_offset % 2):
+        raise ValueError(f"k_offset must be in 0..{group - 1} (even for 4 bits), got {fmt.k_offset}")
+    groups = cdiv(k + fmt.k_offset, group)
+    if scale.dim() != 2 or scale.shape[0] != n or scale.shape[1] < groups or scale.stride(1) != 1:
+        raise ValueError(f"a group-wise scale must be [N, >= {groups}] = [{n}, ...] contiguous along groups; got "
+                         f"{tuple(scale.shape)}")
+    if zero is not None and (zero.shape != scale.shape or zero.stride() != scale.stride()):
+        raise ValueError(f"zero must have the scale's shape and strides; got {tuple(zero.shape)}")
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+           bias: torch.Tensor | None, fmt: WeightOnlyFormat) -> None:
+    if fmt.bits not in (8, 4):
+        raise ValueError(f"bits must be 8 or 4, got {fmt.bits}")
     if x.dim() != 2 or weight.dim() != 2 or weight.dtype != torch.int8:
         raise ValueError(f"expected x [M, K] and an int8 weight [N, K or K / 2]; got x {tuple(x.shape)}, weight "
                          f"{tuple(weight.shape)} {weight.dtype}")
-    width = weight.shape[1] * (2 if bits == 4 else 1)
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"x has dtype {x.dtype}; the kernel takes float16, bfloat16 or float32")
+    check_device(x.device)
+    width = weight.shape[1] * (2 if fmt.bits == 4 else 1)
     if x.shape[1] != width:
-        raise ValueError(f"x has {x.shape[1]} input features, the {bits}-bit weight holds {width}")
-    if x.stride(1) != 1 or weight.stride(1) != 1:
+        raise ValueError(f"x has {x.shape[1]} input features, the {fmt.bits}-bit weight holds {width}")
+    if (x.shape[1] > 1 and x.stride(1) != 1) or (weight.shape[1] > 1 and weight.stride(1) != 1):
         raise ValueError("x and the weight must be contiguous along K (call .contiguous())")
-    if tuple(scale.shape) != (weight.shape[0],) or (bias is not None and tuple(bias.shape) != (weight.shape[0],)):
-        raise ValueError(f"scale and bias must be [N] = [{weight.shape[0]}]; got {tuple(scale.shape)}"
-                         f"{'' if bias is None else ', ' + str(tuple(bias.shape))}")
-    devices = {t.device for t in (x, weight, scale) + (() if bias is None else (bias,))}
+    check_format(fmt, weight.shape[0], x.shape[1], weight, scale, zero)
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"scale and bias must be [N] = [{weight.shape[0]}]; got bias {tuple(bias.shape)}")
+    tensors = (x, weight, scale) + tuple(t for t in (zero, bias) if t is not None)
+    devices = {t.device for t in tensors}
     if len(devices) != 1:
-        raise ValueError(f"x, weight, scale and bias must be on one device; got {sorted(map(str, devices))}")
+        raise ValueError(f"x, weight, scale, zero and bias must be on one device; got {sorted(map(str, devices))}")
+
+
+@dataclass(frozen=True)
+class _Plan:
+    block_m: int
+    splits: int
+    v_per_split: int
+
+
+def _plan(rows: int, n: int, k: int, fmt: WeightOnlyFormat, config: WoConfig, sms: int) -> _Plan:
+    """BLOCK_M covers the rows (16 at least, tl.dot's minimum); K is cut into config.split_k slices, or (split_k 0)
+    until about two programs per SM are in flight (each keeps num_stages tiles loading), keeping at least four tiles
+    per slice and the partial sums small next to the weight."""
+    block_m = max(16, next_power_of_2(rows))
+    steps = cdiv(k + fmt.k_offset, config.block_k)
+    if config.split_k:
+        splits = min(config.split_k, steps)
+    else:
+        programs = cdiv(n, config.block_n) * cdiv(rows, block_m)
+        # fp32 partials (splits x rows x N x 4 bytes) stay under a quarter of the weight's bytes
+        partial_cap = max(1, k * fmt.bits // (128 * rows))
+        splits = max(1, min(cdiv(2 * sms, programs), steps // 4, partial_cap))
+    per_split = cdiv(steps, splits)
+    return _Plan(block_m, cdiv(steps, per_split), per_split * config.block_k)
+
+
+def _launch_fused(x, weight, scale, zero, bias, fmt: WeightOnlyFormat, config: WoConfig | None = None) -> torch.Tensor:
+    rows, k = x.shape
+    n = weight.shape[0]
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if rows == 0 or n == 0:
+        return y
+    if k == 0:
+        return y.zero_() if bias is None else y.copy_(bias.expand(rows, n))
+    config = config or default_wo_config(rows, fmt.bits, fmt.group_size, k + fmt.k_offset)
+    plan = _plan(rows, n, k, fmt, config, multiprocessor_count(x.device))
+    split = plan.splits > 1
+    part = torch.empty(plan.splits, rows, n, dtype=torch.float32, device=x.device) if split else y
+    bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
+    zero_arg = zero if zero is not None else scale
+    weight_only_kernel[(cdiv(n, config.block_n), plan.splits, cdiv(rows, plan.block_m))](
+        x, weight, scale, zero_arg, bias_arg, y, part, rows, n, k, weight.shape[1], fmt.k_offset, plan.v_per_split,
+        x.stride(0), weight.stride(0), scale.stride(0), y.stride(0),
+        BITS=fmt.bits, GROUP=fmt.group_size, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None and not split,
+        SPLIT=split, BLOCK_M=plan.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        EVEN_K=fmt.k_offset == 0 and k % config.block_k == 0, DOT_F32=dot_upcast(x.dtype, x.device),
+        PRECISION=dot_precision(x.dtype), WHILE_LOOP=while_loops(x.device),
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )
+    if split:
+        split_pad = max(2, next_power_of_2(plan.splits))
+        block = min(1024, 8192 // split_pad, max(64, next_power_of_2(n)))
+        gemv_reduce_kernel[(cdiv(n, block), rows)](
+            part, bias_arg, y, rows, n, plan.splits, y.stride(0),
+            HAS_BIAS=bias is not None, SPLIT_PAD=split_pad, BLOCK=block, num_warps=4,
+        )
+    return y
+
+
+def _check_config(config: WoConfig, fmt: WeightOnlyFormat) -> None:
+    if not isinstance(config, WoConfig):
+        raise ValueError(f"config must be a WoConfig, got {type(config).__name__}")
+    if config.block_k < 32 or (fmt.group_size and fmt.group_size % config.block_k):
+        raise ValueError(f"config block_k {config.block_k} must be >= 32 and divide the group size {fmt.group_size}")
+
+
+def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, fmt: WeightOnlyFormat,
+                      dtype: torch.dtype) -> torch.Tensor:  # [N, K or K / 2] int8 -> [N, K] in dtype
+    """The weight in `dtype`, in one Triton pass (values as the torch dequantize gives them)."""
+    n, kw = weight.shape
+    k = kw * (2 if fmt.bits == 4 else 1)
+    out = torch.empty(n, k, dtype=dtype, device=weight.device)
+    if n == 0 or k == 0:
+        return out
+    block_b = 64
+    dequantize_kernel[(cdiv(n, 32), cdiv(kw, block_b))](
+        weight, scale, zero if zero is not None else scale, out, n, k, kw, fmt.k_offset, weight.stride(0),
+        scale.stride(0), out.stride(0),
+        BITS=fmt.bits, GROUP=fmt.group_size, HAS_ZERO=zero is not None, BLOCK_N=32, BLOCK_B=block_b, num_warps=4,
+    )
+    return out
+
+
+def weight_only_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                       bias: torch.Tensor | None, fmt: WeightOnlyFormat,
+                       config: WoConfig | None = None) -> torch.Tensor:  # x [M, K] -> [M, N]
+    """y = x @ dequant(weight).T + bias in x's dtype (fp32 accumulation): the fused kernel up to FUSED_MAX_ROWS rows
+    of x (with `config`, or the default), dequantize + cuBLAS above."""
+    _check(x, weight, scale, zero, bias, fmt)
+    if config is not None:
+        _check_config(config, fmt)
+    if x.shape[0] <= FUSED_MAX_ROWS:
+        return _launch_fused(x, weight, scale, zero, bias, fmt, config)
+    return F.linear(x, dequantize_weight(weight, scale, zero, fmt, x.dtype), bias)
 
 
 def weight_only_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
                        bits: int) -> torch.Tensor:  # x [M, K], weight [N, K or K / 2] int8, scale [N] -> [M, N]
-    """y = x @ dequant(weight, scale).T + bias, in x's dtype (fp32 accumulation)."""
-    _check(x, weight, scale, bias, bits)
-    n, m = weight.shape[0], x.shape[0]
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
-    if m == 0 or n == 0:
-        return y
-    scale = scale.contiguous()
-    bias_arg = bias.contiguous() if bias is not None else scale  # unread without HAS_BIAS
-    grid = (triton.cdiv(n, BLOCK_N), m)
-    weight_only_gemv_kernel[grid](x, weight, scale, bias_arg, y, n, weight.shape[1], x.stride(0), weight.stride(0),
-                                  y.stride(0), BITS=bits, HAS_BIAS=bias is not None, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K)
-    return y
+    """Per-channel y = x @ dequant(weight, scale).T + bias (the first slice's entry point)."""
+    return weight_only_matmul(x, weight, scale, None, bias, WeightOnlyFormat(bits))
+
+
+class WeightOnlyKernelMatmul:
+    """A quantized linear layer's matmul on CUDA: the Triton kernels over its stored weight, scale and zero (read
+    from the layer's torch matmul object at binding), with a launch config per row count 0..FUSED_MAX_ROWS (the
+    build's tuned choices, else the default: one tuple index per call). Rows of any count; x of any leading shape."""
+
+    __slots__ = ("fmt", "scale", "zero", "fallback", "configs")
+
+    def __init__(self, fmt: WeightOnlyFormat, scale: torch.Tensor, zero: torch.Tensor | None,
+                 fallback: Callable[..., torch.Tensor], configs: tuple[WoConfig, ...]) -> None:
+        if len(configs) != FUSED_MAX_ROWS + 1:
+            raise ValueError(f"WeightOnlyKernelMatmul takes one config per row count 0..{FUSED_MAX_ROWS}")
+        self.fmt, self.scale, self.zero, self.fallback, self.configs = fmt, scale, zero, fallback, configs
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        if x.stride(-1) != 1:
+            return self.fallback(x, weight, bias)  # a view the kernels do not read (never in kiln's layers)
+        flat = x.reshape(-1, x.shape[-1])  # [tokens, in]
+        rows = flat.shape[0]
+        if rows <= FUSED_MAX_ROWS:
+            y = _launch_fused(flat, weight, self.scale, self.zero, bias, self.fmt, self.configs[rows])
+        else:
+            y = F.linear(flat, dequantize_weight(weight, self.scale, self.zero, self.fmt, x.dtype), bias)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    def __repr__(self) -> str:
+        return f"WeightOnlyKernelMatmul({self.fmt})"
+
+
+def kernel_format(matmul: object, weight: torch.Tensor) -> WeightOnlyFormat | None:
+    """The format of a layer's quantized matmul object (its attributes bits, scale, zero, group_size, k_offset,
+    g_idx), if the kernels can read it: not with act-order g_idx, nor a group size that is not a multiple of 32."""
+    bits = getattr(matmul, "bits", None)
+    if bits not in (8, 4) or getattr(matmul, "g_idx", None) is not None or weight.dtype != torch.int8:
+        return None
+    fmt = WeightOnlyFormat(bits, int(getattr(matmul, "group_size", 0) or 0), int(getattr(matmul, "k_offset", 0)))
+    k = weight.shape[1] * (2 if bits == 4 else 1)
+    try:
+        check_format(fmt, weight.shape[0], k, weight, matmul.scale, getattr(matmul, "zero", None))
+    except ValueError:
+        return None
+    return fmt
+
+
+def quantized_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, WeightOnlyFormat]]:
+    """The layers of `model` whose quantized matmul (bits/scale/... attributes) the kernels can read, with formats."""
+    found = []
+    for module in model.modules():
+        matmul, weight = getattr(module, "matmul", None), getattr(module, "weight", None)
+        if matmul is None or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            continue
+        fmt = kernel_format(matmul, weight)
+        if fmt is not None:
+            found.append((module, fmt))
+    return found
+
+
+def bind_weight_only(model: torch.nn.Module, table: dict[WoKey, WoConfig] | None = None) -> int:
+    """Give every quantized linear layer of `model` the kernels can read a WeightOnlyKernelMatmul, with the configs
+    of `table` (the build's tuned choices) for its shape; the rest keep their torch matmul. Returns how many layers
+    were bound."""
+    layers = quantized_layers(model)
+    for module, fmt in layers:
+        n, k = module.weight.shape[0], module.weight.shape[1] * (2 if fmt.bits == 4 else 1)
+        configs = rows_configs(table or {}, n, k, fmt.bits, fmt.group_size)
+        matmul = module.matmul
+        module.matmul = WeightOnlyKernelMatmul(fmt, matmul.scale, getattr(matmul, "zero", None), matmul, configs)
+    return len(layers)

@@ -11,6 +11,7 @@ from kiln.layers.linear import QKVParallelLinear, RowParallelLinear, kv_segment
 from kiln.layers.norm import TPLayerNorm, make_norm, tp_layer_norms
 from kiln.layers.position import RotaryEmbedding, alibi_slopes
 from kiln.layers.sharding import split_evenly
+from kiln.quant.kv_cache import KVScales
 
 
 class Attention(nn.Module):
@@ -27,6 +28,7 @@ class Attention(nn.Module):
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
                                         config.linear_bias, dtype, tp, rank)
         self.num_heads, self.num_kv_heads = self.qkv_proj.local_heads, self.qkv_proj.local_kv_heads
+        self.mapping, self.total_kv_heads = mapping, config.num_key_value_heads
         self.head_dim = head_dim
         self.scale = config.softmax_scale or head_dim**-0.5
         self.clip_qkv = config.clip_qkv
@@ -62,6 +64,8 @@ class Attention(nn.Module):
         # Bound by the model runner once the cache is allocated: [num_blocks, block_size, kv_heads, head_dim] each.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
+        # An INT8/FP8 cache's scales (kiln.quant.kv_cache.bind_kv_scales, after loading); None: a float cache.
+        self.kv_scales: KVScales | None = None
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # positions [tokens]; hidden [tokens, hidden_size] -> [tokens, hidden_size]
@@ -81,9 +85,10 @@ class Attention(nn.Module):
         if self.rotary is not None:
             q, k = self.rotary(positions, q, k)
         meta, kernels = ctx.attn, ctx.kernels
-        kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping)
+        kernels.write_kv_cache(k, v, self.k_cache, self.v_cache, meta.slot_mapping, self.kv_scales)
         # max_query_len / max_seq_len only steer tiles and the split count (fixed ones inside a CUDA graph).
         out = kernels.paged_attention(q, self.k_cache, self.v_cache, meta.block_tables, meta.query_start_loc,
                                       meta.seq_lens, self.scale, self.alibi_slopes,
-                                      max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len)
+                                      max_query_len=meta.max_query_len, max_seq_len=meta.max_seq_len,
+                                      kv_scales=self.kv_scales)
         return self.o_proj(out.reshape(tokens, q_size))

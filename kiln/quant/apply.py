@@ -25,6 +25,7 @@ from kiln.config import ConfigError, QuantConfig
 from kiln.layers.linear import LinearBase, ReplicatedLinear
 from kiln.layers.moe import MoE
 from kiln.quant.group_wise import GroupWiseMethod, dequantize_groups, group_wise_method, num_groups
+from kiln.quant.kv_cache import add_kv_scale_params
 from kiln.quant.weight_only import WeightOnlyMethod, weight_only_method
 
 if TYPE_CHECKING:
@@ -33,17 +34,14 @@ if TYPE_CHECKING:
 
 class WeightOnlyMatmul:
     """A quantized linear layer's matmul: dequantize to the activation dtype, then F.linear (the torch path; the
-    reference every kernel is held to is `x @ dequant(W).T`). The attributes a kernel binding reads are those of
-    GroupWiseMatmul: per channel means no zero points, group_size 0, k_offset 0, no g_idx."""
-
-    zero = None
-    group_size = 0
-    k_offset = 0
-    g_idx = None
+    reference every kernel is held to is `x @ dequant(W).T`). Its format attributes (bits, scale, zero, group_size,
+    k_offset, g_idx: the group-wise format's) are what kiln.kernels binds its GPU kernels from."""
 
     def __init__(self, method: WeightOnlyMethod, scale: nn.Parameter) -> None:
         self.method, self.scale = method, scale
         self.bits = method.bits
+        # Per channel: no zero point, no groups, no act-order permutation.
+        self.zero, self.group_size, self.k_offset, self.g_idx = None, 0, 0, None
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:  # [tokens, in] -> [tokens, out]
@@ -176,8 +174,10 @@ def _bind(module: nn.Module, method: WeightOnlyMethod | GroupWiseMethod, where: 
 
 
 def quantize_model(model: nn.Module, quant: QuantConfig | None) -> int:
-    """Give `model` the parameters and matmuls of `quant`'s weight-only format (nothing for an unquantized one).
-    Returns how many layers were quantized."""
+    """Give `model` the parameters and matmuls of `quant`'s weight-only format (nothing for an unquantized one), and
+    its attention layers their KV-cache scales when the KV cache is quantized (kiln.quant.kv_cache). Returns how many
+    layers' weights were quantized."""
+    add_kv_scale_params(model, quant)
     algo = quant.quant_algo if quant is not None else None
     group_wise = group_wise_method(algo, quant.group_size if quant is not None else 0)
     method = group_wise if group_wise is not None else weight_only_method(algo)

@@ -53,6 +53,10 @@ class Tokenizer:
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         raise NotImplementedError
 
+    def set_chat_template(self, template: str) -> None:
+        """Use `template` (Jinja, as tokenizer_config.json's chat_template) instead of the tokenizer's own format."""
+        self.chat_template = template
+
     @property
     def has_chat_format(self) -> bool:
         return self.chat_template is not None

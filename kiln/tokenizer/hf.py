@@ -17,6 +17,10 @@ class HFTokenizer(Tokenizer):
         super().__init__(bos=hf.bos_token_id, eos=hf.eos_token_id, pad=hf.pad_token_id, vocab_size=len(hf),
                          generation_config=generation_config, chat_template=template)
 
+    def set_chat_template(self, template: str) -> None:
+        super().set_chat_template(template)
+        self.hf.chat_template = template  # transformers renders it (see _render)
+
     def _encode(self, text: str) -> list[int]:
         return list(self.hf(text)["input_ids"])
 

@@ -1,0 +1,269 @@
+"""Load generator for `kiln serve`, after vLLM's benchmark_serving: Poisson arrivals at each request rate of a sweep,
+random prompts (token ids) and output lengths drawn around set means, TTFT / ITL / TPOT / end-to-end latency (mean,
+p50, p99) and throughput per rate, then the same workload offline through kiln.LLM.generate for the ratio, and the
+engine's own time to first token for one prompt offline (prefill, plus the launch of the next step under async
+scheduling: what the served TTFT at low load is compared with).
+
+    python benchmarks/bench_serve.py --engine_dir E --num_prompts 200 --input_len 128 --output_len 128 \\
+        --request_rate 1 4 16 inf [--range_ratio 0.5] [--output_json serve.json]
+    python benchmarks/bench_serve.py --base_url http://127.0.0.1:8000 --model NAME ...   # a server already running
+
+Without --base_url it starts `kiln serve` on a free port (extra flags through --serve_args "..."), stops it with
+SIGTERM after the sweep, and then runs the offline pass in this process. The client is a minimal HTTP/1.0 SSE reader
+on raw asyncio sockets, so that client-side parsing stays far below the server's per-token cost.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Result:
+    """One request as the client saw it."""
+
+    ok: bool
+    prompt_len: int
+    output_tokens: int = 0
+    ttft: float = 0.0
+    e2e: float = 0.0
+    itl: list[float] = field(default_factory=list)
+    error: str = ""
+
+
+def workload(args: argparse.Namespace, vocab: int) -> list[tuple[list[int], int]]:
+    """(prompt token ids, output length) per request, lengths uniform in [mean*(1-r), mean*(1+r)] as vLLM's random
+    dataset; ids avoid the first 1000 (special tokens of most vocabularies)."""
+    rng = random.Random(args.seed)
+
+    def length(mean: int) -> int:
+        return max(1, rng.randint(int(mean * (1 - args.range_ratio)), int(mean * (1 + args.range_ratio))))
+
+    return [([rng.randrange(1000, vocab) for _ in range(length(args.input_len))], length(args.output_len))
+            for _ in range(args.num_prompts)]
+
+
+async def one_request(host: str, port: int, model: str, prompt: list[int], max_tokens: int) -> Result:
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+                       "ignore_eos": True, "stream_options": {"include_usage": True}}).encode()
+    start = time.perf_counter()
+    result = Result(False, len(prompt))
+    try:
+        reader, writer = await asyncio.open_connection(host, port)
+        writer.write(b"POST /v1/completions HTTP/1.0\r\nHost: bench\r\nContent-Type: application/json\r\n"
+                     + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        await writer.drain()
+        status = await reader.readline()
+        if b" 200 " not in status:
+            result.error = status.decode().strip() + " " + (await reader.read()).decode()[:200]
+            return result
+        last = None
+        async for line in reader:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                result.error = chunk["error"]["message"]
+                return result
+            now = time.perf_counter()
+            if chunk.get("usage"):
+                result.output_tokens = chunk["usage"]["completion_tokens"]
+            elif chunk["choices"]:
+                if last is None:
+                    result.ttft = now - start
+                else:
+                    result.itl.append(now - last)
+                last = now
+        writer.close()
+        result.e2e = time.perf_counter() - start
+        result.ok = result.output_tokens > 0
+    except OSError as err:
+        result.error = str(err)
+    return result
+
+
+async def run_rate(host: str, port: int, model: str, work: list[tuple[list[int], int]], rate: float,
+                   max_concurrency: int | None, seed: int) -> tuple[list[Result], float]:
+    """Send every request with exponential gaps of mean 1/rate (all at once for inf); return results and duration."""
+    rng = random.Random(seed)
+    gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+
+    async def limited(prompt: list[int], out: int) -> Result:
+        if gate is None:
+            return await one_request(host, port, model, prompt, out)
+        async with gate:
+            return await one_request(host, port, model, prompt, out)
+
+    tasks = []
+    start = time.perf_counter()
+    for prompt, out in work:
+        tasks.append(asyncio.create_task(limited(prompt, out)))
+        if rate != float("inf"):
+            await asyncio.sleep(rng.expovariate(rate))
+    results = await asyncio.gather(*tasks)
+    return results, time.perf_counter() - start
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+def summarize(rate: float, results: list[Result], duration: float) -> dict:
+    ok = [r for r in results if r.ok]
+    out_tokens = sum(r.output_tokens for r in ok)
+    itl = [x for r in ok for x in r.itl]
+    tpot = [(r.e2e - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
+    ms = 1000.0
+    row = {"request_rate": rate, "completed": len(ok), "failed": len(results) - len(ok), "duration_s": duration,
+           "request_throughput": len(ok) / duration, "output_throughput": out_tokens / duration,
+           "total_token_throughput": (out_tokens + sum(r.prompt_len for r in ok)) / duration}
+    for name, values in (("ttft", [r.ttft for r in ok]), ("itl", itl), ("tpot", tpot), ("e2e", [r.e2e for r in ok])):
+        row[f"mean_{name}_ms"] = sum(values) / len(values) * ms if values else float("nan")
+        row[f"p50_{name}_ms"] = pct(values, 50) * ms
+        row[f"p99_{name}_ms"] = pct(values, 99) * ms
+    errors = [r.error for r in results if not r.ok][:3]
+    if errors:
+        row["errors"] = errors
+    return row
+
+
+def print_row(row: dict) -> None:
+    print(f"rate {row['request_rate']:>6}: {row['completed']} ok, {row['failed']} failed in {row['duration_s']:.1f} s; "
+          f"{row['request_throughput']:.2f} req/s, {row['output_throughput']:.0f} out tok/s | TTFT p50 "
+          f"{row['p50_ttft_ms']:.1f} p99 {row['p99_ttft_ms']:.1f} ms | ITL p50 {row['p50_itl_ms']:.2f} p99 "
+          f"{row['p99_itl_ms']:.2f} ms | TPOT p50 {row['p50_tpot_ms']:.2f} ms | E2E p50 {row['p50_e2e_ms']:.0f} "
+          f"p99 {row['p99_e2e_ms']:.0f} ms", flush=True)
+    for err in row.get("errors", []):
+        print(f"    error: {err}")
+
+
+def offline(args: argparse.Namespace, work: list[tuple[list[int], int]]) -> dict:
+    """The same requests through kiln.LLM.generate at once, and the prefill time of one mean-length prompt."""
+    import kiln
+
+    llm = kiln.LLM(args.engine_dir, device=args.device)
+    params = [kiln.SamplingParams(max_tokens=out, temperature=0, ignore_eos=True) for _, out in work]
+    llm.generate([p for p, _ in work[:4]], params[:4])  # warm-up (kernels, graphs)
+    start = time.perf_counter()
+    results = llm.generate([p for p, _ in work], params)
+    duration = time.perf_counter() - start
+    tokens = sum(len(r.outputs[0].token_ids) for r in results)
+    prompt = work[0][0][:args.input_len]
+    first = kiln.SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
+    times = []
+    for _ in range(5):  # the engine's own time to first token: prefill (and, with async scheduling, the next launch)
+        t = time.perf_counter()
+        stream = llm.stream([prompt], first)
+        next(iter(stream))
+        times.append(time.perf_counter() - t)
+        stream.close()  # aborts the rest
+    llm.close()
+    return {"offline_duration_s": duration, "offline_output_throughput": tokens / duration,
+            "prefill_ms_p50": pct(times, 50) * 1000, "prefill_prompt_len": len(prompt)}
+
+
+def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "kiln", "serve", "--engine_dir", args.engine_dir, "--port", str(port),
+           "--served_model_name", "bench", "--max_queue", str(10 * args.num_prompts + 100), "--log_level", "warning",
+           *(["--device", args.device] if args.device else []), *shlex.split(args.serve_args)]
+    proc = subprocess.Popen(cmd)
+    deadline = time.monotonic() + args.startup_timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"kiln serve exited with {proc.returncode} before it was ready")
+        try:
+            if urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1).status == 200:
+                return proc, port
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    sys.exit("kiln serve did not become ready in time (--startup_timeout)")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--engine_dir", help="engine to serve (and to run offline for the ratio)")
+    p.add_argument("--base_url", help="bench a server already running here instead (no offline pass)")
+    p.add_argument("--model", default="bench", help="model name to send with --base_url")
+    p.add_argument("--num_prompts", type=int, default=200)
+    p.add_argument("--input_len", type=int, default=128)
+    p.add_argument("--output_len", type=int, default=128)
+    p.add_argument("--range_ratio", type=float, default=0.0, help="lengths uniform in mean*(1-r)..mean*(1+r)")
+    p.add_argument("--request_rate", nargs="+", default=["inf"], help="requests/s per run of the sweep; inf: all at "
+                                                                       "once")
+    p.add_argument("--max_concurrency", type=int, default=None)
+    p.add_argument("--vocab_size", type=int, default=None, help="with --base_url: the model's vocabulary size")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--serve_args", default="", help="more flags for kiln serve, one string")
+    p.add_argument("--skip_offline", action="store_true")
+    p.add_argument("--startup_timeout", type=float, default=600)
+    p.add_argument("--output_json", default=None)
+    args = p.parse_args(argv)
+    if not (args.engine_dir or args.base_url):
+        p.error("give --engine_dir (start a server) or --base_url (use a running one)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.engine_dir:
+        config = json.load(open(os.path.join(args.engine_dir, "config.json")))
+        vocab = args.vocab_size or config["vocab_size"]
+    else:
+        vocab = args.vocab_size or 32000
+    work = workload(args, int(vocab))
+    proc = None
+    if args.base_url:
+        host, port = args.base_url.removeprefix("http://").rstrip("/").split(":")
+        model = args.model
+    else:
+        proc, port, host, model = *start_server(args), "127.0.0.1", "bench"
+    rows = []
+    try:
+        asyncio.run(run_rate(host, int(port), model, work[:2], float("inf"), None, args.seed))  # warm-up
+        for rate in [float(r) for r in args.request_rate]:
+            results, duration = asyncio.run(run_rate(host, int(port), model, work, rate, args.max_concurrency,
+                                                     args.seed))
+            rows.append(summarize(rate, results, duration))
+            print_row(rows[-1])
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGTERM)
+            print(f"kiln serve exited with {proc.wait(timeout=120)}")
+    report = {"args": vars(args), "rates": rows}
+    if args.engine_dir and not args.skip_offline:
+        report.update(offline(args, work))
+        best = max(r["output_throughput"] for r in rows)
+        report["serve_over_offline"] = best / report["offline_output_throughput"]
+        low = rows[0]
+        print(f"offline LLM.generate: {report['offline_output_throughput']:.0f} out tok/s; best served "
+              f"{best:.0f} = {report['serve_over_offline']:.1%} of offline. Offline first token of "
+              f"{report['prefill_prompt_len']} tokens {report['prefill_ms_p50']:.1f} ms vs served TTFT p50 {low['p50_ttft_ms']:.1f} ms at rate "
+              f"{low['request_rate']} (+{low['p50_ttft_ms'] - report['prefill_ms_p50']:.1f} ms)")
+    if args.output_json:
+        with open(args.output_json, "w") as f:
+            json.dump(report, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,60 @@
+"""The weight-only matmul kernels against bf16 cuBLAS at MPT-7B's and Baichuan2-13B's layer shapes: median time per
+call (L2 flushed by triton.testing.do_bench), speedup over bf16, and the HBM rate the quantized call reached (stored
+bytes + scales + zeros / time). Random weights (the kernels' speed does not depend on the values); the kernels' default
+launch configs (an engine's build tunes them per shape: kernels.weight_only).
+
+    python benchmarks/bench_weight_only.py [--rows 1 16 32 2048] [--formats int8 int4 int4_g128]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+
+from kiln.kernels.triton_weight_only import WeightOnlyFormat, weight_only_matmul
+
+SHAPES = {"mpt7b qkv": (12288, 4096), "mpt7b out": (4096, 4096), "mpt7b up": (16384, 4096),
+          "mpt7b down": (4096, 16384), "baichuan13b gate_up": (27392, 5120), "baichuan13b down": (5120, 13696)}
+FORMATS = {"int8": WeightOnlyFormat(8), "int4": WeightOnlyFormat(4), "int4_g128": WeightOnlyFormat(4, 128)}
+
+
+def quantized(fmt: WeightOnlyFormat, n: int, k: int):
+    stored = torch.randint(-128, 128, (n, k * fmt.bits // 8), dtype=torch.int8, device="cuda")
+    if fmt.group_size == 0:
+        return stored, torch.rand(n, device="cuda", dtype=torch.bfloat16) * 0.01, None
+    groups = -(-k // fmt.group_size)
+    scale = torch.rand(n, groups, device="cuda", dtype=torch.bfloat16) * 0.01
+    return stored, scale, torch.full_like(scale, 8.0)
+
+
+def us(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=5, rep=30, return_mode="median") * 1e3
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 16, 32, 2048])
+    p.add_argument("--formats", nargs="+", default=list(FORMATS))
+    args = p.parse_args()
+    print("| shape | rows | bf16 us | " + " | ".join(f"{f} us (x bf16, GB/s)" for f in args.formats) + " |")
+    for label, (n, k) in SHAPES.items():
+        w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+        weights = {f: quantized(FORMATS[f], n, k) for f in args.formats}
+        for rows in args.rows:
+            x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+            base = us(lambda: F.linear(x, w))
+            cells = []
+            for f in args.formats:
+                stored, scale, zero = weights[f]
+                t = us(lambda: weight_only_matmul(x, stored, scale, zero, None, FORMATS[f]))
+                nbytes = stored.numel() + scale.numel() * 2 * (1 if zero is None else 2)
+                cells.append(f"{t:.1f} ({base / t:.2f}x, {nbytes / t / 1e3:.0f})")
+            print(f"| {label} {n}x{k} | {rows} | {base:.1f} | " + " | ".join(cells) + " |", flush=True)
+        del w, weights
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# One packed GPU call for a session whose device time is short, most important first, each step bounded:
+#   1. the trained reference models: summarize of the whole shipped set, kiln beside transformers (gpu_eval.sh)
+#   2. every gpu-marked test
+#   3. kiln serve against offline LLM.generate on the MPT-7B-shaped dummy engine (saturation and low load)
+#   4. weight-only quantization beside bf16 (gpu_quant.sh, the MPT-7B case)
+#   5. the 8-bit KV caches beside bf16's (gpu_kvcache.sh, the MPT-7B shape)
+# Run it through benchmarks/device_call.sh so that whatever finished comes back as one tarball:
+#   LIMIT=540 bash benchmarks/device_call.sh bash benchmarks/gpu_all.sh
+set -uo pipefail
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+out=${OUT:-./out}; mkdir -p "$out"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/versions.txt"
+python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)" | tee -a "$out/versions.txt"
+echo "== $SECONDS s: gpu_eval"; timeout "${EVAL_S:-140}" bash benchmarks/gpu_eval.sh
+echo "== $SECONDS s: gpu tests"
+timeout "${TESTS_S:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider --durations 15 tests > "$out/gpu_tests.log" 2>&1
+tail -40 "$out/gpu_tests.log"
+echo "== $SECONDS s: serve"
+eng=$(mktemp -d /tmp/kiln-serve-XXXX)
+python3 -m kiln convert --preset mpt-7b --dtype bfloat16 --dummy_device cuda --output_dir "$eng/ckpt" >/dev/null &&
+python3 -m kiln build --checkpoint_dir "$eng/ckpt" --output_dir "$eng/engine" --max_batch_size 64 --max_input_len 512 \
+    --max_seq_len 1024 --no_tune > "$out/serve_build.log" 2>&1 && rm -rf "$eng/ckpt" &&
+timeout "${SERVE_S:-110}" python3 benchmarks/bench_serve.py --engine_dir "$eng/engine" --num_prompts 256 --input_len 128 \
+    --output_len 128 --range_ratio 0.5 --request_rate inf --output_json "$out/serve_saturation.json" 2>&1 | tail -30 | tee "$out/serve.log"
+timeout 45 python3 benchmarks/bench_serve.py --engine_dir "$eng/engine" --num_prompts 20 --input_len 128 --output_len 64 \
+    --request_rate 4 --output_json "$out/serve_low_load.json" 2>&1 | tail -20 | tee -a "$out/serve.log"
+rm -rf "$eng"
+echo "== $SECONDS s: quant"
+TUNE= TESTS= KERNELS= CASES="${QUANT_CASES-mpt7b}" timeout "${QUANT_S:-200}" bash benchmarks/gpu_quant.sh
+echo "== $SECONDS s: kv cache"
+TESTS= SHAPES="${KV_SHAPES-mpt-7b}" timeout "${KV_S:-200}" bash benchmarks/gpu_kvcache.sh
+echo "== $SECONDS s: done"
