@@ -15,6 +15,7 @@ import torch
 from kiln.config import ConfigError
 
 DEFAULT_TEXT = Path(__file__).resolve().parents[1] / "eval" / "data" / "calibration.txt"
+HELDOUT_TEXT = Path(__file__).resolve().parents[1] / "eval" / "data" / "heldout.txt"
 MAX_TEXT_BYTES = 64 << 20  # more text than this is never needed for a few hundred windows
 
 
@@ -23,12 +24,20 @@ def read_text(dataset: str | None) -> str:
     if not path.is_file():
         raise ConfigError(f"--calib_dataset {dataset} is not a file; give a local UTF-8 text file (kiln never "
                           "downloads a dataset), or leave the flag out for kiln's shipped calibration text")
+    refuse_heldout(path)
     with path.open("rb") as f:
         raw = f.read(MAX_TEXT_BYTES)
     try:
         return raw.decode("utf-8", errors="ignore" if len(raw) == MAX_TEXT_BYTES else "strict")
     except UnicodeDecodeError as err:
         raise ConfigError(f"--calib_dataset {path} is not UTF-8 text ({err.reason} at byte {err.start})") from err
+
+
+def refuse_heldout(path: Path) -> None:
+    """Calibrating on the text perplexity is measured on would flatter every quantized format: refused."""
+    if path.resolve() == HELDOUT_TEXT.resolve():
+        raise ConfigError(f"--calib_dataset {path} is the held-out text that kiln perplexity measures on; calibrate "
+                          "on other text (the default, kiln/eval/data/calibration.txt, is training text)")
 
 
 def windows(ids: list[int], sequences: int, length: int, seed: int) -> torch.Tensor:
