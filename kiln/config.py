@@ -174,9 +174,11 @@ class Mapping:
         return data
 
 
+GROUP_WISE_QUANT_ALGOS = ("W4A16_AWQ", "W4A16_GPTQ")
 # SmoothQuant W8A8 formats, TensorRT-LLM's names (kiln.quant.smoothquant.SQ_ALGOS says what each means).
 SMOOTHQUANT_ALGOS = ("W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
                      "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN")
+QUANT_ALGOS = (None, "W8A16", "W4A16", *GROUP_WISE_QUANT_ALGOS, *SMOOTHQUANT_ALGOS)
 
 
 @dataclass
@@ -186,20 +188,25 @@ class QuantConfig:
     quant_algo: str | None = None
     kv_cache_quant_algo: str | None = None
     group_size: int = 128
+    has_zero_point: bool = False  # group-wise formats: asymmetric, with zero points
     exclude_modules: list[str] = field(default_factory=list)
     smoothquant_val: float | None = None  # SmoothQuant's alpha (W8A8_SQ_* algos; TensorRT-LLM's field name)
 
     def __post_init__(self) -> None:
-        # Weight-only per-channel INT8/INT4 (issue 14, first slice); every other format is refused by name.
+        # Weight-only per-channel INT8/INT4, group-wise INT4 (AWQ, GPTQ) and SmoothQuant W8A8; every other format is
+        # refused by name.
         if self.quant_algo in SMOOTHQUANT_ALGOS:  # SmoothQuant W8A8 (kiln.quant.smoothquant)
             if not isinstance(self.smoothquant_val, (int, float)) or not 0.0 <= self.smoothquant_val <= 1.0:
                 raise ConfigError(f"{self.quant_algo} needs a SmoothQuant alpha in [0, 1] (--smoothquant ALPHA), "
                                   f"got {self.smoothquant_val!r}")
-        elif self.quant_algo not in (None, "W8A16", "W4A16"):
+        if self.quant_algo not in QUANT_ALGOS:
             raise ConfigError(
                 f"quantization {self.quant_algo!r} is not supported by this kiln version "
-                "(weight-only W8A16 and W4A16 are); convert with those or without quantization flags"
+                f"({', '.join(a for a in QUANT_ALGOS if a)} are); convert with those or without quantization flags"
             )
+        if self.quant_algo in GROUP_WISE_QUANT_ALGOS and self.group_size not in (32, 64, 128):
+            raise ConfigError(f"group size {self.group_size!r} is not one kiln runs for {self.quant_algo}; use "
+                              "--group_size 32, 64 or 128")
         # INT8 / FP8 KV cache with calibrated scales (kiln.quant.kv_cache), TensorRT-LLM's names.
         if self.kv_cache_quant_algo not in (None, "INT8", "FP8"):
             raise ConfigError(f"kv_cache_quant_algo {self.kv_cache_quant_algo!r} is not supported by this kiln "

@@ -10,7 +10,7 @@ from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, sa
 from fixtures_runtime import BLOCK
 from fixtures_tokenizers import build_neox_tokenizer_dir
 from kiln.cli.main import main as kiln_main
-from kiln.quant import kv_cache as kvq
+from kiln.quant.calib_data import DEFAULT_TEXT
 
 FORMATS = {"int8": "--int8_kv_cache", "fp8": "--fp8_kv_cache"}
 
@@ -29,7 +29,7 @@ def tiny_hf_dir(tmp: Path, family: str) -> Path:
 
 
 def calib_text(tmp: Path) -> Path:
-    text = (Path(kvq.__file__).parent / "data" / "calib.txt").read_text(encoding="utf-8")[:6000]
+    text = DEFAULT_TEXT.read_text(encoding="utf-8")[:6000]
     (tmp / "calib.txt").write_text(text, encoding="utf-8")
     return tmp / "calib.txt"
 

@@ -240,7 +240,7 @@ def test_quantize_and_one_step_build_calibrate_too(tmp_path):
                       "--max_input_len", "24", "--max_seq_len", "48"]) == 0
     config = json.loads((tmp_path / "e" / "config.json").read_text())
     assert config["quantization"]["kv_cache_quant_algo"] == "INT8"
-    assert config["provenance"]["kv_cache_calibration"]["text"] == "calib.txt"
+    assert config["provenance"]["kv_cache_calibration"]["text"] == "calibration.txt"
     tokens = outputs(kiln.LLM(tmp_path / "e", device="cpu"), PROMPTS[:2], GREEDY)
     assert all(len(t) == GREEDY.max_tokens for t, _ in tokens)
 

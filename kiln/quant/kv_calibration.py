@@ -2,7 +2,7 @@
 layer (and per kv head), the largest magnitude of the keys and of the values as the cache write receives them (after
 RoPE and clip_qkv, exactly what is stored). scale = amax / 127 (INT8) or amax / 448 (FP8).
 
-The text is kiln's shipped calibration file (kiln/quant/data/calib.txt: excerpts of the training portion of the
+The text is kiln's shipped calibration file (kiln/eval/data/calibration.txt: passages of the training portion of the
 reference books, never the held-out text perplexity is measured on) or `--calib_dataset` (a UTF-8 text file, or
 JSON lines with a "text" or "article" field), read in chunks and tokenized as it goes until `num_samples` windows of
 up to `max_seq_len` tokens are collected (TensorRT-LLM's defaults: 512 samples of 512 tokens). A shorter text gives
@@ -28,11 +28,10 @@ from kiln.config import ConfigError, Mapping, ModelConfig
 from kiln.kernels import KernelSet, select_kernels
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.layers.sharding import full_shape, shard_for
+from kiln.quant.calib_data import DEFAULT_TEXT, refuse_heldout
 from kiln.quant.kv_cache import kv_cache_format
 from kiln.quant.kv_published import published_kv_scales
 
-DEFAULT_CALIB_TEXT = Path(__file__).resolve().parent / "data" / "calib.txt"
-HELDOUT_TEXT = Path(__file__).resolve().parents[1] / "eval" / "data" / "heldout.txt"
 MIN_WINDOW = 16
 BLOCK = 16  # the calibration cache's block size
 TOKENS_PER_STEP = 8192
@@ -41,7 +40,7 @@ CHUNK_CHARS = 1 << 10  # a few hundred tokens: below every tokenizer's length wa
 
 @dataclass
 class KVCalibration:
-    """How convert calibrates the KV scales: the text (None: the shipped calib.txt), how many windows of how many
+    """How convert calibrates the KV scales: the text (None: the shipped calibration.txt), how many windows of how many
     tokens, per layer or per kv head, on which device (None: CUDA when present)."""
 
     dataset: str | None = None
@@ -57,12 +56,10 @@ class KVCalibration:
         path = self.text_path()
         if not path.is_file():
             raise ConfigError(f"--calib_dataset {path} is not a file; give a local UTF-8 text or JSON-lines file")
-        if path.resolve() == HELDOUT_TEXT.resolve():
-            raise ConfigError(f"--calib_dataset {path} is the held-out text that kiln perplexity measures on; "
-                              "calibrate on other text (the default, kiln/quant/data/calib.txt, is training text)")
+        refuse_heldout(path)
 
     def text_path(self) -> Path:
-        return Path(self.dataset) if self.dataset else DEFAULT_CALIB_TEXT
+        return Path(self.dataset) if self.dataset else DEFAULT_TEXT
 
 
 def _text_chunks(path: Path) -> Iterator[str]:

@@ -1,6 +1,6 @@
 """SmoothQuant's calibration and smoothing, done by convert before it quantizes (kiln.quant.smoothquant).
 
-Calibration runs the float model (tp 1, kiln.quant.kv_calibration's windows of kiln/quant/data/calib.txt or
+Calibration runs the float model (tp 1, kiln.quant.kv_calibration's windows of kiln/eval/data/calibration.txt or
 --calib_dataset, never the held-out text) and records the per-channel absmax of every quantized layer's input:
 each column/row-parallel linear layer's, the MoE's input (what the experts' w13 read) and, per expert, the GLU
 activation the expert's w2 reads. Dummy weights (no tokenizer) get absmax 1 everywhere (speed measurements only).
