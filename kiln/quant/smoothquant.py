@@ -34,6 +34,7 @@ from torch import nn
 from kiln.layers.linear import LinearBase, ReplicatedLinear, RowParallelLinear
 from kiln.layers.moe import MoE
 from kiln.layers.sharding import ShardSpec
+from kiln.quant.weight_only import per_expert
 
 if TYPE_CHECKING:
     from kiln.kernels import KernelSet
@@ -114,13 +115,7 @@ class SmoothQuantMethod:
     def quantize(self, full: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """Full (smoothed) weight [..., out, in] -> q [..., out, in] int8 and scale [..., out]; experts one by one
         (a per-tensor scale is per expert)."""
-        if full.dim() < 3:
-            return quantize_weight(full, self.per_channel, scale_dtype)
-        q = torch.empty(full.shape, dtype=torch.int8, device=full.device)
-        scale = torch.empty(full.shape[:-1], dtype=scale_dtype, device=full.device)
-        for e in range(full.shape[0]):
-            q[e], scale[e] = quantize_weight(full[e], self.per_channel, scale_dtype)
-        return q, scale
+        return per_expert(full, lambda w: quantize_weight(w, self.per_channel, scale_dtype), scale_dtype)
 
     def pack(self, q: torch.Tensor) -> torch.Tensor:
         return q

@@ -15,6 +15,7 @@ Plain torch only: the layers (kiln.quant.apply) and the torch kernel reference (
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -59,6 +60,20 @@ def dequantize(stored: torch.Tensor, scale: torch.Tensor, bits: int, dtype: torc
     return q.to(dtype) * scale.to(dtype).unsqueeze(-1)
 
 
+def per_expert(full: torch.Tensor, quantize_2d: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+               scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`quantize_2d` ([out, in] -> q int8 [out, in], scale [out]) over a full weight [..., out, in]: experts
+    ([experts, out, in]) one at a time, so that the float32 working copies are one expert's (DBRX's full w13 is 2.1e9
+    values)."""
+    if full.dim() < 3:
+        return quantize_2d(full)
+    q = torch.empty(full.shape, dtype=torch.int8, device=full.device)
+    scale = torch.empty(full.shape[:-1], dtype=scale_dtype, device=full.device)
+    for e in range(full.shape[0]):
+        q[e], scale[e] = quantize_2d(full[e])
+    return q, scale
+
+
 @dataclass(frozen=True)
 class WeightOnlyMethod:
     """One weight-only format: how convert quantizes a full weight, what a layer stores, how it dequantizes."""
@@ -67,16 +82,8 @@ class WeightOnlyMethod:
     bits: int
 
     def quantize(self, full: torch.Tensor, scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """Full weight [..., out, in] -> unpacked q [..., out, in] int8 and scale [..., out] (shard, then pack).
-        Experts ([experts, out, in]) are quantized one at a time, so that the float32 working copies are one expert's
-        (DBRX's full w13 is 2.1e9 values)."""
-        if full.dim() < 3:
-            return quantize_per_channel(full, self.bits, scale_dtype)
-        q = torch.empty(full.shape, dtype=torch.int8, device=full.device)
-        scale = torch.empty(full.shape[:-1], dtype=scale_dtype, device=full.device)
-        for e in range(full.shape[0]):
-            q[e], scale[e] = quantize_per_channel(full[e], self.bits, scale_dtype)
-        return q, scale
+        """Full weight [..., out, in] -> unpacked q [..., out, in] int8 and scale [..., out] (shard, then pack)."""
+        return per_expert(full, lambda w: quantize_per_channel(w, self.bits, scale_dtype), scale_dtype)
 
     def pack(self, q: torch.Tensor) -> torch.Tensor:
         """One rank's unpacked q [..., out, in_local] -> what its file stores ([..., out, in_local / 2] for INT4)."""
