@@ -174,7 +174,7 @@ class Mapping:
         return data
 
 
-GROUP_WISE_QUANT_ALGOS = ("W4A16_AWQ", "W4A16_GPTQ")
+GROUP_WISE_QUANT_ALGOS = ("W4A16_AWQ", "W4A16_GPTQ", "W8A16_GPTQ")  # W8A16_GPTQ: published 8-bit GPTQ only
 QUANT_ALGOS = (None, "W8A16", "W4A16", *GROUP_WISE_QUANT_ALGOS)
 
 
@@ -195,7 +195,10 @@ class QuantConfig:
                 f"quantization {self.quant_algo!r} is not supported by this kiln version "
                 f"({', '.join(a for a in QUANT_ALGOS if a)} are); convert with those or without quantization flags"
             )
-        if self.quant_algo in GROUP_WISE_QUANT_ALGOS and self.group_size not in (32, 64, 128):
+        # 32, 64, 128 from the flags; a published checkpoint's group_size -1 (one group per row) becomes the
+        # largest input width rounded up to 32 (kiln.quant.published_group_wise), which the kernels also run.
+        if self.quant_algo in GROUP_WISE_QUANT_ALGOS and not (
+                isinstance(self.group_size, int) and self.group_size > 0 and self.group_size % 32 == 0):
             raise ConfigError(f"group size {self.group_size!r} is not one kiln runs for {self.quant_algo}; use "
                               "--group_size 32, 64 or 128")
         # INT8 / FP8 KV cache with calibrated scales (kiln.quant.kv_cache), TensorRT-LLM's names.

@@ -13,6 +13,7 @@ from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_
 from kiln.cli.quant_flags import add_quant_flags, calibration_from_flags, kv_calibration_from_flags, \
     quant_config_from_flags
 from kiln.quant.published import refuse_published
+from kiln.quant.published_group_wise import PublishedWeightSource, published_format
 from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
 from kiln.models import PRESETS, family_for_hf_config
@@ -129,8 +130,12 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     overrides the quantization flags (the one-step commands resolve their own)."""
     quant = quant if quant is not None else quant_config_from_flags(args)
     hf, checkpoint = resolve_source(args)
-    if checkpoint is not None:
-        refuse_published(Path(args.model_dir), hf)  # published GPTQ/AWQ weights: named, before any tensor is read
+    published = published_format(Path(args.model_dir), hf) if checkpoint is not None else None
+    if checkpoint is not None and published is None:
+        refuse_published(Path(args.model_dir), hf)  # other published formats: named, before any tensor is read
+    if published is not None and quant.quant_algo is not None:
+        raise ConfigError(f"{args.model_dir} is already quantized ({published.quant_algo}); drop "
+                          "--use_weight_only/--weight_only_precision (kiln keeps the published weights as they are)")
     family = family_for_hf_config(hf)
     if args.model_version is not None and family.name != "baichuan":
         raise ConfigError(f"--model_version applies to Baichuan checkpoints only, and this is a {family.name} model; "
@@ -141,7 +146,12 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     keep_first_layers(config, args.num_layers)
     moe_tp, moe_ep = moe_mapping(args) if config.is_moe else (args.tp_size, 1)
     mapping = Mapping(args.tp_size * args.pp_size, args.tp_size, args.pp_size, moe_tp, moe_ep)
-    if checkpoint is not None:
+    if published is not None:  # AutoGPTQ / AutoAWQ weights, kept exactly (kiln.quant.published_group_wise)
+        quant = published.quant_config(quant, config)
+        source = PublishedWeightSource(checkpoint, family, config, source_layers, published, quant.group_size)
+        provenance = {"model_dir": str(Path(args.model_dir).resolve()), "dummy": False,
+                      "published_quantization": published.quant_algo}
+    elif checkpoint is not None:
         source = HFWeightSource(checkpoint, family, config, source_layers)
         provenance = {"model_dir": str(Path(args.model_dir).resolve()), "dummy": False}
     else:
@@ -150,7 +160,7 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     calib = None
     if quant.kv_cache_quant_algo is not None:  # an INT8/FP8 KV cache: how convert calibrates its scales
         calib = kv_calibration_from_flags(args, getattr(args, "per_head_kv_scales", False))
-    calibration, dataset = calibration_from_flags(args, quant, args.seed)
+    calibration, dataset = calibration_from_flags(args, quant, args.seed) if published is None else (None, None)
     return ConvertPlan(family, config, mapping, source, quant, provenance, calib, calibration, dataset)
 
 

@@ -163,7 +163,10 @@ def _group_size(args: argparse.Namespace) -> int:
     values = {_int_flag(args, n, GROUP_SIZE) for n in given}
     if len(values) > 1:
         raise ConfigError("--group_size and --awq_block_size name the same group size; give one of them")
-    return values.pop() if values else GROUP_SIZE
+    size = values.pop() if values else GROUP_SIZE
+    if size not in (32, 64, 128):  # wider groups exist only for published checkpoints' group_size -1
+        raise ConfigError(f"group size {size!r} is not one kiln calibrates; use --group_size 32, 64 or 128")
+    return size
 
 
 def quant_config_from_flags(args: argparse.Namespace, qformat_algo: str | None = None) -> QuantConfig:

@@ -1,0 +1,168 @@
+"""Loading published AutoGPTQ and AutoAWQ (GEMM) checkpoints at `kiln convert`: their description becomes kiln's
+group-wise QuantConfig, and their packed tensors become kiln's unpacked values, which convert then shards and
+repacks exactly as it does its own calibrated ones (kiln.checkpoint.convert's `quantized_weight` hook).
+
+The family weight maps stay as they are: a view of the checkpoint shows each published linear `<prefix>.qweight`
+(with its qzeros, scales, g_idx) as one `<prefix>.weight`, so the maps' checks of missing and unexpected tensors
+hold, and a fused kiln weight (Baichuan's gate+up) concatenates its parts' values, scales and zeros along the output
+rows. Only the maps' `identity` and `concat_rows` rules are exact on quantized values; another rule (DBRX's expert
+layouts) is refused by name.
+
+What is not run exactly is refused in one line: 2- and 3-bit, exllama/marlin repackings, AWQ GEMV/marlin layouts,
+AWQ without zero points, and act-order (`desc_act`) checkpoints whose g_idx is not the plain `k // group_size`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kiln.checkpoint.hf_reader import HFCheckpoint
+from kiln.checkpoint.sources import HFWeightSource
+from kiln.config import ConfigError, ModelConfig, QuantConfig
+from kiln.models.family import Family, find_rule, sources_for
+from kiln.quant.published import describe, published_quantization
+from kiln.quant.published_awq import read_awq
+from kiln.quant.published_gptq import GPTQ_BITS, GPTQ_FORMATS, read_gptq
+
+PARTS = ("qweight", "qzeros", "scales", "g_idx")
+EXACT_RULES = ("identity", "concat_rows")  # the weight-map transforms that act on output rows only
+
+
+@dataclass(frozen=True)
+class PublishedFormat:
+    """A published group-wise checkpoint's format, as kiln reads it."""
+
+    method: str  # "gptq" or "awq"
+    bits: int
+    group_size: int  # -1: one group over each row's inputs
+    v1_zeros: bool  # AutoGPTQ checkpoint_format "gptq": stored zero points are zero - 1
+
+    @property
+    def quant_algo(self) -> str:
+        return "W4A16_AWQ" if self.method == "awq" else f"W{self.bits}A16_GPTQ"
+
+    def read(self, tensors: dict[str, torch.Tensor], where: str):
+        """One linear's published tensors -> q [out, in] int16, scale and zero [out, groups] float32, g_idx."""
+        if self.method == "awq":
+            return read_awq(tensors, where)
+        return read_gptq(tensors, self.bits, self.v1_zeros, where)
+
+    def quant_config(self, flags: QuantConfig, config: ModelConfig) -> QuantConfig:
+        """kiln's QuantConfig: this format's weights, with the KV-cache choice of the flags. group_size -1 is one group
+        wider than every layer's inputs (a multiple of 32, which the kernels need)."""
+        group = self.group_size
+        if group == -1:
+            widest = max(config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_size)
+            group = -(-widest // 32) * 32
+        return replace(flags, quant_algo=self.quant_algo, group_size=group, has_zero_point=True,
+                       exclude_modules=["embed_tokens", "lm_head", "*router", "*norm*"])
+
+
+def _refuse(model_dir: Path, q: dict[str, Any], why: str) -> ConfigError:
+    return ConfigError(f"{model_dir} is a quantized checkpoint, {describe(q)}: {why}; convert the unquantized "
+                       "checkpoint instead (kiln can calibrate int4_gptq/int4_awq itself)")
+
+
+def published_format(model_dir: Path, hf: dict[str, Any]) -> PublishedFormat | None:
+    """The checkpoint's GPTQ/AWQ format, None for an unquantized checkpoint or another method (published.py's
+    refusal names those); raises one line for a GPTQ/AWQ variant kiln does not run exactly."""
+    q = published_quantization(model_dir, hf)
+    method = str(q.get("quant_method", "")).lower() if q is not None else ""
+    if method not in ("gptq", "awq"):
+        return None
+    bits, group = q.get("bits", q.get("w_bit")), q.get("group_size", q.get("q_group_size"))
+    if not isinstance(group, int) or isinstance(group, bool) or not (group == -1 or group > 0):
+        raise _refuse(model_dir, q, f"group_size {group!r} is not a positive integer or -1")
+    if method == "gptq":
+        layout = q.get("checkpoint_format", "gptq")
+        if bits not in GPTQ_BITS:
+            raise _refuse(model_dir, q, f"kiln runs 4- and 8-bit GPTQ, not {bits!r}-bit")
+        if layout not in GPTQ_FORMATS:
+            raise _refuse(model_dir, q, f"checkpoint_format {layout!r} is not AutoGPTQ's gptq or gptq_v2 packing")
+        return PublishedFormat("gptq", bits, group, layout == "gptq")
+    version = str(q.get("version", "gemm")).lower()
+    if bits != 4 or version != "gemm" or q.get("zero_point", True) is not True:
+        raise _refuse(model_dir, q, "kiln reads AutoAWQ's 4-bit GEMM packing with zero points only")
+    return PublishedFormat("awq", 4, group, False)
+
+
+class PublishedView:
+    """An HFCheckpoint as the family weight maps expect it: each published linear seen as `<prefix>.weight`, whose
+    float value (for a layer kiln keeps unquantized) is its exact dequantized weight."""
+
+    def __init__(self, checkpoint: HFCheckpoint, fmt: PublishedFormat) -> None:
+        self.checkpoint, self.fmt, self.dir, self.config = checkpoint, fmt, checkpoint.dir, checkpoint.config
+        names = checkpoint.names()
+        self.prefixes = {n[: -len(".qweight")] for n in names if n.endswith(".qweight")}
+        hidden = {f"{p}.{part}" for p in self.prefixes for part in PARTS}
+        self._names = (names - hidden) | {f"{p}.weight" for p in self.prefixes}
+
+    def names(self) -> set[str]:
+        return set(self._names)
+
+    def is_quantized(self, name: str) -> bool:
+        return name.endswith(".weight") and name[: -len(".weight")] in self.prefixes
+
+    def read(self, name: str):
+        """`<prefix>.weight` -> q [out, in] int16, scale and zero [out, groups], g_idx [in] or None."""
+        prefix = name[: -len(".weight")]
+        present = self.checkpoint.names()
+        tensors = {p: self.checkpoint.get(f"{prefix}.{p}") for p in PARTS if f"{prefix}.{p}" in present}
+        missing = [p for p in PARTS[:3] if p not in tensors]
+        if missing:
+            raise ConfigError(f"{self.dir}: {prefix} has a qweight but no {', '.join(missing)}; the checkpoint is "
+                              "incomplete")
+        return self.fmt.read(tensors, f"{self.dir}: {prefix}")
+
+    def get(self, name: str) -> torch.Tensor:
+        if not self.is_quantized(name):
+            return self.checkpoint.get(name)
+        q, scale, zero, g_idx = self.read(name)
+        g = g_idx if g_idx is not None else torch.arange(q.shape[1]) // self.group_size(q, scale)
+        return (q.float() - zero[:, g]) * scale[:, g]  # [out, in]
+
+    @staticmethod
+    def group_size(q: torch.Tensor, scale: torch.Tensor) -> int:
+        return -(-q.shape[1] // scale.shape[1])
+
+
+class PublishedWeightSource(HFWeightSource):
+    """Full kiln tensors of a published GPTQ/AWQ checkpoint: floats through the family map, and for each quantized
+    kiln weight its published values (`quantized_weight`), which convert shards and repacks without rounding."""
+
+    def __init__(self, checkpoint: HFCheckpoint, family: Family, config: ModelConfig, source_layers: int,
+                 fmt: PublishedFormat, group_size: int) -> None:
+        self.view, self.family_name, self.group = PublishedView(checkpoint, fmt), family.name, group_size
+        super().__init__(self.view, family, config, source_layers)  # type: ignore[arg-type]
+
+    def quantized_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """kiln weight `name` -> q [out, in] int16, scale and zero [out, groups] (the parts fused along out)."""
+        rule = find_rule(self.rules, name)
+        names = sources_for(rule, name)
+        plain = [n for n in names if not self.view.is_quantized(n)]
+        if plain:
+            raise ConfigError(f"{self.view.dir}: {', '.join(plain)} is not quantized, but kiln runs every linear "
+                              f"layer of a {self.view.fmt.quant_algo} checkpoint quantized; convert the unquantized "
+                              "checkpoint instead")
+        if rule.transform not in EXACT_RULES:
+            raise ConfigError(f"{self.view.dir}: kiln cannot map published quantized {', '.join(names)} onto {name} "
+                              f"({self.family_name}'s {rule.transform} layout) yet; convert the unquantized checkpoint")
+        parts = [self.view.read(n) for n in names]
+        for n, (q, scale, _, g_idx) in zip(names, parts):
+            self._check_groups(n, q, scale, g_idx)
+        return tuple(torch.cat([p[i] for p in parts], dim=0) for i in range(3))  # type: ignore[return-value]
+
+    def _check_groups(self, name: str, q: torch.Tensor, scale: torch.Tensor, g_idx: torch.Tensor | None) -> None:
+        """The published groups must be kiln's `k // group_size` (act-order g_idx is not loaded yet)."""
+        plain = torch.arange(q.shape[1]) // self.group
+        if scale.shape[1] != int(plain[-1]) + 1:
+            raise ConfigError(f"{self.view.dir}: {name} has {scale.shape[1]} groups over {q.shape[1]} inputs, not "
+                              f"groups of {self.group}; the checkpoint does not match its quantization config")
+        if g_idx is not None and not torch.equal(g_idx, plain):
+            raise ConfigError(f"{self.view.dir}: {name} is quantized with act-order (desc_act, a permuted g_idx), "
+                              "which kiln does not load yet; use a checkpoint made with desc_act false")
