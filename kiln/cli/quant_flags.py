@@ -163,10 +163,7 @@ def _group_size(args: argparse.Namespace) -> int:
     values = {_int_flag(args, n, GROUP_SIZE) for n in given}
     if len(values) > 1:
         raise ConfigError("--group_size and --awq_block_size name the same group size; give one of them")
-    size = values.pop() if values else GROUP_SIZE
-    if size not in (32, 64, 128):  # wider groups exist only for published checkpoints' group_size -1
-        raise ConfigError(f"group size {size!r} is not one kiln calibrates; use --group_size 32, 64 or 128")
-    return size
+    return values.pop() if values else GROUP_SIZE
 
 
 def quant_config_from_flags(args: argparse.Namespace, qformat_algo: str | None = None) -> QuantConfig:
@@ -180,8 +177,11 @@ def quant_config_from_flags(args: argparse.Namespace, qformat_algo: str | None =
         algo = qformat_algo
     if algo not in GROUP_WISE_QUANT_ALGOS:
         return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv)
+    group = _group_size(args)
+    if group not in (32, 64, 128):  # wider groups exist only for published checkpoints' group_size -1
+        raise ConfigError(f"group size {group!r} is not one kiln runs for {algo}; use --group_size 32, 64 or 128")
     # What stays in the engine dtype (TensorRT-LLM's exclude_modules, in kiln's module names).
-    return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, group_size=_group_size(args), has_zero_point=True,
+    return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, group_size=group, has_zero_point=True,
                        exclude_modules=["embed_tokens", "lm_head", "*router", "*norm*"])
 
 
