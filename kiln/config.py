@@ -186,6 +186,7 @@ class QuantConfig:
     kv_cache_quant_algo: str | None = None
     group_size: int = 128
     has_zero_point: bool = False  # group-wise formats: asymmetric, with zero points
+    act_order: bool = False  # group-wise: every layer keeps `<name>_g_idx` (published act-order GPTQ checkpoints)
     exclude_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -201,6 +202,8 @@ class QuantConfig:
                 isinstance(self.group_size, int) and self.group_size > 0 and self.group_size % 32 == 0):
             raise ConfigError(f"group size {self.group_size!r} is not one kiln runs for {self.quant_algo}; use "
                               "--group_size 32, 64 or 128")
+        if self.act_order and self.quant_algo not in GROUP_WISE_QUANT_ALGOS:
+            raise ConfigError(f"act_order applies to the group-wise formats only, not {self.quant_algo!r}")
         # INT8 / FP8 KV cache with calibrated scales (kiln.quant.kv_cache), TensorRT-LLM's names.
         if self.kv_cache_quant_algo not in (None, "INT8", "FP8"):
             raise ConfigError(f"kv_cache_quant_algo {self.kv_cache_quant_algo!r} is not supported by this kiln "

@@ -50,9 +50,11 @@ def pack_awq(values: torch.Tensor) -> torch.Tensor:
     return to_int32(sum(v[..., AWQ_SLOT_COLUMN[i]] << (4 * i) for i in range(8)))
 
 
-def random_layer(out: int, inp: int, bits: int, group: int, sym: bool, gen: torch.Generator):
-    """Random published values: q [in, out], zero [groups, out], scale [groups, out] float16, and the float
-    weight [out, in] they stand for. v1 zeros avoid 0 (AutoGPTQ's v1 cannot store it)."""
+def random_layer(out: int, inp: int, bits: int, group: int, sym: bool, gen: torch.Generator,
+                 order: torch.Tensor | None = None):
+    """Random published values: q [in, out], zero [groups, out], scale [groups, out] float16, g_idx [in], and the
+    float weight [out, in] they stand for. v1 zeros avoid 0 (AutoGPTQ's v1 cannot store it). `order` (act-order):
+    the inputs in the order GPTQ quantized them, so input order[i] is in group i // G."""
     g = inp if group == -1 else group
     groups = -(-inp // g)
     top = 2**bits
@@ -60,6 +62,9 @@ def random_layer(out: int, inp: int, bits: int, group: int, sym: bool, gen: torc
     zero = torch.full((groups, out), top // 2) if sym else torch.randint(1, top, (groups, out), generator=gen)
     scale = ((torch.rand(groups, out, generator=gen) + 0.5) * (0.16 / top)).half()
     gk = torch.arange(inp) // g
+    if order is not None:
+        gk = torch.empty_like(gk)
+        gk[order] = torch.arange(inp) // g
     w = ((q - zero[gk]).double() * scale[gk].double()).t().float()  # [out, in]
     return q, zero, scale, gk, w
 
@@ -69,9 +74,12 @@ def publish(state: dict, prefixes: list[str], fmt: dict, seed: int) -> tuple[dic
     gen = torch.Generator().manual_seed(seed)
     published, reference = dict(state), dict(state)
     bits, group, sym = fmt.get("bits", 4), fmt["group_size"], fmt.get("sym", False)
+    orders: dict[str, torch.Tensor] = {}  # act-order: linears of one module (gate, up) share their inputs' order
     for prefix in prefixes:
         out, inp = state[prefix + ".weight"].shape
-        q, zero, scale, gk, w = random_layer(out, inp, bits, group, sym, gen)
+        order = orders.setdefault(f"{prefix.rsplit('.', 1)[0]}/{inp}", torch.randperm(inp, generator=gen)) \
+            if fmt.get("desc_act") else None
+        q, zero, scale, gk, w = random_layer(out, inp, bits, group, sym, gen, order)
         del published[prefix + ".weight"]
         reference[prefix + ".weight"] = w
         if fmt["quant_method"] == "awq":
@@ -97,6 +105,7 @@ MPT_CASES = [  # (format, tp): v1 and v2 zeros, sym and asym, 4 and 8 bit, group
     ({**GPTQ, "bits": 8, "group_size": -1, "sym": True}, 1),
     ({**GPTQ, "bits": 8, "group_size": 32, "sym": False, "checkpoint_format": "gptq_v2"}, 2),
     ({"quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm"}, 2),
+    ({**GPTQ, "bits": 4, "group_size": 32, "sym": False, "desc_act": True}, 2),  # shuffled g_idx, row-parallel cut
 ]
 
 
@@ -115,6 +124,8 @@ BAICHUAN_CASES = [
     ("v2_13b", {**GPTQ, "bits": 4, "group_size": 32, "sym": False}, 2),
     ("v2_7b", {**GPTQ, "bits": 4, "group_size": -1, "sym": False, "checkpoint_format": "gptq_v2"}, 1),
     ("v1_13b", {"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "GEMM"}, 1),
+    ("v2_7b", {**GPTQ, "bits": 8, "group_size": 32, "sym": True, "desc_act": True,
+               "checkpoint_format": "gptq_v2"}, 2),
 ]
 
 

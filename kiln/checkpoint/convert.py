@@ -67,8 +67,9 @@ def rank_parameters(plan: ConvertPlan) -> list[dict[str, torch.nn.Parameter]]:
 
 
 def stored_dtype(param: torch.nn.Parameter, dtype: torch.dtype) -> torch.dtype:
-    """What a rank file stores for `param`: int8 quantized weights as they are, every float in the engine dtype."""
-    return param.dtype if param.dtype == torch.int8 else dtype
+    """What a rank file stores for `param`: int8 quantized weights and int32 act-order group indices as they are,
+    every float in the engine dtype."""
+    return param.dtype if param.dtype in (torch.int8, torch.int32) else dtype
 
 
 def _quantize_full(param: torch.nn.Parameter, full: torch.Tensor, dtype: torch.dtype,
@@ -109,7 +110,7 @@ def _write_tensors(plan: ConvertPlan, ranks: list[dict[str, torch.nn.Parameter]]
         if getattr(first, "is_weight_scale", False):
             full = scales.pop(name)
         else:
-            full = plan.source.full_tensor(name, full_shape(first)).to(dtype)
+            full = plan.source.full_tensor(name, full_shape(first)).to(stored_dtype(first, dtype))
             if hasattr(first, "weight_only"):  # quantize the full weight once; each rank packs its own shard
                 full = _quantize_full(first, full, dtype, scales, name, calibrated(name))
         for r in holders:

@@ -127,7 +127,7 @@ class ModelRunner:
         quantize_model(self.model, info.quant)  # weight-only int8 parameters and matmuls, chosen once here
         # The file must be this rank's and of the config's dtype: a copied rank file or a changed dtype would load.
         check_rank_header(str(info.rank_file(mapping.rank)), mapping.rank, info.model.torch_dtype,
-                          info.quant.quant_algo is not None)
+                          info.quant.quant_algo is not None, info.quant.act_order)
         load_weights(self.model, str(info.rank_file(mapping.rank)), device)
         bind_kv_scales(self.model)  # an INT8/FP8 KV cache's scales and their reciprocals, once
         self.model.eval()

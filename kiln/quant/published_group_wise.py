@@ -8,8 +8,12 @@ hold, and a fused kiln weight (Baichuan's gate+up) concatenates its parts' value
 rows. Only the maps' `identity` and `concat_rows` rules are exact on quantized values; another rule (DBRX's expert
 layouts) is refused by name.
 
+Act-order (`desc_act` true) checkpoints keep each layer's g_idx as `<name>_g_idx` and every group column on every
+rank: exact for any permutation, column- or row-parallel, without reordering neighbouring layers; the Triton kernels
+refuse g_idx, so these layers run the torch path (dequantize, then matmul).
+
 What is not run exactly is refused in one line: 2- and 3-bit, exllama/marlin repackings, AWQ GEMV/marlin layouts,
-AWQ without zero points, and act-order (`desc_act`) checkpoints whose g_idx is not the plain `k // group_size`.
+AWQ without zero points, and a g_idx other than `k // group_size` in a checkpoint that does not say desc_act.
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class PublishedFormat:
     bits: int
     group_size: int  # -1: one group over each row's inputs
     v1_zeros: bool  # AutoGPTQ checkpoint_format "gptq": stored zero points are zero - 1
+    act_order: bool = False  # GPTQ desc_act: each layer keeps its published g_idx (torch path at run time)
 
     @property
     def quant_algo(self) -> str:
@@ -60,6 +65,7 @@ class PublishedFormat:
             widest = max(config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_size)
             group = -(-widest // 32) * 32
         return replace(flags, quant_algo=self.quant_algo, group_size=group, has_zero_point=True,
+                       act_order=self.act_order,
                        exclude_modules=["embed_tokens", "lm_head", "*router", "*norm*"])
 
 
@@ -84,7 +90,7 @@ def published_format(model_dir: Path, hf: dict[str, Any]) -> PublishedFormat | N
             raise _refuse(model_dir, q, f"kiln runs 4- and 8-bit GPTQ, not {bits!r}-bit")
         if layout not in GPTQ_FORMATS:
             raise _refuse(model_dir, q, f"checkpoint_format {layout!r} is not AutoGPTQ's gptq or gptq_v2 packing")
-        return PublishedFormat("gptq", bits, group, layout == "gptq")
+        return PublishedFormat("gptq", bits, group, layout == "gptq", q.get("desc_act") is True)
     version = str(q.get("version", "gemm")).lower()
     if bits != 4 or version != "gemm" or q.get("zero_point", True) is not True:
         raise _refuse(model_dir, q, "kiln reads AutoAWQ's 4-bit GEMM packing with zero points only")
@@ -140,6 +146,23 @@ class PublishedWeightSource(HFWeightSource):
         self.view, self.family_name, self.group = PublishedView(checkpoint, fmt), family.name, group_size
         super().__init__(self.view, family, config, source_layers)  # type: ignore[arg-type]
 
+    def full_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if name.endswith("_g_idx"):  # act-order: the weight's group indices [in] int32
+            return self._g_idx(name[: -len("_g_idx")])
+        return super().full_tensor(name, shape)
+
+    def _g_idx(self, weight: str) -> torch.Tensor:
+        """One g_idx for kiln weight `weight`: its fused parts share their inputs, so they must share it too."""
+        names = sources_for(find_rule(self.rules, weight), weight)
+        found = []
+        for n in names:
+            q, _, _, g_idx = self.view.read(n)
+            found.append(g_idx if g_idx is not None else torch.arange(q.shape[1]) // self.group)
+        if any(not torch.equal(g, found[0]) for g in found[1:]):
+            raise ConfigError(f"{self.view.dir}: {', '.join(names)} are fused into kiln's {weight} but have "
+                              "different act-order g_idx; kiln cannot fuse them exactly")
+        return found[0].to(torch.int32)
+
     def quantized_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """kiln weight `name` -> q [out, in] int16, scale and zero [out, groups] (the parts fused along out)."""
         rule = find_rule(self.rules, name)
@@ -158,11 +181,15 @@ class PublishedWeightSource(HFWeightSource):
         return tuple(torch.cat([p[i] for p in parts], dim=0) for i in range(3))  # type: ignore[return-value]
 
     def _check_groups(self, name: str, q: torch.Tensor, scale: torch.Tensor, g_idx: torch.Tensor | None) -> None:
-        """The published groups must be kiln's `k // group_size` (act-order g_idx is not loaded yet)."""
+        """The published groups must be kiln's `k // group_size`, or (act-order) any g_idx into them."""
         plain = torch.arange(q.shape[1]) // self.group
         if scale.shape[1] != int(plain[-1]) + 1:
             raise ConfigError(f"{self.view.dir}: {name} has {scale.shape[1]} groups over {q.shape[1]} inputs, not "
                               f"groups of {self.group}; the checkpoint does not match its quantization config")
-        if g_idx is not None and not torch.equal(g_idx, plain):
-            raise ConfigError(f"{self.view.dir}: {name} is quantized with act-order (desc_act, a permuted g_idx), "
-                              "which kiln does not load yet; use a checkpoint made with desc_act false")
+        if g_idx is not None and (g_idx.shape != plain.shape or int(g_idx.min()) < 0
+                                  or int(g_idx.max()) >= scale.shape[1]):
+            raise ConfigError(f"{self.view.dir}: {name}.g_idx is not {q.shape[1]} group indices below "
+                              f"{scale.shape[1]}; the checkpoint is damaged")
+        if g_idx is not None and not self.view.fmt.act_order and not torch.equal(g_idx, plain):
+            raise ConfigError(f"{self.view.dir}: {name} has a permuted (act-order) g_idx but the quantization config "
+                              "says desc_act false; the checkpoint does not match its config")
