@@ -110,7 +110,9 @@ def _write_tensors(plan: ConvertPlan, ranks: list[dict[str, torch.nn.Parameter]]
         if getattr(first, "is_weight_scale", False):
             full = scales.pop(name)
         else:
-            full = plan.source.full_tensor(name, full_shape(first)).to(stored_dtype(first, dtype))
+            # int32 (act-order g_idx) stays integer; a quantized weight's float source is read in the engine dtype
+            full = plan.source.full_tensor(name, full_shape(first)).to(torch.int32 if first.dtype == torch.int32
+                                                                        else dtype)
             if hasattr(first, "weight_only"):  # quantize the full weight once; each rank packs its own shard
                 full = _quantize_full(first, full, dtype, scales, name, calibrated(name))
         for r in holders:
