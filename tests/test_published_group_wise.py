@@ -155,3 +155,39 @@ def test_formats_kiln_cannot_run_exactly_are_refused_by_name(fmt, named, tmp_pat
     line = one_error_line(capsys)
     assert "is a quantized checkpoint" in line and named in line, line
     assert not (tmp_path / "out").exists()
+
+
+def mpt_gptq_checkpoint(tmp: Path, change=None) -> Path:
+    cfg = mpt_published_config()
+    fmt = {**GPTQ, "bits": 4, "group_size": 32, "sym": False}
+    prefixes = [f"transformer.blocks.{i}.{n}" for i in range(cfg["n_layers"]) for n in MPT_LINEARS]
+    published, _ = publish(random_state(cfg), prefixes, fmt, seed=4)
+    if change is not None:
+        change(published, random_state(cfg))
+    return save_checkpoint(published, {**cfg, "quantization_config": fmt}, tmp / "hf")
+
+
+def leave_one_layer_float(published: dict, floats: dict) -> None:
+    for part in ("qweight", "qzeros", "scales", "g_idx"):
+        del published[f"transformer.blocks.1.ffn.up_proj.{part}"]
+    published["transformer.blocks.1.ffn.up_proj.weight"] = floats["transformer.blocks.1.ffn.up_proj.weight"]
+
+
+def float_scales_as_int(published: dict, floats: dict) -> None:
+    published["transformer.blocks.0.attn.Wqkv.qweight"] = published["transformer.blocks.0.attn.Wqkv.qweight"].float()
+
+
+@pytest.mark.parametrize("change, flags, named", [
+    (leave_one_layer_float, [], "transformer.blocks.1.ffn.up_proj.weight is not quantized"),
+    (float_scales_as_int, [], "transformer.blocks.0.attn.Wqkv holds qweight torch.float32"),
+    (None, ["--use_weight_only", "--weight_only_precision", "int4_gptq"], "is already quantized (W4A16_GPTQ)"),
+])
+def test_published_checkpoint_problems_are_one_line(change, flags, named, tmp_path, capsys):
+    hf_dir = mpt_gptq_checkpoint(tmp_path, change)
+    argv = ["convert", "--model_dir", str(hf_dir), "--output_dir", str(tmp_path / "out"), *flags]
+    assert kiln_main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    # A damaged tensor is found while reading (after tqdm's lines); the rest before any tensor is read.
+    assert named in err[-1] and "Traceback" not in "".join(err) and (len(err) == 1) != (change is float_scales_as_int)
+    assert not (tmp_path / "out").exists()
+

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from kiln.checkpoint.convert import ConvertPlan, convert
+from kiln.checkpoint.convert import ConvertPlan, convert, meta_model
 from kiln.checkpoint.hf_reader import HFCheckpoint
 from kiln.checkpoint.safety import config_from_hf
 from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_config, keep_first_layers
@@ -149,6 +149,8 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     if published is not None:  # AutoGPTQ / AutoAWQ weights, kept exactly (kiln.quant.published_group_wise)
         quant = published.quant_config(quant, config)
         source = PublishedWeightSource(checkpoint, family, config, source_layers, published, quant.group_size)
+        quantized = meta_model(family, config, Mapping(), quant).named_parameters()
+        source.check_quantized([n for n, p in quantized if hasattr(p, "weight_only")])
         provenance = {"model_dir": str(Path(args.model_dir).resolve()), "dummy": False,
                       "published_quantization": published.quant_algo}
     elif checkpoint is not None:

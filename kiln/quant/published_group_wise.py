@@ -123,6 +123,11 @@ class PublishedView:
         if missing:
             raise ConfigError(f"{self.dir}: {prefix} has a qweight but no {', '.join(missing)}; the checkpoint is "
                               "incomplete")
+        wrong = [f"{p} {t.dtype}" for p, t in tensors.items()
+                 if (t.dtype != torch.int32) == (p != "scales") or (p == "scales" and not t.dtype.is_floating_point)]
+        if wrong:
+            raise ConfigError(f"{self.dir}: {prefix} holds {', '.join(wrong)}; published GPTQ/AWQ layers hold int32 "
+                              "qweight, qzeros and g_idx and floating-point scales (damaged or another format)")
         return self.fmt.read(tensors, f"{self.dir}: {prefix}")
 
     def get(self, name: str) -> torch.Tensor:
@@ -163,15 +168,21 @@ class PublishedWeightSource(HFWeightSource):
                               "different act-order g_idx; kiln cannot fuse them exactly")
         return found[0].to(torch.int32)
 
+    def check_quantized(self, names: list[str]) -> None:
+        """Before any tensor is read: every kiln weight that kiln quantizes must come from published quantized
+        layers (a layer the checkpoint kept in float would otherwise be found halfway through convert)."""
+        for name in names:
+            plain = [n for n in sources_for(find_rule(self.rules, name), name) if not self.view.is_quantized(n)]
+            if plain:
+                raise ConfigError(f"{self.view.dir}: {', '.join(plain)} is not quantized, but kiln runs every linear "
+                                  f"layer of a {self.view.fmt.quant_algo} checkpoint quantized; convert the "
+                                  "unquantized checkpoint instead")
+
     def quantized_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """kiln weight `name` -> q [out, in] int16, scale and zero [out, groups] (the parts fused along out)."""
         rule = find_rule(self.rules, name)
         names = sources_for(rule, name)
-        plain = [n for n in names if not self.view.is_quantized(n)]
-        if plain:
-            raise ConfigError(f"{self.view.dir}: {', '.join(plain)} is not quantized, but kiln runs every linear "
-                              f"layer of a {self.view.fmt.quant_algo} checkpoint quantized; convert the unquantized "
-                              "checkpoint instead")
+        self.check_quantized([name])
         if rule.transform not in EXACT_RULES:
             raise ConfigError(f"{self.view.dir}: kiln cannot map published quantized {', '.join(names)} onto {name} "
                               f"({self.family_name}'s {rule.transform} layout) yet; convert the unquantized checkpoint")
