@@ -191,3 +191,24 @@ def test_published_checkpoint_problems_are_one_line(change, flags, named, tmp_pa
     assert named in err[-1] and "Traceback" not in "".join(err) and (len(err) == 1) != (change is float_scales_as_int)
     assert not (tmp_path / "out").exists()
 
+
+
+@pytest.mark.parametrize("desc_act, tp", [(False, 2), (True, 1)])
+def test_gptq_for_llama_file_beside_the_float_checkpoint(desc_act, tp, tmp_path):
+    """Baichuan's README: `--quant_ckpt_path ./baichuan-2-13b-4bit-gs64.safetensors`: GPTQ-for-LLaMa's one file of v1
+    tensors under the Hugging Face names, beside the float checkpoint (config, tokenizer, unquantized layers)."""
+    from safetensors.torch import save_file
+
+    hf_dir, state, cfg = make_baichuan_checkpoint(tmp_path, "v2_13b")
+    prefixes = [f"model.layers.{i}.{n}" for i in range(cfg["num_hidden_layers"]) for n in BAICHUAN_LINEARS]
+    fmt = {**GPTQ, "bits": 4, "group_size": 32, "sym": False, "desc_act": desc_act}
+    published, reference = publish(state, prefixes, fmt, seed=5)
+    quantized = {n: t.contiguous() for n, t in published.items() if n.rsplit(".", 1)[0] in prefixes}
+    save_file(quantized, str(tmp_path / "baichuan-2-13b-4bit-gs32.safetensors"))
+    engine = convert_and_build(tmp_path, hf_dir, tp, "--model_version", "v2_13b", "--quant_ckpt_path",
+                               str(tmp_path / "baichuan-2-13b-4bit-gs32.safetensors"), "--use_weight_only",
+                               "--weight_only_precision", "int4_gptq", "--per_group", "--group_size", "32")
+    ref = BaichuanReference(reference, cfg, "v2_13b")
+    check_scores(engine, ref.logits, lambda p: ref.greedy(p, 6))
+    quant = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization"]
+    assert (quant["quant_algo"], quant["group_size"], quant["act_order"]) == ("W4A16_GPTQ", 32, desc_act)

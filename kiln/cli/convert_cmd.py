@@ -4,6 +4,7 @@ convert_checkpoint.py)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from kiln.checkpoint.convert import ConvertPlan, convert, meta_model
@@ -11,9 +12,10 @@ from kiln.checkpoint.hf_reader import HFCheckpoint
 from kiln.checkpoint.safety import config_from_hf
 from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_config, keep_first_layers
 from kiln.cli.quant_flags import add_quant_flags, calibration_from_flags, kv_calibration_from_flags, \
-    quant_config_from_flags
+    quant_ckpt_path, quant_config_from_flags
 from kiln.quant.published import refuse_published
-from kiln.quant.published_group_wise import PublishedWeightSource, published_format
+from kiln.quant.published_group_wise import PublishedFormat, PublishedWeightSource, QuantizedFileOverlay, \
+    published_format
 from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
 from kiln.models import PRESETS, family_for_hf_config
@@ -131,6 +133,9 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     quant = quant if quant is not None else quant_config_from_flags(args)
     hf, checkpoint = resolve_source(args)
     published = published_format(Path(args.model_dir), hf) if checkpoint is not None else None
+    if quant_ckpt_path(args) is not None:  # GPTQ-for-LLaMa's file beside the float checkpoint
+        checkpoint, published = gptq_for_llama(args, checkpoint, published, quant)
+        quant = dataclasses.replace(quant, quant_algo=None)
     if checkpoint is not None and published is None:
         refuse_published(Path(args.model_dir), hf)  # other published formats: named, before any tensor is read
     if published is not None and quant.quant_algo is not None:
@@ -164,6 +169,17 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
         calib = kv_calibration_from_flags(args, getattr(args, "per_head_kv_scales", False))
     calibration, dataset = calibration_from_flags(args, quant, args.seed) if published is None else (None, None)
     return ConvertPlan(family, config, mapping, source, quant, provenance, calib, calibration, dataset)
+
+
+def gptq_for_llama(args: argparse.Namespace, checkpoint: object | None, published: object | None,
+                   quant: QuantConfig) -> tuple[QuantizedFileOverlay, PublishedFormat]:
+    """`--model_dir FLOAT --quant_ckpt_path FILE.safetensors --use_weight_only --weight_only_precision int4_gptq
+    [--group_size G]`: 4-bit GPTQ with v1 zero points (GPTQ-for-LLaMa's packing, AutoGPTQ's v1), groups of G."""
+    if checkpoint is None or published is not None:
+        raise ConfigError("--quant_ckpt_path needs --model_dir of the unquantized Hugging Face checkpoint it was made "
+                          "from (config, tokenizer, the layers GPTQ left in float)")
+    overlay = QuantizedFileOverlay(checkpoint, Path(quant_ckpt_path(args)))  # type: ignore[arg-type]
+    return overlay, PublishedFormat("gptq", 4, quant.group_size, True, overlay.act_order(quant.group_size))
 
 
 def plan_from_hf(model_dir: str, dtype: str | None, tp_size: int, pp_size: int,

@@ -77,7 +77,14 @@ def _fits(algo: str | None, others: set[str]) -> bool:
     if algo not in GROUP_WISE_QUANT_ALGOS:
         return not others
     allowed = GROUP_WISE_FLAGS - ({"--desc_act"} if algo == "W4A16_AWQ" else set())
+    if algo == "W4A16_GPTQ":  # GPTQ-for-LLaMa's quantized safetensors beside the float checkpoint
+        allowed = allowed | {"--quant_ckpt_path"}
     return others <= allowed
+
+
+def quant_ckpt_path(args: argparse.Namespace) -> str | None:
+    """`--quant_ckpt_path FILE` (int4_gptq only: GPTQ-for-LLaMa's safetensors), None when not given."""
+    return getattr(args, _dest_of("--quant_ckpt_path"), None)
 
 
 def weight_only_algo(args: argparse.Namespace) -> str | None:

@@ -97,6 +97,43 @@ def published_format(model_dir: Path, hf: dict[str, Any]) -> PublishedFormat | N
     return PublishedFormat("awq", 4, group, False)
 
 
+class QuantizedFileOverlay:
+    """GPTQ-for-LLaMa's one safetensors file (`--quant_ckpt_path`, AutoGPTQ v1 tensors under the Hugging Face names)
+    laid over the float checkpoint beside it: a tensor in the file replaces the checkpoint's, and a layer with a
+    qweight there hides the checkpoint's float `<prefix>.weight`. Read with safetensors only (never unpickled)."""
+
+    def __init__(self, checkpoint: HFCheckpoint, path: Path) -> None:
+        from safetensors import safe_open
+
+        if path.suffix != ".safetensors" or not path.is_file():
+            raise ConfigError(f"--quant_ckpt_path {path}: kiln reads GPTQ-for-LLaMa's .safetensors file (an existing "
+                              "file); convert .pt/.npz checkpoints to safetensors first")
+        try:
+            self.file = safe_open(str(path), framework="pt")
+            self.file_names = set(self.file.keys())
+        except Exception as err:  # safetensors raises several types for a damaged header
+            raise ConfigError(f"--quant_ckpt_path {path} is not a readable safetensors file ({err})") from err
+        self.checkpoint, self.dir, self.config = checkpoint, checkpoint.dir, checkpoint.config
+        quantized = {n[: -len(".qweight")] for n in self.file_names if n.endswith(".qweight")}
+        if not quantized:
+            raise ConfigError(f"--quant_ckpt_path {path} holds no qweight tensors: not a GPTQ checkpoint")
+        self._names = (checkpoint.names() - {f"{p}.weight" for p in quantized}) | self.file_names
+
+    def names(self) -> set[str]:
+        return set(self._names)
+
+    def get(self, name: str) -> torch.Tensor:
+        return self.file.get_tensor(name) if name in self.file_names else self.checkpoint.get(name)
+
+    def act_order(self, group_size: int) -> bool:
+        """Whether any layer's g_idx is not `k // group_size` (GPTQ-for-LLaMa's --act-order)."""
+        for name in sorted(n for n in self.file_names if n.endswith(".g_idx")):
+            g_idx = self.file.get_tensor(name).long()
+            if not torch.equal(g_idx, torch.arange(g_idx.numel()) // group_size):
+                return True
+        return False
+
+
 class PublishedView:
     """An HFCheckpoint as the family weight maps expect it: each published linear seen as `<prefix>.weight`, whose
     float value (for a layer kiln keeps unquantized) is its exact dequantized weight."""
