@@ -120,7 +120,8 @@ EXPECT: dict[str, list[Expect]] = {
         # none), and the tiny stand-in's sizes are not the published 13B's: it stops there
         Expect("error", flags="cannot tell which Baichuan this is"),
         quant("--quant_ckpt_path, --use_weight_only, --weight_only_precision, --per_group, --group_size"),
-        quant("--quant_ckpt_path, --use_weight_only, --weight_only_precision, --per_group, --group_size"),
+        # GPTQ-for-LLaMa's file loads with int4_gptq, but the README's line names no --model_dir beside it
+        Expect("error", flags="--quant_ckpt_path needs --model_dir"),
         TEXT, TEXT,
         TEXT, Expect("text", same_text_as=17),  # the INT8 weight-only engine, twice: the same greedy text
         Expect("text", same_text_as=15),  # tp 2 (mpirun -n 2) writes what one rank wrote

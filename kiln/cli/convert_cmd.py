@@ -16,7 +16,7 @@ from kiln.cli.quant_flags import add_quant_flags, calibration_from_flags, kv_cal
 from kiln.quant.published import refuse_published
 from kiln.quant.published_group_wise import PublishedFormat, PublishedWeightSource, QuantizedFileOverlay, \
     published_format
-from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
+from kiln.cli.trtllm_flags import DEST_PREFIX, add_compat_flags, check_compat_flags
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
 from kiln.models import PRESETS, family_for_hf_config
 
@@ -183,13 +183,15 @@ def gptq_for_llama(args: argparse.Namespace, checkpoint: object | None, publishe
 
 
 def plan_from_hf(model_dir: str, dtype: str | None, tp_size: int, pp_size: int,
-                 model_version: str | None = None, quant: QuantConfig | None = None) -> ConvertPlan:
+                 model_version: str | None = None, quant: QuantConfig | None = None,
+                 quant_ckpt: str | None = None) -> ConvertPlan:
     """The plan of `kiln convert --model_dir ...` with every other flag at its default (for the one-step commands:
     `kiln build --model_dir`, `kiln quantize`), quantized as `quant` says."""
     return make_plan(argparse.Namespace(
         model_dir=model_dir, preset=None, config=None, dtype=dtype, storage_type=None, num_layers=None,
         tp_size=tp_size, pp_size=pp_size, workers=None, moe_tp_mode=2, moe_tp_size=-1, moe_ep_size=-1,
-        model_version=model_version, seed=0, dummy_device="cpu"), quant or QuantConfig())
+        model_version=model_version, seed=0, dummy_device="cpu", **{DEST_PREFIX + "quant_ckpt_path": quant_ckpt}),
+        quant or QuantConfig())
 
 
 def main(args: argparse.Namespace) -> int:
