@@ -174,6 +174,10 @@ class Mapping:
         return data
 
 
+# FP8 weights and activations (kiln.quant.fp8), TensorRT-LLM's names.
+FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
+
+
 @dataclass
 class QuantConfig:
     """How the checkpoint's weights and KV cache are quantized (None: not quantized)."""
@@ -185,7 +189,7 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         # Weight-only per-channel INT8/INT4 (issue 14, first slice); every other format is refused by name.
-        if self.quant_algo not in (None, "W8A16", "W4A16"):
+        if self.quant_algo not in (None, "W8A16", "W4A16", *FP8_ALGOS):
             raise ConfigError(
                 f"quantization {self.quant_algo!r} is not supported by this kiln version "
                 "(weight-only W8A16 and W4A16 are); convert with those or without quantization flags"

@@ -30,7 +30,7 @@ REFUSED = ["--max_prompt_embedding_table_size", "--lora_target_modules", "--hf_l
 QUANT = ["--use_weight_only", "--weight_only_precision", "--per_group", "--group_size", "--quant_ckpt_path",
          "--smoothquant", "--per_token", "--per_channel", "--int8_kv_cache", "--fp8_kv_cache", "--calibrate_kv_cache",
          "--calib_dataset", "--dataset_cache_dir", "--quantize_lm_head", "--kv_cache_dtype", "--calib_size",
-         "--calib_max_seq_length"]
+         "--calib_max_seq_length", "--enable_fp8"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -144,7 +144,7 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
         source = DummyWeightSource(args.seed, args.dummy_device, tied_head=config.tie_word_embeddings)
         provenance = {"preset": args.preset, "config": args.config, "dummy": True, "seed": args.seed}
     calib = None
-    if quant.kv_cache_quant_algo is not None:  # an INT8/FP8 KV cache: how convert calibrates its scales
+    if quant.kv_cache_quant_algo is not None or quant.quant_algo == "FP8":  # calibrated KV / FP8 input scales
         calib = kv_calibration_from_flags(args, getattr(args, "per_head_kv_scales", False))
     return ConvertPlan(family, config, mapping, source, quant, provenance, calib)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from kiln.cli.trtllm_flags import DEST_PREFIX, CompatFlag, add_compat_flag, in_given_order, spelled
-from kiln.config import ConfigError, QuantConfig
+from kiln.config import FP8_ALGOS, ConfigError, QuantConfig
 from kiln.quant.kv_calibration import KVCalibration
 
 MESSAGE = ("this quantization is not implemented in kiln yet (issues 14 and 15; kiln runs weight-only "
@@ -70,6 +70,24 @@ def weight_only_algo(args: argparse.Namespace) -> str | None:
     return WEIGHT_ONLY.get(precision)
 
 
+# FP8 weights and activations (kiln.quant.fp8): --enable_fp8 alone is per-tensor with static activation scales
+# ("FP8"); with --per_channel --per_token, per-channel weights and per-token dynamic activation scales.
+FP8_FLAGS = {"--enable_fp8", "--per_channel", "--per_token"}
+
+
+def fp8_algo(args: argparse.Namespace) -> str | None:
+    """FP8 or FP8_PER_CHANNEL_PER_TOKEN when --enable_fp8 is given with nothing but FP8 and KV-cache/calibration
+    flags; None otherwise."""
+    given = _given_names(args) - KV_FLAGS
+    if "--enable_fp8" not in given or not given <= FP8_FLAGS:
+        return None
+    per_channel, per_token = "--per_channel" in given, "--per_token" in given
+    if per_channel != per_token:
+        raise ConfigError("kiln's FP8 is per-tensor with static activation scales (--enable_fp8) or per-channel "
+                          "with per-token scales (--enable_fp8 --per_channel --per_token); give both or neither")
+    return "FP8_PER_CHANNEL_PER_TOKEN" if per_channel else "FP8"
+
+
 def _dest_of(name: str) -> str:
     return DEST_PREFIX + name.lstrip("-")
 
@@ -122,10 +140,11 @@ def quant_config_from_flags(args: argparse.Namespace, qformat_algo: str | None =
     """The QuantConfig the quantization flags ask for (weight-only INT8/INT4, or `qformat_algo` that quantize.py's
     --qformat chose); anything else is refused by `refuse_quantization`'s one line."""
     kv = kv_cache_algo(args)
-    algo = weight_only_algo(args)
+    algo = weight_only_algo(args) or fp8_algo(args)
     if algo is not None:
         return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv)
-    if not _given_names(args) - kv_flags_taken(args):
+    fp8_calib = CALIB_FLAGS if qformat_algo in FP8_ALGOS else set()  # static FP8 scales are calibrated too
+    if not _given_names(args) - kv_flags_taken(args) - fp8_calib:
         return QuantConfig(quant_algo=qformat_algo, kv_cache_quant_algo=kv)
     refuse_quantization(args)
     return QuantConfig()

@@ -15,12 +15,13 @@ import dataclasses
 from kiln.checkpoint.convert import convert
 from kiln.cli.convert_cmd import plan_from_hf
 from kiln.cli.quant_flags import add_quant_flags, kv_calibration_from_flags, kv_flags_taken, quant_config_from_flags
-from kiln.cli.quant_flags import quant_flags_given, refuse_quantization
-from kiln.config import DTYPES, ConfigError
+from kiln.cli.quant_flags import CALIB_FLAGS, quant_flags_given, refuse_quantization
+from kiln.config import DTYPES, FP8_ALGOS, ConfigError
 HELP = "quantize a Hugging Face checkpoint into a kiln checkpoint (quantize.py's flags; full_prec, int8_wo and int4_wo for now)"
-QFORMATS = ["full_prec", "fp8", "int8_sq", "int4_awq", "w4a8_awq", "int8_wo", "int4_wo", "nvfp4"]
+QFORMATS = ["full_prec", "fp8", "fp8_pc_pt", "int8_sq", "int4_awq", "w4a8_awq", "int8_wo", "int4_wo", "nvfp4"]
 # quantize.py's weight-only formats (ModelOpt's int8_wo/int4_wo: per-channel, no calibration) -> quant_algo.
-QFORMAT_ALGOS = {"int8_wo": "W8A16", "int4_wo": "W4A16"}
+QFORMAT_ALGOS = {"int8_wo": "W8A16", "int4_wo": "W4A16",
+                 "fp8": "FP8", "fp8_pc_pt": "FP8_PER_CHANNEL_PER_TOKEN"}  # FP8: kiln.quant.fp8
 QUANT = ["--kv_cache_dtype", "--awq_block_size", "--calib_size", "--calib_max_seq_length", "--calib_dataset",
          "--group_size", "--quantize_lm_head", "--auto_quantize_bits"]
 
@@ -31,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight dtype of the unquantized parts (auto: the checkpoint's)")
     p.add_argument("--qformat", default="full_prec", choices=QFORMATS,
                    help="full_prec (the default) writes an unquantized checkpoint; int8_wo/int4_wo weight-only "
-                        "per-channel INT8/INT4 (W8A16/W4A16); the others are not implemented yet")
+                        "per-channel INT8/INT4 (W8A16/W4A16); fp8 (per-tensor, calibrated static activations) "
+                        "and fp8_pc_pt (per-channel, per-token) FP8 W8A8; the others are not implemented yet")
     p.add_argument("--output_dir", default=None, help="where to write the kiln checkpoint (default exported_model)")
     p.add_argument("--export_path", default=None, help="the older quantize.py's spelling of --output_dir")
     p.add_argument("--export_format", default="tensorrt_llm", choices=["tensorrt_llm", "hf"],
@@ -52,10 +54,11 @@ def output_dir(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> int:
     algo = QFORMAT_ALGOS.get(args.qformat)
-    if args.qformat != "full_prec" and (algo is None or set(quant_flags_given(args)) - kv_flags_taken(args)):
+    taken = kv_flags_taken(args) | (CALIB_FLAGS if algo in FP8_ALGOS else set())  # static FP8 calibrates too
+    if args.qformat != "full_prec" and (algo is None or set(quant_flags_given(args)) - taken):
         refuse_quantization(args, [f"--qformat {args.qformat}"])
     quant = quant_config_from_flags(args, algo)  # --kv_cache_dtype int8|fp8 with any of them; the rest is refused
-    calib = kv_calibration_from_flags(args) if quant.kv_cache_quant_algo else None
+    calib = kv_calibration_from_flags(args) if quant.kv_cache_quant_algo or algo == "FP8" else None
     if calib is not None and args.device is not None:
         calib.device = args.device
     if args.export_format != "tensorrt_llm":

@@ -24,6 +24,8 @@ from torch import nn
 from kiln.config import ConfigError, QuantConfig
 from kiln.layers.linear import LinearBase, ReplicatedLinear
 from kiln.layers.moe import MoE
+from kiln.quant.fp8 import fp8_scheme
+from kiln.quant.fp8_layers import quantize_fp8_model
 from kiln.quant.kv_cache import add_kv_scale_params
 from kiln.quant.weight_only import WeightOnlyMethod, weight_only_method
 
@@ -90,6 +92,9 @@ def quantize_model(model: nn.Module, quant: QuantConfig | None) -> int:
     its attention layers their KV-cache scales when the KV cache is quantized (kiln.quant.kv_cache). Returns how many
     layers' weights were quantized."""
     add_kv_scale_params(model, quant)
+    fp8 = fp8_scheme(quant.quant_algo if quant is not None else None)
+    if fp8 is not None:  # FP8 weights and activations (kiln.quant.fp8_layers)
+        return quantize_fp8_model(model, fp8)
     method = weight_only_method(quant.quant_algo if quant is not None else None)
     if method is None:
         return 0
