@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.distributed.collectives import tp_all_reduce_max
 from kiln.kernels.reference import glu_experts
 from kiln.quant.fp8 import FP8Scheme, activation_scale, cast_fp8, dequantize, fake_quantize_activation
 
@@ -44,8 +45,11 @@ class FP8Matmul:
     """An FP8 linear layer's matmul: x [tokens, in] -> [tokens, out] in x's dtype."""
 
     def __init__(self, scheme: FP8Scheme, weight_scale: nn.Parameter, input_scale: nn.Parameter | None,
-                 use_scaled_mm: bool) -> None:
+                 use_scaled_mm: bool, split_input: bool = False) -> None:
         self.scheme, self.weight_scale, self.input_scale = scheme, weight_scale, input_scale
+        # A row-parallel layer's rank holds a slice of each token: its per-token scale is the max over the ranks,
+        # so that every tp size quantizes exactly as one rank does.
+        self.split_input = split_input and input_scale is None
         self.run = self.scaled_mm if use_scaled_mm else self.reference
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -53,14 +57,19 @@ class FP8Matmul:
 
     def reference(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The exact torch reference: `fq(x) @ dequant(W).T + b` in x's dtype."""
-        xq = fake_quantize_activation(x, self.input_scale)
+        scale = self.activation_scale(x)
+        xq = (cast_fp8(x, scale).float() * scale).to(x.dtype)
         return F.linear(xq, dequantize(weight, self.weight_scale, x.dtype), bias)
+
+    def activation_scale(self, x: torch.Tensor) -> torch.Tensor:  # x [tokens, k] -> [1] or [tokens, 1] float32
+        scale = activation_scale(x, self.input_scale)
+        return tp_all_reduce_max(scale) if self.split_input else scale
 
     def scaled_mm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """One FP8 GEMM: A row-major [M, K] fp8, B = W.T column-major [K, N] (W is stored [N, K] row-major)."""
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        scale_a = activation_scale(x2, self.input_scale)  # [1] or [M, 1] float32
+        scale_a = self.activation_scale(x2)  # [1] or [M, 1] float32
         xq = cast_fp8(x2, scale_a).contiguous()
         scale_b = self.weight_scale.float().reshape(1, -1)  # [1, 1] or [1, N]
         if not self.scheme.per_channel:
@@ -129,7 +138,7 @@ def _input_scale(module: nn.Module, name: str, dtype: torch.dtype, device: torch
 
 def quantize_fp8_model(model: nn.Module, scheme: FP8Scheme) -> int:
     """Give `model` FP8 parameters and matmuls; returns how many layers were quantized."""
-    from kiln.layers.linear import LinearBase, ReplicatedLinear
+    from kiln.layers.linear import LinearBase, ReplicatedLinear, RowParallelLinear
     from kiln.layers.moe import MoE
 
     count = 0
@@ -139,7 +148,7 @@ def quantize_fp8_model(model: nn.Module, scheme: FP8Scheme) -> int:
             _replace_weight(module, "weight", scheme)
             inp = None if scheme.dynamic else _input_scale(module, "input_scale", dtype, device)
             fast = fp8_gemm_available(device) and scaled_mm_fits(scheme, module.weight, dtype)
-            module.matmul = FP8Matmul(scheme, module.weight_scale, inp, fast)
+            module.matmul = FP8Matmul(scheme, module.weight_scale, inp, fast, isinstance(module, RowParallelLinear))
             count += 1
         elif isinstance(module, MoE):
             dtype, device = module.w13.dtype, module.w13.device
