@@ -364,3 +364,14 @@ def test_quantize_fp8_with_dummy_free_preset_writes_fp8(tmp_path):
     assert config["provenance"]["fp8_calibration"]["dummy_amax"] == 8.0
     weights = ckpt_tensors(tmp_path / "c", "qkv_proj.weight")
     assert all(w.dtype == E4M3 for w in weights.values())
+
+
+def test_bench_times_fp8_beside_the_unquantized_engine(tmp_path):
+    out = tmp_path / "p.json"
+    assert kiln_main(["bench", "--preset", "mpt-tiny", "--num_layers", "1", "--dtype", "float32", "--device", "cpu",
+                      "--weight_only_precision", "none", "fp8", "fp8_pc_pt", "--batch_size", "1", "--input_len", "6",
+                      "--output_len", "3", "--warmup", "0", "--output_json", str(out)]) == 0
+    runs = json.loads(out.read_text())["precisions"]
+    assert list(runs) == ["none", "fp8", "fp8_pc_pt"]
+    floor = {p: r["cases"][0]["active_weight_bytes"] for p, r in runs.items()}
+    assert floor["fp8"] < floor["none"] and floor["fp8_pc_pt"] < floor["none"]  # one byte a weight (fp32: four)
