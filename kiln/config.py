@@ -175,7 +175,7 @@ class Mapping:
 
 
 # FP8 weights and activations (kiln.quant.fp8), TensorRT-LLM's names.
-FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN")
+FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PER_TENSOR_PER_TOKEN")
 
 
 @dataclass

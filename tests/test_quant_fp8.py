@@ -314,6 +314,77 @@ def test_dbrx_experts_match_fake_quantized_reference(flags, tmp_path):
     check_scores(engine, *hf_logits(model))
 
 
+# ------------------------------------------------------------------------- published FP8 checkpoints (vLLM's format)
+
+def publish_fp8(state: dict[str, torch.Tensor], quantized: list[str], input_scales: dict[str, float] | None,
+                scale_shape: tuple[int, ...] = ()) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The tensors of a published per-tensor FP8 checkpoint, written from the format's description: each quantized
+    `X.weight` as float8_e4m3fn with `X.weight_scale` (float32, amax / 448) and, static, `X.input_scale`. Returns
+    the published tensors and the dequantized weights (q * scale, float32)."""
+    out, deq = dict(state), {}
+    for name in quantized:
+        w = state[name].float()
+        scale = w.abs().max() / 448
+        q = (w / scale).clamp(-448, 448).to(E4M3)
+        base = name.removesuffix(".weight")
+        out[name], out[base + ".weight_scale"] = q, scale.reshape(scale_shape).float()
+        if input_scales is not None:
+            out[base + ".input_scale"] = torch.tensor(input_scales[base], dtype=torch.float32)
+        deq[name] = q.float() * scale
+    return out, deq
+
+
+def test_published_static_fp8_mpt_gives_its_dequantized_logits(tmp_path):
+    cfg = mpt_published_config()
+    model = hf_mpt_model(cfg)
+    state = published_state(model)
+    names = mpt_names(cfg["n_layers"])
+    gen = torch.Generator().manual_seed(3)
+    inputs = {hf: 0.002 + 0.01 * torch.rand(1, generator=gen).item() for hf in names}  # some clip, some do not
+    published, deq = publish_fp8(state, [hf + ".weight" for hf in names], inputs)
+    cfg_q = dict(cfg, quantization_config={"quant_method": "fp8", "activation_scheme": "static"})
+    engine = convert_build(tmp_path, save_checkpoint(published, cfg_q, tmp_path / "hf"))  # no quantization flags
+    config = json.loads((engine / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == "FP8"
+    assert config["provenance"]["fp8_calibration"]["published_scales"] is True
+    weights = ckpt_tensors(tmp_path / "ckpt", "qkv_proj.weight")
+    assert torch.equal(weights["layers.0.attn.qkv_proj.weight"].float(),
+                       published["transformer.blocks.0.attn.Wqkv.weight"].float())  # the same fp8 values
+    with torch.no_grad():
+        for name, w in deq.items():
+            model.get_parameter(name).copy_(w)
+    modules = dict(model.named_modules())
+    for hf in names:
+        modules[hf].register_forward_pre_hook(lambda _m, args, s=inputs[hf]: (ref_fq_act(args[0], s), *args[1:]))
+    check_scores(engine, *hf_logits(model))
+
+
+def test_published_dynamic_fp8_baichuan_requantizes_gate_up_to_the_max_scale(tmp_path):
+    hf_dir, state, cfg = make_baichuan_checkpoint(tmp_path, "v2_13b")
+    quantized = [n for n, w in state.items() if w.dim() == 2 and not any(k in n for k in ("embed", "lm_head"))]
+    published, deq = publish_fp8(state, quantized, None, scale_shape=(1,))
+    cfg_q = dict(cfg, quantization_config={
+        "quant_method": "compressed-tensors", "format": "float-quantized", "ignore": ["lm_head"],
+        "config_groups": {"group_0": {"targets": ["Linear"],
+                                      "weights": {"num_bits": 8, "type": "float", "strategy": "tensor",
+                                                  "symmetric": True, "dynamic": False},
+                                      "input_activations": {"num_bits": 8, "type": "float", "strategy": "token",
+                                                            "symmetric": True, "dynamic": True}}}})
+    from fixtures_baichuan import save_published
+    out = save_published(published, cfg_q, tmp_path / "hf_fp8", "safetensors", 2)
+    engine = convert_build(tmp_path, out, "--model_version", "v2_13b")
+    assert json.loads((engine / "config.json").read_text())["quantization"]["quant_algo"] == \
+        "FP8_PER_TENSOR_PER_TOKEN"
+    ref_state = {**state, **deq}
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}.mlp."
+        shared = torch.maximum(published[p + "gate_proj.weight_scale"], published[p + "up_proj.weight_scale"])
+        for part in ("gate_proj.weight", "up_proj.weight"):  # the smaller-scale part is requantized to the max
+            ref_state[p + part] = ref_fq_shared(deq[p + part], shared)
+    ref = FakeQuantBaichuan(ref_state, cfg, "v2_13b")
+    check_scores(engine, ref.logits, lambda p: ref.greedy(p, 6))
+
+
 # ------------------------------------------------------------------------------------ tensor parallel, flags, errors
 
 def scores_and_tokens(engine: Path) -> tuple[list[torch.Tensor], list[list[int]]]:

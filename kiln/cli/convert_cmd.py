@@ -4,6 +4,7 @@ convert_checkpoint.py)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from kiln.checkpoint.convert import ConvertPlan, convert
@@ -14,6 +15,7 @@ from kiln.cli.quant_flags import add_quant_flags, kv_calibration_from_flags, qua
 from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
 from kiln.models import PRESETS, family_for_hf_config
+from kiln.quant.fp8_published import published_checkpoint, published_fp8_algo
 
 HELP = "convert a Hugging Face checkpoint (or dummy weights) to a kiln checkpoint"
 
@@ -117,7 +119,7 @@ def resolve_source(args: argparse.Namespace) -> tuple[dict, object | None]:
         raise ConfigError("give exactly one of --model_dir, --preset or --config"
                           + (f" (got {', '.join('--' + g for g in given)})" if given else ""))
     if args.model_dir:
-        checkpoint = HFCheckpoint(args.model_dir)
+        checkpoint = published_checkpoint(HFCheckpoint(args.model_dir))  # FP8 weights read dequantized
         return checkpoint.config, checkpoint
     return dummy_hf_config(args.preset, args.config), None
 
@@ -127,6 +129,8 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     overrides the quantization flags (the one-step commands resolve their own)."""
     quant = quant if quant is not None else quant_config_from_flags(args)
     hf, checkpoint = resolve_source(args)
+    if quant.quant_algo is None and published_fp8_algo(hf):  # no weight format asked: keep the checkpoint's FP8
+        quant = dataclasses.replace(quant, quant_algo=published_fp8_algo(hf))
     family = family_for_hf_config(hf)
     if args.model_version is not None and family.name != "baichuan":
         raise ConfigError(f"--model_version applies to Baichuan checkpoints only, and this is a {family.name} model; "

@@ -71,7 +71,8 @@ def weight_only_algo(args: argparse.Namespace) -> str | None:
 
 
 # FP8 weights and activations (kiln.quant.fp8): --enable_fp8 alone is per-tensor with static activation scales
-# ("FP8"); with --per_channel --per_token, per-channel weights and per-token dynamic activation scales.
+# ("FP8"); --per_token makes the activation scales dynamic, one per token, and --per_channel (with --per_token) the
+# weight scales one per output channel.
 FP8_FLAGS = {"--enable_fp8", "--per_channel", "--per_token"}
 
 
@@ -82,10 +83,12 @@ def fp8_algo(args: argparse.Namespace) -> str | None:
     if "--enable_fp8" not in given or not given <= FP8_FLAGS:
         return None
     per_channel, per_token = "--per_channel" in given, "--per_token" in given
-    if per_channel != per_token:
-        raise ConfigError("kiln's FP8 is per-tensor with static activation scales (--enable_fp8) or per-channel "
-                          "with per-token scales (--enable_fp8 --per_channel --per_token); give both or neither")
-    return "FP8_PER_CHANNEL_PER_TOKEN" if per_channel else "FP8"
+    if per_channel and not per_token:
+        raise ConfigError("kiln's FP8 with per-channel weight scales takes per-token activation scales: give "
+                          "--enable_fp8 --per_channel --per_token (or drop --per_channel for per-tensor weights)")
+    if per_token:
+        return "FP8_PER_CHANNEL_PER_TOKEN" if per_channel else "FP8_PER_TENSOR_PER_TOKEN"
+    return "FP8"
 
 
 def _dest_of(name: str) -> str:

@@ -10,7 +10,9 @@ FP8 tensor-core pass on sm_89+ and the torch reference does by dequantizing both
   layer's input, calibrated at convert (kiln.quant.fp8_calibration). A fused layer (QKV, gate/up, DBRX's w13) is one
   tensor in kiln, so its scale is already the max of its parts' scales, and every part is quantized with it.
 - "FP8_PER_CHANNEL_PER_TOKEN": one weight scale per output channel and dynamic activation scales, one per token
-  (the row's amax / 448), computed at run time.
+  (the row's amax / 448), computed at run time; "FP8_PER_TENSOR_PER_TOKEN" (kiln's name) the same with one weight
+  scale per tensor. A row-parallel layer's per-token scale is the max over the tp ranks' slices (one all-reduce of
+  [tokens] floats), so that every tp size quantizes as one rank does.
 DBRX's experts quantize their input as the scheme says and the intermediate (between w13 and w2) dynamically per
 token in both schemes: the fused MoE keeps that activation inside, where no calibration can see it.
 
@@ -65,6 +67,9 @@ class FP8Scheme:
 FP8_SCHEMES = {
     "FP8": FP8Scheme("FP8", per_channel=False, dynamic=False),
     "FP8_PER_CHANNEL_PER_TOKEN": FP8Scheme("FP8_PER_CHANNEL_PER_TOKEN", per_channel=True, dynamic=True),
+    # kiln's name (TensorRT-LLM has none): per-tensor weights, per-token activations; what a published "dynamic"
+    # FP8 checkpoint (vLLM's quant_method fp8) holds, kept without requantizing its weights.
+    "FP8_PER_TENSOR_PER_TOKEN": FP8Scheme("FP8_PER_TENSOR_PER_TOKEN", per_channel=False, dynamic=True),
 }
 
 

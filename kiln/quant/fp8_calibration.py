@@ -4,7 +4,8 @@ experts' input) over calibration text, / 448. The text, windows and float model 
 --calib_max_seq_length tokens, never the held-out text), streamed with a progress bar; the hook is each layer's
 matmul (and each MoE's run_experts), which records |x|'s max before calling the float one.
 
-Dummy weights (no text to calibrate on) get the scale of amax 8, for speed measurements only.
+Dummy weights (no text to calibrate on) get the scale of amax 8, for speed measurements only; a published static FP8
+checkpoint's own input scales are taken instead of calibrating (kiln.quant.fp8_published).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from kiln.config import ConfigError, Mapping
 from kiln.kernels import select_kernels
 from kiln.quant.fp8 import FP8_MAX, fp8_scheme
+from kiln.quant.fp8_published import published_input_scales
 from kiln.quant.kv_calibration import KVCalibration, KVScaleSource, _float_model, _run_windows, calibration_windows
 
 DUMMY_AMAX = 8.0
@@ -70,6 +72,7 @@ def calibrate_input_scales(plan: Any, tokenizer: Any, calib: KVCalibration,
 
 
 def _dummy_scales(plan: Any) -> dict[str, torch.Tensor]:
+    """Every static input scale of the model, at the dummy weights' amax."""
     from kiln.checkpoint.convert import meta_model
 
     model = meta_model(plan.family, plan.config, Mapping(), plan.quant)
@@ -84,7 +87,13 @@ def with_fp8_input_scales(plan: Any, progress: bool = True) -> Any:
     if scheme is None or scheme.dynamic:
         return plan
     model_dir = plan.provenance.get("model_dir")
-    if not model_dir:
+    base = plan.source
+    while hasattr(base, "inner"):  # under the KV-scale source
+        base = base.inner
+    published = published_input_scales(base, list(_dummy_scales(plan)))
+    if published is not None:
+        scales, summary = published, {"text": None, "published_scales": True}
+    elif not model_dir:
         scales, summary = _dummy_scales(plan), {"text": None, "dummy_amax": DUMMY_AMAX}
     else:
         from kiln.tokenizer import load_tokenizer  # only real checkpoints carry a tokenizer

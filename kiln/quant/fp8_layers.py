@@ -37,8 +37,13 @@ def scaled_mm_fits(scheme: FP8Scheme, weight: torch.Tensor, dtype: torch.dtype) 
     n, k = weight.shape
     if n % 16 or k % 16 or dtype not in (torch.bfloat16, torch.float16, torch.float32):
         return False
-    return not scheme.per_channel or (dtype == torch.bfloat16
-                                      and torch.cuda.get_device_capability(weight.device) >= (9, 0))
+    return not row_wise(scheme) or (dtype == torch.bfloat16
+                                    and torch.cuda.get_device_capability(weight.device) >= (9, 0))
+
+
+def row_wise(scheme: FP8Scheme) -> bool:
+    """Whether _scaled_mm gets row-wise scales ([M, 1] and [1, N]) rather than two scalars."""
+    return scheme.per_channel or scheme.dynamic
 
 
 class FP8Matmul:
@@ -71,9 +76,11 @@ class FP8Matmul:
         x2 = x.reshape(-1, k)
         scale_a = self.activation_scale(x2)  # [1] or [M, 1] float32
         xq = cast_fp8(x2, scale_a).contiguous()
-        scale_b = self.weight_scale.float().reshape(1, -1)  # [1, 1] or [1, N]
-        if not self.scheme.per_channel:
-            scale_a, scale_b = scale_a.reshape(()), scale_b.reshape(())
+        if row_wise(self.scheme):  # scale_a [M, 1], scale_b [1, N] (a per-tensor weight scale repeated)
+            scale_a = scale_a.expand(x2.shape[0], 1).contiguous()
+            scale_b = self.weight_scale.float().reshape(1, -1).expand(1, weight.shape[0]).contiguous()
+        else:  # both scalars
+            scale_a, scale_b = scale_a.reshape(()), self.weight_scale.float().reshape(())
         y = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=x.dtype)
         return y.reshape(*lead, -1)
 
