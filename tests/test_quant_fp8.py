@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 import kiln
 from fixtures_baichuan import BaichuanReference, make_baichuan_checkpoint
-from fixtures_kv_cache import calib_text, tiny_hf_dir
+from fixtures_kv_cache import calib_text, convert_build, tiny_hf_dir
 from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, save_checkpoint
 from kiln.cli.main import main as kiln_main
 from kiln.quant.fp8 import FP8_SCHEMES, quantize_weight
@@ -106,14 +106,6 @@ def test_fused_moe_quantizes_input_and_intermediate():
 
 
 # ------------------------------------------------------------------------------------------- whole tiny models
-
-def convert_build(tmp: Path, model_dir: Path, *extra: str) -> Path:
-    assert kiln_main(["convert", "--model_dir", str(model_dir), "--output_dir", str(tmp / "ckpt"), "--dtype",
-                      "float32", *extra]) == 0
-    assert kiln_main(["build", "--checkpoint_dir", str(tmp / "ckpt"), "--output_dir", str(tmp / "engine"),
-                      "--max_batch_size", "4", "--max_input_len", "32", "--max_seq_len", "64"]) == 0
-    return tmp / "engine"
-
 
 def ckpt_tensors(ckpt: Path, suffix: str) -> dict[str, torch.Tensor]:
     with safe_open(str(ckpt / "rank0.safetensors"), "pt") as f:
@@ -446,3 +438,15 @@ def test_bench_times_fp8_beside_the_unquantized_engine(tmp_path):
     assert list(runs) == ["none", "fp8", "fp8_pc_pt"]
     floor = {p: r["cases"][0]["active_weight_bytes"] for p, r in runs.items()}
     assert floor["fp8"] < floor["none"] and floor["fp8_pc_pt"] < floor["none"]  # one byte a weight (fp32: four)
+
+
+def test_quantize_qformat_fp8_pc_pt_and_one_step_build(tmp_path):
+    model_dir = tiny_hf_dir(tmp_path, "mpt")
+    assert kiln_main(["quantize", "--model_dir", str(model_dir), "--qformat", "fp8_pc_pt", "--output_dir",
+                      str(tmp_path / "q")]) == 0
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization"]["quant_algo"] == \
+        "FP8_PER_CHANNEL_PER_TOKEN"
+    assert kiln_main(["build", "--model_dir", str(model_dir), "--output_dir", str(tmp_path / "e"), "--enable_fp8",
+                      "--per_token", "--max_input_len", "16", "--max_seq_len", "32"]) == 0
+    assert json.loads((tmp_path / "e" / "config.json").read_text())["quantization"]["quant_algo"] == \
+        "FP8_PER_TENSOR_PER_TOKEN"
