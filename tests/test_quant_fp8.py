@@ -450,3 +450,27 @@ def test_quantize_qformat_fp8_pc_pt_and_one_step_build(tmp_path):
                       "--per_token", "--max_input_len", "16", "--max_seq_len", "32"]) == 0
     assert json.loads((tmp_path / "e" / "config.json").read_text())["quantization"]["quant_algo"] == \
         "FP8_PER_TENSOR_PER_TOKEN"
+
+
+def test_published_fp8_weight_without_its_scale_is_one_line(tmp_path, capsys):
+    cfg = mpt_published_config()
+    state = published_state(hf_mpt_model(cfg))
+    published, _ = publish_fp8(state, ["transformer.blocks.0.ffn.up_proj.weight"], None)
+    del published["transformer.blocks.0.ffn.up_proj.weight_scale"]
+    cfg_q = dict(cfg, quantization_config={"quant_method": "fp8", "activation_scheme": "dynamic"})
+    hf = save_checkpoint(published, cfg_q, tmp_path / "hf")
+    assert kiln_main(["convert", "--model_dir", str(hf), "--output_dir", str(tmp_path / "c")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # (after convert's progress bar)
+    assert last.startswith("kiln convert: error: ") and "has no transformer.blocks.0.ffn.up_proj.weight_scale" in last
+    assert not (tmp_path / "c").exists()
+
+
+def test_heldout_perplexity_of_fp8_on_mpt_books(tmp_path):
+    """FP8 (static scales calibrated on the shipped text) within +2% of float32 on a held-out slice (the 20,000-token
+    table is in docs/quantization.md)."""
+    from test_quant_weight_only import slice_perplexity
+
+    fp32 = slice_perplexity(tmp_path / "fp32", "mpt-books")
+    fp8 = slice_perplexity(tmp_path / "fp8", "mpt-books", "--enable_fp8", "--calib_size", "8")
+    assert fp32 < 200  # a trained model, not noise
+    assert abs(fp8 / fp32 - 1) <= 0.02, (fp32, fp8)
