@@ -78,3 +78,32 @@ def test_tiny_fp8_engine_on_cuda_gives_the_cpu_tokens(family, tmp_path):
     assert kiln_main(["build", "--checkpoint_dir", str(tmp_path / "c"), "--output_dir", str(tmp_path / "e"),
                       "--max_batch_size", "4", "--max_input_len", "32", "--max_seq_len", "64"]) == 0
     assert _tokens(tmp_path / "e", "cuda") == _tokens(tmp_path / "e", "cpu")
+
+
+@pytest.mark.parametrize("algo", sorted(FP8_SCHEMES))
+def test_triton_fp8_gemv_matches_the_reference_and_is_timed(algo):
+    """The opt-in Triton GEMV (KILN_FP8_GEMV=1) at decode rows against the reference; prints its time beside
+    _scaled_mm's and bf16 cuBLAS's for the lead to decide whether to bind it by default."""
+    from triton.testing import do_bench
+
+    from kiln.kernels.triton_fp8_gemv import fp8_gemv
+    from kiln.quant.fp8 import fake_quantize_activation
+
+    scheme = FP8_SCHEMES[algo]
+    n, k = 12288, 4096
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, scale = scheme.quantize(w, torch.bfloat16)
+    for rows in (1, 16):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        xq = fake_quantize_activation(x, None)
+        got = fp8_gemv(xq, q, scale, None)
+        want = FP8Matmul(scheme, scale, None, use_scaled_mm=False)(xq.float(), q, None)
+        assert (got.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item()
+        t_gemv = do_bench(lambda: fp8_gemv(xq, q, scale, None))
+        t_bf16 = do_bench(lambda: x @ w.T)
+        line = f"{algo} rows {rows}: triton fp8 gemv {t_gemv * 1e3:.1f} us, bf16 cuBLAS {t_bf16 * 1e3:.1f} us"
+        if fp8_gemm_available(torch.device("cuda")):
+            static = torch.tensor([x.abs().max().item() / 448], device="cuda")
+            mm = FP8Matmul(scheme, scale, None if scheme.dynamic else static, use_scaled_mm=True)
+            line += f", _scaled_mm {do_bench(lambda: mm(x, q, None)) * 1e3:.1f} us"
+        print(line)

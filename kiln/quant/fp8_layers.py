@@ -8,11 +8,14 @@ are whole on every rank (one global amax, so tp ranks agree with tp 1); per-chan
 
 The matmul is chosen once per layer: `torch._scaled_mm` where the device has FP8 tensor cores (sm_89+) and the
 shapes suit it, else the torch reference (dequantize the weight, fake-quantize the activation through fp8 casts).
+With KILN_FP8_GEMV=1 on CUDA, decode steps of up to 16 rows take the Triton FP8 GEMV instead
+(kiln.kernels.triton_fp8_gemv; opt-in until a GPU measures it against _scaled_mm).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import os
+from typing import TYPE_CHECKING, Callable
 
 import torch
 import torch.nn.functional as F
@@ -50,12 +53,27 @@ class FP8Matmul:
     """An FP8 linear layer's matmul: x [tokens, in] -> [tokens, out] in x's dtype."""
 
     def __init__(self, scheme: FP8Scheme, weight_scale: nn.Parameter, input_scale: nn.Parameter | None,
-                 use_scaled_mm: bool, split_input: bool = False) -> None:
+                 use_scaled_mm: bool, split_input: bool = False, gemv_rows: int = 0) -> None:
         self.scheme, self.weight_scale, self.input_scale = scheme, weight_scale, input_scale
         # A row-parallel layer's rank holds a slice of each token: its per-token scale is the max over the ranks,
         # so that every tp size quantizes exactly as one rank does.
         self.split_input = split_input and input_scale is None
         self.run = self.scaled_mm if use_scaled_mm else self.reference
+        self.gemv_rows = gemv_rows  # up to this many rows: the Triton FP8 GEMV (opt-in, KILN_FP8_GEMV=1)
+        if gemv_rows:
+            self.run = self.gemv_or(self.run)
+
+    def gemv_or(self, other: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The Triton GEMV for decode rows (x fake-quantized first, as the reference does), `other` beyond."""
+        from kiln.kernels.triton_fp8_gemv import fp8_gemv  # needs triton and a GPU
+
+        def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            if x.dim() != 2 or x.shape[0] > self.gemv_rows:
+                return other(x, weight, bias)
+            scale = self.activation_scale(x)
+            xq = (cast_fp8(x, scale).float() * scale).to(x.dtype).contiguous()
+            return fp8_gemv(xq, weight, self.weight_scale, bias)
+        return run
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return self.run(x, weight, bias)
@@ -155,7 +173,9 @@ def quantize_fp8_model(model: nn.Module, scheme: FP8Scheme) -> int:
             _replace_weight(module, "weight", scheme)
             inp = None if scheme.dynamic else _input_scale(module, "input_scale", dtype, device)
             fast = fp8_gemm_available(device) and scaled_mm_fits(scheme, module.weight, dtype)
-            module.matmul = FP8Matmul(scheme, module.weight_scale, inp, fast, isinstance(module, RowParallelLinear))
+            gemv = 16 if device.type == "cuda" and os.environ.get("KILN_FP8_GEMV") == "1" else 0
+            module.matmul = FP8Matmul(scheme, module.weight_scale, inp, fast, isinstance(module, RowParallelLinear),
+                                      gemv)
             count += 1
         elif isinstance(module, MoE):
             dtype, device = module.w13.dtype, module.w13.device
