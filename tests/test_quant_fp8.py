@@ -474,3 +474,21 @@ def test_heldout_perplexity_of_fp8_on_mpt_books(tmp_path):
     fp8 = slice_perplexity(tmp_path / "fp8", "mpt-books", "--enable_fp8", "--calib_size", "8")
     assert fp32 < 200  # a trained model, not noise
     assert abs(fp8 / fp32 - 1) <= 0.02, (fp32, fp8)
+
+
+@pytest.mark.parametrize("algo", sorted(FP8_SCHEMES))
+def test_scaled_mm_call_matches_the_reference_where_torch_runs_it_on_the_cpu(algo):
+    """The _scaled_mm path's layouts and scale shapes (row-major A, column-major B, scalar or row-wise scales), run
+    through torch's CPU _scaled_mm (torch >= 2.10 has one; the GPU test repeats this on FP8 tensor cores)."""
+    scheme = FP8_SCHEMES[algo]
+    gen = torch.Generator().manual_seed(4)
+    x, w, b = torch.randn(5, 32, generator=gen), torch.randn(48, 32, generator=gen) * 0.1, torch.randn(48)
+    q, scale = scheme.quantize(w, torch.float32)
+    static = None if scheme.dynamic else torch.tensor([x.abs().max().item() / 448])
+    try:
+        got = FP8Matmul(scheme, scale, static, use_scaled_mm=True)(x.bfloat16(), q, b.bfloat16())
+    except (RuntimeError, NotImplementedError) as err:
+        pytest.skip(f"this torch has no CPU _scaled_mm for it: {err}")
+    want = FP8Matmul(scheme, scale, static, use_scaled_mm=False)(x.bfloat16().float(), q, b.bfloat16().float())
+    assert got.dtype == torch.bfloat16
+    assert (got.float() - want).abs().max() <= 1e-2 * want.abs().max()
