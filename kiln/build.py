@@ -34,16 +34,24 @@ def check_memory_gib(memory_gib: float | None) -> None:
 
 def plan_memory(info: ArtifactInfo, build: BuildConfig) -> MemoryPlan:
     """Check every rank file against the model and size the largest rank's needs."""
-    weight_bytes, layers = 0, 0
+    weight_bytes, quantized, layers = 0, 0, 0
     for rank in range(info.mapping.world_size):
         mapping = info.mapping.for_rank(rank)
         params = dict(meta_model(info.family, info.model, mapping, info.quant).named_parameters())
-        weight_bytes = max(weight_bytes, check_rank_file(info, rank, params))
+        rank_bytes = check_rank_file(info, rank, params)
+        if rank_bytes > weight_bytes:
+            weight_bytes, quantized = rank_bytes, quantized_bytes(params)
         layers = max(layers, len(stage_layers(info.model.num_hidden_layers, mapping)))
     element = info.model.torch_dtype.itemsize
     kv_element = kv_element_size(info.quant, info.model.torch_dtype)  # 1 for an INT8/FP8 cache
     return MemoryPlan(weight_bytes, kv_bytes_per_token(info.model, info.mapping, layers, kv_element),
-                      activation_bytes(info.model, build, element))
+                      activation_bytes(info.model, build, element), quantized)
+
+
+def quantized_bytes(params: dict[str, torch.nn.Parameter]) -> int:
+    """Bytes of a rank's quantized weights and their scales and zero points."""
+    return sum(p.numel() * p.element_size() for p in params.values()
+               if hasattr(p, "weight_only") or getattr(p, "is_weight_scale", False))
 
 
 def moe_shape(info: ArtifactInfo) -> MoeShape | None:

@@ -174,8 +174,10 @@ class Mapping:
         return data
 
 
-# FP8 weights and activations (kiln.quant.fp8), TensorRT-LLM's names.
+GROUP_WISE_QUANT_ALGOS = ("W4A16_AWQ", "W4A16_GPTQ")
+# FP8 weights and activations (kiln.quant.fp8), TensorRT-LLM's names (FP8_PER_TENSOR_PER_TOKEN is kiln's).
 FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PER_TENSOR_PER_TOKEN")
+QUANT_ALGOS = (None, "W8A16", "W4A16", *GROUP_WISE_QUANT_ALGOS, *FP8_ALGOS)
 
 
 @dataclass
@@ -185,15 +187,19 @@ class QuantConfig:
     quant_algo: str | None = None
     kv_cache_quant_algo: str | None = None
     group_size: int = 128
+    has_zero_point: bool = False  # group-wise formats: asymmetric, with zero points
     exclude_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        # Weight-only per-channel INT8/INT4 (issue 14, first slice); every other format is refused by name.
-        if self.quant_algo not in (None, "W8A16", "W4A16", *FP8_ALGOS):
+        # Weight-only per-channel INT8/INT4 group-wise INT4 (AWQ, GPTQ) and FP8; every other format is refused by name.
+        if self.quant_algo not in QUANT_ALGOS:
             raise ConfigError(
                 f"quantization {self.quant_algo!r} is not supported by this kiln version "
-                "(weight-only W8A16 and W4A16 are); convert with those or without quantization flags"
+                f"({', '.join(a for a in QUANT_ALGOS if a)} are); convert with those or without quantization flags"
             )
+        if self.quant_algo in GROUP_WISE_QUANT_ALGOS and self.group_size not in (32, 64, 128):
+            raise ConfigError(f"group size {self.group_size!r} is not one kiln runs for {self.quant_algo}; use "
+                              "--group_size 32, 64 or 128")
         # INT8 / FP8 KV cache with calibrated scales (kiln.quant.kv_cache), TensorRT-LLM's names.
         if self.kv_cache_quant_algo not in (None, "INT8", "FP8"):
             raise ConfigError(f"kv_cache_quant_algo {self.kv_cache_quant_algo!r} is not supported by this kiln "

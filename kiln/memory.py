@@ -16,6 +16,7 @@ class MemoryPlan:
     weight_bytes: int
     kv_bytes_per_token: int
     activation_bytes: int
+    quantized_bytes: int = 0  # of weight_bytes: quantized weights with their scales and zero points
 
     def kv_tokens_that_fit(self, memory_bytes: float) -> int:
         free = memory_bytes - self.weight_bytes - self.activation_bytes
@@ -45,6 +46,8 @@ def describe(plan: MemoryPlan, build: BuildConfig, memory_gib: float | None, kv_
     kind = f" ({kv_cache}, 1 byte per element)" if kv_cache else ""
     lines = [
         f"weights per rank:        {plan.weight_bytes / GiB:10.3f} GiB",
+        *([f"  of which quantized:    {plan.quantized_bytes / GiB:10.3f} GiB (scales and zero points included)"]
+          if plan.quantized_bytes else []),
         f"KV cache per token:      {plan.kv_bytes_per_token / 1024:10.1f} KiB{kind}",
         f"activations (max step):  {plan.activation_bytes / GiB:10.3f} GiB",
         f"KV for max_batch_size x max_seq_len: {need_kv / GiB:.3f} GiB",

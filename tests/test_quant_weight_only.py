@@ -286,8 +286,10 @@ def test_int4_with_an_odd_input_width_is_one_line(tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("argv, flags", [
-    (["convert", "--preset", "mpt-tiny", "--use_weight_only", "--weight_only_precision", "int4_gptq"],
-     "--use_weight_only, --weight_only_precision"),
+    (["convert", "--preset", "mpt-tiny", "--use_weight_only", "--weight_only_precision", "int4_gptq",
+      "--quant_ckpt_path", "x"], "--use_weight_only, --weight_only_precision, --quant_ckpt_path"),
+    (["convert", "--preset", "mpt-tiny", "--use_weight_only", "--weight_only_precision", "int4_awq", "--desc_act"],
+     "--use_weight_only, --weight_only_precision, --desc_act"),
     (["convert", "--preset", "mpt-tiny", "--weight_only_precision", "int8"], "--weight_only_precision"),
     (["convert", "--preset", "mpt-tiny", "--use_weight_only", "--per_group"], "--use_weight_only, --per_group"),
     (["quantize", "--model_dir", "m", "--qformat", "int8_wo", "--calib_size", "4"], "--qformat int8_wo, --calib_size"),

@@ -159,6 +159,44 @@ def test_bound_layers_match_the_torch_path(algo):
             x = got
 
 
+def test_bound_group_wise_layers_match_the_torch_path():
+    """The kernels bound to kiln's own group-wise layers (kiln.quant.apply, W4A16_GPTQ, groups of 32) compute what
+    their torch matmul does, also on a rank whose input slice starts inside a group (row parallel, rank 1 of 2:
+    k_offset 16)."""
+    from kiln.config import QuantConfig
+    from kiln.kernels.triton_weight_only import WeightOnlyKernelMatmul, bind_weight_only
+    from kiln.layers.linear import ColumnParallelLinear, RowParallelLinear
+    from kiln.quant.apply import quantize_model
+    from kiln.quant.group_wise import pack_uint4, quantize_groups, slice_groups
+
+    column = ColumnParallelLinear(64, 48, True, torch.float32)
+    row = RowParallelLinear(96, 32, False, torch.float32, tp_size=2, tp_rank=1)  # inputs 48..95 of 96
+    layers = torch.nn.ModuleList([column, row])
+    quantize_model(layers, QuantConfig(quant_algo="W4A16_GPTQ", group_size=32, has_zero_point=True))
+    assert row.matmul.k_offset == 16
+    gen = torch.Generator().manual_seed(12)
+    for layer, full_in, start in ((column, 64, 0), (row, 96, 48)):
+        q, scale, zero = quantize_groups(torch.randn(layer.out_features, full_in, generator=gen) * 0.1, 32, 4,
+                                         torch.float32)
+        local = layer.weight.shape[1] * 2
+        layer.weight.data.copy_(pack_uint4(q[:, start:start + local]))
+        layer.weight_scale.data.copy_(slice_groups(scale, start, local, 32))
+        layer.weight_zero.data.copy_(slice_groups(zero, start, local, 32))
+    column.bias.data.normal_(generator=gen)
+    torch_matmuls = [layer.matmul for layer in layers]
+    layers.to(DEVICE)
+    assert bind_weight_only(layers) == 2
+    assert all(isinstance(layer.matmul, WeightOnlyKernelMatmul) for layer in layers)
+    for rows in (1, 7, FUSED_MAX_ROWS + 5):
+        x = torch.randn(rows, 64, generator=gen)
+        want = torch_matmuls[0](x, column.weight.cpu(), column.bias.cpu())
+        got = column(x.to(DEVICE))
+        assert torch.allclose(got.cpu(), want, rtol=1e-5, atol=1e-5)
+        x = torch.randn(rows, 48, generator=gen)
+        want = torch_matmuls[1](x, row.weight.cpu(), None)
+        assert torch.allclose(row.matmul(x.to(DEVICE), row.weight, None).cpu(), want, rtol=1e-5, atol=1e-5)
+
+
 def quantized_experts(experts: int, ffn: int, size: int, bits: int, dtype: torch.dtype, gen: torch.Generator):
     """Per-channel quantized w13 [experts, 2 ffn, size] and w2 [experts, size, ffn]: (stored, scale) of each."""
     out = []

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -25,7 +26,10 @@ from kiln.config import FORMAT_VERSION, Mapping, ModelConfig, QuantConfig
 from kiln.layers.sharding import full_shape, shard_for
 from kiln.models.family import Family
 from kiln.quant.apply import quantize_model
+from kiln.quant.calib_data import calibration_tokens
+from kiln.quant.calibrate import CalibrationOptions, calibrate
 from kiln.quant.fp8_calibration import with_fp8_input_scales
+from kiln.quant.group_wise import group_wise_method, slice_groups
 from kiln.quant.kv_calibration import with_kv_scales
 
 
@@ -44,6 +48,8 @@ class ConvertPlan:
     quant: QuantConfig
     provenance: dict[str, Any]
     kv_calibration: Any = None  # kiln.quant.kv_calibration.KVCalibration for an INT8/FP8 KV cache (None: defaults)
+    calibration: CalibrationOptions | None = None  # AWQ/GPTQ; None: group-wise formats round to nearest
+    calib_dataset: str | None = None  # a local text file for AWQ/GPTQ (None: kiln's shipped calibration text)
 
 
 def meta_model(family: Family, config: ModelConfig, mapping: Mapping,
@@ -67,11 +73,15 @@ def stored_dtype(param: torch.nn.Parameter, dtype: torch.dtype) -> torch.dtype:
 
 
 def _quantize_full(param: torch.nn.Parameter, full: torch.Tensor, dtype: torch.dtype,
-                   scales: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    """A weight-only quantized parameter's full unpacked int8 values; its full scale waits in `scales` for its own
-    turn in the write order (after the layer's bias)."""
-    q, scale = param.weight_only.quantize(full, dtype)  # q [..., out, in] int8, scale [..., out]
-    scales[name + "_scale"] = scale
+                   scales: dict[str, torch.Tensor], name: str,
+                   calibrated: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """A weight-only quantized parameter's full unpacked values; its full scale (and group-wise zero points) wait in
+    `scales` for their own turn in the write order (after the layer's bias). `calibrated` is what a calibration
+    (GPTQ) chose for this weight instead of rounding to nearest."""
+    q, scale, *zero = calibrated or param.weight_only.quantize(full, dtype)  # q [..., out, in]
+    scales[name + "_scale"] = scale.to(dtype)  # [..., out] per channel; [..., out, groups] group-wise
+    if zero:
+        scales[name + "_zero"] = zero[0].to(dtype)
     return q
 
 
@@ -91,6 +101,7 @@ def _write_tensors(plan: ConvertPlan, ranks: list[dict[str, torch.nn.Parameter]]
     """Read each full tensor once, in the global order, and append every rank's shard of it to that rank's file."""
     dtype = plan.config.torch_dtype
     scales: dict[str, torch.Tensor] = {}
+    calibrated = getattr(plan.source, "quantized_weight", lambda name: None)  # GPTQ's chosen values, by name
     for name in tqdm(order, desc="convert", unit="tensor", disable=not progress):
         holders = [r for r, params in enumerate(ranks) if name in params]
         if not holders:
@@ -101,11 +112,13 @@ def _write_tensors(plan: ConvertPlan, ranks: list[dict[str, torch.nn.Parameter]]
         else:
             full = plan.source.full_tensor(name, full_shape(first)).to(dtype)
             if hasattr(first, "weight_only"):  # quantize the full weight once; each rank packs its own shard
-                full = _quantize_full(first, full, dtype, scales, name)
+                full = _quantize_full(first, full, dtype, scales, name, calibrated(name))
         for r in holders:
             shard = shard_for(ranks[r][name], full)
             if hasattr(first, "weight_only"):
                 shard = first.weight_only.pack(shard)
+            elif hasattr(ranks[r][name], "group_slice"):  # group-wise scale/zero: this rank's group columns
+                shard = slice_groups(shard, *ranks[r][name].group_slice)
             writers[r].write(name, shard.contiguous())
         del full
 
@@ -115,8 +128,30 @@ def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True) ->
     inputs = tuple(Path(plan.provenance[k]) for k in ("model_dir", "config") if plan.provenance.get(k))
     check_output_dir(Path(output_dir), inputs)  # before the size estimate: a refused path is the clearer message
     check_fits(plan.family, plan.config, Path(output_dir), dummy=bool(plan.provenance.get("dummy")))
-    plan = with_kv_scales(plan, progress)  # an INT8/FP8 KV cache: calibrate its scales first
+    plan = with_kv_scales(plan, progress)  # an INT8/FP8 KV cache: calibrate its scales first, on the float model
     plan = with_fp8_input_scales(plan, progress)  # static FP8 activations: calibrate their scales too
+    if plan.calibration is None:
+        return _convert(plan, Path(output_dir), inputs, progress)
+    with tempfile.TemporaryDirectory(prefix="kiln-calib-") as scratch:
+        return _convert(calibrated(plan, Path(scratch), progress), Path(output_dir), inputs, progress)
+
+
+def calibrated(plan: ConvertPlan, scratch: Path, progress: bool) -> ConvertPlan:
+    """The plan with AWQ's or GPTQ's results in front of its weight source (their files under `scratch`)."""
+    options = plan.calibration
+    method = group_wise_method(plan.quant.quant_algo, plan.quant.group_size)
+    if options is None or method is None:
+        raise ValueError("calibration is for the group-wise formats W4A16_AWQ and W4A16_GPTQ")
+    tokens = calibration_tokens(plan.provenance.get("model_dir"), plan.config.vocab_size, options.sequences,
+                                options.length, options.seed, plan.calib_dataset)
+    source = calibrate(plan.config, plan.source, method, tokens, options, scratch, progress)
+    text = plan.calib_dataset or "kiln/eval/data/calibration.txt"
+    record = {**dataclasses.asdict(options), "sequences": int(tokens.shape[0]),
+              "dataset": text if plan.provenance.get("model_dir") else "seeded random token ids (no tokenizer)"}
+    return dataclasses.replace(plan, source=source, provenance={**plan.provenance, "calibration": record})
+
+
+def _convert(plan: ConvertPlan, output_dir: Path, inputs: tuple[Path, ...], progress: bool) -> Path:
     ranks = rank_parameters(plan)
     full_model = meta_model(plan.family, plan.config, Mapping(), plan.quant)  # the global parameter order
     order = [name for name, _ in full_model.named_parameters()]

@@ -11,7 +11,9 @@ from kiln.checkpoint.convert import ConvertPlan, convert
 from kiln.checkpoint.hf_reader import HFCheckpoint
 from kiln.checkpoint.safety import config_from_hf
 from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_config, keep_first_layers
-from kiln.cli.quant_flags import add_quant_flags, kv_calibration_from_flags, quant_config_from_flags
+from kiln.cli.quant_flags import add_quant_flags, calibration_from_flags, kv_calibration_from_flags, \
+    quant_config_from_flags
+from kiln.quant.published import refuse_published
 from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
 from kiln.models import PRESETS, family_for_hf_config
@@ -32,7 +34,7 @@ REFUSED = ["--max_prompt_embedding_table_size", "--lora_target_modules", "--hf_l
 QUANT = ["--use_weight_only", "--weight_only_precision", "--per_group", "--group_size", "--quant_ckpt_path",
          "--smoothquant", "--per_token", "--per_channel", "--int8_kv_cache", "--fp8_kv_cache", "--calibrate_kv_cache",
          "--calib_dataset", "--dataset_cache_dir", "--quantize_lm_head", "--kv_cache_dtype", "--calib_size",
-         "--calib_max_seq_length", "--enable_fp8"]
+         "--calib_max_seq_length", "--desc_act", "--enable_fp8"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -62,7 +64,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model_version", choices=["v1_7b", "v1_13b", "v2_7b", "v2_13b"], default=None,
                    help="Baichuan only: which Baichuan (v1/v2) and size (7b RoPE, 13b ALiBi); needed only when the "
                         "config's sizes are not the published ones (default: recognised from config.json)")
-    p.add_argument("--seed", type=int, default=0, help="seed of dummy weights")
+    p.add_argument("--seed", type=int, default=0, help="seed of dummy weights and of AWQ/GPTQ calibration's windows")
     p.add_argument("--dummy_device", default="cpu", help="device that generates dummy weights (cuda is faster)")
     add_quant_flags(p, QUANT)
     p.add_argument("--per_head_kv_scales", action="store_true",
@@ -129,8 +131,11 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     overrides the quantization flags (the one-step commands resolve their own)."""
     quant = quant if quant is not None else quant_config_from_flags(args)
     hf, checkpoint = resolve_source(args)
-    if quant.quant_algo is None and published_fp8_algo(hf):  # no weight format asked: keep the checkpoint's FP8
-        quant = dataclasses.replace(quant, quant_algo=published_fp8_algo(hf))
+    fp8 = published_fp8_algo(hf)  # a published FP8 checkpoint is read (kiln.quant.fp8_published)
+    if checkpoint is not None and fp8 is None:
+        refuse_published(Path(args.model_dir), hf)  # published GPTQ/AWQ weights: named, before any tensor is read
+    if quant.quant_algo is None and fp8 is not None:  # no weight format asked: keep the checkpoint's FP8
+        quant = dataclasses.replace(quant, quant_algo=fp8)
     family = family_for_hf_config(hf)
     if args.model_version is not None and family.name != "baichuan":
         raise ConfigError(f"--model_version applies to Baichuan checkpoints only, and this is a {family.name} model; "
@@ -150,7 +155,8 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     calib = None
     if quant.kv_cache_quant_algo is not None or quant.quant_algo == "FP8":  # calibrated KV / FP8 input scales
         calib = kv_calibration_from_flags(args, getattr(args, "per_head_kv_scales", False))
-    return ConvertPlan(family, config, mapping, source, quant, provenance, calib)
+    calibration, dataset = calibration_from_flags(args, quant, args.seed)
+    return ConvertPlan(family, config, mapping, source, quant, provenance, calib, calibration, dataset)
 
 
 def plan_from_hf(model_dir: str, dtype: str | None, tp_size: int, pp_size: int,

@@ -3,11 +3,14 @@ them.
 
 Every command that ports a TensorRT-LLM script registers the quantization flags that script takes (so that a
 pasted command line parses), and calls `quant_config_from_flags` (or `refuse_quantization`) before doing anything.
-What kiln runs: `--use_weight_only` with `--weight_only_precision int8` (the default, W8A16) or `int4` (W4A16);
-an INT8 or FP8 KV cache (`--int8_kv_cache`, `--calibrate_kv_cache`/`-kv`, `--fp8_kv_cache`, quantize.py's
-`--kv_cache_dtype int8|fp8`), alone or with weight-only, calibrated as `--calib_dataset`, `--calib_size` and
-`--calib_max_seq_length` say. Any other quantization flag, or a weight-only precision kiln does not run, is refused with one line naming every
-quantization flag given, never ignored (issues 14 and 15 add the other formats).
+What kiln runs: `--use_weight_only` with `--weight_only_precision int8` (the default, W8A16) or `int4` (W4A16), and
+the group-wise `int4_awq` (W4A16_AWQ) and `int4_gptq` (W4A16_GPTQ) with their flags (`--per_group`, `--group_size`,
+`--calib_dataset`, `--calib_size`, `--calib_max_seq_length`, GPTQ's `--desc_act`); an INT8 or FP8 KV cache
+(`--int8_kv_cache`, `--calibrate_kv_cache`/`-kv`, `--fp8_kv_cache`, quantize.py's `--kv_cache_dtype int8|fp8`), alone
+or with weight-only, calibrated as `--calib_dataset`, `--calib_size` and `--calib_max_seq_length` say (the same text
+and windows as AWQ/GPTQ when both are asked for). Any other quantization flag, or a weight-only precision kiln does
+not run, is refused with one line naming every quantization flag given, never ignored (issue 15 adds the other
+formats).
 """
 
 from __future__ import annotations
@@ -15,14 +18,21 @@ from __future__ import annotations
 import argparse
 
 from kiln.cli.trtllm_flags import DEST_PREFIX, CompatFlag, add_compat_flag, in_given_order, spelled
-from kiln.config import FP8_ALGOS, ConfigError, QuantConfig
+from kiln.config import GROUP_WISE_QUANT_ALGOS, ConfigError, QuantConfig
+from kiln.quant.calibrate import CalibrationOptions
 from kiln.quant.kv_calibration import KVCalibration
 
-MESSAGE = ("this quantization is not implemented in kiln yet (issues 14 and 15; kiln runs weight-only "
-           "--use_weight_only --weight_only_precision int8|int4 and an INT8/FP8 KV cache, --int8_kv_cache or "
-           "--fp8_kv_cache); use those, or drop the quantization flags for an unquantized model in the --dtype given")
-# --weight_only_precision -> TensorRT-LLM's quant_algo (int4_awq, int4_gptq: refused until kiln has them).
-WEIGHT_ONLY = {"int8": "W8A16", "int4": "W4A16"}
+MESSAGE = ("this quantization is not implemented in kiln yet (issue 15; kiln runs weight-only "
+           "--use_weight_only --weight_only_precision int8|int4|int4_awq|int4_gptq and an INT8/FP8 KV cache, "
+           "--int8_kv_cache or --fp8_kv_cache); use those, or drop the quantization flags for an unquantized model in "
+           "the --dtype given")
+# --weight_only_precision -> TensorRT-LLM's quant_algo.
+WEIGHT_ONLY = {"int8": "W8A16", "int4": "W4A16", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_GPTQ"}
+# What group-wise INT4 takes beside --use_weight_only/--weight_only_precision (convert) or --qformat (quantize).
+GROUP_WISE_FLAGS = {"--per_group", "--group_size", "--awq_block_size", "--calib_dataset", "--calib_size",
+                    "--calib_max_seq_length", "--desc_act"}
+# TensorRT-LLM quantize.py's defaults (calib_size: at most what the calibration text holds in windows).
+CALIB_SIZE, CALIB_LENGTH, GROUP_SIZE = 512, 512, 128
 
 
 def _flags(arity: str, *names: str) -> list[CompatFlag]:
@@ -39,6 +49,8 @@ QUANT: dict[str, CompatFlag] = {f.names[0]: f for group in [
     # quantize.py (its --qformat full_prec and --dtype are not quantization: quantize_cmd.py handles them)
     _flags("one", "--kv_cache_dtype", "--awq_block_size", "--calib_size", "--calib_max_seq_length",
            "--auto_quantize_bits"),
+    # kiln's own: GPTQ act-order (AutoGPTQ's desc_act)
+    _flags("none", "--desc_act"),
 ] for f in group}
 
 
@@ -60,14 +72,31 @@ def quant_flags_given(args: argparse.Namespace) -> list[str]:
     return [spelled(args, flag) for flag in in_given_order(args, list(QUANT.values()))]
 
 
+def _fits(algo: str | None, others: set[str]) -> bool:
+    """Whether the quantization flags `others` (beside those that chose `algo` and the KV cache's) belong to `algo`."""
+    if algo == "FP8":  # static FP8 activation scales are calibrated too
+        return others <= CALIB_FLAGS
+    if algo not in GROUP_WISE_QUANT_ALGOS:
+        return not others
+    allowed = GROUP_WISE_FLAGS - ({"--desc_act"} if algo == "W4A16_AWQ" else set())
+    return others <= allowed
+
+
 def weight_only_algo(args: argparse.Namespace) -> str | None:
-    """W8A16/W4A16 when the quantization flags given are exactly TensorRT-LLM's per-channel weight-only ones
-    (`--use_weight_only`, optionally `--weight_only_precision int8|int4`); None for anything else."""
+    """The quant_algo of TensorRT-LLM's weight-only flags (`--use_weight_only`, optionally `--weight_only_precision
+    int8|int4|int4_awq|int4_gptq`, the group-wise ones with their flags); None for anything else."""
     given = _given_names(args) - kv_flags_taken(args)  # an INT8/FP8 KV cache combines with weight-only
-    if "--use_weight_only" not in given or not given <= {"--use_weight_only", "--weight_only_precision"}:
+    if "--use_weight_only" not in given:
         return None
     precision = getattr(args, _dest_of("--weight_only_precision"), "int8")  # TensorRT-LLM's default
-    return WEIGHT_ONLY.get(precision)
+    algo = WEIGHT_ONLY.get(precision)
+    return algo if _fits(algo, given - {"--use_weight_only", "--weight_only_precision"}) else None
+
+
+def qformat_takes_flags(args: argparse.Namespace, algo: str | None) -> bool:
+    """Whether every quantization flag given (beside the KV cache's) belongs to the format quantize.py's --qformat
+    chose (`algo`; None: full_prec)."""
+    return _fits(algo, _given_names(args) - kv_flags_taken(args))
 
 
 # FP8 weights and activations (kiln.quant.fp8): --enable_fp8 alone is per-tensor with static activation scales
@@ -139,18 +168,53 @@ def kv_calibration_from_flags(args: argparse.Namespace, per_head: bool = False) 
     return calib
 
 
+def _int_flag(args: argparse.Namespace, name: str, default: int, lowest: int = 1) -> int:
+    value = getattr(args, _dest_of(name), None)
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        number = lowest - 1
+    if number < lowest:
+        raise ConfigError(f"{name} takes an integer >= {lowest}, got {value!r}")
+    return number
+
+
+def _group_size(args: argparse.Namespace) -> int:
+    given = [n for n in ("--group_size", "--awq_block_size") if hasattr(args, _dest_of(n))]
+    values = {_int_flag(args, n, GROUP_SIZE) for n in given}
+    if len(values) > 1:
+        raise ConfigError("--group_size and --awq_block_size name the same group size; give one of them")
+    return values.pop() if values else GROUP_SIZE
+
+
 def quant_config_from_flags(args: argparse.Namespace, qformat_algo: str | None = None) -> QuantConfig:
-    """The QuantConfig the quantization flags ask for (weight-only INT8/INT4, or `qformat_algo` that quantize.py's
-    --qformat chose); anything else is refused by `refuse_quantization`'s one line."""
+    """The QuantConfig the quantization flags ask for (weight-only INT8/INT4/AWQ/GPTQ, or `qformat_algo` that
+    quantize.py's --qformat chose, and the KV cache); anything else is refused by `refuse_quantization`'s one line."""
     kv = kv_cache_algo(args)
     algo = weight_only_algo(args) or fp8_algo(args)
-    if algo is not None:
+    if algo is None:
+        if not qformat_takes_flags(args, qformat_algo):
+            refuse_quantization(args)
+        algo = qformat_algo
+    if algo not in GROUP_WISE_QUANT_ALGOS:
         return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv)
-    fp8_calib = CALIB_FLAGS if qformat_algo in FP8_ALGOS else set()  # static FP8 scales are calibrated too
-    if not _given_names(args) - kv_flags_taken(args) - fp8_calib:
-        return QuantConfig(quant_algo=qformat_algo, kv_cache_quant_algo=kv)
-    refuse_quantization(args)
-    return QuantConfig()
+    # What stays in the engine dtype (TensorRT-LLM's exclude_modules, in kiln's module names).
+    return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, group_size=_group_size(args), has_zero_point=True,
+                       exclude_modules=["embed_tokens", "lm_head", "*router", "*norm*"])
+
+
+def calibration_from_flags(args: argparse.Namespace, quant: QuantConfig,
+                           seed: int) -> tuple[CalibrationOptions | None, str | None]:
+    """AWQ's or GPTQ's calibration options and the --calib_dataset file (None, None for other formats)."""
+    if quant.quant_algo not in GROUP_WISE_QUANT_ALGOS:
+        return None, None
+    algo = "awq" if quant.quant_algo == "W4A16_AWQ" else "gptq"
+    options = CalibrationOptions(algo, sequences=_int_flag(args, "--calib_size", CALIB_SIZE),
+                                 length=_int_flag(args, "--calib_max_seq_length", CALIB_LENGTH, lowest=2), seed=seed,
+                                 desc_act=bool(getattr(args, _dest_of("--desc_act"), False)))
+    return options, getattr(args, _dest_of("--calib_dataset"), None)
 
 
 def refuse_quantization(args: argparse.Namespace, extra: list[str] | None = None) -> None:

@@ -2,9 +2,10 @@
 
 `--qformat full_prec` (quantize.py's default: no quantization) writes an unquantized kiln checkpoint, as kiln convert;
 `int8_wo`/`int4_wo` (ModelOpt's weight-only formats, no calibration) write the W8A16/W4A16 checkpoint that kiln
-convert --use_weight_only writes; `--kv_cache_dtype int8|fp8` adds a calibrated INT8/FP8 KV cache to any of them
-(--calib_dataset, --calib_size, --calib_max_seq_length). Every other --qformat is refused by quant_flags.py's one line
-until kiln has it (issues 14 and 15).
+convert --use_weight_only writes; `int4_awq` (and kiln's `int4_gptq`) calibrate group-wise INT4 (W4A16_AWQ,
+W4A16_GPTQ; `--awq_block_size`/`--group_size`, `--calib_size`, `--calib_max_seq_length`, `--calib_dataset`, `--seed`,
+GPTQ's `--desc_act`); `--kv_cache_dtype int8|fp8` adds a calibrated INT8/FP8 KV cache to any of them (on the same
+calibration flags). Every other --qformat is refused by quant_flags.py's one line until kiln has it (issue 15).
 """
 
 from __future__ import annotations
@@ -14,16 +15,19 @@ import dataclasses
 
 from kiln.checkpoint.convert import convert
 from kiln.cli.convert_cmd import plan_from_hf
-from kiln.cli.quant_flags import add_quant_flags, kv_calibration_from_flags, kv_flags_taken, quant_config_from_flags
-from kiln.cli.quant_flags import CALIB_FLAGS, quant_flags_given, refuse_quantization
-from kiln.config import DTYPES, FP8_ALGOS, ConfigError
-HELP = "quantize a Hugging Face checkpoint into a kiln checkpoint (quantize.py's flags; full_prec, int8_wo and int4_wo for now)"
-QFORMATS = ["full_prec", "fp8", "fp8_pc_pt", "int8_sq", "int4_awq", "w4a8_awq", "int8_wo", "int4_wo", "nvfp4"]
-# quantize.py's weight-only formats (ModelOpt's int8_wo/int4_wo: per-channel, no calibration) -> quant_algo.
-QFORMAT_ALGOS = {"int8_wo": "W8A16", "int4_wo": "W4A16",
-                 "fp8": "FP8", "fp8_pc_pt": "FP8_PER_CHANNEL_PER_TOKEN"}  # FP8: kiln.quant.fp8
+from kiln.cli.quant_flags import add_quant_flags, calibration_from_flags, kv_calibration_from_flags, \
+    qformat_takes_flags, quant_config_from_flags, refuse_quantization
+from kiln.config import DTYPES, ConfigError
+
+HELP = ("quantize a Hugging Face checkpoint into a kiln checkpoint (quantize.py's flags; full_prec, int8_wo, int4_wo, "
+        "int4_awq, int4_gptq, fp8 and fp8_pc_pt for now, each with an optional INT8/FP8 KV cache)")
+QFORMATS = ["full_prec", "fp8", "fp8_pc_pt", "int8_sq", "int4_awq", "int4_gptq", "w4a8_awq", "int8_wo", "int4_wo", "nvfp4"]
+# quantize.py's weight-only formats (ModelOpt's int8_wo/int4_wo: per-channel, no calibration; int4_awq and kiln's
+# int4_gptq: group-wise, calibrated) -> quant_algo.
+QFORMAT_ALGOS = {"int8_wo": "W8A16", "int4_wo": "W4A16", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_GPTQ",
+                 "fp8": "FP8", "fp8_pc_pt": "FP8_PER_CHANNEL_PER_TOKEN"}  # FP8 W8A8: kiln.quant.fp8
 QUANT = ["--kv_cache_dtype", "--awq_block_size", "--calib_size", "--calib_max_seq_length", "--calib_dataset",
-         "--group_size", "--quantize_lm_head", "--auto_quantize_bits"]
+         "--group_size", "--quantize_lm_head", "--auto_quantize_bits", "--desc_act"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,8 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="weight dtype of the unquantized parts (auto: the checkpoint's)")
     p.add_argument("--qformat", default="full_prec", choices=QFORMATS,
                    help="full_prec (the default) writes an unquantized checkpoint; int8_wo/int4_wo weight-only "
-                        "per-channel INT8/INT4 (W8A16/W4A16); fp8 (per-tensor, calibrated static activations) "
-                        "and fp8_pc_pt (per-channel, per-token) FP8 W8A8; the others are not implemented yet")
+                        "per-channel INT8/INT4 (W8A16/W4A16); int4_awq/int4_gptq group-wise INT4 calibrated by AWQ or "
+                        "GPTQ; fp8 (per-tensor, calibrated static activations) and fp8_pc_pt (per-channel, per-token) FP8 "
+                        "W8A8; the others are not implemented yet")
     p.add_argument("--output_dir", default=None, help="where to write the kiln checkpoint (default exported_model)")
     p.add_argument("--export_path", default=None, help="the older quantize.py's spelling of --output_dir")
     p.add_argument("--export_format", default="tensorrt_llm", choices=["tensorrt_llm", "hf"],
@@ -41,7 +46,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tp_size", type=int, default=1, help="tensor parallel ranks of the checkpoint")
     p.add_argument("--pp_size", type=int, default=1, help="pipeline parallel stages of the checkpoint")
     p.add_argument("--batch_size", type=int, default=1, help="calibration batch size (unused by full_prec)")
-    p.add_argument("--seed", type=int, default=1234, help="calibration seed (unused by full_prec)")
+    p.add_argument("--seed", type=int, default=1234, help="calibration seed: which windows of the text AWQ/GPTQ use")
     p.add_argument("--device", default=None, help="calibration device of --kv_cache_dtype (default: cuda when present)")
     add_quant_flags(p, QUANT)
 
@@ -54,8 +59,7 @@ def output_dir(args: argparse.Namespace) -> str:
 
 def main(args: argparse.Namespace) -> int:
     algo = QFORMAT_ALGOS.get(args.qformat)
-    taken = kv_flags_taken(args) | (CALIB_FLAGS if algo in FP8_ALGOS else set())  # static FP8 calibrates too
-    if args.qformat != "full_prec" and (algo is None or set(quant_flags_given(args)) - taken):
+    if args.qformat != "full_prec" and (algo is None or not qformat_takes_flags(args, algo)):
         refuse_quantization(args, [f"--qformat {args.qformat}"])
     quant = quant_config_from_flags(args, algo)  # --kv_cache_dtype int8|fp8 with any of them; the rest is refused
     calib = kv_calibration_from_flags(args) if quant.kv_cache_quant_algo or algo == "FP8" else None
@@ -66,7 +70,9 @@ def main(args: argparse.Namespace) -> int:
                           "(the Hugging Face directory given is already the unquantized hf format)")
     plan = plan_from_hf(args.model_dir, None if args.dtype == "auto" else args.dtype, args.tp_size, args.pp_size,
                         quant=quant)
-    out = convert(dataclasses.replace(plan, kv_calibration=calib), output_dir(args))
+    calibration, dataset = calibration_from_flags(args, quant, args.seed)
+    plan = dataclasses.replace(plan, calibration=calibration, calib_dataset=dataset, kv_calibration=calib)
+    out = convert(plan, output_dir(args))
     what = f"{args.qformat} ({algo})" if algo else "unquantized (full_prec)"
     what += f" with an {quant.kv_cache_quant_algo} KV cache" if quant.kv_cache_quant_algo else ""
     print(f"wrote {what} {plan.config.architecture} checkpoint ({plan.config.dtype}, "

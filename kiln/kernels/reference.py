@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.quant import kv_cache as kvq
+from kiln.quant.group_wise import dequantize_groups
 from kiln.quant.weight_only import dequantize
 
 
@@ -134,6 +135,31 @@ def fused_moe_weight_only(
     def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
         return (dequantize(w13[e], w13_scale[e], bits, hidden.dtype),
                 dequantize(w2[e], w2_scale[e], bits, hidden.dtype))
+
+    return glu_experts(hidden, w13.shape[0], expert, topk_weights, topk_ids, expert_start)
+
+
+def fused_moe_group_wise(
+    hidden: torch.Tensor,  # [tokens, hidden]
+    w13: torch.Tensor,  # [local_experts, 2 * ffn, hidden / 2] int8 (4-bit unsigned, two per byte)
+    w13_scale: torch.Tensor,  # [local_experts, 2 * ffn, groups of hidden]
+    w13_zero: torch.Tensor,  # like w13_scale, integer-valued
+    w2: torch.Tensor,  # [local_experts, hidden, ffn / 2] int8
+    w2_scale: torch.Tensor,  # [local_experts, hidden, groups of ffn (+1 when the ffn slice starts mid-group)]
+    w2_zero: torch.Tensor,  # like w2_scale
+    topk_weights: torch.Tensor,  # [tokens, top_k] float32
+    topk_ids: torch.Tensor,  # [tokens, top_k] int, global expert ids
+    expert_start: int,
+    bits: int,  # 4 (or 8)
+    group_size: int,
+    w13_k_offset: int = 0,  # always 0: w13's input (hidden) is never split
+    w2_k_offset: int = 0,  # where this rank's ffn slice starts inside its first group
+) -> torch.Tensor:  # [tokens, hidden]
+    """fused_moe over group-wise quantized experts (kiln.quant.group_wise's format): each chosen expert's weights are
+    dequantized to the activation dtype, then multiplied exactly as fused_moe does."""
+    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return (dequantize_groups(w13[e], w13_scale[e], w13_zero[e], bits, group_size, hidden.dtype, w13_k_offset),
+                dequantize_groups(w2[e], w2_scale[e], w2_zero[e], bits, group_size, hidden.dtype, w2_k_offset))
 
     return glu_experts(hidden, w13.shape[0], expert, topk_weights, topk_ids, expert_start)
 

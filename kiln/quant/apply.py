@@ -26,6 +26,7 @@ from kiln.layers.linear import LinearBase, ReplicatedLinear
 from kiln.layers.moe import MoE
 from kiln.quant.fp8 import fp8_scheme
 from kiln.quant.fp8_layers import quantize_fp8_model
+from kiln.quant.group_wise import GroupWiseMethod, dequantize_groups, group_wise_method, num_groups
 from kiln.quant.kv_cache import add_kv_scale_params
 from kiln.quant.weight_only import WeightOnlyMethod, weight_only_method
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 class WeightOnlyMatmul:
     """A quantized linear layer's matmul: dequantize to the activation dtype, then F.linear (the torch path; the
     reference every kernel is held to is `x @ dequant(W).T`). Its format attributes (bits, scale, zero, group_size,
-    k_offset, g_idx; prompts' group-wise format) are what kiln.kernels binds its GPU kernels from."""
+    k_offset, g_idx: the group-wise format's) are what kiln.kernels binds its GPU kernels from."""
 
     def __init__(self, method: WeightOnlyMethod, scale: nn.Parameter) -> None:
         self.method, self.scale = method, scale
@@ -64,6 +65,40 @@ class WeightOnlyExperts:
                                              self.expert_start, self.method.bits)
 
 
+class GroupWiseMatmul:
+    """A group-wise quantized linear layer's matmul (torch path): dequantize with scales and zero points per group of
+    input features, then F.linear. `bits`, `scale`, `zero`, `group_size`, `k_offset` and `g_idx` are what a kernel
+    binding reads."""
+
+    g_idx = None  # kiln's own act-order keeps groups in order (kiln.quant.gptq), so no layer needs one yet
+
+    def __init__(self, method: GroupWiseMethod, scale: nn.Parameter, zero: nn.Parameter, k_offset: int) -> None:
+        self.method, self.scale, self.zero, self.k_offset = method, scale, zero, k_offset
+        self.bits, self.group_size = method.bits, method.group_size
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:  # [tokens, in] -> [tokens, out]
+        w = dequantize_groups(weight, self.scale, self.zero, self.bits, self.group_size, x.dtype, self.k_offset)
+        return F.linear(x, w, bias)
+
+
+class GroupWiseExperts:
+    """A group-wise quantized MoE's experts: the kernel set's group-wise fused MoE over w13/w2, scales and zeros."""
+
+    def __init__(self, method: GroupWiseMethod, moe: MoE) -> None:
+        self.method = method
+        self.w13, self.w13_scale, self.w13_zero = moe.w13, moe.w13_scale, moe.w13_zero
+        self.w2, self.w2_scale, self.w2_zero = moe.w2, moe.w2_scale, moe.w2_zero
+        self.w13_k_offset, self.w2_k_offset = moe.w13.k_offset, moe.w2.k_offset
+        self.expert_start = moe.expert_start
+
+    def __call__(self, kernels: KernelSet, x: torch.Tensor, weights: torch.Tensor,
+                 ids: torch.Tensor) -> torch.Tensor:  # x [tokens, hidden] -> [tokens, hidden] (this rank's part)
+        return kernels.fused_moe_group_wise(x, self.w13, self.w13_scale, self.w13_zero, self.w2, self.w2_scale,
+                                            self.w2_zero, weights, ids, self.expert_start, self.method.bits,
+                                            self.method.group_size, self.w13_k_offset, self.w2_k_offset)
+
+
 def _replace(module: nn.Module, name: str, method: WeightOnlyMethod, where: str) -> None:
     """Swap the float parameter `name` of `module` ([..., out, in]) for its int8 storage and add `<name>_scale`
     ([..., out], the float dtype)."""
@@ -87,26 +122,75 @@ def _replace(module: nn.Module, name: str, method: WeightOnlyMethod, where: str)
     setattr(module, name + "_scale", scale)
 
 
+def input_start(param: nn.Parameter, where: str) -> int:
+    """Where this rank's slice of the input features (the last dim) starts in the full weight (0 when unsplit)."""
+    last = param.dim() - 1
+    for spec in getattr(param, "shard_specs", ()):
+        if spec.dim == last:
+            if len(spec.segments) != 1:
+                raise ConfigError(f"{where}: group-wise quantization needs one input segment per rank")
+            seg = spec.segments[0]
+            return seg.index * seg.local_size
+    return 0
+
+
+def _replace_groups(module: nn.Module, name: str, method: GroupWiseMethod, where: str) -> None:
+    """As `_replace`, for the group-wise format: int8 storage, `<name>_scale` and `<name>_zero` [..., out, groups].
+    Their group columns are this rank's (`group_slice`, which convert cuts with kiln.quant.group_wise.slice_groups);
+    the weight's `k_offset` says where its input slice starts inside its first group."""
+    old: nn.Parameter = getattr(module, name)
+    logical, start = tuple(old.shape), input_start(old, where)
+    if method.bits == 4 and logical[-1] % 2:
+        raise ConfigError(f"{method.quant_algo} packs two 4-bit weights per byte along the input features, but "
+                          f"{where}.{name} has {logical[-1]} input features on a rank (odd); choose a tp size that "
+                          "leaves an even count per rank")
+    k_offset = start % method.group_size
+    specs = getattr(old, "shard_specs", ())
+    stored = nn.Parameter(torch.empty(method.stored_shape(logical), dtype=torch.int8, device=old.device),
+                          requires_grad=False)
+    stored.shard_specs, stored.logical_shape = specs, logical  # type: ignore[attr-defined]
+    stored.weight_only, stored.k_offset = method, k_offset  # type: ignore[attr-defined]
+    setattr(module, name, stored)
+    groups = num_groups(logical[-1], method.group_size, k_offset)
+    for suffix in ("_scale", "_zero"):
+        extra = nn.Parameter(torch.empty(*logical[:-1], groups, dtype=old.dtype, device=old.device),
+                             requires_grad=False)
+        extra.shard_specs = tuple(s for s in specs if s.dim < len(logical) - 1)  # type: ignore[attr-defined]
+        extra.is_weight_scale = True  # type: ignore[attr-defined]
+        extra.group_slice = (start, logical[-1], method.group_size)  # type: ignore[attr-defined]
+        setattr(module, name + suffix, extra)
+
+
+def _bind(module: nn.Module, method: WeightOnlyMethod | GroupWiseMethod, where: str) -> None:
+    """The quantized parameters and matmul (or experts) of one linear layer or MoE."""
+    group_wise = isinstance(method, GroupWiseMethod)
+    replace = _replace_groups if group_wise else _replace
+    for name in ("w13", "w2") if isinstance(module, MoE) else ("weight",):
+        replace(module, name, method, where)  # type: ignore[arg-type]
+    if isinstance(module, MoE):
+        module.run_experts = (GroupWiseExperts if group_wise else WeightOnlyExperts)(method, module)
+    elif group_wise:
+        module.matmul = GroupWiseMatmul(method, module.weight_scale, module.weight_zero, module.weight.k_offset)
+    else:
+        module.matmul = WeightOnlyMatmul(method, module.weight_scale)
+
+
 def quantize_model(model: nn.Module, quant: QuantConfig | None) -> int:
     """Give `model` the parameters and matmuls of `quant`'s weight-only format (nothing for an unquantized one), and
     its attention layers their KV-cache scales when the KV cache is quantized (kiln.quant.kv_cache). Returns how many
     layers' weights were quantized."""
     add_kv_scale_params(model, quant)
-    fp8 = fp8_scheme(quant.quant_algo if quant is not None else None)
+    algo = quant.quant_algo if quant is not None else None
+    fp8 = fp8_scheme(algo)
     if fp8 is not None:  # FP8 weights and activations (kiln.quant.fp8_layers)
         return quantize_fp8_model(model, fp8)
-    method = weight_only_method(quant.quant_algo if quant is not None else None)
+    group_wise = group_wise_method(algo, quant.group_size if quant is not None else 0)
+    method = group_wise if group_wise is not None else weight_only_method(algo)
     if method is None:
         return 0
     count = 0
     for where, module in list(model.named_modules()):
-        if isinstance(module, LinearBase) and not isinstance(module, ReplicatedLinear):
-            _replace(module, "weight", method, where)
-            module.matmul = WeightOnlyMatmul(method, module.weight_scale)
-            count += 1
-        elif isinstance(module, MoE):
-            _replace(module, "w13", method, where)
-            _replace(module, "w2", method, where)
-            module.run_experts = WeightOnlyExperts(method, module)
+        if isinstance(module, MoE) or (isinstance(module, LinearBase) and not isinstance(module, ReplicatedLinear)):
+            _bind(module, method, where)
             count += 1
     return count
