@@ -19,6 +19,7 @@ from safetensors import safe_open
 
 import kiln
 from fixtures_baichuan import BaichuanReference, make_baichuan_checkpoint
+from fixtures_dbrx import dbrx_published_config, hf_dbrx_model, hf_scorers
 from fixtures_kv_cache import calib_text, convert_build, tiny_hf_dir
 from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, save_checkpoint
 from kiln.cli.main import main as kiln_main
@@ -124,19 +125,6 @@ def check_scores(engine: Path, reference, greedy=None, tol: float = 1e-4) -> Non
         assert tokens == [greedy(p) for p in PROMPTS]
 
 
-def hf_logits(model: torch.nn.Module):
-    def logits(prompt: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            return model(torch.tensor([prompt])).logits[0]
-
-    def greedy(prompt: list[int]) -> list[int]:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)
-        return out[0, len(prompt):].tolist()
-    return logits, greedy
-
-
 def fake_quant_linears(model: torch.nn.Module, names: dict[str, str], per_channel: bool,
                        static: dict[str, float] | None) -> None:
     """Each quantized nn.Linear (HF name -> kiln layer name) gets its fake-quantized weight and a pre-hook that
@@ -193,12 +181,10 @@ def test_mpt_matches_fake_quantized_reference(flags, tmp_path):
         for k, v in scales.items():
             assert math.isclose(stored[k], v, rel_tol=1e-6), k
     fake_quant_linears(model, names, per_channel=not static, static=scales)
-    check_scores(engine, *hf_logits(model))
+    check_scores(engine, *hf_scorers(model))
 
 
 def test_fused_gate_up_shares_the_max_of_its_parts_scales(tmp_path):
-    from fixtures_dbrx import dbrx_published_config, hf_dbrx_model
-
     model_dir = tiny_hf_dir(tmp_path, "dbrx")
     assert kiln_main(["convert", "--model_dir", str(model_dir), "--output_dir", str(tmp_path / "ckpt"), "--dtype",
                       "float32", *STATIC, "--calib_dataset", str(calib_text(tmp_path)), *CALIB]) == 0
@@ -281,8 +267,6 @@ def patch_dbrx_experts(model: torch.nn.Module, cfg: dict, per_channel: bool, sta
 
 @pytest.mark.parametrize("flags", [STATIC, DYNAMIC], ids=["static", "per_token"])
 def test_dbrx_experts_match_fake_quantized_reference(flags, tmp_path):
-    from fixtures_dbrx import dbrx_published_config, hf_dbrx_model
-
     model_dir = tiny_hf_dir(tmp_path, "dbrx")
     calib = calib_text(tmp_path)
     engine = convert_build(tmp_path, model_dir, *flags, "--calib_dataset", str(calib), *CALIB)
@@ -303,7 +287,7 @@ def test_dbrx_experts_match_fake_quantized_reference(flags, tmp_path):
             key = ours + ("_input_scale" if ours.endswith("w13") else ".input_scale")
             assert math.isclose(stored[key].item(), a / 448, rel_tol=1e-6), key
     patch_dbrx_experts(model, cfg, per_channel=flags == DYNAMIC, static=static)
-    check_scores(engine, *hf_logits(model))
+    check_scores(engine, *hf_scorers(model))
 
 
 # ------------------------------------------------------------------------- published FP8 checkpoints (vLLM's format)
@@ -348,7 +332,7 @@ def test_published_static_fp8_mpt_gives_its_dequantized_logits(tmp_path):
     modules = dict(model.named_modules())
     for hf in names:
         modules[hf].register_forward_pre_hook(lambda _m, args, s=inputs[hf]: (ref_fq_act(args[0], s), *args[1:]))
-    check_scores(engine, *hf_logits(model))
+    check_scores(engine, *hf_scorers(model))
 
 
 def test_published_dynamic_fp8_baichuan_requantizes_gate_up_to_the_max_scale(tmp_path):
