@@ -476,3 +476,16 @@ def test_scaled_mm_call_matches_the_reference_where_torch_runs_it_on_the_cpu(alg
     want = FP8Matmul(scheme, scale, static, use_scaled_mm=False)(x.bfloat16().float(), q, b.bfloat16().float())
     assert got.dtype == torch.bfloat16
     assert (got.float() - want).abs().max() <= 1e-2 * want.abs().max()
+
+
+def test_static_fp8_asked_of_a_dynamic_published_checkpoint_is_calibrated(tmp_path):
+    model_dir = tiny_hf_dir(tmp_path, "mpt")
+    cfg = json.loads((model_dir / "config.json").read_text())
+    state = published_state(hf_mpt_model(mpt_published_config(vocab_size=512)))
+    published, _ = publish_fp8(state, [hf + ".weight" for hf in mpt_names(cfg["n_layers"])], None)
+    out = save_checkpoint(published, dict(cfg, quantization_config={"quant_method": "fp8",
+                                                                      "activation_scheme": "dynamic"}), model_dir)
+    engine = convert_build(tmp_path, out, *STATIC, "--calib_dataset", str(calib_text(tmp_path)), *CALIB)
+    config = json.loads((engine / "config.json").read_text())
+    assert config["quantization"]["quant_algo"] == "FP8"
+    assert config["provenance"]["fp8_calibration"]["samples"] == 4  # calibrated, not read from the checkpoint

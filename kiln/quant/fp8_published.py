@@ -66,6 +66,7 @@ class DequantizingCheckpoint:
 
     def __init__(self, inner: Any) -> None:
         self.inner, self.dir, self.config = inner, inner.dir, inner.config
+        self.algo = published_fp8_algo(inner.config)
         self._names = {n for n in inner.names() if not n.endswith(SCALE_SUFFIXES)}
         self._all = inner.names()
 
@@ -104,10 +105,10 @@ def published_checkpoint(checkpoint: Any) -> Any:
 
 def published_input_scales(source: Any, names: list[str]) -> dict[str, torch.Tensor] | None:
     """{kiln "<layer>.input_scale": [1]} from a static published checkpoint (a fused layer's parts: their max), or
-    None when the source is not a published FP8 checkpoint. An MoE's experts are not published linears: refused."""
+    None when the source is not a static published FP8 checkpoint. An MoE's experts are not published linears: refused."""
     checkpoint = getattr(source, "checkpoint", None)
-    if not isinstance(checkpoint, DequantizingCheckpoint):
-        return None
+    if not isinstance(checkpoint, DequantizingCheckpoint) or checkpoint.algo != "FP8":
+        return None  # not published, or dynamic: static scales asked for are calibrated
     scales = {}
     for name in names:
         if not name.endswith(".input_scale"):
