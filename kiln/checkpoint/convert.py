@@ -26,8 +26,9 @@ from kiln.config import FORMAT_VERSION, Mapping, ModelConfig, QuantConfig
 from kiln.layers.sharding import full_shape, shard_for
 from kiln.models.family import Family
 from kiln.quant.apply import quantize_model
-from kiln.quant.calibrate import CalibrationOptions, calibrate
 from kiln.quant.calib_data import calibration_tokens
+from kiln.quant.calibrate import CalibrationOptions, calibrate
+from kiln.quant.fp8_calibration import with_fp8_input_scales
 from kiln.quant.group_wise import group_wise_method, slice_groups
 from kiln.quant.kv_calibration import with_kv_scales
 
@@ -67,8 +68,8 @@ def rank_parameters(plan: ConvertPlan) -> list[dict[str, torch.nn.Parameter]]:
 
 
 def stored_dtype(param: torch.nn.Parameter, dtype: torch.dtype) -> torch.dtype:
-    """What a rank file stores for `param`: int8 quantized weights as they are, every float in the engine dtype."""
-    return param.dtype if param.dtype == torch.int8 else dtype
+    """What a rank file stores for `param`: int8 / FP8 quantized weights as they are, every float in the engine dtype."""
+    return param.dtype if param.dtype in (torch.int8, torch.float8_e4m3fn) else dtype
 
 
 def _quantize_full(param: torch.nn.Parameter, full: torch.Tensor, dtype: torch.dtype,
@@ -128,6 +129,7 @@ def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True) ->
     check_output_dir(Path(output_dir), inputs)  # before the size estimate: a refused path is the clearer message
     check_fits(plan.family, plan.config, Path(output_dir), dummy=bool(plan.provenance.get("dummy")))
     plan = with_kv_scales(plan, progress)  # an INT8/FP8 KV cache: calibrate its scales first, on the float model
+    plan = with_fp8_input_scales(plan, progress)  # static FP8 activations: calibrate their scales too
     if plan.calibration is None:
         return _convert(plan, Path(output_dir), inputs, progress)
     with tempfile.TemporaryDirectory(prefix="kiln-calib-") as scratch:
