@@ -151,6 +151,8 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     if quant.kv_cache_quant_algo is not None:  # an INT8/FP8 KV cache: how convert calibrates its scales
         calib = kv_calibration_from_flags(args, getattr(args, "per_head_kv_scales", False))
     calibration, dataset = calibration_from_flags(args, quant, args.seed)
+    if checkpoint is None and calibration is not None:  # dummy weights are drawn in the format: nothing to calibrate
+        calibration, dataset = None, None
     return ConvertPlan(family, config, mapping, source, quant, provenance, calib, calibration, dataset)
 
 
