@@ -8,19 +8,17 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels.triton_common import FLOAT_DTYPES, INDEX_DTYPES, cdiv, check_device, check_shape, check_tensor
-from kiln.kernels.triton_common import dot_precision, dot_upcast, while_loops
+from kiln.kernels.triton_common import cdiv, check_shape, check_tensor, dot_precision, dot_upcast, while_loops
 from kiln.kernels.triton_moe import AlignedRouting, _fitting_stages, _launch_sum, plan_moe_run
 from kiln.kernels.triton_moe_configs import GemmTile, MoeConfig
 from kiln.kernels.triton_moe_group_wise_kernels import moe_gw_down_kernel, moe_gw_gate_up_kernel
+from kiln.kernels.triton_moe_weight_only import check_quantized_experts
 from kiln.quant.group_wise import num_groups
 
 __all__ = ["fused_moe_group_wise"]
 
 
-def _check_format(bits: int, group_size: int, w13_k_offset: int, w2_k_offset: int) -> None:
-    if bits not in (8, 4):
-        raise ValueError(f"bits must be 8 or 4, got {bits}")
+def _check_format(group_size: int, w13_k_offset: int, w2_k_offset: int, bits: int) -> None:
     if group_size < 32 or group_size & (group_size - 1):
         raise ValueError(f"group_size must be a power of two of at least 32, got {group_size}")
     for name, k_offset in (("w13_k_offset", w13_k_offset), ("w2_k_offset", w2_k_offset)):
@@ -30,35 +28,15 @@ def _check_format(bits: int, group_size: int, w13_k_offset: int, w2_k_offset: in
 
 def _check(hidden, w13, s13, z13, w2, s2, z2, topk_weights, topk_ids, expert_start, bits, group_size,
            w13_k_offset, w2_k_offset) -> None:
-    _check_format(bits, group_size, w13_k_offset, w2_k_offset)
-    check_tensor("hidden", hidden, 2, FLOAT_DTYPES)
-    device = hidden.device
-    check_device(device)
-    check_tensor("w13", w13, 3, (torch.int8,), device)
-    check_tensor("w2", w2, 3, (torch.int8,), device)
-    check_tensor("topk_weights", topk_weights, 2, FLOAT_DTYPES, device, last_dim_contiguous=False)
-    check_tensor("topk_ids", topk_ids, 2, INDEX_DTYPES, device, last_dim_contiguous=False)
-    per_byte = 2 if bits == 4 else 1
-    size = hidden.shape[1]
-    experts, two_ffn = w13.shape[0], w13.shape[1]
-    if two_ffn % 2 or size % per_byte:
-        raise ValueError(f"w13 must stack [gate; up] rows (2 * ffn, got {two_ffn}) over {size} input features "
-                         f"({'even for INT4' if bits == 4 else 'any'})")
-    ffn = two_ffn // 2
-    check_shape("w13", w13, (experts, two_ffn, size // per_byte))
-    check_shape("w2", w2, (experts, size, ffn // per_byte))
-    for name, tensor, shape in (("w13", s13, (experts, two_ffn, num_groups(size, group_size, w13_k_offset))),
-                                ("w2", s2, (experts, size, num_groups(ffn, group_size, w2_k_offset)))):
-        check_tensor(f"{name}_scale", tensor, 3, (hidden.dtype, torch.float32), device)
-        check_shape(f"{name}_scale", tensor, shape)
-    for name, zero, scale in (("w13_zero", z13, s13), ("w2_zero", z2, s2)):
-        check_tensor(name, zero, 3, (hidden.dtype, torch.float32), device)
-        check_shape(name, zero, tuple(scale.shape))
-    check_shape("topk_weights", topk_weights, tuple(topk_ids.shape))
-    if topk_ids.shape[0] != hidden.shape[0]:
-        raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows for {hidden.shape[0]} tokens")
-    if not isinstance(expert_start, int) or expert_start < 0:
-        raise ValueError(f"expert_start must be a non-negative int, got {expert_start!r}")
+    experts, two_ffn, size = check_quantized_experts(hidden, w13, w2, topk_weights, topk_ids, expert_start, bits)
+    _check_format(group_size, w13_k_offset, w2_k_offset, bits)
+    groups13 = num_groups(size, group_size, w13_k_offset)
+    groups2 = num_groups(two_ffn // 2, group_size, w2_k_offset)
+    for name, scale, zero, shape in (("w13", s13, z13, (experts, two_ffn, groups13)),
+                                     ("w2", s2, z2, (experts, size, groups2))):
+        for suffix, tensor in (("_scale", scale), ("_zero", zero)):
+            check_tensor(name + suffix, tensor, 3, (hidden.dtype, torch.float32), hidden.device)
+            check_shape(name + suffix, tensor, shape)
 
 
 def _k_tile(tile: GemmTile, group_size: int) -> int:
