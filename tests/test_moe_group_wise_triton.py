@@ -108,3 +108,36 @@ def test_group_wise_moe_engines_may_capture_graphs():
         assert graphs_allowed(info, triton_kernels())
         assert not graphs_allowed(info, REFERENCE)
         assert not graphs_allowed(info)
+
+
+@pytest.mark.parametrize("moe_tp, moe_ep, rank", [(2, 1, 1), (1, 2, 1)])
+def test_a_quantized_dbrx_moe_runs_this_kernel_like_the_reference(moe_tp, moe_ep, rank):
+    """The wiring: a dbrx-tiny MoE quantized group-wise (group 32) on one rank of an expert tensor- or expert-parallel
+    split (ffn 96 / 2 = 48 per rank: rank 1's w2 slice starts 16 into a group, k_offset 16), its experts run through
+    the triton kernel set and through the torch one."""
+    from kiln.checkpoint.sources import dummy_hf_config
+    from kiln.config import Mapping, QuantConfig
+    from kiln.kernels import REFERENCE
+    from kiln.kernels.triton_ops import triton_kernels
+    from kiln.layers.moe import MoE
+    from kiln.models import family_for_hf_config
+    from kiln.quant.apply import quantize_model
+
+    hf = dummy_hf_config("dbrx-tiny", None)
+    config = family_for_hf_config(hf).config_from_hf(hf, "float32")
+    moe = MoE(config, Mapping(2, 2, 1, moe_tp, moe_ep, rank))
+    quantize_model(moe, QuantConfig(quant_algo="W4A16_AWQ", group_size=32))
+    assert moe.w2.k_offset == (16 if moe_tp == 2 else 0)
+    gen = torch.Generator().manual_seed(rank + moe_tp)
+    for name in ("w13", "w2"):
+        stored, scale, zero = (getattr(moe, name + s) for s in ("", "_scale", "_zero"))
+        rows, cols = stored.shape[1], stored.shape[2] * 2
+        q, s, z = random_experts(stored.shape[0], rows, cols, 4, 32, stored.k_offset, torch.float32, gen)
+        for param, value in ((stored, q), (scale, s), (zero, z)):
+            param.data.copy_(value.cpu())
+    x = torch.randn(6, config.hidden_size, generator=gen)
+    weights, ids = torch.softmax(torch.randn(6, config.moe_num_experts, generator=gen), -1).topk(2, dim=-1)
+    want = moe.run_experts(REFERENCE, x, weights, ids)
+    got = moe.to(DEVICE).run_experts(triton_kernels(), x.to(DEVICE), weights.to(DEVICE), ids.to(DEVICE))
+    assert want.abs().max() > 0.05
+    assert torch.allclose(got.cpu(), want, rtol=1e-4, atol=1e-5), (got.cpu() - want).abs().max()
