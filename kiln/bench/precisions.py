@@ -1,6 +1,6 @@
 """`kiln bench --weight_only_precision none int8 int4 ...`: the same dummy model converted into each weight-only
-format (random weights quantized by convert), built and timed in turn in one process, then one table that sets every
-precision's decode and prefill beside the unquantized engine's ("none"). Each engine's floor counts its own bytes:
+format (random weights drawn in the format, kiln.quant.dummy_weights), built and timed in turn in one process, then
+one table that sets every precision's decode and prefill beside the unquantized engine's ("none"). Each engine's floor counts its own bytes:
 quantized weights as stored, plus their scales and zeros (kiln.bench.physics)."""
 
 from __future__ import annotations

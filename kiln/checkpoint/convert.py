@@ -72,12 +72,12 @@ def stored_dtype(param: torch.nn.Parameter, dtype: torch.dtype) -> torch.dtype:
     return param.dtype if param.dtype in (torch.int8, torch.float8_e4m3fn) else dtype
 
 
-def _quantize_full(param: torch.nn.Parameter, full: torch.Tensor, dtype: torch.dtype,
+def _quantize_full(param: torch.nn.Parameter, full: torch.Tensor | None, dtype: torch.dtype,
                    scales: dict[str, torch.Tensor], name: str,
                    calibrated: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """A weight-only quantized parameter's full unpacked values; its full scale (and group-wise zero points) wait in
     `scales` for their own turn in the write order (after the layer's bias). `calibrated` is what a calibration
-    (GPTQ) chose for this weight instead of rounding to nearest."""
+    (GPTQ) chose for this weight instead of rounding to nearest, or a dummy source's values drawn in the format."""
     q, scale, *zero = calibrated or param.weight_only.quantize(full, dtype)  # q [..., out, in]
     scales[name + "_scale"] = scale.to(dtype)  # [..., out] per channel; [..., out, groups] group-wise
     if zero:
@@ -107,8 +107,12 @@ def _write_tensors(plan: ConvertPlan, ranks: list[dict[str, torch.nn.Parameter]]
         if not holders:
             continue
         first = ranks[holders[0]][name]
+        drawn = getattr(plan.source, "random_quantized", None) if hasattr(first, "weight_only") else None
         if getattr(first, "is_weight_scale", False):
             full = scales.pop(name)
+        elif drawn is not None:  # dummy weights drawn in the stored format: no float copy to round or calibrate
+            full = _quantize_full(first, None, dtype, scales, name, drawn(name, first.weight_only, full_shape(first),
+                                                                          dtype))
         else:
             full = plan.source.full_tensor(name, full_shape(first)).to(dtype)
             if hasattr(first, "weight_only"):  # quantize the full weight once; each rank packs its own shard

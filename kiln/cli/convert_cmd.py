@@ -11,8 +11,8 @@ from kiln.checkpoint.convert import ConvertPlan, convert
 from kiln.checkpoint.hf_reader import HFCheckpoint
 from kiln.checkpoint.safety import config_from_hf
 from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_config, keep_first_layers
-from kiln.cli.quant_flags import add_quant_flags, calibration_from_flags, kv_calibration_from_flags, \
-    quant_config_from_flags
+from kiln.cli.quant_flags import add_quant_flags, calibration_asked, calibration_from_flags, \
+    kv_calibration_from_flags, quant_config_from_flags
 from kiln.quant.published import refuse_published
 from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
@@ -156,6 +156,10 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     if quant.kv_cache_quant_algo is not None or quant.quant_algo == "FP8":  # calibrated KV / FP8 input scales
         calib = kv_calibration_from_flags(args, getattr(args, "per_head_kv_scales", False))
     calibration, dataset = calibration_from_flags(args, quant, args.seed)
+    if checkpoint is None and not calibration_asked(args):
+        # Dummy weights are drawn straight in the format (kiln.quant.dummy_weights), unless a calibration flag asks
+        # for AWQ/GPTQ on them (at real shapes that takes long and measures nothing).
+        calibration, dataset = None, None
     return ConvertPlan(family, config, mapping, source, quant, provenance, calib, calibration, dataset)
 
 

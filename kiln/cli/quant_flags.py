@@ -217,6 +217,11 @@ def calibration_from_flags(args: argparse.Namespace, quant: QuantConfig,
     return options, getattr(args, _dest_of("--calib_dataset"), None)
 
 
+def calibration_asked(args: argparse.Namespace) -> bool:
+    """Whether a flag of AWQ/GPTQ calibration was given (dummy weights are calibrated only then)."""
+    return bool(_given_names(args) & (CALIB_FLAGS | {"--desc_act"}))
+
+
 def refuse_quantization(args: argparse.Namespace, extra: list[str] | None = None) -> None:
     """Raise a ConfigError naming every quantization flag given, in command-line order, after `extra` (what a
     command found itself, such as quantize.py's `--qformat int4_awq`)."""

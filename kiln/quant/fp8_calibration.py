@@ -1,6 +1,6 @@
 """Static FP8 activation scales ("FP8"): the per-tensor amax of each quantized linear layer's input (and of DBRX's
 experts' input) over calibration text, / 448. The text, windows and float model are the KV-cache calibration's
-(kiln.quant.kv_calibration: kiln/quant/data/calib.txt or --calib_dataset, --calib_size windows of
+(kiln.quant.kv_calibration: kiln/eval/data/calibration.txt or --calib_dataset, --calib_size windows of
 --calib_max_seq_length tokens, never the held-out text), streamed with a progress bar; the hook is each layer's
 matmul (and each MoE's run_experts), which records |x|'s max before calling the float one.
 
