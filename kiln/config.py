@@ -175,7 +175,9 @@ class Mapping:
 
 
 GROUP_WISE_QUANT_ALGOS = ("W4A16_AWQ", "W4A16_GPTQ", "W8A16_GPTQ")  # W8A16_GPTQ: published 8-bit GPTQ only
-QUANT_ALGOS = (None, "W8A16", "W4A16", *GROUP_WISE_QUANT_ALGOS)
+# FP8 weights and activations (kiln.quant.fp8), TensorRT-LLM's names (FP8_PER_TENSOR_PER_TOKEN is kiln's).
+FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PER_TENSOR_PER_TOKEN")
+QUANT_ALGOS = (None, "W8A16", "W4A16", *GROUP_WISE_QUANT_ALGOS, *FP8_ALGOS)
 
 
 @dataclass
@@ -190,7 +192,7 @@ class QuantConfig:
     exclude_modules: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        # Weight-only per-channel INT8/INT4 and group-wise INT4 (AWQ, GPTQ); every other format is refused by name.
+        # Weight-only per-channel INT8/INT4 group-wise INT4 (AWQ, GPTQ) and FP8; every other format is refused by name.
         if self.quant_algo not in QUANT_ALGOS:
             raise ConfigError(
                 f"quantization {self.quant_algo!r} is not supported by this kiln version "

@@ -51,7 +51,7 @@ def check_rank_header(path: str, rank: int, dtype: torch.dtype, weight_only: boo
         raise ConfigError(f"{path} holds rank {recorded}'s weights, not rank {rank}'s; the engine's files were "
                           "copied or renamed: rebuild it from its checkpoint")
     stated = dtype_name(dtype)
-    allowed = {stated, "I8"} if weight_only else {stated}
+    allowed = {stated, "I8", "F8_E4M3"} if weight_only else {stated}  # int8 / FP8 quantized weights
     if act_order:  # published act-order GPTQ: int32 group indices
         allowed.add("I32")
     found = sorted(_ST_DTYPES.get(d, d) for d in dtypes if _ST_DTYPES.get(d, d) not in allowed)

@@ -96,7 +96,8 @@ EXPECT: dict[str, list[Expect]] = {
         ckpt("ckpts/mpt-7b/int8_wo", "float32", quant_algo="W8A16"),
         ckpt("ckpts/mpt-7b/int4_wo", "float32", quant_algo="W4A16"), quant("--smoothquant"),
         ckpt("ckpts/mpt-7b/fp16_int8kv", "float16", kv_algo="INT8"),
-        ckpt("ckpts/mpt-7b/int4_awq", "float32", quant_algo="W4A16_AWQ"), quant("--qformat fp8, --kv_cache_dtype"),
+        ckpt("ckpts/mpt-7b/int4_awq", "float32", quant_algo="W4A16_AWQ"),
+        ckpt("ckpts/mpt-7b/fp8", "float32", quant_algo="FP8", kv_algo="FP8"),  # quantize.py --qformat fp8: FP8 W8A8
         ckpt("ckpts/mpt-7b/int8_wo", "float32", tp=2, quant_algo="W8A16"),
         ckpt("ckpts/mpt-7b/int4_wo", "float32", quant_algo="W4A16"), quant("--qformat int8_sq, --kv_cache_dtype"),
         engine("trt_engines/mpt-7b/fp16", "float16"),
@@ -115,7 +116,10 @@ EXPECT: dict[str, list[Expect]] = {
         Expect("error", flags="applies only with --model_dir (a one-step build)"),  # its --dtype, --model_version
         quant("--quant_ckpt_path, --use_weight_only, --weight_only_precision, --per_group, --int8_kv_cache"),
         quant("-sq"), quant("--use_smooth_quant, --per_token, --per_channel"),
-        quant("--qformat fp8, --calib_size"), quant("--quantized_fp8_model_path, --enable_fp8, --fp8_kv_cache"),
+        # quantize.py --qformat fp8 runs (FP8 W8A8, as MPT's line shows), but this line's model directory is one the
+        # README never made (/code/model/Baichuan2-13B-Chat): it stops there
+        Expect("missing", "/code/model/Baichuan2-13B-Chat"),
+        quant("--quantized_fp8_model_path, --enable_fp8, --fp8_kv_cache"),
         # quantize.py --qformat int4_awq runs (AWQ), but like -kv above it names no --model_version (quantize.py has
         # none), and the tiny stand-in's sizes are not the published 13B's: it stops there
         Expect("error", flags="cannot tell which Baichuan this is"),
@@ -183,7 +187,8 @@ def test_every_readme_line_has_an_expectation():
         assert all(Path(to_kiln(line)[0]).name in {"convert", "build", "run", "quantize", "summarize"}
                    for line in lines)
     kinds = Counter(e.kind for lines in EXPECT.values() for e in lines)  # the counts docs/cli.md states
-    assert kinds == {"checkpoint": 14, "engine": 12, "text": 7, "quant": 10, "error": 3, "typo": 1, "summarize": 3}
+    assert kinds == {"checkpoint": 15, "engine": 12, "text": 7, "quant": 8, "error": 3, "typo": 1, "summarize": 3,
+                     "missing": 1}
     assert {(seed, i) for seed, lines in EXPECT.items() for i, e in enumerate(lines) if e.kind == "summarize"} == \
         SUMMARIZE_LINES
     assert to_kiln(commands[DBRX][2])[-4:] == ["--pp_size", "2", "--tp_size", "2"]

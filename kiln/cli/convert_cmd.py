@@ -11,14 +11,15 @@ from kiln.checkpoint.convert import ConvertPlan, convert, meta_model
 from kiln.checkpoint.hf_reader import HFCheckpoint
 from kiln.checkpoint.safety import config_from_hf
 from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_config, keep_first_layers
-from kiln.cli.quant_flags import add_quant_flags, calibration_from_flags, kv_calibration_from_flags, \
-    quant_ckpt_path, quant_config_from_flags
+from kiln.cli.quant_flags import add_quant_flags, calibration_asked, calibration_from_flags, \
+    kv_calibration_from_flags, quant_ckpt_path, quant_config_from_flags
 from kiln.quant.published import refuse_published
 from kiln.quant.published_group_wise import PublishedFormat, PublishedWeightSource, QuantizedFileOverlay, \
     published_format
 from kiln.cli.trtllm_flags import DEST_PREFIX, add_compat_flags, check_compat_flags
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
 from kiln.models import PRESETS, family_for_hf_config
+from kiln.quant.fp8_published import published_checkpoint, published_fp8_algo
 
 HELP = "convert a Hugging Face checkpoint (or dummy weights) to a kiln checkpoint"
 
@@ -35,7 +36,7 @@ REFUSED = ["--max_prompt_embedding_table_size", "--lora_target_modules", "--hf_l
 QUANT = ["--use_weight_only", "--weight_only_precision", "--per_group", "--group_size", "--quant_ckpt_path",
          "--smoothquant", "--per_token", "--per_channel", "--int8_kv_cache", "--fp8_kv_cache", "--calibrate_kv_cache",
          "--calib_dataset", "--dataset_cache_dir", "--quantize_lm_head", "--kv_cache_dtype", "--calib_size",
-         "--calib_max_seq_length", "--desc_act"]
+         "--calib_max_seq_length", "--desc_act", "--enable_fp8"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -122,7 +123,7 @@ def resolve_source(args: argparse.Namespace) -> tuple[dict, object | None]:
         raise ConfigError("give exactly one of --model_dir, --preset or --config"
                           + (f" (got {', '.join('--' + g for g in given)})" if given else ""))
     if args.model_dir:
-        checkpoint = HFCheckpoint(args.model_dir)
+        checkpoint = published_checkpoint(HFCheckpoint(args.model_dir))  # FP8 weights read dequantized
         return checkpoint.config, checkpoint
     return dummy_hf_config(args.preset, args.config), None
 
@@ -136,11 +137,14 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     if quant_ckpt_path(args) is not None:  # GPTQ-for-LLaMa's file beside the float checkpoint
         checkpoint, published = gptq_for_llama(args, checkpoint, published, quant)
         quant = dataclasses.replace(quant, quant_algo=None)
-    if checkpoint is not None and published is None:
+    fp8 = published_fp8_algo(hf)  # a published FP8 checkpoint is read (kiln.quant.fp8_published)
+    if checkpoint is not None and published is None and fp8 is None:
         refuse_published(Path(args.model_dir), hf)  # other published formats: named, before any tensor is read
     if published is not None and quant.quant_algo is not None:
         raise ConfigError(f"{args.model_dir} is already quantized ({published.quant_algo}); drop "
                           "--use_weight_only/--weight_only_precision (kiln keeps the published weights as they are)")
+    if quant.quant_algo is None and fp8 is not None:  # no weight format asked: keep the checkpoint's FP8
+        quant = dataclasses.replace(quant, quant_algo=fp8)
     family = family_for_hf_config(hf)
     if args.model_version is not None and family.name != "baichuan":
         raise ConfigError(f"--model_version applies to Baichuan checkpoints only, and this is a {family.name} model; "
@@ -165,9 +169,13 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
         source = DummyWeightSource(args.seed, args.dummy_device, tied_head=config.tie_word_embeddings)
         provenance = {"preset": args.preset, "config": args.config, "dummy": True, "seed": args.seed}
     calib = None
-    if quant.kv_cache_quant_algo is not None:  # an INT8/FP8 KV cache: how convert calibrates its scales
+    if quant.kv_cache_quant_algo is not None or quant.quant_algo == "FP8":  # calibrated KV / FP8 input scales
         calib = kv_calibration_from_flags(args, getattr(args, "per_head_kv_scales", False))
     calibration, dataset = calibration_from_flags(args, quant, args.seed) if published is None else (None, None)
+    if checkpoint is None and not calibration_asked(args):
+        # Dummy weights are drawn straight in the format (kiln.quant.dummy_weights), unless a calibration flag asks
+        # for AWQ/GPTQ on them (at real shapes that takes long and measures nothing).
+        calibration, dataset = None, None
     return ConvertPlan(family, config, mapping, source, quant, provenance, calib, calibration, dataset)
 
 

@@ -74,6 +74,8 @@ def quant_flags_given(args: argparse.Namespace) -> list[str]:
 
 def _fits(algo: str | None, others: set[str]) -> bool:
     """Whether the quantization flags `others` (beside those that chose `algo` and the KV cache's) belong to `algo`."""
+    if algo == "FP8":  # static FP8 activation scales are calibrated too
+        return others <= CALIB_FLAGS
     if algo not in GROUP_WISE_QUANT_ALGOS:
         return not others
     allowed = GROUP_WISE_FLAGS - ({"--desc_act"} if algo == "W4A16_AWQ" else set())
@@ -102,6 +104,27 @@ def qformat_takes_flags(args: argparse.Namespace, algo: str | None) -> bool:
     """Whether every quantization flag given (beside the KV cache's) belongs to the format quantize.py's --qformat
     chose (`algo`; None: full_prec)."""
     return _fits(algo, _given_names(args) - kv_flags_taken(args))
+
+
+# FP8 weights and activations (kiln.quant.fp8): --enable_fp8 alone is per-tensor with static activation scales
+# ("FP8"); --per_token makes the activation scales dynamic, one per token, and --per_channel (with --per_token) the
+# weight scales one per output channel.
+FP8_FLAGS = {"--enable_fp8", "--per_channel", "--per_token"}
+
+
+def fp8_algo(args: argparse.Namespace) -> str | None:
+    """FP8 or FP8_PER_CHANNEL_PER_TOKEN when --enable_fp8 is given with nothing but FP8 and KV-cache/calibration
+    flags; None otherwise."""
+    given = _given_names(args) - KV_FLAGS
+    if "--enable_fp8" not in given or not given <= FP8_FLAGS:
+        return None
+    per_channel, per_token = "--per_channel" in given, "--per_token" in given
+    if per_channel and not per_token:
+        raise ConfigError("kiln's FP8 with per-channel weight scales takes per-token activation scales: give "
+                          "--enable_fp8 --per_channel --per_token (or drop --per_channel for per-tensor weights)")
+    if per_token:
+        return "FP8_PER_CHANNEL_PER_TOKEN" if per_channel else "FP8_PER_TENSOR_PER_TOKEN"
+    return "FP8"
 
 
 def _dest_of(name: str) -> str:
@@ -177,7 +200,7 @@ def quant_config_from_flags(args: argparse.Namespace, qformat_algo: str | None =
     """The QuantConfig the quantization flags ask for (weight-only INT8/INT4/AWQ/GPTQ, or `qformat_algo` that
     quantize.py's --qformat chose, and the KV cache); anything else is refused by `refuse_quantization`'s one line."""
     kv = kv_cache_algo(args)
-    algo = weight_only_algo(args)
+    algo = weight_only_algo(args) or fp8_algo(args)
     if algo is None:
         if not qformat_takes_flags(args, qformat_algo):
             refuse_quantization(args)
@@ -202,6 +225,11 @@ def calibration_from_flags(args: argparse.Namespace, quant: QuantConfig,
                                  length=_int_flag(args, "--calib_max_seq_length", CALIB_LENGTH, lowest=2), seed=seed,
                                  desc_act=bool(getattr(args, _dest_of("--desc_act"), False)))
     return options, getattr(args, _dest_of("--calib_dataset"), None)
+
+
+def calibration_asked(args: argparse.Namespace) -> bool:
+    """Whether a flag of AWQ/GPTQ calibration was given (dummy weights are calibrated only then)."""
+    return bool(_given_names(args) & (CALIB_FLAGS | {"--desc_act"}))
 
 
 def refuse_quantization(args: argparse.Namespace, extra: list[str] | None = None) -> None:

@@ -20,11 +20,12 @@ from kiln.cli.quant_flags import add_quant_flags, calibration_from_flags, kv_cal
 from kiln.config import DTYPES, ConfigError
 
 HELP = ("quantize a Hugging Face checkpoint into a kiln checkpoint (quantize.py's flags; full_prec, int8_wo, int4_wo, "
-        "int4_awq and int4_gptq for now, each with an optional INT8/FP8 KV cache)")
-QFORMATS = ["full_prec", "fp8", "int8_sq", "int4_awq", "int4_gptq", "w4a8_awq", "int8_wo", "int4_wo", "nvfp4"]
+        "int4_awq, int4_gptq, fp8 and fp8_pc_pt for now, each with an optional INT8/FP8 KV cache)")
+QFORMATS = ["full_prec", "fp8", "fp8_pc_pt", "int8_sq", "int4_awq", "int4_gptq", "w4a8_awq", "int8_wo", "int4_wo", "nvfp4"]
 # quantize.py's weight-only formats (ModelOpt's int8_wo/int4_wo: per-channel, no calibration; int4_awq and kiln's
 # int4_gptq: group-wise, calibrated) -> quant_algo.
-QFORMAT_ALGOS = {"int8_wo": "W8A16", "int4_wo": "W4A16", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_GPTQ"}
+QFORMAT_ALGOS = {"int8_wo": "W8A16", "int4_wo": "W4A16", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_GPTQ",
+                 "fp8": "FP8", "fp8_pc_pt": "FP8_PER_CHANNEL_PER_TOKEN"}  # FP8 W8A8: kiln.quant.fp8
 QUANT = ["--kv_cache_dtype", "--awq_block_size", "--calib_size", "--calib_max_seq_length", "--calib_dataset",
          "--group_size", "--quantize_lm_head", "--auto_quantize_bits", "--desc_act"]
 
@@ -36,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qformat", default="full_prec", choices=QFORMATS,
                    help="full_prec (the default) writes an unquantized checkpoint; int8_wo/int4_wo weight-only "
                         "per-channel INT8/INT4 (W8A16/W4A16); int4_awq/int4_gptq group-wise INT4 calibrated by AWQ or "
-                        "GPTQ; the others are not implemented yet")
+                        "GPTQ; fp8 (per-tensor, calibrated static activations) and fp8_pc_pt (per-channel, per-token) FP8 "
+                        "W8A8; the others are not implemented yet")
     p.add_argument("--output_dir", default=None, help="where to write the kiln checkpoint (default exported_model)")
     p.add_argument("--export_path", default=None, help="the older quantize.py's spelling of --output_dir")
     p.add_argument("--export_format", default="tensorrt_llm", choices=["tensorrt_llm", "hf"],
@@ -60,7 +62,7 @@ def main(args: argparse.Namespace) -> int:
     if args.qformat != "full_prec" and (algo is None or not qformat_takes_flags(args, algo)):
         refuse_quantization(args, [f"--qformat {args.qformat}"])
     quant = quant_config_from_flags(args, algo)  # --kv_cache_dtype int8|fp8 with any of them; the rest is refused
-    calib = kv_calibration_from_flags(args) if quant.kv_cache_quant_algo else None
+    calib = kv_calibration_from_flags(args) if quant.kv_cache_quant_algo or algo == "FP8" else None
     if calib is not None and args.device is not None:
         calib.device = args.device
     if args.export_format != "tensorrt_llm":

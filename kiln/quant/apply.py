@@ -26,6 +26,8 @@ from kiln.config import ConfigError, QuantConfig
 from kiln.layers.linear import LinearBase, ReplicatedLinear
 from kiln.layers.moe import MoE
 from kiln.layers.sharding import full_shape
+from kiln.quant.fp8 import fp8_scheme
+from kiln.quant.fp8_layers import quantize_fp8_model
 from kiln.quant.group_wise import GroupWiseMethod, dequantize_groups, group_wise_method, num_groups
 from kiln.quant.kv_cache import add_kv_scale_params
 from kiln.quant.weight_only import WeightOnlyMethod, weight_only_method
@@ -202,6 +204,9 @@ def quantize_model(model: nn.Module, quant: QuantConfig | None) -> int:
     layers' weights were quantized."""
     add_kv_scale_params(model, quant)
     algo = quant.quant_algo if quant is not None else None
+    fp8 = fp8_scheme(algo)
+    if fp8 is not None:  # FP8 weights and activations (kiln.quant.fp8_layers)
+        return quantize_fp8_model(model, fp8)
     group_wise = group_wise_method(algo, quant.group_size if quant is not None else 0)
     method = group_wise if group_wise is not None else weight_only_method(algo)
     if method is None:
