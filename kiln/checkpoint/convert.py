@@ -28,6 +28,7 @@ from kiln.models.family import Family
 from kiln.quant.apply import quantize_model
 from kiln.quant.calib_data import calibration_tokens
 from kiln.quant.calibrate import CalibrationOptions, calibrate
+from kiln.quant.dummy_weights import draws_directly
 from kiln.quant.fp8_calibration import with_fp8_input_scales
 from kiln.quant.group_wise import group_wise_method, slice_groups
 from kiln.quant.kv_calibration import with_kv_scales
@@ -108,7 +109,8 @@ def _write_tensors(plan: ConvertPlan, ranks: list[dict[str, torch.nn.Parameter]]
         if not holders:
             continue
         first = ranks[holders[0]][name]
-        drawn = getattr(plan.source, "random_quantized", None) if hasattr(first, "weight_only") else None
+        method = getattr(first, "weight_only", None)
+        drawn = getattr(plan.source, "random_quantized", None) if draws_directly(method) else None
         if getattr(first, "is_weight_scale", False):
             full = scales.pop(name)
         elif drawn is not None:  # dummy weights drawn in the stored format: no float copy to round or calibrate

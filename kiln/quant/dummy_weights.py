@@ -49,6 +49,12 @@ def random_per_channel(method: WeightOnlyMethod, shape: tuple[int, ...], dtype: 
     return q, scale.to(dtype)
 
 
+def draws_directly(method: object) -> bool:
+    """Whether dummy weights of `method`'s format are drawn here (the integer weight-only formats); others (FP8) are
+    rounded from dummy float weights, which costs no calibration."""
+    return isinstance(method, (GroupWiseMethod, WeightOnlyMethod))
+
+
 def random_quantized(method: GroupWiseMethod | WeightOnlyMethod, shape: tuple[int, ...], dtype: torch.dtype,
                      std: float, gen: torch.Generator,
                      device: torch.device) -> tuple[torch.Tensor, ...]:
