@@ -212,3 +212,11 @@ def test_gptq_for_llama_file_beside_the_float_checkpoint(desc_act, tp, tmp_path)
     check_scores(engine, ref.logits, lambda p: ref.greedy(p, 6))
     quant = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization"]
     assert (quant["quant_algo"], quant["group_size"], quant["act_order"]) == ("W4A16_GPTQ", 32, desc_act)
+
+
+def test_quant_ckpt_path_without_the_float_checkpoint_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert kiln_main(["convert", "--preset", "mpt-tiny", "--use_weight_only", "--weight_only_precision", "int4_gptq",
+                      "--quant_ckpt_path", "x.safetensors"]) == 2
+    assert "--quant_ckpt_path needs --model_dir" in one_error_line(capsys)
+    assert list(tmp_path.iterdir()) == []

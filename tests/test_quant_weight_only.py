@@ -275,7 +275,8 @@ def test_int4_with_an_odd_input_width_is_one_line(tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("argv, flags", [
-    (["convert", "--preset", "mpt-tiny", "--use_weight_only", "--weight_only_precision", "int4_gptq",
+    # (int4_gptq with --quant_ckpt_path loads GPTQ-for-LLaMa's file: tests/test_published_group_wise.py)
+    (["convert", "--preset", "mpt-tiny", "--use_weight_only", "--weight_only_precision", "int4_awq",
       "--quant_ckpt_path", "x"], "--use_weight_only, --weight_only_precision, --quant_ckpt_path"),
     (["convert", "--preset", "mpt-tiny", "--use_weight_only", "--weight_only_precision", "int4_awq", "--desc_act"],
      "--use_weight_only, --weight_only_precision, --desc_act"),
