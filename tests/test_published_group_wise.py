@@ -193,8 +193,8 @@ def test_published_checkpoint_problems_are_one_line(change, flags, named, tmp_pa
 
 
 
-@pytest.mark.parametrize("desc_act, tp", [(False, 2), (True, 1)])
-def test_gptq_for_llama_file_beside_the_float_checkpoint(desc_act, tp, tmp_path):
+@pytest.mark.parametrize("desc_act, tp, one_step", [(False, 2, False), (True, 1, False), (False, 1, True)])
+def test_gptq_for_llama_file_beside_the_float_checkpoint(desc_act, tp, one_step, tmp_path):
     """Baichuan's README: `--quant_ckpt_path ./baichuan-2-13b-4bit-gs64.safetensors`: GPTQ-for-LLaMa's one file of v1
     tensors under the Hugging Face names, beside the float checkpoint (config, tokenizer, unquantized layers)."""
     from safetensors.torch import save_file
@@ -205,11 +205,18 @@ def test_gptq_for_llama_file_beside_the_float_checkpoint(desc_act, tp, tmp_path)
     published, reference = publish(state, prefixes, fmt, seed=5)
     quantized = {n: t.contiguous() for n, t in published.items() if n.rsplit(".", 1)[0] in prefixes}
     save_file(quantized, str(tmp_path / "baichuan-2-13b-4bit-gs32.safetensors"))
-    engine = convert_and_build(tmp_path, hf_dir, tp, "--model_version", "v2_13b", "--quant_ckpt_path",
-                               str(tmp_path / "baichuan-2-13b-4bit-gs32.safetensors"), "--use_weight_only",
-                               "--weight_only_precision", "int4_gptq", "--per_group", "--group_size", "32")
+    flags = ["--model_version", "v2_13b", "--quant_ckpt_path", str(tmp_path / "baichuan-2-13b-4bit-gs32.safetensors"),
+             "--use_weight_only", "--weight_only_precision", "int4_gptq", "--per_group", "--group_size", "32"]
+    if one_step:  # the legacy build.py's spelling: kiln build --model_dir ... --quant_ckpt_path ...
+        engine = tmp_path / "engine"
+        assert kiln_main(["build", "--model_dir", str(hf_dir), "--output_dir", str(engine), "--dtype", "float32",
+                          "--max_batch_size", "4", "--max_input_len", "32", "--max_seq_len", "64", *flags]) == 0
+    else:
+        engine = convert_and_build(tmp_path, hf_dir, tp, *flags)
     ref = BaichuanReference(reference, cfg, "v2_13b")
     check_scores(engine, ref.logits, lambda p: ref.greedy(p, 6))
+    if one_step:
+        return
     quant = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization"]
     assert (quant["quant_algo"], quant["group_size"], quant["act_order"]) == ("W4A16_GPTQ", 32, desc_act)
 
