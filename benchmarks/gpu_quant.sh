@@ -8,8 +8,9 @@
 #   CASES="mpt7b baichuan2_13b dbrx prefill_2048"   the bench cases (unset: all)
 #   TUNE=       dense models built without kernel tuning (default: tuned, as gpu_session.sh; DBRX is never tuned
 #               here: its MoE tuning alone takes minutes, and both precisions run the same default tiles)
-# int4 group 128 (int4_awq) joins each case when this kiln converts that format (the group-wise branch), else the
-# script says it is skipped.
+# int4 group 128 (int4_awq, --group_size 128) joins each case when this kiln converts that format, else the script
+# says it is skipped. Its dummy engines are drawn straight in the format (kiln.quant.dummy_weights: no rounding or
+# calibration of random weights); DBRX's group-wise experts run the Triton group-wise fused MoE, with CUDA graphs.
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 out=${OUT:-./out}; mkdir -p "$out"
@@ -19,11 +20,12 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out
 python3 -c "import torch,triton;print('torch',torch.__version__,'triton',triton.__version__)" | tee -a "$out/versions.txt"
 gw=""
 if python3 -c "from kiln.bench.precisions import precision_quant; precision_quant('int4_awq', 128)" 2>/dev/null; then
-    gw="int4_awq"
+    gw="int4_awq --group_size 128"
 else
     echo "note: this kiln does not convert int4_awq (group-wise) yet: the int4 group-128 cases are skipped" | tee -a "$out/quant.log"
 fi
-[ -n "${TESTS-1}" ] && timeout 300 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_weight_only_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
+[ -n "${TESTS-1}" ] && timeout 420 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_weight_only_gpu.py \
+    tests/test_moe_group_wise_gpu.py 2>&1 | tee "$out/gpu_tests.log" | tail -25
 [ -n "${KERNELS-1}" ] && timeout 90 python3 benchmarks/bench_weight_only.py --rows 1 16 32 2048 2>&1 | tee "$out/kernels.log"
 bench() {  # name, timeout seconds, kiln bench arguments...
     local name=$1 limit=$2; shift 2
@@ -35,8 +37,8 @@ bench mpt7b 300 --preset mpt-7b --dtype bfloat16 --batch_size 1 32 --input_len 1
     --weight_only_precision none int8 int4 $gw
 bench baichuan2_13b 330 --preset baichuan2-13b --dtype bfloat16 --batch_size 1 32 --input_len 128 --output_len 64 \
     $tune_flag --weight_only_precision none int8 int4 $gw
-bench dbrx 180 --preset dbrx --num_layers "${LAYERS:-4}" --dtype bfloat16 --batch_size 1 --input_len 128 \
-    --output_len 64 --no_tune --weight_only_precision none int4
+bench dbrx 270 --preset dbrx --num_layers "${LAYERS:-4}" --dtype bfloat16 --batch_size 1 --input_len 128 \
+    --output_len 64 --no_tune --weight_only_precision none int4 $gw
 # The prefill target: 2048 prompt tokens of the MPT-7B shape, int4 no slower than 1.25x bf16 (prefill is cuBLAS
 # either way: no tuning needed).
 bench prefill_2048 150 --preset mpt-7b --dtype bfloat16 --batch_size 1 --input_len 2048 --output_len 16 --no_tune \

@@ -174,11 +174,13 @@ class Mapping:
         return data
 
 
-GROUP_WISE_QUANT_ALGOS = ("W4A16_AWQ", "W4A16_GPTQ")
+GROUP_WISE_QUANT_ALGOS = ("W4A16_AWQ", "W4A16_GPTQ", "W8A16_GPTQ")  # W8A16_GPTQ: published 8-bit GPTQ only
+# FP8 weights and activations (kiln.quant.fp8), TensorRT-LLM's names (FP8_PER_TENSOR_PER_TOKEN is kiln's).
+FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PER_TENSOR_PER_TOKEN")
 # SmoothQuant W8A8 formats, TensorRT-LLM's names (kiln.quant.smoothquant.SQ_ALGOS says what each means).
 SMOOTHQUANT_ALGOS = ("W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
                      "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN")
-QUANT_ALGOS = (None, "W8A16", "W4A16", *GROUP_WISE_QUANT_ALGOS, *SMOOTHQUANT_ALGOS)
+QUANT_ALGOS = (None, "W8A16", "W4A16", *GROUP_WISE_QUANT_ALGOS, *FP8_ALGOS, *SMOOTHQUANT_ALGOS)
 
 
 @dataclass
@@ -189,12 +191,13 @@ class QuantConfig:
     kv_cache_quant_algo: str | None = None
     group_size: int = 128
     has_zero_point: bool = False  # group-wise formats: asymmetric, with zero points
+    act_order: bool = False  # group-wise: every layer keeps `<name>_g_idx` (published act-order GPTQ checkpoints)
     exclude_modules: list[str] = field(default_factory=list)
     smoothquant_val: float | None = None  # SmoothQuant's alpha (W8A8_SQ_* algos; TensorRT-LLM's field name)
 
     def __post_init__(self) -> None:
-        # Weight-only per-channel INT8/INT4, group-wise INT4 (AWQ, GPTQ) and SmoothQuant W8A8; every other format is
-        # refused by name.
+        # Weight-only per-channel INT8/INT4, group-wise INT4 (AWQ, GPTQ), FP8 and SmoothQuant W8A8; every other
+        # format is refused by name.
         if self.quant_algo in SMOOTHQUANT_ALGOS:  # SmoothQuant W8A8 (kiln.quant.smoothquant)
             if not isinstance(self.smoothquant_val, (int, float)) or not 0.0 <= self.smoothquant_val <= 1.0:
                 raise ConfigError(f"{self.quant_algo} needs a SmoothQuant alpha in [0, 1] (--smoothquant ALPHA), "
@@ -204,9 +207,14 @@ class QuantConfig:
                 f"quantization {self.quant_algo!r} is not supported by this kiln version "
                 f"({', '.join(a for a in QUANT_ALGOS if a)} are); convert with those or without quantization flags"
             )
-        if self.quant_algo in GROUP_WISE_QUANT_ALGOS and self.group_size not in (32, 64, 128):
+        # 32, 64, 128 from the flags; a published checkpoint's group_size -1 (one group per row) becomes the
+        # largest input width rounded up to 32 (kiln.quant.published_group_wise), which the kernels also run.
+        if self.quant_algo in GROUP_WISE_QUANT_ALGOS and not (
+                isinstance(self.group_size, int) and self.group_size > 0 and self.group_size % 32 == 0):
             raise ConfigError(f"group size {self.group_size!r} is not one kiln runs for {self.quant_algo}; use "
                               "--group_size 32, 64 or 128")
+        if self.act_order and self.quant_algo not in GROUP_WISE_QUANT_ALGOS:
+            raise ConfigError(f"act_order applies to the group-wise formats only, not {self.quant_algo!r}")
         # INT8 / FP8 KV cache with calibrated scales (kiln.quant.kv_cache), TensorRT-LLM's names.
         if self.kv_cache_quant_algo not in (None, "INT8", "FP8"):
             raise ConfigError(f"kv_cache_quant_algo {self.kv_cache_quant_algo!r} is not supported by this kiln "

@@ -35,7 +35,8 @@ def runtime_device(name: str | None) -> torch.device:
     return device
 
 
-def check_rank_header(path: str, rank: int, dtype: torch.dtype, weight_only: bool = False) -> None:
+def check_rank_header(path: str, rank: int, dtype: torch.dtype, weight_only: bool = False,
+                      act_order: bool = False) -> None:
     """A rank file must be the one written for this rank (convert records it) and hold the dtype the config states
     (and int8 quantized weights when the config says `weight_only`): a copy of another rank's file, or weights of
     another dtype, would load and give wrong answers."""
@@ -50,7 +51,9 @@ def check_rank_header(path: str, rank: int, dtype: torch.dtype, weight_only: boo
         raise ConfigError(f"{path} holds rank {recorded}'s weights, not rank {rank}'s; the engine's files were "
                           "copied or renamed: rebuild it from its checkpoint")
     stated = dtype_name(dtype)
-    allowed = {stated, "I8"} if weight_only else {stated}
+    allowed = {stated, "I8", "F8_E4M3"} if weight_only else {stated}  # int8 / FP8 quantized weights
+    if act_order:  # published act-order GPTQ: int32 group indices
+        allowed.add("I32")
     found = sorted(_ST_DTYPES.get(d, d) for d in dtypes if _ST_DTYPES.get(d, d) not in allowed)
     if found:
         raise ConfigError(f"{path} holds {', '.join(found)} tensors, but the engine's config.json says {stated}; the "

@@ -73,3 +73,17 @@ def make_dbrx_checkpoint(tmp: Path, seed: int = 0, **over: Any) -> tuple[Path, D
     cfg = dbrx_published_config(**over)
     model = hf_dbrx_model(cfg, seed)
     return save_published(model, cfg, tmp / "hf_dbrx"), model, cfg
+
+
+def hf_scorers(model: torch.nn.Module, steps: int = 6) -> tuple[Any, Any]:
+    """(logits, greedy) of a transformers causal LM: a prompt's logits [len, vocab], and its `steps` greedy tokens."""
+    def logits(prompt: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return model(torch.tensor([prompt])).logits[0]
+
+    def greedy(prompt: list[int]) -> list[int]:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), max_new_tokens=steps, do_sample=False, eos_token_id=None,
+                                 pad_token_id=0)
+        return out[0, len(prompt):].tolist()
+    return logits, greedy

@@ -472,12 +472,12 @@ def test_gptq_beats_per_channel_int4_on_held_out_text(model, tmp_path):
     assert fp32 < 200 and gptq / fp32 - 1 < 0.01 and gptq < int4, (fp32, int4, gptq)
 
 
-@pytest.mark.parametrize("described, where, named", [
-    ({"quant_method": "gptq", "bits": 4, "group_size": 128, "desc_act": True, "sym": False}, "config",
-     'gptq (bits 4, group_size 128, desc_act true, sym false)'),
-    ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemm"}, "config",
-     'awq (bits 4, group_size 64, zero_point true, version "gemm")'),
-    ({"bits": 8, "group_size": -1, "desc_act": False}, "quantize_config.json", "gptq (bits 8, group_size -1"),
+@pytest.mark.parametrize("described, where, named", [  # GPTQ/AWQ that kiln loads: tests/test_published_group_wise.py
+    ({"quant_method": "gptq", "bits": 3, "group_size": 128, "desc_act": True, "sym": False}, "config",
+     'gptq (bits 3, group_size 128, desc_act true, sym false)'),
+    ({"quant_method": "awq", "bits": 4, "group_size": 64, "zero_point": True, "version": "gemv"}, "config",
+     'awq (bits 4, group_size 64, zero_point true, version "gemv")'),
+    ({"bits": 2, "group_size": -1, "desc_act": False}, "quantize_config.json", "gptq (bits 2, group_size -1"),
 ])
 def test_published_quantized_checkpoints_are_refused_by_name(described, where, named, tmp_path, capsys):
     cfg = mpt_published_config()
@@ -488,7 +488,7 @@ def test_published_quantized_checkpoints_are_refused_by_name(described, where, n
         (hf_dir / "quantize_config.json").write_text(json.dumps(described))
     assert kiln_main(["convert", "--model_dir", str(hf_dir), "--output_dir", str(tmp_path / "out")]) == 2
     line = one_error_line(capsys)
-    assert "is a quantized checkpoint, " + named in line and "cannot load published quantized checkpoints" in line
+    assert "is a quantized checkpoint, " + named in line and "convert the unquantized checkpoint" in line
     assert not (tmp_path / "out").exists()
 
 

@@ -16,7 +16,7 @@ import torch
 
 import kiln
 from fixtures_baichuan import BaichuanReference, make_baichuan_checkpoint
-from fixtures_dbrx import make_dbrx_checkpoint
+from fixtures_dbrx import hf_scorers, make_dbrx_checkpoint
 from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, reference_greedy, reference_logits, \
     save_checkpoint
 from kiln.checkpoint.kiln_format import load_artifact
@@ -195,18 +195,7 @@ def test_dbrx_experts_match_dequantized_reference(precision, tmp_path):
     engine = convert_build(tmp_path, hf_dir, *wo_flags(precision))
     assert not graphs_allowed(load_artifact(engine, "engine"))  # the experts' torch reference syncs with the host
     fake_quant_dbrx(model, cfg, PRECISIONS[precision])
-
-    def logits(prompt: list[int]) -> torch.Tensor:
-        with torch.no_grad():
-            return model(torch.tensor([prompt])).logits[0]
-
-    def greedy(prompt: list[int]) -> list[int]:
-        with torch.no_grad():
-            out = model.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False, eos_token_id=None,
-                                 pad_token_id=0)
-        return out[0, len(prompt):].tolist()
-
-    check_scores(engine, logits, greedy)
+    check_scores(engine, *hf_scorers(model))
 
 
 # ------------------------------------------------------------------------------------ tensor parallel, memory, errors
@@ -286,7 +275,8 @@ def test_int4_with_an_odd_input_width_is_one_line(tmp_path, monkeypatch, capsys)
 
 
 @pytest.mark.parametrize("argv, flags", [
-    (["convert", "--preset", "mpt-tiny", "--use_weight_only", "--weight_only_precision", "int4_gptq",
+    # (int4_gptq with --quant_ckpt_path loads GPTQ-for-LLaMa's file: tests/test_published_group_wise.py)
+    (["convert", "--preset", "mpt-tiny", "--use_weight_only", "--weight_only_precision", "int4_awq",
       "--quant_ckpt_path", "x"], "--use_weight_only, --weight_only_precision, --quant_ckpt_path"),
     (["convert", "--preset", "mpt-tiny", "--use_weight_only", "--weight_only_precision", "int4_awq", "--desc_act"],
      "--use_weight_only, --weight_only_precision, --desc_act"),

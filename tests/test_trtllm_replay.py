@@ -4,10 +4,10 @@ on tiny random checkpoints in the published layouts placed where the READMEs loo
 mosaicml/mpt-7b, baichuan-inc/Baichuan-13B-Chat, each with its tokenizer). Tensor and pipeline sizes above 2 are
 scaled to 2 so that the ranks run on two CPU cores. Each line must produce what it is for (a checkpoint or engine with
 the stated mapping, dtype, weight and KV-cache quantization, or generated text) or fail with the exact one-line reason:
-quantization other than weight-only INT8/INT4, SmoothQuant and an INT8/FP8 KV cache is refused until issues 14/15 finish, the
-legacy build.py's one-step flags (--dtype, --model_version) over an already converted checkpoint are refused, the
-tiny Baichuan stand-in cannot be recognised without --model_version (the published one can), and the MPT README's
-`--tp_szie` is a misspelling that must stay an error.
+quantization other than weight-only INT8/INT4, FP8 W8A8, SmoothQuant and an INT8/FP8 KV cache is refused until
+issues 14/15 finish, the legacy build.py's one-step flags (--dtype, --model_version) over an already converted
+checkpoint are refused, the tiny Baichuan stand-in cannot be recognised without --model_version (the published one
+can), and the MPT README's `--tp_szie` is a misspelling that must stay an error.
 
 Where a README points at a directory it never made (DBRX runs ./trt_engines/dbrx/tp8 after building .../8-gpu; MPT
 runs .../mpt-30b/fp16/4-gpu/ after building .../fp16_tp4), the replay fixes the path and says so in FIXES; the
@@ -97,7 +97,8 @@ EXPECT: dict[str, list[Expect]] = {
         ckpt("ckpts/mpt-7b/int4_wo", "float32", quant_algo="W4A16"),
         ckpt("ckpts/mpt-7b/int8_sq", "float32", quant_algo="W8A8_SQ_PER_TENSOR_PLUGIN"),
         ckpt("ckpts/mpt-7b/fp16_int8kv", "float16", kv_algo="INT8"),
-        ckpt("ckpts/mpt-7b/int4_awq", "float32", quant_algo="W4A16_AWQ"), quant("--qformat fp8, --kv_cache_dtype"),
+        ckpt("ckpts/mpt-7b/int4_awq", "float32", quant_algo="W4A16_AWQ"),
+        ckpt("ckpts/mpt-7b/fp8", "float32", quant_algo="FP8", kv_algo="FP8"),  # quantize.py --qformat fp8: FP8 W8A8
         ckpt("ckpts/mpt-7b/int8_wo", "float32", tp=2, quant_algo="W8A16"),
         ckpt("ckpts/mpt-7b/int4_wo", "float32", quant_algo="W4A16"),
         ckpt("ckpts/mpt-7b/sq_int8kv", "float32", quant_algo="W8A8_SQ_PER_CHANNEL", kv_algo="INT8"),
@@ -118,12 +119,16 @@ EXPECT: dict[str, list[Expect]] = {
         quant("--quant_ckpt_path, --use_weight_only, --weight_only_precision, --per_group, --int8_kv_cache"),
         Expect("error", flags="cannot tell which Baichuan this is"),  # -sq runs, but the stand-in needs a version
         quant("--use_smooth_quant, --per_token, --per_channel"),
-        quant("--qformat fp8, --calib_size"), quant("--quantized_fp8_model_path, --enable_fp8, --fp8_kv_cache"),
+        # quantize.py --qformat fp8 runs (FP8 W8A8, as MPT's line shows), but this line's model directory is one the
+        # README never made (/code/model/Baichuan2-13B-Chat): it stops there
+        Expect("missing", "/code/model/Baichuan2-13B-Chat"),
+        quant("--quantized_fp8_model_path, --enable_fp8, --fp8_kv_cache"),
         # quantize.py --qformat int4_awq runs (AWQ), but like -kv above it names no --model_version (quantize.py has
         # none), and the tiny stand-in's sizes are not the published 13B's: it stops there
         Expect("error", flags="cannot tell which Baichuan this is"),
         quant("--quant_ckpt_path, --use_weight_only, --weight_only_precision, --per_group, --group_size"),
-        quant("--quant_ckpt_path, --use_weight_only, --weight_only_precision, --per_group, --group_size"),
+        # GPTQ-for-LLaMa's file loads with int4_gptq, but the README's line names no --model_dir beside it
+        Expect("error", flags="--quant_ckpt_path needs --model_dir"),
         TEXT, TEXT,
         TEXT, Expect("text", same_text_as=17),  # the INT8 weight-only engine, twice: the same greedy text
         Expect("text", same_text_as=15),  # tp 2 (mpirun -n 2) writes what one rank wrote
@@ -185,7 +190,8 @@ def test_every_readme_line_has_an_expectation():
         assert all(Path(to_kiln(line)[0]).name in {"convert", "build", "run", "quantize", "summarize"}
                    for line in lines)
     kinds = Counter(e.kind for lines in EXPECT.values() for e in lines)  # the counts docs/cli.md states
-    assert kinds == {"checkpoint": 16, "engine": 12, "text": 7, "quant": 7, "error": 4, "typo": 1, "summarize": 3}
+    assert kinds == {"checkpoint": 17, "engine": 12, "text": 7, "quant": 4, "error": 5, "typo": 1, "summarize": 3,
+                     "missing": 1}
     assert {(seed, i) for seed, lines in EXPECT.items() for i, e in enumerate(lines) if e.kind == "summarize"} == \
         SUMMARIZE_LINES
     assert to_kiln(commands[DBRX][2])[-4:] == ["--pp_size", "2", "--tp_size", "2"]

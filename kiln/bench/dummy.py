@@ -23,7 +23,7 @@ from kiln.models import family_for_hf_config
 def dummy_model_config(options: BenchOptions,
                        quant: QuantConfig | None = None) -> tuple[ConvertPlan, ModelConfig]:
     """The convert plan of the dummy model (sharded as --tp_size/--pp_size/--moe_* say), with --num_layers and
-    --dtype applied, quantized as `quant` says (random weights quantized by convert as a real model's would be)."""
+    --dtype applied, quantized as `quant` says (random weights drawn straight in the format: nothing to round or calibrate)."""
     hf = dummy_hf_config(options.preset, options.config)
     family = family_for_hf_config(hf)
     config = family.config_from_hf(hf, options.dtype)

@@ -1,6 +1,7 @@
 """`kiln bench --weight_only_precision none int8 int4 ...`: the same dummy model converted into each weight-only
-format (random weights quantized by convert), built and timed in turn in one process, then one table that sets every
-precision's decode and prefill beside the unquantized engine's ("none"). Each engine's floor counts its own bytes:
+format (integer weight-only formats drawn straight in the format, kiln.quant.dummy_weights; FP8 and SmoothQuant
+rounded from dummy float weights), built and timed in turn in one process, then
+one table that sets every precision's decode and prefill beside the unquantized engine's ("none"). Each engine's floor counts its own bytes:
 quantized weights as stored, plus their scales and zeros (kiln.bench.physics)."""
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from kiln.config import ConfigError, QuantConfig
 
 # --weight_only_precision -> quant_algo (TensorRT-LLM's names; the group-wise ones per the group-wise format).
 PRECISION_ALGOS = {"none": None, "int8": "W8A16", "int4": "W4A16", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_GPTQ",
+                   # FP8 W8A8 (kiln.quant.fp8): per tensor with static input scales (dummy: amax 8), per channel/token
+                   "fp8": "FP8", "fp8_pc_pt": "FP8_PER_CHANNEL_PER_TOKEN",
                    "int8_sq": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"}  # SmoothQuant W8A8 (unit absmax on dummies)
 GROUP_WISE = ("int4_awq", "int4_gptq")
 

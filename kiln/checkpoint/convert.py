@@ -26,8 +26,10 @@ from kiln.config import FORMAT_VERSION, Mapping, ModelConfig, QuantConfig
 from kiln.layers.sharding import full_shape, shard_for
 from kiln.models.family import Family
 from kiln.quant.apply import quantize_model
-from kiln.quant.calibrate import CalibrationOptions, calibrate
 from kiln.quant.calib_data import calibration_tokens
+from kiln.quant.calibrate import CalibrationOptions, calibrate
+from kiln.quant.dummy_weights import draws_directly
+from kiln.quant.fp8_calibration import with_fp8_input_scales
 from kiln.quant.group_wise import group_wise_method, slice_groups
 from kiln.quant.kv_calibration import with_kv_scales
 from kiln.quant.sq_calibration import with_smoothquant
@@ -68,16 +70,17 @@ def rank_parameters(plan: ConvertPlan) -> list[dict[str, torch.nn.Parameter]]:
 
 
 def stored_dtype(param: torch.nn.Parameter, dtype: torch.dtype) -> torch.dtype:
-    """What a rank file stores for `param`: int8 quantized weights as they are, every float in the engine dtype."""
-    return param.dtype if param.dtype == torch.int8 else dtype
+    """What a rank file stores for `param`: int8 / FP8 quantized weights and int32 act-order group indices as they
+    are, every float in the engine dtype."""
+    return param.dtype if param.dtype in (torch.int8, torch.int32, torch.float8_e4m3fn) else dtype
 
 
-def _quantize_full(param: torch.nn.Parameter, full: torch.Tensor, dtype: torch.dtype,
+def _quantize_full(param: torch.nn.Parameter, full: torch.Tensor | None, dtype: torch.dtype,
                    scales: dict[str, torch.Tensor], name: str,
                    calibrated: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
     """A weight-only quantized parameter's full unpacked values; its full scale (and group-wise zero points) wait in
     `scales` for their own turn in the write order (after the layer's bias). `calibrated` is what a calibration
-    (GPTQ) chose for this weight instead of rounding to nearest."""
+    (GPTQ) chose for this weight instead of rounding to nearest, or a dummy source's values drawn in the format."""
     q, scale, *zero = calibrated or param.weight_only.quantize(full, dtype)  # q [..., out, in]
     scales[name + "_scale"] = scale.to(dtype)  # [..., out] per channel; [..., out, groups] group-wise
     if zero:
@@ -107,10 +110,17 @@ def _write_tensors(plan: ConvertPlan, ranks: list[dict[str, torch.nn.Parameter]]
         if not holders:
             continue
         first = ranks[holders[0]][name]
+        method = getattr(first, "weight_only", None)
+        drawn = getattr(plan.source, "random_quantized", None) if draws_directly(method) else None
         if getattr(first, "is_weight_scale", False):
             full = scales.pop(name)
+        elif drawn is not None:  # dummy weights drawn in the stored format: no float copy to round or calibrate
+            full = _quantize_full(first, None, dtype, scales, name, drawn(name, first.weight_only, full_shape(first),
+                                                                          dtype))
         else:
-            full = plan.source.full_tensor(name, full_shape(first)).to(dtype)
+            # int32 (act-order g_idx) stays integer; a quantized weight's float source is read in the engine dtype
+            full = plan.source.full_tensor(name, full_shape(first)).to(torch.int32 if first.dtype == torch.int32
+                                                                        else dtype)
             if hasattr(first, "weight_only"):  # quantize the full weight once; each rank packs its own shard
                 full = _quantize_full(first, full, dtype, scales, name, calibrated(name))
         for r in holders:
@@ -129,6 +139,7 @@ def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True) ->
     check_output_dir(Path(output_dir), inputs)  # before the size estimate: a refused path is the clearer message
     check_fits(plan.family, plan.config, Path(output_dir), dummy=bool(plan.provenance.get("dummy")))
     plan = with_kv_scales(plan, progress)  # an INT8/FP8 KV cache: calibrate its scales first, on the float model
+    plan = with_fp8_input_scales(plan, progress)  # static FP8 activations: calibrate their scales too
     if plan.calibration is None:
         return _convert(plan, Path(output_dir), inputs, progress)
     with tempfile.TemporaryDirectory(prefix="kiln-calib-") as scratch:

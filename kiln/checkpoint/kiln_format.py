@@ -72,7 +72,8 @@ def check_rank_file(info: ArtifactInfo, rank: int, params: dict[str, Any]) -> in
     if not path.is_file():
         raise CheckpointError(f"{path} is missing: the checkpoint should have one file per rank (world_size "
                               f"{info.mapping.world_size})")
-    check_rank_header(str(path), rank, info.model.torch_dtype, info.quant.quant_algo is not None)
+    check_rank_header(str(path), rank, info.model.torch_dtype, info.quant.quant_algo is not None,
+                      info.quant.act_order)
     try:
         with safe_open(str(path), framework="pt") as f:
             shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}

@@ -10,7 +10,8 @@ from pathlib import Path
 import torch
 
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int8: "I8",
-              torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64", torch.float64: "F64"}
+              torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64", torch.float64: "F64",
+              torch.float8_e4m3fn: "F8_E4M3"}
 
 
 class StreamingSafetensorsWriter:

@@ -7,6 +7,7 @@ import json
 import re
 import zlib
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -87,9 +88,20 @@ class DummyWeightSource:
             return torch.zeros(shape)
         if len(shape) == 1 and "norm" in name:
             return torch.ones(shape)
+        return torch.randn(shape, generator=self._generator(name), device=self.device).mul_(self.std)
+
+    def _generator(self, name: str) -> torch.Generator:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))
-        return torch.randn(shape, generator=gen, device=self.device).mul_(self.std)
+        return gen
+
+    def random_quantized(self, name: str, method: Any, shape: tuple[int, ...],
+                         dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """A weight-only quantized weight drawn straight in its format (kiln.quant.dummy_weights): what
+        `method.quantize` returns, without a float weight to round."""
+        from kiln.quant.dummy_weights import random_quantized
+
+        return random_quantized(method, shape, dtype, self.std, self._generator(name), self.device)
 
 
 def dummy_hf_config(preset: str | None, config_path: str | Path | None) -> dict:

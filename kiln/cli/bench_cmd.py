@@ -38,8 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of dummy weights and random prompts")
     quant = p.add_argument_group("dummy weights quantized (each precision converted, built and timed in turn)")
     quant.add_argument("--weight_only_precision", nargs="+", default=[], metavar="P",
-                       help="none (the unquantized dtype), int8, int4, int4_awq, int4_gptq, int8_sq (SmoothQuant W8A8); "
-                            "several give a table of each beside none")
+                       help="none (the unquantized dtype), int8, int4, int4_awq, int4_gptq, fp8, fp8_pc_pt (FP8 W8A8), "
+                            "int8_sq (SmoothQuant W8A8); several give a table of each beside none")
     quant.add_argument("--group_size", type=int, default=128, help="group size of int4_awq / int4_gptq")
     par = p.add_argument_group("dummy weights sharded over GPUs (as kiln convert; the floor is then per GPU)")
     par.add_argument("--tp_size", type=int, default=1, help="tensor parallel ranks of the dummy engine")

@@ -9,7 +9,7 @@ from pathlib import Path
 from kiln.build import build
 from kiln.checkpoint.convert import convert
 from kiln.cli.convert_cmd import plan_from_hf
-from kiln.cli.quant_flags import add_quant_flags, quant_config_from_flags
+from kiln.cli.quant_flags import add_quant_flags, quant_ckpt_path, quant_config_from_flags
 from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
 from kiln.checkpoint.kiln_format import load_artifact
 from kiln.config import DTYPES, BuildConfig, ConfigError, QuantConfig
@@ -123,8 +123,8 @@ def convert_for_build(args: argparse.Namespace, workdir: Path, quant: QuantConfi
     """The legacy build.py's first half: convert --model_dir (quantized as `quant` says) into a checkpoint under
     `workdir`."""
     tp, pp = parallel_sizes(args)
-    return convert(plan_from_hf(args.model_dir, args.dtype, tp, pp, args.model_version, quant),
-                   workdir / "checkpoint", progress=False)
+    return convert(plan_from_hf(args.model_dir, args.dtype, tp, pp, args.model_version, quant,
+                                quant_ckpt_path(args)), workdir / "checkpoint", progress=False)
 
 
 def build_config(args: argparse.Namespace, checkpoint_dir: str) -> BuildConfig:
@@ -143,6 +143,9 @@ def build_config(args: argparse.Namespace, checkpoint_dir: str) -> BuildConfig:
 def main(args: argparse.Namespace) -> int:
     quant = quant_config_from_flags(args)
     check_compat_flags(args, "build")
+    if quant_ckpt_path(args) is not None and not args.model_dir:
+        raise ConfigError("--quant_ckpt_path needs --model_dir of the unquantized Hugging Face checkpoint it was made "
+                          "from (config, tokenizer, the layers GPTQ left in float): a one-step build")
     checkpoint_dir = source_checkpoint(args)
     if checkpoint_dir is not None:
         if quant.quant_algo is not None:

@@ -4,18 +4,22 @@ convert_checkpoint.py)."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
-from kiln.checkpoint.convert import ConvertPlan, convert
+from kiln.checkpoint.convert import ConvertPlan, convert, meta_model
 from kiln.checkpoint.hf_reader import HFCheckpoint
 from kiln.checkpoint.safety import config_from_hf
 from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_config, keep_first_layers
-from kiln.cli.quant_flags import add_quant_flags, calibration_from_flags, kv_calibration_from_flags, \
-    quant_config_from_flags
+from kiln.cli.quant_flags import add_quant_flags, calibrates_activations, calibration_asked, \
+    calibration_from_flags, kv_calibration_from_flags, quant_ckpt_path, quant_config_from_flags
 from kiln.quant.published import refuse_published
-from kiln.cli.trtllm_flags import add_compat_flags, check_compat_flags
+from kiln.quant.published_group_wise import PublishedFormat, PublishedWeightSource, QuantizedFileOverlay, \
+    published_format
+from kiln.cli.trtllm_flags import DEST_PREFIX, add_compat_flags, check_compat_flags
 from kiln.config import DTYPES, ConfigError, Mapping, QuantConfig
 from kiln.models import PRESETS, family_for_hf_config
+from kiln.quant.fp8_published import published_checkpoint, published_fp8_algo
 
 HELP = "convert a Hugging Face checkpoint (or dummy weights) to a kiln checkpoint"
 
@@ -32,7 +36,7 @@ REFUSED = ["--max_prompt_embedding_table_size", "--lora_target_modules", "--hf_l
 QUANT = ["--use_weight_only", "--weight_only_precision", "--per_group", "--group_size", "--quant_ckpt_path",
          "--smoothquant", "--per_token", "--per_channel", "--int8_kv_cache", "--fp8_kv_cache", "--calibrate_kv_cache",
          "--calib_dataset", "--dataset_cache_dir", "--quantize_lm_head", "--kv_cache_dtype", "--calib_size",
-         "--calib_max_seq_length", "--desc_act"]
+         "--calib_max_seq_length", "--desc_act", "--enable_fp8"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -119,7 +123,7 @@ def resolve_source(args: argparse.Namespace) -> tuple[dict, object | None]:
         raise ConfigError("give exactly one of --model_dir, --preset or --config"
                           + (f" (got {', '.join('--' + g for g in given)})" if given else ""))
     if args.model_dir:
-        checkpoint = HFCheckpoint(args.model_dir)
+        checkpoint = published_checkpoint(HFCheckpoint(args.model_dir))  # FP8 weights read dequantized
         return checkpoint.config, checkpoint
     return dummy_hf_config(args.preset, args.config), None
 
@@ -129,8 +133,18 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     overrides the quantization flags (the one-step commands resolve their own)."""
     quant = quant if quant is not None else quant_config_from_flags(args)
     hf, checkpoint = resolve_source(args)
-    if checkpoint is not None:
-        refuse_published(Path(args.model_dir), hf)  # published GPTQ/AWQ weights: named, before any tensor is read
+    published = published_format(Path(args.model_dir), hf) if checkpoint is not None else None
+    if quant_ckpt_path(args) is not None:  # GPTQ-for-LLaMa's file beside the float checkpoint
+        checkpoint, published = gptq_for_llama(args, checkpoint, published, quant)
+        quant = dataclasses.replace(quant, quant_algo=None)
+    fp8 = published_fp8_algo(hf)  # a published FP8 checkpoint is read (kiln.quant.fp8_published)
+    if checkpoint is not None and published is None and fp8 is None:
+        refuse_published(Path(args.model_dir), hf)  # other published formats: named, before any tensor is read
+    if published is not None and quant.quant_algo is not None:
+        raise ConfigError(f"{args.model_dir} is already quantized ({published.quant_algo}); drop "
+                          "--use_weight_only/--weight_only_precision (kiln keeps the published weights as they are)")
+    if quant.quant_algo is None and fp8 is not None:  # no weight format asked: keep the checkpoint's FP8
+        quant = dataclasses.replace(quant, quant_algo=fp8)
     family = family_for_hf_config(hf)
     if args.model_version is not None and family.name != "baichuan":
         raise ConfigError(f"--model_version applies to Baichuan checkpoints only, and this is a {family.name} model; "
@@ -141,27 +155,51 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     keep_first_layers(config, args.num_layers)
     moe_tp, moe_ep = moe_mapping(args) if config.is_moe else (args.tp_size, 1)
     mapping = Mapping(args.tp_size * args.pp_size, args.tp_size, args.pp_size, moe_tp, moe_ep)
-    if checkpoint is not None:
+    if published is not None:  # AutoGPTQ / AutoAWQ weights, kept exactly (kiln.quant.published_group_wise)
+        quant = published.quant_config(quant, config)
+        source = PublishedWeightSource(checkpoint, family, config, source_layers, published, quant.group_size)
+        quantized = meta_model(family, config, Mapping(), quant).named_parameters()
+        source.check_quantized([n for n, p in quantized if hasattr(p, "weight_only")])
+        provenance = {"model_dir": str(Path(args.model_dir).resolve()), "dummy": False,
+                      "published_quantization": published.quant_algo}
+    elif checkpoint is not None:
         source = HFWeightSource(checkpoint, family, config, source_layers)
         provenance = {"model_dir": str(Path(args.model_dir).resolve()), "dummy": False}
     else:
         source = DummyWeightSource(args.seed, args.dummy_device, tied_head=config.tie_word_embeddings)
         provenance = {"preset": args.preset, "config": args.config, "dummy": True, "seed": args.seed}
     calib = None
-    if quant.kv_cache_quant_algo is not None or quant.smoothquant_val is not None:  # how convert calibrates
+    if calibrates_activations(quant):  # calibrated KV / FP8 input scales / SmoothQuant input absmax
         calib = kv_calibration_from_flags(args, getattr(args, "per_head_kv_scales", False))
-    calibration, dataset = calibration_from_flags(args, quant, args.seed)
+    calibration, dataset = calibration_from_flags(args, quant, args.seed) if published is None else (None, None)
+    if checkpoint is None and not calibration_asked(args):
+        # Dummy weights are drawn straight in the format (kiln.quant.dummy_weights), unless a calibration flag asks
+        # for AWQ/GPTQ on them (at real shapes that takes long and measures nothing).
+        calibration, dataset = None, None
     return ConvertPlan(family, config, mapping, source, quant, provenance, calib, calibration, dataset)
 
 
+def gptq_for_llama(args: argparse.Namespace, checkpoint: object | None, published: object | None,
+                   quant: QuantConfig) -> tuple[QuantizedFileOverlay, PublishedFormat]:
+    """`--model_dir FLOAT --quant_ckpt_path FILE.safetensors --use_weight_only --weight_only_precision int4_gptq
+    [--group_size G]`: 4-bit GPTQ with v1 zero points (GPTQ-for-LLaMa's packing, AutoGPTQ's v1), groups of G."""
+    if checkpoint is None or published is not None:
+        raise ConfigError("--quant_ckpt_path needs --model_dir of the unquantized Hugging Face checkpoint it was made "
+                          "from (config, tokenizer, the layers GPTQ left in float)")
+    overlay = QuantizedFileOverlay(checkpoint, Path(quant_ckpt_path(args)))  # type: ignore[arg-type]
+    return overlay, PublishedFormat("gptq", 4, quant.group_size, True, overlay.act_order(quant.group_size))
+
+
 def plan_from_hf(model_dir: str, dtype: str | None, tp_size: int, pp_size: int,
-                 model_version: str | None = None, quant: QuantConfig | None = None) -> ConvertPlan:
+                 model_version: str | None = None, quant: QuantConfig | None = None,
+                 quant_ckpt: str | None = None) -> ConvertPlan:
     """The plan of `kiln convert --model_dir ...` with every other flag at its default (for the one-step commands:
     `kiln build --model_dir`, `kiln quantize`), quantized as `quant` says."""
     return make_plan(argparse.Namespace(
         model_dir=model_dir, preset=None, config=None, dtype=dtype, storage_type=None, num_layers=None,
         tp_size=tp_size, pp_size=pp_size, workers=None, moe_tp_mode=2, moe_tp_size=-1, moe_ep_size=-1,
-        model_version=model_version, seed=0, dummy_device="cpu"), quant or QuantConfig())
+        model_version=model_version, seed=0, dummy_device="cpu", **{DEST_PREFIX + "quant_ckpt_path": quant_ckpt}),
+        quant or QuantConfig())
 
 
 def main(args: argparse.Namespace) -> int:

@@ -24,8 +24,9 @@ from kiln.quant.kv_calibration import KVCalibration
 from kiln.quant.smoothquant import sq_algo
 
 MESSAGE = ("this quantization is not implemented in kiln yet (issue 15; kiln runs weight-only "
-           "--use_weight_only --weight_only_precision int8|int4|int4_awq|int4_gptq and an INT8/FP8 KV cache, "
-           "--int8_kv_cache or --fp8_kv_cache, and SmoothQuant --smoothquant ALPHA [--per_token] [--per_channel]); use those, or drop the quantization flags for an unquantized model in "
+           "--use_weight_only --weight_only_precision int8|int4|int4_awq|int4_gptq, FP8 --enable_fp8 [--per_channel] "
+           "[--per_token], SmoothQuant --smoothquant ALPHA [--per_token] [--per_channel] and an INT8/FP8 KV cache, "
+           "--int8_kv_cache or --fp8_kv_cache); use those, or drop the quantization flags for an unquantized model in "
            "the --dtype given")
 # --weight_only_precision -> TensorRT-LLM's quant_algo.
 WEIGHT_ONLY = {"int8": "W8A16", "int4": "W4A16", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_GPTQ"}
@@ -79,12 +80,25 @@ def quant_flags_given(args: argparse.Namespace) -> list[str]:
 
 def _fits(algo: str | None, others: set[str]) -> bool:
     """Whether the quantization flags `others` (beside those that chose `algo` and the KV cache's) belong to `algo`."""
-    if algo in SMOOTHQUANT_ALGOS:
+    if algo in SMOOTHQUANT_ALGOS or algo == "FP8":  # SmoothQuant and static FP8 activation scales are calibrated
         return others <= CALIB_FLAGS
     if algo not in GROUP_WISE_QUANT_ALGOS:
         return not others
     allowed = GROUP_WISE_FLAGS - ({"--desc_act"} if algo == "W4A16_AWQ" else set())
+    if algo == "W4A16_GPTQ":  # GPTQ-for-LLaMa's quantized safetensors beside the float checkpoint
+        allowed = allowed | {"--quant_ckpt_path"}
     return others <= allowed
+
+
+def calibrates_activations(quant: QuantConfig) -> bool:
+    """Whether convert/quantize runs the float model on calibration text for `quant`: an INT8/FP8 KV cache's
+    scales, static FP8 input scales, or SmoothQuant's input absmax (all on the same calibration flags)."""
+    return quant.kv_cache_quant_algo is not None or quant.quant_algo == "FP8" or quant.quant_algo in SMOOTHQUANT_ALGOS
+
+
+def quant_ckpt_path(args: argparse.Namespace) -> str | None:
+    """`--quant_ckpt_path FILE` (int4_gptq only: GPTQ-for-LLaMa's safetensors), None when not given."""
+    return getattr(args, _dest_of("--quant_ckpt_path"), None)
 
 
 def weight_only_algo(args: argparse.Namespace) -> str | None:
@@ -102,6 +116,27 @@ def qformat_takes_flags(args: argparse.Namespace, algo: str | None) -> bool:
     """Whether every quantization flag given (beside the KV cache's) belongs to the format quantize.py's --qformat
     chose (`algo`; None: full_prec)."""
     return _fits(algo, _given_names(args) - kv_flags_taken(args))
+
+
+# FP8 weights and activations (kiln.quant.fp8): --enable_fp8 alone is per-tensor with static activation scales
+# ("FP8"); --per_token makes the activation scales dynamic, one per token, and --per_channel (with --per_token) the
+# weight scales one per output channel.
+FP8_FLAGS = {"--enable_fp8", "--per_channel", "--per_token"}
+
+
+def fp8_algo(args: argparse.Namespace) -> str | None:
+    """FP8 or FP8_PER_CHANNEL_PER_TOKEN when --enable_fp8 is given with nothing but FP8 and KV-cache/calibration
+    flags; None otherwise."""
+    given = _given_names(args) - KV_FLAGS
+    if "--enable_fp8" not in given or not given <= FP8_FLAGS:
+        return None
+    per_channel, per_token = "--per_channel" in given, "--per_token" in given
+    if per_channel and not per_token:
+        raise ConfigError("kiln's FP8 with per-channel weight scales takes per-token activation scales: give "
+                          "--enable_fp8 --per_channel --per_token (or drop --per_channel for per-tensor weights)")
+    if per_token:
+        return "FP8_PER_CHANNEL_PER_TOKEN" if per_channel else "FP8_PER_TENSOR_PER_TOKEN"
+    return "FP8"
 
 
 def _dest_of(name: str) -> str:
@@ -194,7 +229,7 @@ def quant_config_from_flags(args: argparse.Namespace, qformat_algo: str | None =
     that quantize.py's --qformat chose, and the KV cache); anything else is refused by `refuse_quantization`'s one
     line."""
     kv = kv_cache_algo(args)
-    algo = weight_only_algo(args)
+    algo = weight_only_algo(args) or fp8_algo(args)
     if algo is None:
         smooth = smoothquant_config(args, kv)
         if smooth is not None:
@@ -206,8 +241,11 @@ def quant_config_from_flags(args: argparse.Namespace, qformat_algo: str | None =
         return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, smoothquant_val=QFORMAT_SQ_ALPHA)
     if algo not in GROUP_WISE_QUANT_ALGOS:
         return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv)
+    group = _group_size(args)
+    if group not in (32, 64, 128):  # wider groups exist only for published checkpoints' group_size -1
+        raise ConfigError(f"group size {group!r} is not one kiln runs for {algo}; use --group_size 32, 64 or 128")
     # What stays in the engine dtype (TensorRT-LLM's exclude_modules, in kiln's module names).
-    return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, group_size=_group_size(args), has_zero_point=True,
+    return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, group_size=group, has_zero_point=True,
                        exclude_modules=["embed_tokens", "lm_head", "*router", "*norm*"])
 
 
@@ -221,6 +259,11 @@ def calibration_from_flags(args: argparse.Namespace, quant: QuantConfig,
                                  length=_int_flag(args, "--calib_max_seq_length", CALIB_LENGTH, lowest=2), seed=seed,
                                  desc_act=bool(getattr(args, _dest_of("--desc_act"), False)))
     return options, getattr(args, _dest_of("--calib_dataset"), None)
+
+
+def calibration_asked(args: argparse.Namespace) -> bool:
+    """Whether a flag of AWQ/GPTQ calibration was given (dummy weights are calibrated only then)."""
+    return bool(_given_names(args) & (CALIB_FLAGS | {"--desc_act"}))
 
 
 def refuse_quantization(args: argparse.Namespace, extra: list[str] | None = None) -> None:

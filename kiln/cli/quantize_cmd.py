@@ -4,7 +4,8 @@
 `int8_wo`/`int4_wo` (ModelOpt's weight-only formats, no calibration) write the W8A16/W4A16 checkpoint that kiln
 convert --use_weight_only writes; `int4_awq` (and kiln's `int4_gptq`) calibrate group-wise INT4 (W4A16_AWQ,
 W4A16_GPTQ; `--awq_block_size`/`--group_size`, `--calib_size`, `--calib_max_seq_length`, `--calib_dataset`, `--seed`,
-GPTQ's `--desc_act`); `int8_sq` SmoothQuant W8A8_SQ_PER_CHANNEL (alpha 0.5, calibrated on the same flags);
+GPTQ's `--desc_act`); `fp8` (static activation scales, calibrated) and `fp8_pc_pt` FP8 W8A8 (FP8,
+FP8_PER_CHANNEL_PER_TOKEN); `int8_sq` SmoothQuant W8A8_SQ_PER_CHANNEL (alpha 0.5, calibrated on the same flags);
 `--kv_cache_dtype int8|fp8` adds a calibrated INT8/FP8 KV cache to any of them (on the same
 calibration flags). Every other --qformat is refused by quant_flags.py's one line until kiln has it (issue 15).
 """
@@ -16,16 +17,17 @@ import dataclasses
 
 from kiln.checkpoint.convert import convert
 from kiln.cli.convert_cmd import plan_from_hf
-from kiln.cli.quant_flags import add_quant_flags, calibration_from_flags, kv_calibration_from_flags, \
-    qformat_takes_flags, quant_config_from_flags, refuse_quantization
+from kiln.cli.quant_flags import add_quant_flags, calibrates_activations, calibration_from_flags, \
+    kv_calibration_from_flags, qformat_takes_flags, quant_config_from_flags, refuse_quantization
 from kiln.config import DTYPES, ConfigError
 
 HELP = ("quantize a Hugging Face checkpoint into a kiln checkpoint (quantize.py's flags; full_prec, int8_wo, int4_wo, "
-        "int4_awq, int4_gptq and int8_sq for now, each with an optional INT8/FP8 KV cache)")
-QFORMATS = ["full_prec", "fp8", "int8_sq", "int4_awq", "int4_gptq", "w4a8_awq", "int8_wo", "int4_wo", "nvfp4"]
+        "int4_awq, int4_gptq, fp8, fp8_pc_pt and int8_sq for now, each with an optional INT8/FP8 KV cache)")
+QFORMATS = ["full_prec", "fp8", "fp8_pc_pt", "int8_sq", "int4_awq", "int4_gptq", "w4a8_awq", "int8_wo", "int4_wo", "nvfp4"]
 # quantize.py's weight-only formats (ModelOpt's int8_wo/int4_wo: per-channel, no calibration; int4_awq and kiln's
-# int4_gptq: group-wise, calibrated) -> quant_algo.
+# int4_gptq: group-wise, calibrated), FP8 W8A8 and SmoothQuant W8A8 -> quant_algo.
 QFORMAT_ALGOS = {"int8_wo": "W8A16", "int4_wo": "W4A16", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_GPTQ",
+                 "fp8": "FP8", "fp8_pc_pt": "FP8_PER_CHANNEL_PER_TOKEN",  # FP8 W8A8: kiln.quant.fp8
                  "int8_sq": "W8A8_SQ_PER_CHANNEL"}  # SmoothQuant, alpha 0.5 (quant_flags.QFORMAT_SQ_ALPHA), calibrated
 QUANT = ["--kv_cache_dtype", "--awq_block_size", "--calib_size", "--calib_max_seq_length", "--calib_dataset",
          "--group_size", "--quantize_lm_head", "--auto_quantize_bits", "--desc_act"]
@@ -38,7 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--qformat", default="full_prec", choices=QFORMATS,
                    help="full_prec (the default) writes an unquantized checkpoint; int8_wo/int4_wo weight-only "
                         "per-channel INT8/INT4 (W8A16/W4A16); int4_awq/int4_gptq group-wise INT4 calibrated by AWQ or "
-                        "GPTQ; int8_sq SmoothQuant W8A8 (alpha 0.5); the others are not implemented yet")
+                        "GPTQ; fp8 (per-tensor, calibrated static activations) and fp8_pc_pt (per-channel, per-token) FP8 "
+                        "W8A8; int8_sq SmoothQuant W8A8 (alpha 0.5); the others are not implemented yet")
     p.add_argument("--output_dir", default=None, help="where to write the kiln checkpoint (default exported_model)")
     p.add_argument("--export_path", default=None, help="the older quantize.py's spelling of --output_dir")
     p.add_argument("--export_format", default="tensorrt_llm", choices=["tensorrt_llm", "hf"],
@@ -62,7 +65,7 @@ def main(args: argparse.Namespace) -> int:
     if args.qformat != "full_prec" and (algo is None or not qformat_takes_flags(args, algo)):
         refuse_quantization(args, [f"--qformat {args.qformat}"])
     quant = quant_config_from_flags(args, algo)  # --kv_cache_dtype int8|fp8 with any of them; the rest is refused
-    calib = kv_calibration_from_flags(args) if quant.kv_cache_quant_algo or quant.smoothquant_val else None
+    calib = kv_calibration_from_flags(args) if calibrates_activations(quant) else None
     if calib is not None and args.device is not None:
         calib.device = args.device
     if args.export_format != "tensorrt_llm":

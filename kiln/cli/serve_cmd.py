@@ -12,10 +12,10 @@ SERVE_PACKAGES = ("fastapi", "uvicorn", "prometheus_client")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--engine_dir", required=True)
+    p.add_argument("--engine_dir", required=True, help="the engine to serve (kiln build's output)")
     p.add_argument("--tokenizer_dir", help="tokenizer directory (default: the tokenizer the engine carries)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
     p.add_argument("--api_key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1/* (default: env KILN_API_KEY, else no key)")
     p.add_argument("--served_model_name", default=None, help="the model's name in the API (default: the engine "
@@ -31,11 +31,16 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shutdown_timeout", type=float, default=30.0,
                    help="seconds in-flight requests may run on after SIGTERM before they are aborted")
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
-    p.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9)
-    p.add_argument("--max_tokens_in_paged_kv_cache", type=int, default=None)
-    p.add_argument("--no_cuda_graphs", "--enforce_eager", dest="no_cuda_graphs", action="store_true")
-    p.add_argument("--no_async_scheduling", action="store_true")
-    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--kv_cache_free_gpu_memory_fraction", type=float, default=0.9,
+                   help="share of the GPU memory left after the weights that the KV cache takes")
+    p.add_argument("--max_tokens_in_paged_kv_cache", type=int, default=None,
+                   help="cap on the tokens the KV cache holds (default: as many as the memory fraction allows)")
+    p.add_argument("--no_cuda_graphs", "--enforce_eager", dest="no_cuda_graphs", action="store_true",
+                   help="run decode steps eagerly instead of replaying CUDA graphs")
+    p.add_argument("--no_async_scheduling", action="store_true",
+                   help="wait for each step's tokens before launching the next")
+    p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="uvicorn's and kiln's log level")
 
 
 def missing_packages() -> list[str]:

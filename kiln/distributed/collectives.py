@@ -30,3 +30,11 @@ def tp_all_gather_last_dim(x: torch.Tensor) -> torch.Tensor:
     parts = [torch.empty_like(x) for _ in range(_TP_SIZE)]
     dist.all_gather(parts, x.contiguous(), group=_TP_GROUP)
     return torch.cat(parts, dim=-1)
+
+
+def tp_all_reduce_max(x: torch.Tensor) -> torch.Tensor:
+    """The elementwise max of `x` over the tensor-parallel ranks (in place where possible)."""
+    if _TP_SIZE == 1:
+        return x
+    dist.all_reduce(x, op=dist.ReduceOp.MAX, group=_TP_GROUP)
+    return x

@@ -18,6 +18,7 @@ from kiln.kernels import KernelSet, bind_linear_matmuls, reference, select_kerne
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.memory import GiB, MemoryPlan
 from kiln.quant.apply import quantize_model
+from kiln.quant.group_wise import GROUP_WISE_ALGOS
 from kiln.quant.kv_cache import bind_kv_scales, kv_cache_dtype
 from kiln.runtime_checks import check_rank_header
 from kiln.sampling import DeviceSample, Sampler, SamplerOutput, SamplingRow, to_device
@@ -90,20 +91,23 @@ def load_weights(model: torch.nn.Module, path: str, device: torch.device) -> Non
         raise CheckpointError(f"cannot read {path}: {err}") from err
 
 
-# Weight-only formats whose experts the triton set's fused MoE runs (per channel; group-wise experts run the torch
-# reference, which syncs with the host).
-_KERNEL_MOE_ALGOS = ("W8A16", "W4A16")
+# Weight-only formats whose experts the triton set runs in a fused MoE kernel (per channel: fused_moe_weight_only;
+# group-wise: fused_moe_group_wise) -> the KernelSet field holding it. The torch reference of either syncs with the
+# host (it reads the chosen expert ids).
+_KERNEL_MOE_FIELDS = {"W8A16": "fused_moe_weight_only", "W4A16": "fused_moe_weight_only",
+                      **{algo: "fused_moe_group_wise" for algo in GROUP_WISE_ALGOS}}
 
 
 def graphs_allowed(info: ArtifactInfo, kernels: KernelSet | None = None) -> bool:
-    """Whether the engine's layers can be captured in a CUDA graph: not a weight-only MoE whose experts run the torch
-    reference (`kernels` None or the torch set), which reads the chosen expert ids on the host. The triton set's
-    weight-only fused MoE (per-channel INT8/INT4) never syncs with the host."""
+    """Whether the engine's layers can be captured in a CUDA graph: not a quantized MoE whose experts run a torch
+    reference (`kernels` None or the torch set, or a format with no fused MoE kernel), which reads the chosen expert
+    ids on the host. The triton set's weight-only fused MoEs (per-channel INT8/INT4, group-wise INT4) never sync
+    with the host."""
     if info.quant.quant_algo is None or not info.model.is_moe:
         return True
-    return (kernels is not None and kernels.name == "triton"
-            and kernels.fused_moe_weight_only is not reference.fused_moe_weight_only
-            and info.quant.quant_algo in _KERNEL_MOE_ALGOS)
+    field = _KERNEL_MOE_FIELDS.get(info.quant.quant_algo)
+    return (kernels is not None and kernels.name == "triton" and field is not None
+            and getattr(kernels, field) is not getattr(reference, field))
 
 
 class ModelRunner:
@@ -127,7 +131,7 @@ class ModelRunner:
         quantize_model(self.model, info.quant)  # weight-only int8 parameters and matmuls, chosen once here
         # The file must be this rank's and of the config's dtype: a copied rank file or a changed dtype would load.
         check_rank_header(str(info.rank_file(mapping.rank)), mapping.rank, info.model.torch_dtype,
-                          info.quant.quant_algo is not None)
+                          info.quant.quant_algo is not None, info.quant.act_order)
         load_weights(self.model, str(info.rank_file(mapping.rank)), device)
         bind_kv_scales(self.model)  # an INT8/FP8 KV cache's scales and their reciprocals, once
         self.model.eval()

@@ -47,7 +47,7 @@ class StageRunner(ModelRunner):
         self.world = world
         self._cache_agreed = False
         kernels = select_kernels(world.device, kernel_backend, info.raw)
-        if not graphs_allowed(info):
+        if not graphs_allowed(info, kernels):
             cache = dataclasses.replace(cache, use_cuda_graphs=False)
         self._want_graphs = graphs_possible(cache, world, kernels.name)
         # ModelRunner captures graphs for one rank only, before a cache exists here: this class captures them itself.

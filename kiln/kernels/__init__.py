@@ -43,7 +43,7 @@ class KernelSet:
     add_norm: Callable[..., tuple[torch.Tensor, torch.Tensor]] = reference.add_norm
     # Weight-only per-channel INT8/INT4 experts (the triton set's: kiln.kernels.triton_moe_weight_only).
     fused_moe_weight_only: Callable[..., torch.Tensor] = reference.fused_moe_weight_only
-    # Group-wise INT4 experts (W4A16_AWQ/GPTQ): the torch reference until a Triton kernel is bound here.
+    # Group-wise INT4 experts (W4A16_AWQ/GPTQ; the triton set's: kiln.kernels.triton_moe_group_wise).
     fused_moe_group_wise: Callable[..., torch.Tensor] = reference.fused_moe_group_wise
     # {(row bucket, N, K): config} where the engine's build found the Triton GEMV faster than cuBLAS; empty: cuBLAS
     # everywhere (the torch set, an untuned engine, one tuned on another GPU).

@@ -116,7 +116,7 @@ def fused_moe(
 
     Only experts `expert_start .. expert_start + local_experts - 1` live here (expert parallel); a token's
     choices of other experts contribute nothing on this rank, and the ranks' outputs add up to the full result."""
-    return _glu_experts(hidden, w13.shape[0], lambda e: (w13[e], w2[e]), topk_weights, topk_ids, expert_start)
+    return glu_experts(hidden, w13.shape[0], lambda e: (w13[e], w2[e]), topk_weights, topk_ids, expert_start)
 
 
 def fused_moe_weight_only(
@@ -136,7 +136,7 @@ def fused_moe_weight_only(
         return (dequantize(w13[e], w13_scale[e], bits, hidden.dtype),
                 dequantize(w2[e], w2_scale[e], bits, hidden.dtype))
 
-    return _glu_experts(hidden, w13.shape[0], expert, topk_weights, topk_ids, expert_start)
+    return glu_experts(hidden, w13.shape[0], expert, topk_weights, topk_ids, expert_start)
 
 
 def fused_moe_group_wise(
@@ -161,16 +161,17 @@ def fused_moe_group_wise(
         return (dequantize_groups(w13[e], w13_scale[e], w13_zero[e], bits, group_size, hidden.dtype, w13_k_offset),
                 dequantize_groups(w2[e], w2_scale[e], w2_zero[e], bits, group_size, hidden.dtype, w2_k_offset))
 
-    return _glu_experts(hidden, w13.shape[0], expert, topk_weights, topk_ids, expert_start)
+    return glu_experts(hidden, w13.shape[0], expert, topk_weights, topk_ids, expert_start)
 
 
-def _glu_experts(
+def glu_experts(
     hidden: torch.Tensor,  # [tokens, hidden]
     num_local: int,
     expert: Callable[[int], tuple[torch.Tensor, torch.Tensor]],  # local e -> (w13 [2 * ffn, hidden], w2 [hidden, ffn])
     topk_weights: torch.Tensor,  # [tokens, top_k] float32
     topk_ids: torch.Tensor,  # [tokens, top_k]
     expert_start: int,
+    between: Callable[[torch.Tensor], torch.Tensor] | None = None,  # applied to the GLU intermediate (FP8: fake-quant)
 ) -> torch.Tensor:  # [tokens, hidden]
     tokens = hidden.shape[0]
     out = torch.zeros(tokens, hidden.shape[1], dtype=torch.float32, device=hidden.device)
@@ -184,6 +185,8 @@ def _glu_experts(
         x = hidden[token_idx]
         gate_up = x @ w13_e.t()  # [n, 2 * ffn]
         act = F.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]
+        if between is not None:
+            act = between(act)
         y = act @ w2_e.t()  # [n, hidden]
         out.index_add_(0, token_idx, y.float() * topk_weights[token_idx, slot, None].float())
     return out.to(hidden.dtype)

@@ -17,7 +17,9 @@ from kiln.kernels.triton_moe_weight_only_kernels import moe_wo_down_kernel, moe_
 __all__ = ["fused_moe_weight_only"]
 
 
-def _check(hidden, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_start, bits) -> None:
+def check_quantized_experts(hidden, w13, w2, topk_weights, topk_ids, expert_start, bits) -> tuple[int, int, int]:
+    """The checks every quantized fused MoE shares (stored int8 w13/w2 of `bits`-bit values, routing); returns
+    (local experts, 2 * ffn, hidden)."""
     if bits not in (8, 4):
         raise ValueError(f"bits must be 8 or 4, got {bits}")
     check_tensor("hidden", hidden, 2, FLOAT_DTYPES)
@@ -33,18 +35,22 @@ def _check(hidden, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_
     if two_ffn % 2 or size % per_byte:
         raise ValueError(f"w13 must stack [gate; up] rows (2 * ffn, got {two_ffn}) over {size} input features "
                          f"({'even for INT4' if bits == 4 else 'any'})")
-    ffn = two_ffn // 2
     check_shape("w13", w13, (experts, two_ffn, size // per_byte))
-    check_shape("w2", w2, (experts, size, ffn // per_byte))
-    check_tensor("w13_scale", w13_scale, 2, (hidden.dtype, torch.float32), device)
-    check_tensor("w2_scale", w2_scale, 2, (hidden.dtype, torch.float32), device)
-    check_shape("w13_scale", w13_scale, (experts, two_ffn))
-    check_shape("w2_scale", w2_scale, (experts, size))
+    check_shape("w2", w2, (experts, size, two_ffn // 2 // per_byte))
     check_shape("topk_weights", topk_weights, tuple(topk_ids.shape))
     if topk_ids.shape[0] != hidden.shape[0]:
         raise ValueError(f"topk_ids has {topk_ids.shape[0]} rows for {hidden.shape[0]} tokens")
     if not isinstance(expert_start, int) or expert_start < 0:
         raise ValueError(f"expert_start must be a non-negative int, got {expert_start!r}")
+    return experts, two_ffn, size
+
+
+def _check(hidden, w13, w13_scale, w2, w2_scale, topk_weights, topk_ids, expert_start, bits) -> None:
+    experts, two_ffn, size = check_quantized_experts(hidden, w13, w2, topk_weights, topk_ids, expert_start, bits)
+    check_tensor("w13_scale", w13_scale, 2, (hidden.dtype, torch.float32), hidden.device)
+    check_tensor("w2_scale", w2_scale, 2, (hidden.dtype, torch.float32), hidden.device)
+    check_shape("w13_scale", w13_scale, (experts, two_ffn))
+    check_shape("w2_scale", w2_scale, (experts, size))
 
 
 def _launch_gate_up(hidden, w13, s13, act, routing: AlignedRouting, top_k: int, config: MoeConfig, bits: int):

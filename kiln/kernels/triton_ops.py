@@ -7,6 +7,7 @@ from kiln.kernels.triton_attention import paged_attention
 from kiln.kernels.triton_kv_cache import write_kv_cache
 from kiln.kernels.triton_norm import add_norm
 from kiln.kernels.triton_moe import MoeConfig, MoeKey, fused_moe, register_moe_config, tune_fused_moe
+from kiln.kernels.triton_moe_group_wise import fused_moe_group_wise
 from kiln.kernels.triton_moe_weight_only import fused_moe_weight_only
 
 __all__ = ["triton_kernels", "write_kv_cache", "paged_attention", "fused_moe", "add_norm", "tune_fused_moe", "MoeConfig",
@@ -19,4 +20,5 @@ def triton_kernels(moe_configs: dict[MoeKey, MoeConfig] | None = None) -> Kernel
     for key, config in (moe_configs or {}).items():
         register_moe_config(key, config)
     return KernelSet(name="triton", write_kv_cache=write_kv_cache, paged_attention=paged_attention,
-                     fused_moe=fused_moe, add_norm=add_norm, fused_moe_weight_only=fused_moe_weight_only)
+                     fused_moe=fused_moe, add_norm=add_norm, fused_moe_weight_only=fused_moe_weight_only,
+                     fused_moe_group_wise=fused_moe_group_wise)

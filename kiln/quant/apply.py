@@ -15,6 +15,7 @@ Each layer's matmul is bound here, so the forward pass holds no format checks.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import TYPE_CHECKING
 
 import torch
@@ -24,6 +25,9 @@ from torch import nn
 from kiln.config import ConfigError, QuantConfig
 from kiln.layers.linear import LinearBase, ReplicatedLinear
 from kiln.layers.moe import MoE
+from kiln.layers.sharding import full_shape
+from kiln.quant.fp8 import fp8_scheme
+from kiln.quant.fp8_layers import quantize_fp8_model
 from kiln.quant.group_wise import GroupWiseMethod, dequantize_groups, group_wise_method, num_groups
 from kiln.quant.kv_cache import add_kv_scale_params
 from kiln.quant.smoothquant import apply_smoothquant, smoothquant_method
@@ -69,15 +73,17 @@ class GroupWiseMatmul:
     input features, then F.linear. `bits`, `scale`, `zero`, `group_size`, `k_offset` and `g_idx` are what a kernel
     binding reads."""
 
-    g_idx = None  # kiln's own act-order keeps groups in order (kiln.quant.gptq), so no layer needs one yet
-
-    def __init__(self, method: GroupWiseMethod, scale: nn.Parameter, zero: nn.Parameter, k_offset: int) -> None:
-        self.method, self.scale, self.zero, self.k_offset = method, scale, zero, k_offset
+    def __init__(self, method: GroupWiseMethod, scale: nn.Parameter, zero: nn.Parameter, k_offset: int,
+                 g_idx: nn.Parameter | None = None) -> None:
+        # g_idx [in_local] int32: a published act-order checkpoint's group of each input (kiln's own GPTQ keeps groups
+        # in order, kiln.quant.gptq); the Triton kernels refuse it, so such a layer keeps this torch path.
+        self.method, self.scale, self.zero, self.k_offset, self.g_idx = method, scale, zero, k_offset, g_idx
         self.bits, self.group_size = method.bits, method.group_size
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor,
                  bias: torch.Tensor | None) -> torch.Tensor:  # [tokens, in] -> [tokens, out]
-        w = dequantize_groups(weight, self.scale, self.zero, self.bits, self.group_size, x.dtype, self.k_offset)
+        w = dequantize_groups(weight, self.scale, self.zero, self.bits, self.group_size, x.dtype, self.k_offset,
+                              self.g_idx)
         return F.linear(x, w, bias)
 
 
@@ -133,43 +139,62 @@ def input_start(param: nn.Parameter, where: str) -> int:
     return 0
 
 
-def _replace_groups(module: nn.Module, name: str, method: GroupWiseMethod, where: str) -> None:
+def _add_g_idx(module: nn.Module, name: str, old: nn.Parameter, where: str) -> int:
+    """Act-order: `<name>_g_idx` [in_local] int32, split like the weight's input dim; returns the full input width
+    (every rank keeps all group columns, since its inputs may belong to any group)."""
+    if old.dim() != 2:
+        raise ConfigError(f"{where}.{name}: act-order group indices (g_idx) are supported on linear layers only")
+    specs = tuple(dataclasses.replace(s, dim=0) for s in getattr(old, "shard_specs", ()) if s.dim == 1)
+    g_idx = nn.Parameter(torch.empty(old.shape[1], dtype=torch.int32, device=old.device), requires_grad=False)
+    g_idx.shard_specs = specs  # type: ignore[attr-defined]
+    setattr(module, name + "_g_idx", g_idx)
+    return full_shape(old)[1]
+
+
+def _replace_groups(module: nn.Module, name: str, method: GroupWiseMethod, where: str,
+                    act_order: bool = False) -> None:
     """As `_replace`, for the group-wise format: int8 storage, `<name>_scale` and `<name>_zero` [..., out, groups].
     Their group columns are this rank's (`group_slice`, which convert cuts with kiln.quant.group_wise.slice_groups);
-    the weight's `k_offset` says where its input slice starts inside its first group."""
+    the weight's `k_offset` says where its input slice starts inside its first group. With `act_order` the layer
+    also keeps `<name>_g_idx` and every group column (`_add_g_idx`)."""
     old: nn.Parameter = getattr(module, name)
     logical, start = tuple(old.shape), input_start(old, where)
+    full_in = _add_g_idx(module, name, old, where) if act_order else None
     if method.bits == 4 and logical[-1] % 2:
         raise ConfigError(f"{method.quant_algo} packs two 4-bit weights per byte along the input features, but "
                           f"{where}.{name} has {logical[-1]} input features on a rank (odd); choose a tp size that "
                           "leaves an even count per rank")
-    k_offset = start % method.group_size
+    k_offset = start % method.group_size if full_in is None else 0
     specs = getattr(old, "shard_specs", ())
     stored = nn.Parameter(torch.empty(method.stored_shape(logical), dtype=torch.int8, device=old.device),
                           requires_grad=False)
     stored.shard_specs, stored.logical_shape = specs, logical  # type: ignore[attr-defined]
     stored.weight_only, stored.k_offset = method, k_offset  # type: ignore[attr-defined]
     setattr(module, name, stored)
-    groups = num_groups(logical[-1], method.group_size, k_offset)
+    groups = num_groups(logical[-1] if full_in is None else full_in, method.group_size, k_offset)
     for suffix in ("_scale", "_zero"):
         extra = nn.Parameter(torch.empty(*logical[:-1], groups, dtype=old.dtype, device=old.device),
                              requires_grad=False)
         extra.shard_specs = tuple(s for s in specs if s.dim < len(logical) - 1)  # type: ignore[attr-defined]
         extra.is_weight_scale = True  # type: ignore[attr-defined]
-        extra.group_slice = (start, logical[-1], method.group_size)  # type: ignore[attr-defined]
+        if full_in is None:
+            extra.group_slice = (start, logical[-1], method.group_size)  # type: ignore[attr-defined]
         setattr(module, name + suffix, extra)
 
 
-def _bind(module: nn.Module, method: WeightOnlyMethod | GroupWiseMethod, where: str) -> None:
+def _bind(module: nn.Module, method: WeightOnlyMethod | GroupWiseMethod, where: str, act_order: bool = False) -> None:
     """The quantized parameters and matmul (or experts) of one linear layer or MoE."""
     group_wise = isinstance(method, GroupWiseMethod)
-    replace = _replace_groups if group_wise else _replace
     for name in ("w13", "w2") if isinstance(module, MoE) else ("weight",):
-        replace(module, name, method, where)  # type: ignore[arg-type]
+        if group_wise:
+            _replace_groups(module, name, method, where, act_order)  # type: ignore[arg-type]
+        else:
+            _replace(module, name, method, where)  # type: ignore[arg-type]
     if isinstance(module, MoE):
         module.run_experts = (GroupWiseExperts if group_wise else WeightOnlyExperts)(method, module)
     elif group_wise:
-        module.matmul = GroupWiseMatmul(method, module.weight_scale, module.weight_zero, module.weight.k_offset)
+        module.matmul = GroupWiseMatmul(method, module.weight_scale, module.weight_zero, module.weight.k_offset,
+                                        getattr(module, "weight_g_idx", None))
     else:
         module.matmul = WeightOnlyMatmul(method, module.weight_scale)
 
@@ -183,6 +208,9 @@ def quantize_model(model: nn.Module, quant: QuantConfig | None) -> int:
     sq = smoothquant_method(algo)
     if sq is not None:  # SmoothQuant W8A8 (kiln.quant.smoothquant)
         return apply_smoothquant(model, sq)
+    fp8 = fp8_scheme(algo)
+    if fp8 is not None:  # FP8 weights and activations (kiln.quant.fp8_layers)
+        return quantize_fp8_model(model, fp8)
     group_wise = group_wise_method(algo, quant.group_size if quant is not None else 0)
     method = group_wise if group_wise is not None else weight_only_method(algo)
     if method is None:
@@ -190,6 +218,6 @@ def quantize_model(model: nn.Module, quant: QuantConfig | None) -> int:
     count = 0
     for where, module in list(model.named_modules()):
         if isinstance(module, MoE) or (isinstance(module, LinearBase) and not isinstance(module, ReplicatedLinear)):
-            _bind(module, method, where)
+            _bind(module, method, where, quant.act_order)  # type: ignore[union-attr]
             count += 1
     return count

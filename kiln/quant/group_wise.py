@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 # quant_algo -> bits per weight (the group size is the checkpoint's quantization.group_size).
-GROUP_WISE_ALGOS = {"W4A16_AWQ": 4, "W4A16_GPTQ": 4}
+GROUP_WISE_ALGOS = {"W4A16_AWQ": 4, "W4A16_GPTQ": 4, "W8A16_GPTQ": 8}  # W8A16_GPTQ: published 8-bit GPTQ
 GROUP_SIZES = (32, 64, 128)
 
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from kiln.config import ConfigError
 
-LOADER_MESSAGE = ("kiln cannot load published quantized checkpoints yet (issue 14); convert the unquantized checkpoint "
-                  "and let kiln calibrate: --use_weight_only --weight_only_precision int4_gptq|int4_awq "
-                  "[--group_size 128]")
+LOADER_MESSAGE = ("kiln cannot load this published quantization (it loads AutoGPTQ 4/8-bit, AutoAWQ GEMM and FP8 "
+                  "checkpoints); convert the unquantized checkpoint and let kiln calibrate: --use_weight_only "
+                  "--weight_only_precision int4_gptq|int4_awq [--group_size 128]")
 
 
 def published_quantization(model_dir: Path, config: dict[str, Any]) -> dict[str, Any] | None:

@@ -1,0 +1,188 @@
+"""Giving a built model its FP8 parameters and matmuls (kiln.quant.fp8's formats), once, when it is made.
+
+What is quantized, as for weight-only: every column/row-parallel linear layer and DBRX's experts; the embedding, LM
+head, norms and router stay in the engine dtype. A layer's `weight` becomes float8_e4m3fn with `weight_scale`
+beside it ([1] per tensor, [out] per channel; experts [experts, 1] / [experts, out]); a static scheme adds
+`input_scale` ([1], float, the calibrated activation scale; experts: `w13_input_scale`). Per-tensor and input scales
+are whole on every rank (one global amax, so tp ranks agree with tp 1); per-channel scales split with their rows.
+
+The matmul is chosen once per layer: `torch._scaled_mm` where the device has FP8 tensor cores (sm_89+) and the
+shapes suit it, else the torch reference (dequantize the weight, fake-quantize the activation through fp8 casts).
+With KILN_FP8_GEMV=1 on CUDA, decode steps of up to 16 rows take the Triton FP8 GEMV instead
+(kiln.kernels.triton_fp8_gemv; opt-in until a GPU measures it against _scaled_mm).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.distributed.collectives import tp_all_reduce_max
+from kiln.kernels.reference import glu_experts
+from kiln.quant.fp8 import FP8Scheme, activation_scale, cast_fp8, dequantize, fake_quantize_activation
+
+if TYPE_CHECKING:
+    from kiln.kernels import KernelSet
+
+
+def fp8_gemm_available(device: torch.device) -> bool:
+    """FP8 tensor cores: CUDA compute capability 8.9 (Ada) or newer, with torch's _scaled_mm."""
+    return (device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 9)
+            and hasattr(torch, "_scaled_mm"))
+
+
+def scaled_mm_fits(scheme: FP8Scheme, weight: torch.Tensor, dtype: torch.dtype) -> bool:
+    """_scaled_mm needs K and N multiples of 16; row-wise scales (per channel/token) need sm_90 and bf16 output."""
+    n, k = weight.shape
+    if n % 16 or k % 16 or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    return not row_wise(scheme) or (dtype == torch.bfloat16
+                                    and torch.cuda.get_device_capability(weight.device) >= (9, 0))
+
+
+def row_wise(scheme: FP8Scheme) -> bool:
+    """Whether _scaled_mm gets row-wise scales ([M, 1] and [1, N]) rather than two scalars."""
+    return scheme.per_channel or scheme.dynamic
+
+
+class FP8Matmul:
+    """An FP8 linear layer's matmul: x [tokens, in] -> [tokens, out] in x's dtype."""
+
+    def __init__(self, scheme: FP8Scheme, weight_scale: nn.Parameter, input_scale: nn.Parameter | None,
+                 use_scaled_mm: bool, split_input: bool = False, gemv_rows: int = 0) -> None:
+        self.scheme, self.weight_scale, self.input_scale = scheme, weight_scale, input_scale
+        # A row-parallel layer's rank holds a slice of each token: its per-token scale is the max over the ranks,
+        # so that every tp size quantizes exactly as one rank does.
+        self.split_input = split_input and input_scale is None
+        self.run = self.scaled_mm if use_scaled_mm else self.reference
+        self.gemv_rows = gemv_rows  # up to this many rows: the Triton FP8 GEMV (opt-in, KILN_FP8_GEMV=1)
+        if gemv_rows:
+            self.run = self.gemv_or(self.run)
+
+    def gemv_or(self, other: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        """The Triton GEMV for decode rows (x fake-quantized first, as the reference does), `other` beyond."""
+        from kiln.kernels.triton_fp8_gemv import fp8_gemv  # needs triton and a GPU
+
+        def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+            if x.dim() != 2 or x.shape[0] > self.gemv_rows:
+                return other(x, weight, bias)
+            scale = self.activation_scale(x)
+            xq = (cast_fp8(x, scale).float() * scale).to(x.dtype).contiguous()
+            return fp8_gemv(xq, weight, self.weight_scale, bias)
+        return run
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return self.run(x, weight, bias)
+
+    def reference(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The exact torch reference: `fq(x) @ dequant(W).T + b` in x's dtype."""
+        scale = self.activation_scale(x)
+        xq = (cast_fp8(x, scale).float() * scale).to(x.dtype)
+        return F.linear(xq, dequantize(weight, self.weight_scale, x.dtype), bias)
+
+    def activation_scale(self, x: torch.Tensor) -> torch.Tensor:  # x [tokens, k] -> [1] or [tokens, 1] float32
+        scale = activation_scale(x, self.input_scale)
+        return tp_all_reduce_max(scale) if self.split_input else scale
+
+    def scaled_mm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """One FP8 GEMM: A row-major [M, K] fp8, B = W.T column-major [K, N] (W is stored [N, K] row-major)."""
+        lead, k = x.shape[:-1], x.shape[-1]
+        x2 = x.reshape(-1, k)
+        scale_a = self.activation_scale(x2)  # [1] or [M, 1] float32
+        xq = cast_fp8(x2, scale_a).contiguous()
+        if row_wise(self.scheme):  # scale_a [M, 1], scale_b [1, N] (a per-tensor weight scale repeated)
+            scale_a = scale_a.expand(x2.shape[0], 1).contiguous()
+            scale_b = self.weight_scale.float().reshape(1, -1).expand(1, weight.shape[0]).contiguous()
+        else:  # both scalars
+            scale_a, scale_b = scale_a.reshape(()), self.weight_scale.float().reshape(())
+        y = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=x.dtype)
+        return y.reshape(*lead, -1)
+
+
+def fused_moe_fp8(hidden: torch.Tensor,  # [tokens, hidden]
+                  w13: torch.Tensor,  # [local_experts, 2 * ffn, hidden] fp8
+                  w13_scale: torch.Tensor,  # [local_experts, 1 or 2 * ffn]
+                  w2: torch.Tensor,  # [local_experts, hidden, ffn] fp8
+                  w2_scale: torch.Tensor,  # [local_experts, 1 or hidden]
+                  input_scale: torch.Tensor | None,  # [1] static scale of the experts' input (None: per token)
+                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int) -> torch.Tensor:
+    """The FP8 experts' torch path: the input quantized as the scheme says, each chosen expert's weights
+    dequantized, the GLU intermediate quantized per token before w2. Returns [tokens, hidden] in hidden's dtype."""
+    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return dequantize(w13[e], w13_scale[e], hidden.dtype), dequantize(w2[e], w2_scale[e], hidden.dtype)
+
+    xq = fake_quantize_activation(hidden, input_scale)  # per token or static: the same for every expert
+    return glu_experts(xq, w13.shape[0], expert, topk_weights, topk_ids, expert_start,
+                       between=lambda act: fake_quantize_activation(act, None))
+
+
+class FP8Experts:
+    """A quantized MoE's experts (torch path on every device; the chosen experts are read on the host)."""
+
+    def __init__(self, moe: nn.Module) -> None:
+        self.moe = moe
+
+    def __call__(self, kernels: KernelSet, x: torch.Tensor, weights: torch.Tensor,
+                 ids: torch.Tensor) -> torch.Tensor:  # x [tokens, hidden] -> [tokens, hidden] (this rank's part)
+        m = self.moe
+        return fused_moe_fp8(x, m.w13, m.w13_scale, m.w2, m.w2_scale, getattr(m, "w13_input_scale", None),
+                             weights, ids, m.expert_start)
+
+
+def _replace_weight(module: nn.Module, name: str, scheme: FP8Scheme) -> None:
+    """Swap the float parameter `name` ([..., out, in]) for fp8 storage and add `<name>_scale`."""
+    old: nn.Parameter = getattr(module, name)
+    logical = tuple(old.shape)
+    specs = getattr(old, "shard_specs", ())
+    stored = nn.Parameter(torch.empty(logical, dtype=torch.float8_e4m3fn, device=old.device), requires_grad=False)
+    stored.shard_specs = specs  # type: ignore[attr-defined]
+    stored.logical_shape = logical  # type: ignore[attr-defined]
+    # Convert quantizes any parameter that carries a `weight_only` method (quantize/pack): the FP8 scheme is one.
+    stored.weight_only = scheme  # type: ignore[attr-defined]
+    scale = nn.Parameter(torch.empty(scheme.weight_scale_shape(logical), dtype=old.dtype, device=old.device),
+                         requires_grad=False)
+    # Per channel: the splits of experts and output rows; per tensor: only the experts' (one global amax each).
+    keep = len(logical) - (1 if scheme.per_channel else 2)
+    scale.shard_specs = tuple(s for s in specs if s.dim < keep)  # type: ignore[attr-defined]
+    scale.is_weight_scale = True  # type: ignore[attr-defined]
+    setattr(module, name, stored)
+    setattr(module, name + "_scale", scale)
+
+
+def _input_scale(module: nn.Module, name: str, dtype: torch.dtype, device: torch.device) -> nn.Parameter:
+    """A static activation scale [1], whole on every rank (calibrated at tp 1 over the full input)."""
+    scale = nn.Parameter(torch.empty(1, dtype=dtype, device=device), requires_grad=False)
+    scale.is_input_scale = True  # type: ignore[attr-defined]
+    setattr(module, name, scale)
+    return scale
+
+
+def quantize_fp8_model(model: nn.Module, scheme: FP8Scheme) -> int:
+    """Give `model` FP8 parameters and matmuls; returns how many layers were quantized."""
+    from kiln.layers.linear import LinearBase, ReplicatedLinear, RowParallelLinear
+    from kiln.layers.moe import MoE
+
+    count = 0
+    for _, module in list(model.named_modules()):
+        if isinstance(module, LinearBase) and not isinstance(module, ReplicatedLinear):
+            dtype, device = module.weight.dtype, module.weight.device
+            _replace_weight(module, "weight", scheme)
+            inp = None if scheme.dynamic else _input_scale(module, "input_scale", dtype, device)
+            fast = fp8_gemm_available(device) and scaled_mm_fits(scheme, module.weight, dtype)
+            gemv = 16 if device.type == "cuda" and os.environ.get("KILN_FP8_GEMV") == "1" else 0
+            module.matmul = FP8Matmul(scheme, module.weight_scale, inp, fast, isinstance(module, RowParallelLinear),
+                                      gemv)
+            count += 1
+        elif isinstance(module, MoE):
+            dtype, device = module.w13.dtype, module.w13.device
+            _replace_weight(module, "w13", scheme)
+            _replace_weight(module, "w2", scheme)
+            if not scheme.dynamic:
+                _input_scale(module, "w13_input_scale", dtype, device)
+            module.run_experts = FP8Experts(module)
+            count += 1
+    return count

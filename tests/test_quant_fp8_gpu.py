@@ -1,0 +1,109 @@
+"""FP8 on a GPU with FP8 tensor cores (sm_89+): the torch._scaled_mm path of every scheme against the torch reference
+(fake-quantized x @ dequantized W.T) at real layer shapes, decode rows and a 2048-token prefill; the layer binding
+choosing _scaled_mm; tiny FP8 engines (MPT, DBRX) on CUDA giving the CPU engine's greedy tokens."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+import torch
+
+import kiln
+from kiln.cli.main import main as kiln_main
+from kiln.quant.fp8 import FP8_SCHEMES
+from kiln.quant.fp8_layers import FP8Matmul, fp8_gemm_available
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+needs_fp8 = pytest.mark.skipif(not torch.cuda.is_available() or not fp8_gemm_available(torch.device("cuda")),
+                               reason="needs FP8 tensor cores (sm_89+)")
+
+
+@pytest.fixture(autouse=True)
+def _free_gpu_memory():
+    yield
+    gc.collect()
+    torch.cuda.empty_cache()
+
+
+@needs_fp8
+@pytest.mark.parametrize("algo", sorted(FP8_SCHEMES))
+@pytest.mark.parametrize("rows", [1, 7, 16, 2048])
+@pytest.mark.parametrize("n, k", [(6144, 4096), (4096, 10752)])
+def test_scaled_mm_matches_the_reference(algo, rows, n, k):
+    scheme = FP8_SCHEMES[algo]
+    gen = torch.Generator(device="cuda").manual_seed(rows)
+    w = torch.randn(n, k, device="cuda", generator=gen, dtype=torch.bfloat16) * 0.02
+    x = torch.randn(rows, k, device="cuda", generator=gen, dtype=torch.bfloat16)
+    q, scale = scheme.quantize(w, torch.bfloat16)
+    static = None if scheme.dynamic else torch.tensor([x.abs().max().item() / 448], device="cuda")
+    fast = FP8Matmul(scheme, scale, static, use_scaled_mm=True)
+    ref = FP8Matmul(scheme, scale, static, use_scaled_mm=False)
+    got, want = fast(x, q, None), ref(x.float(), q, None)  # the reference in float32
+    assert got.dtype == torch.bfloat16 and got.shape == (rows, n)
+    err = (got.float() - want).abs().max().item()
+    assert err <= 1e-2 * want.abs().max().item(), err
+
+
+@needs_fp8
+def test_engine_layers_bind_scaled_mm_on_a_bf16_engine(tmp_path):
+    ckpt, engine = tmp_path / "c", tmp_path / "e"
+    assert kiln_main(["convert", "--preset", "mpt-tiny", "--output_dir", str(ckpt), "--dtype", "bfloat16",
+                      "--enable_fp8", "--per_channel", "--per_token"]) == 0
+    assert kiln_main(["build", "--checkpoint_dir", str(ckpt), "--output_dir", str(engine), "--max_batch_size", "2",
+                      "--max_input_len", "32", "--max_seq_len", "64"]) == 0
+    with kiln.LLM(engine) as llm:
+        out = llm.generate([[5, 6, 7, 8]], kiln.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 4
+
+
+def _tokens(engine: Path, device: str) -> list[list[int]]:
+    prompts = [[5, 17, 33, 2, 99, 150, 7], list(range(40, 61))]
+    with kiln.LLM(engine, device=device) as llm:
+        outs = llm.generate(prompts, kiln.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    return [o.outputs[0].token_ids for o in outs]
+
+
+@pytest.mark.parametrize("family", ["mpt", "dbrx"])
+def test_tiny_fp8_engine_on_cuda_gives_the_cpu_tokens(family, tmp_path):
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from fixtures_kv_cache import calib_text, tiny_hf_dir
+
+    model_dir = tiny_hf_dir(tmp_path, family)
+    assert kiln_main(["convert", "--model_dir", str(model_dir), "--output_dir", str(tmp_path / "c"), "--dtype",
+                      "float32", "--enable_fp8", "--calib_dataset", str(calib_text(tmp_path)), "--calib_size", "4",
+                      "--calib_max_seq_length", "32"]) == 0
+    assert kiln_main(["build", "--checkpoint_dir", str(tmp_path / "c"), "--output_dir", str(tmp_path / "e"),
+                      "--max_batch_size", "4", "--max_input_len", "32", "--max_seq_len", "64"]) == 0
+    assert _tokens(tmp_path / "e", "cuda") == _tokens(tmp_path / "e", "cpu")
+
+
+@pytest.mark.parametrize("algo", sorted(FP8_SCHEMES))
+def test_triton_fp8_gemv_matches_the_reference_and_is_timed(algo):
+    """The opt-in Triton GEMV (KILN_FP8_GEMV=1) at decode rows against the reference; prints its time beside
+    _scaled_mm's and bf16 cuBLAS's for the lead to decide whether to bind it by default."""
+    from triton.testing import do_bench
+
+    from kiln.kernels.triton_fp8_gemv import fp8_gemv
+    from kiln.quant.fp8 import fake_quantize_activation
+
+    scheme = FP8_SCHEMES[algo]
+    n, k = 12288, 4096
+    w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
+    q, scale = scheme.quantize(w, torch.bfloat16)
+    for rows in (1, 16):
+        x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+        xq = fake_quantize_activation(x, None)
+        got = fp8_gemv(xq, q, scale, None)
+        want = FP8Matmul(scheme, scale, None, use_scaled_mm=False)(xq.float(), q, None)
+        assert (got.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item()
+        t_gemv = do_bench(lambda: fp8_gemv(xq, q, scale, None))
+        t_bf16 = do_bench(lambda: x @ w.T)
+        line = f"{algo} rows {rows}: triton fp8 gemv {t_gemv * 1e3:.1f} us, bf16 cuBLAS {t_bf16 * 1e3:.1f} us"
+        if fp8_gemm_available(torch.device("cuda")):
+            static = torch.tensor([x.abs().max().item() / 448], device="cuda")
+            mm = FP8Matmul(scheme, scale, None if scheme.dynamic else static, use_scaled_mm=True)
+            line += f", _scaled_mm {do_bench(lambda: mm(x, q, None)) * 1e3:.1f} us"
+        print(line)
