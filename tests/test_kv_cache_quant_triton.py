@@ -1,8 +1,8 @@
 """INT8 and FP8 KV cache through the Triton kernels end to end (on the CPU through Triton's interpreter, compiled on
 a GPU): a tiny MPT (ALiBi) and DBRX (RoPE, GQA) engine with the Triton kernel set against the same engine on the
 torch kernels (itself held to the same quantization applied in torch, test_kv_cache_quant.py): greedy tokens
-through chunked prefill, decode and prefix reuse equal, log-probs within float32 rounding, and the caches written
-bit for bit the same."""
+through chunked prefill, decode and prefix reuse equal, log-probs within what a one-step rounding flip moves, and the
+caches written the same but for such flips."""
 
 from __future__ import annotations
 
@@ -48,8 +48,16 @@ def test_triton_engine_matches_torch_engine(tmp_path, family, fmt):
         runs[backend] = ([(o.token_ids, o.token_logprobs) for r in llm.generate(prompts, GREEDY) for o in r.outputs],
                          [a.k_cache.cpu() for a in llm.runner.model.attention_layers()])
     (want, want_cache), (got, got_cache) = runs["torch"], runs["triton"]
+    # The two engines' norms, matmuls and MoE round float32 differently by ulps, so a key or value that lands within
+    # an ulp of an 8-bit rounding boundary may be stored one step apart (how often depends on the numpy under Triton's
+    # interpreter); the write kernel's bit-exactness on identical inputs is test_kv_cache_quant_kernels.py's. Here:
+    # the same tokens, the caches equal but for rare one-step flips, log-probs within what one flipped step moves.
     assert [t for t, _ in got] == [t for t, _ in want]
     for (_, lp_got), (_, lp_want) in zip(got, want):
-        assert torch.allclose(torch.tensor(lp_got), torch.tensor(lp_want), rtol=1e-4, atol=1e-4)
-    for a, b in zip(got_cache, want_cache):  # the write kernel stores what the reference stores
-        assert torch.equal(a.view(torch.int8), b.view(torch.int8))
+        assert torch.allclose(torch.tensor(lp_got), torch.tensor(lp_want), rtol=0, atol=2e-3)
+    for a, b in zip(got_cache, want_cache):
+        if fmt == "int8":
+            steps = (a.view(torch.int8).int() - b.view(torch.int8).int()).abs()
+        else:  # e4m3: neighbouring codes of the same sign differ by one in their bits
+            steps = (a.view(torch.uint8).int() - b.view(torch.uint8).int()).abs()
+        assert int(steps.max()) <= 1 and int((steps > 0).sum()) <= max(2, steps.numel() // 1000)
