@@ -91,3 +91,15 @@ def while_loops(device: torch.device) -> bool:
     1-element arrays, which NumPy >= 2.4 rejects. On the GPU the `for` form stays: only it is software-pipelined
     (num_stages). Both forms call the same @triton.jit step function, so the interpreter still checks all the math."""
     return device.type == "cpu"
+
+
+def matmul_output(x: torch.Tensor, n: int, bias: torch.Tensor | None) -> tuple[torch.Tensor, bool]:
+    """The output y [M, N] of x [M, K] @ W[N, K].T (+ bias), and whether it is already final: an empty product (no
+    rows or columns) or K = 0 (y is the bias, or zeros) needs no kernel launch."""
+    rows, k = x.shape
+    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
+    if rows == 0 or n == 0:
+        return y, True
+    if k == 0:
+        return (y.zero_() if bias is None else y.copy_(bias.expand(rows, n))), True
+    return y, False

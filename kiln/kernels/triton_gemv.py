@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.kernels.triton_common import FLOAT_DTYPES, cdiv, check_device, check_shape, check_tensor, dot_precision
-from kiln.kernels.triton_common import dot_upcast, multiprocessor_count, next_power_of_2, while_loops
+from kiln.kernels.triton_common import dot_upcast, matmul_output, multiprocessor_count, next_power_of_2, while_loops
 from kiln.kernels.triton_gemv_configs import DOT_ROWS, MAX_ROWS, ROW_BUCKETS, GemvConfig, GemvKey
 from kiln.kernels.triton_gemv_configs import candidate_configs, default_config, entry_to_dict, rows_table
 from kiln.kernels.triton_gemv_kernels import gemv_kernel, gemv_reduce_kernel
@@ -50,11 +50,9 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     """The kernel launch(es), inputs already checked."""
     rows, k = x.shape
     n = weight.shape[0]
-    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    if rows == 0 or n == 0:
+    y, done = matmul_output(x, n, bias)
+    if done:
         return y
-    if k == 0:
-        return y.zero_() if bias is None else y.copy_(bias.expand(rows, n))
     block_k = config.block_k
     steps = cdiv(k, block_k)
     per_split = cdiv(steps, min(config.split_k, steps)) * block_k  # whole steps per slice

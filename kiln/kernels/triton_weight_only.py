@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.triton_common import FLOAT_DTYPES, cdiv, check_device, dot_precision, dot_upcast
-from kiln.kernels.triton_common import multiprocessor_count, next_power_of_2, while_loops
+from kiln.kernels.triton_common import matmul_output, multiprocessor_count, next_power_of_2, while_loops
 from kiln.kernels.triton_gemv_kernels import gemv_reduce_kernel
 from kiln.kernels.triton_weight_only_configs import FUSED_MAX_ROWS, WoConfig, WoKey, default_wo_config, rows_configs
 from kiln.kernels.triton_weight_only_kernels import dequantize_kernel, weight_only_kernel
@@ -114,11 +114,9 @@ def _plan(rows: int, n: int, k: int, fmt: WeightOnlyFormat, config: WoConfig, sm
 def _launch_fused(x, weight, scale, zero, bias, fmt: WeightOnlyFormat, config: WoConfig | None = None) -> torch.Tensor:
     rows, k = x.shape
     n = weight.shape[0]
-    y = torch.empty(rows, n, dtype=x.dtype, device=x.device)
-    if rows == 0 or n == 0:
+    y, done = matmul_output(x, n, bias)
+    if done:
         return y
-    if k == 0:
-        return y.zero_() if bias is None else y.copy_(bias.expand(rows, n))
     config = config or default_wo_config(rows, fmt.bits, fmt.group_size, k + fmt.k_offset)
     plan = _plan(rows, n, k, fmt, config, multiprocessor_count(x.device))
     split = plan.splits > 1
