@@ -38,7 +38,12 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--rows", type=int, nargs="+", default=[1, 16, 32, 2048])
     p.add_argument("--formats", nargs="+", default=list(FORMATS))
+    p.add_argument("--tune", action="store_true", help="also time every build-tuning candidate at each shape and "
+                   "print the fastest (what `kiln build` would pick)")
     args = p.parse_args()
+    if args.tune:
+        print_tuned(args.rows, args.formats)
+        return
     print("| shape | rows | bf16 us | " + " | ".join(f"{f} us (x bf16, GB/s)" for f in args.formats) + " |")
     for label, (n, k) in SHAPES.items():
         w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
@@ -54,6 +59,27 @@ def main() -> None:
                 cells.append(f"{t:.1f} ({base / t:.2f}x, {nbytes / t / 1e3:.0f})")
             print(f"| {label} {n}x{k} | {rows} | {base:.1f} | " + " | ".join(cells) + " |", flush=True)
         del w, weights
+
+
+def print_tuned(rows_list: list[int], formats: list[str]) -> None:
+    """The build's tuning candidates at each shape: the fastest config, its time, GB/s, and the default's time."""
+    from kiln.kernels.triton_weight_only_configs import default_wo_config
+    from kiln.kernels.triton_weight_only_tune import tune_shape
+
+    print("| shape | rows | format | bf16 us | default us | tuned us (x bf16, GB/s) | tuned config |")
+    for label, (n, k) in SHAPES.items():
+        for f in formats:
+            fmt = FORMATS[f]
+            stored, scale, zero = quantized(fmt, n, k)
+            nbytes = stored.numel() + scale.numel() * 2 * (1 if zero is None else 2)
+            for rows in rows_list:
+                x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
+                default = us(lambda: weight_only_matmul(x, stored, scale, zero, None, fmt))
+                best, best_us, bf16_us = tune_shape((n, k, fmt.bits, fmt.group_size), rows, torch.bfloat16,
+                                                    torch.device("cuda"))
+                print(f"| {label} {n}x{k} | {rows} | {f} | {bf16_us:.1f} | {default:.1f} | {best_us:.1f} "
+                      f"({bf16_us / best_us:.2f}x, {nbytes / best_us / 1e3:.0f}) | {best} "
+                      f"(default {default_wo_config(rows, fmt.bits, fmt.group_size, k)}) |", flush=True)
 
 
 if __name__ == "__main__":

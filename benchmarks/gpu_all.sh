@@ -7,6 +7,8 @@
 #   5. the 8-bit KV caches beside bf16's (gpu_kvcache.sh, the MPT-7B shape)
 # Run it through benchmarks/device_call.sh so that whatever finished comes back as one tarball:
 #   LIMIT=540 bash benchmarks/device_call.sh bash benchmarks/gpu_all.sh
+# STEPS picks some of them (default all): STEPS="eval serve kernels" (kernels: benchmarks/bench_weight_only.py per
+# layer shape against bf16 cuBLAS, not part of the default). MODELS passes to gpu_eval.sh.
 # What the device call needs: the wheels of benchmarks/device_wheels.sh (carried in .whl, installed to /tmp/site and
 # put on PYTHONPATH first), and the trained models, which with the rest of the tracked tree exceed the device tool's
 # 64 MiB: pack them (`tar -czf .carry/models.tar.gz models`, 48 MB), move models/ aside while the call is sent (no
@@ -16,11 +18,14 @@ export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 out=${OUT:-./out}; mkdir -p "$out"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$out/versions.txt"
 python3 -c "import torch,triton,transformers;print('torch',torch.__version__,'triton',triton.__version__,'transformers',transformers.__version__)" | tee -a "$out/versions.txt"
-echo "== $SECONDS s: gpu_eval"; timeout "${EVAL_S:-140}" bash benchmarks/gpu_eval.sh
-echo "== $SECONDS s: gpu tests"
+steps=" ${STEPS:-eval tests serve quant kv} "
+step() { [[ "$steps" == *" $1 "* ]] && echo "== $SECONDS s: $1"; }
+step eval && timeout "${EVAL_S:-140}" bash benchmarks/gpu_eval.sh
+if step tests; then
 timeout "${TESTS_S:-240}" python3 -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors --durations 15 tests > "$out/gpu_tests.log" 2>&1
 tail -40 "$out/gpu_tests.log"
-echo "== $SECONDS s: serve"
+fi
+if step serve; then
 eng=$(mktemp -d /tmp/kiln-serve-XXXX)
 python3 -m kiln convert --preset mpt-7b --dtype bfloat16 --dummy_device cuda --output_dir "$eng/ckpt" >/dev/null &&
 python3 -m kiln build --checkpoint_dir "$eng/ckpt" --output_dir "$eng/engine" --max_batch_size 64 --max_input_len 512 \
@@ -30,8 +35,8 @@ timeout "${SERVE_S:-110}" python3 benchmarks/bench_serve.py --engine_dir "$eng/e
 timeout 45 python3 benchmarks/bench_serve.py --engine_dir "$eng/engine" --num_prompts 20 --input_len 128 --output_len 64 \
     --request_rate 4 --output_json "$out/serve_low_load.json" 2>&1 | tail -20 | tee -a "$out/serve.log"
 rm -rf "$eng"
-echo "== $SECONDS s: quant"
-TUNE= TESTS= KERNELS= CASES="${QUANT_CASES-mpt7b}" timeout "${QUANT_S:-200}" bash benchmarks/gpu_quant.sh
-echo "== $SECONDS s: kv cache"
-TESTS= SHAPES="${KV_SHAPES-mpt-7b}" timeout "${KV_S:-200}" bash benchmarks/gpu_kvcache.sh
+fi
+step kernels && timeout "${KERNELS_S:-150}" python3 benchmarks/bench_weight_only.py --tune --rows 1 32 2>&1 | tee "$out/kernels.log"
+step quant && TUNE= TESTS= KERNELS= CASES="${QUANT_CASES-mpt7b}" timeout "${QUANT_S:-200}" bash benchmarks/gpu_quant.sh
+step kv && TESTS= SHAPES="${KV_SHAPES-mpt-7b}" timeout "${KV_S:-200}" bash benchmarks/gpu_kvcache.sh
 echo "== $SECONDS s: done"
