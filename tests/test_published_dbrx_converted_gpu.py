@@ -8,14 +8,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-import kiln
 from fixtures_dbrx import hf_scorers
 from test_published_dbrx_converted import converted_checkpoint
 from test_published_group_wise import GPTQ
-from kiln.cli.main import main as kiln_main
+from test_published_group_wise_gpu import gpu_engine_matches_cpu_and_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
-PROMPTS = [[5, 17, 33, 2, 99, 150, 7], list(range(40, 61))]
 
 
 @pytest.mark.parametrize("fmt", [
@@ -24,16 +22,5 @@ PROMPTS = [[5, 17, 33, 2, 99, 150, 7], list(range(40, 61))]
 ])
 def test_converted_gptq_engine_on_gpu_matches_cpu_and_reference(fmt, tmp_path):
     hf_dir, model = converted_checkpoint(tmp_path, fmt)
-    assert kiln_main(["convert", "--model_dir", str(hf_dir), "--output_dir", str(tmp_path / "ckpt"), "--dtype",
-                      "float16"]) == 0
-    assert kiln_main(["build", "--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "engine"),
-                      "--max_batch_size", "4", "--max_input_len", "32", "--max_seq_len", "64"]) == 0
     reference, _ = hf_scorers(model.double())
-    params = kiln.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
-    with kiln.LLM(tmp_path / "engine", device="cpu") as cpu:
-        cpu_tokens = [o.outputs[0].token_ids for o in cpu.generate(PROMPTS, params)]
-    with kiln.LLM(tmp_path / "engine", device="cuda") as gpu:
-        assert [o.outputs[0].token_ids for o in gpu.generate(PROMPTS, params)] == cpu_tokens
-        for prompt in PROMPTS:
-            got, want = gpu.score(prompt).cpu().double(), reference(prompt)
-            assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+    gpu_engine_matches_cpu_and_reference(tmp_path, hf_dir, reference)
