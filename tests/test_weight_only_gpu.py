@@ -60,6 +60,23 @@ def test_kernels_match_the_dequantized_reference(name, rows):
     _assert_close(got, x.float() @ dense.T + bias.float())
 
 
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("rows", [1, 16, 33])
+def test_ptx_dequantization_equals_the_plain_triton_path(name, rows, monkeypatch):
+    """triton_dequant_asm's PTX makes the same bf16 values as the plain Triton arithmetic: same config, same
+    products, so the outputs are equal bit for bit."""
+    from kiln.kernels import triton_common
+    from kiln.kernels.triton_weight_only import weight_only_matmul
+
+    fmt, stored, scale, zero, _ = _weight(name, 1024 + 64, 4096, seed=rows)
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    assert triton_common.asm_dequant(x.dtype, x.device)
+    with_ptx = weight_only_matmul(x, stored, scale, zero, None, fmt)
+    monkeypatch.setattr(triton_common, "ASM_DEQUANT", False)
+    plain = weight_only_matmul(x, stored, scale, zero, None, fmt)
+    assert torch.equal(with_ptx, plain)
+
+
 @pytest.mark.parametrize("name", ["int4", "int4_g128_off64", "int8"])
 def test_kernel_in_a_cuda_graph(name):
     from kiln.kernels.triton_weight_only import weight_only_matmul

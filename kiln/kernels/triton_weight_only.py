@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.triton_common import FLOAT_DTYPES, cdiv, check_device, dot_precision, dot_upcast
+from kiln.kernels.triton_common import FLOAT_DTYPES, asm_dequant, cdiv, check_device, dot_precision, dot_upcast
 from kiln.kernels.triton_common import matmul_output, multiprocessor_count, next_power_of_2, while_loops
 from kiln.kernels.triton_gemv_kernels import gemv_reduce_kernel
 from kiln.kernels.triton_weight_only_configs import FUSED_MAX_ROWS, WoConfig, WoKey, default_wo_config, rows_configs
@@ -129,7 +129,7 @@ def _launch_fused(x, weight, scale, zero, bias, fmt: WeightOnlyFormat, config: W
         BITS=fmt.bits, GROUP=fmt.group_size, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None and not split,
         SPLIT=split, BLOCK_M=plan.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_K=fmt.k_offset == 0 and k % config.block_k == 0, DOT_F32=dot_upcast(x.dtype, x.device),
-        PRECISION=dot_precision(x.dtype), WHILE_LOOP=while_loops(x.device),
+        PRECISION=dot_precision(x.dtype), WHILE_LOOP=while_loops(x.device), ASM=asm_dequant(x.dtype, x.device),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:
