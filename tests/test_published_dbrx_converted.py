@@ -109,7 +109,8 @@ def test_converted_gptq_checkpoint_runs_its_dequantized_weights(fmt, tp, flags, 
     check_scores(convert_and_build(tmp_path, hf_dir, tp, *flags), *hf_scorers(model))
     quant = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization"]
     # group_size -1: one group as wide as the widest input (64), a power of two for the fused MoE's kernels
-    assert (quant["quant_algo"], quant["group_size"]) == (f"W{fmt['bits']}A16_GPTQ", 32 if fmt["group_size"] > 0 else 64)
+    group = 32 if fmt["group_size"] > 0 else 64
+    assert (quant["quant_algo"], quant["group_size"]) == (f"W{fmt['bits']}A16_GPTQ", group)
     experts = load_file(str(tmp_path / "ckpt" / "rank0.safetensors"))
     assert experts["layers.0.ffn.w13"].dtype == torch.int8 and "layers.0.ffn.w2_zero" in experts
 

@@ -1,8 +1,8 @@
 """A published DBRX "converted" GPTQ engine with the Triton kernel set (on the CPU through Triton's interpreter,
 compiled on a GPU) against the same engine on the torch kernels: the stacked published experts run in the Triton
 group-wise fused MoE (and, on a GPU, the fused q/k/v in the Triton weight-only GEMM) as kiln's own group-wise DBRX
-does, so greedy tokens are equal and log-probs agree to float32 rounding. (The torch engine itself is held to transformers
-with the dequantized weights in test_published_dbrx_converted.py.)"""
+does, so greedy tokens are equal and log-probs agree to float32 rounding. (The torch engine itself is held to
+transformers with the dequantized weights in test_published_dbrx_converted.py.)"""
 
 from __future__ import annotations
 
@@ -21,8 +21,9 @@ from interpreted_triton import interpret_triton  # noqa: E402
 
 if INTERPRET:
     interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_attention_kernels",
-                      "kiln.kernels.triton_kv_cache", "kiln.kernels.triton_attention", "kiln.kernels.triton_moe_kernels",
-                      "kiln.kernels.triton_moe", "kiln.kernels.triton_norm", "kiln.kernels.triton_gemv_kernels",
+                      "kiln.kernels.triton_kv_cache", "kiln.kernels.triton_attention",
+                      "kiln.kernels.triton_moe_kernels", "kiln.kernels.triton_moe", "kiln.kernels.triton_norm",
+                      "kiln.kernels.triton_gemv_kernels",
                       "kiln.kernels.triton_gemv", "kiln.kernels.triton_weight_only_kernels",
                       "kiln.kernels.triton_weight_only", "kiln.kernels.triton_moe_weight_only_kernels",
                       "kiln.kernels.triton_moe_weight_only", "kiln.kernels.triton_moe_group_wise_kernels",
