@@ -151,10 +151,33 @@ def test_what_the_fused_moe_cannot_run_is_one_line(fmt, change, named, tmp_path,
     assert not (tmp_path / "out").exists()
 
 
-def test_mismatched_group_size_within_qkv_is_refused(tmp_path, capsys):
-    """Found while the fused qkv is read (after convert's progress lines): the last line names the layer."""
-    hf_dir, _ = converted_checkpoint(tmp_path, {**GPTQ, "bits": 4, "group_size": 32}, change=regroup_k_proj)
+def resize_expert(state: dict) -> None:
+    """Expert 1's w1 in layer 0 packed with 64 outputs (q_proj's tensors) where ffn is 48."""
+    for part in ("qweight", "qzeros", "scales", "g_idx"):
+        state[f"transformer.blocks.0.ffn.experts.mlp.1.w1.{part}"] = \
+            state[f"transformer.blocks.0.norm_attn_norm.attn.q_proj.{part}"].clone()
+
+
+@pytest.mark.parametrize("change, named", [
+    (regroup_k_proj, "k_proj.weight has 4 groups over 64 inputs, not groups of 32"),
+    (resize_expert, "(64, 64): transformer.blocks.0.ffn.experts.mlp.1.w1.weight;"),
+])
+def test_damaged_layers_are_named_while_read(change, named, tmp_path, capsys):
+    """Found while the fused weight is read (after convert's progress lines): the last line names the layer."""
+    hf_dir, _ = converted_checkpoint(tmp_path, {**GPTQ, "bits": 4, "group_size": 32}, change=change)
     assert kiln_main(["convert", "--model_dir", str(hf_dir), "--output_dir", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert "k_proj.weight has 4 groups over 64 inputs, not groups of 32" in err[-1], err
+    assert named in err[-1], err
     assert "Traceback" not in "".join(err) and not (tmp_path / "out").exists()
+
+
+def test_experts_of_another_size_than_the_config_are_named(tmp_path, capsys):
+    hf_dir, _ = converted_checkpoint(tmp_path, {**GPTQ, "bits": 4, "group_size": 32})
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["ffn_config"]["ffn_hidden_size"] = 40  # the experts hold 48
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    assert kiln_main(["convert", "--model_dir", str(hf_dir), "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "shape mismatch for layers.0.ffn.w13: its quantized values are (4, 96, 64), but config.json implies " \
+           "(4, 80, 64)" in err[-1], err
+    assert not (tmp_path / "out").exists()

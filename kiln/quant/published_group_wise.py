@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from kiln.checkpoint.hf_reader import HFCheckpoint
+from kiln.checkpoint.hf_reader import CheckpointError, HFCheckpoint
 from kiln.checkpoint.sources import HFWeightSource
 from kiln.config import ConfigError, ModelConfig, QuantConfig
 from kiln.models.family import Family, find_rule, sources_for
@@ -184,6 +184,15 @@ class PublishedView:
         return -(-q.shape[1] // scale.shape[1])
 
 
+def _by_shape(names: list[str], tensors: list[torch.Tensor]) -> str:
+    """`(48, 64): a, b, c, ... (+13 more); (64, 64): d`: which parts have which shape (a DBRX w13 has 32 parts)."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for n, t in zip(names, tensors):
+        groups.setdefault(tuple(t.shape), []).append(n)
+    return "; ".join(f"{shape}: {', '.join(ns[:3])}" + (f" ... (+{len(ns) - 3} more)" if len(ns) > 3 else "")
+                     for shape, ns in groups.items())
+
+
 class PublishedWeightSource(HFWeightSource):
     """Full kiln tensors of a published GPTQ/AWQ checkpoint: floats through the family map, and for each quantized
     kiln weight its published values (`quantized_weight`), which convert shards and repacks without rounding."""
@@ -233,7 +242,11 @@ class PublishedWeightSource(HFWeightSource):
         for n, (q, scale, _, g_idx) in zip(names, parts):
             self._check_groups(n, q, scale, g_idx)
         fuse = TRANSFORMS[rule.transform]
-        return tuple(fuse([p[i] for p in parts], self.config) for i in range(3))  # type: ignore[return-value]
+        try:
+            return tuple(fuse([p[i] for p in parts], self.config) for i in range(3))  # type: ignore[return-value]
+        except RuntimeError as err:  # parts that do not stack: a layer of the wrong size
+            raise CheckpointError(f"cannot make {name} from parts of these sizes (values [out, in]): "
+                                  f"{_by_shape(names, [p[0] for p in parts])}; {err}") from err
 
     def _check_groups(self, name: str, q: torch.Tensor, scale: torch.Tensor, g_idx: torch.Tensor | None) -> None:
         """The published groups must be kiln's `k // group_size`, or (act-order) any g_idx into them."""
