@@ -181,3 +181,13 @@ def test_experts_of_another_size_than_the_config_are_named(tmp_path, capsys):
     assert "shape mismatch for layers.0.ffn.w13: its quantized values are (4, 96, 64), but config.json implies " \
            "(4, 80, 64)" in err[-1], err
     assert not (tmp_path / "out").exists()
+
+
+def test_an_edited_expert_count_is_one_line(tmp_path, capsys):
+    hf_dir, _ = converted_checkpoint(tmp_path, None)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["ffn_config"]["moe_num_experts"] = 4000  # within the config bounds (4096)
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    assert kiln_main(["convert", "--model_dir", str(hf_dir), "--output_dir", str(tmp_path / "out")]) == 2
+    assert "claims 4000 experts (ffn_config.moe_num_experts), but the checkpoint's tensors hold experts " \
+           "0..3" in one_error_line(capsys)

@@ -32,7 +32,8 @@ class WeightLayout:
 
     name: str
     marker: str  # a regex that some tensor name of this layout matches, and no name of the family's own layout
-    weight_rules: Callable[[ModelConfig], list[WeightRule]]
+    # (config, the checkpoint's tensor names) -> rules; the names let it check a count it sizes lists by
+    weight_rules: Callable[[ModelConfig, set[str]], list[WeightRule]]
 
 
 @dataclass(frozen=True)
@@ -61,7 +62,7 @@ def layout_of(family: Family, names: set[str]) -> WeightLayout | None:
 def rules_for_checkpoint(family: Family, config: ModelConfig, names: set[str]) -> list[WeightRule]:
     """The weight rules that read a checkpoint holding tensors `names`: its layout's, else the family's own."""
     layout = layout_of(family, names)
-    return (layout.weight_rules if layout is not None else family.weight_rules)(config)
+    return layout.weight_rules(config, names) if layout is not None else family.weight_rules(config)
 
 
 def hf_dtype(hf: dict[str, Any], default: str = "float32") -> str:
