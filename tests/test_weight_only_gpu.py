@@ -77,6 +77,20 @@ def test_ptx_dequantization_equals_the_plain_triton_path(name, rows, monkeypatch
     assert torch.equal(with_ptx, plain)
 
 
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_one_row_fma_kernel_on_the_gpu(name):
+    """The build's one-row candidates (config.gemv) compute what the reference does, on real shapes."""
+    from kiln.kernels.triton_weight_only import weight_only_matmul
+    from kiln.kernels.triton_weight_only_configs import candidate_wo_configs
+
+    fmt, stored, scale, zero, dense = _weight(name, 4096 + 64, 5120, seed=7)
+    x = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16)
+    configs = [c for c in candidate_wo_configs(1, fmt.bits, fmt.group_size) if c.gemv]
+    assert configs
+    for config in configs:
+        _assert_close(weight_only_matmul(x, stored, scale, zero, None, fmt, config), x.float() @ dense.T)
+
+
 @pytest.mark.parametrize("name", ["int4", "int4_g128_off64", "int8"])
 def test_kernel_in_a_cuda_graph(name):
     from kiln.kernels.triton_weight_only import weight_only_matmul
