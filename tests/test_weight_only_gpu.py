@@ -132,6 +132,20 @@ def test_weight_only_fused_moe_matches_reference(bits, tokens):
     _assert_close(got, want)
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_fused_moe_ptx_dequantization_equals_plain(bits, monkeypatch):
+    """The fused MoE's PTX dequantization (per-channel experts) gives the plain path's output bit for bit."""
+    from kiln.kernels import triton_common
+    from kiln.kernels.triton_moe_weight_only import fused_moe_weight_only
+
+    w13, s13, w2, s2 = _experts(bits, 16, 1344, 1536)
+    x = torch.randn(5, 1536, device="cuda", dtype=torch.bfloat16)
+    weights, ids = torch.softmax(torch.randn(5, 16, device="cuda"), -1).topk(4, dim=-1)
+    with_ptx = fused_moe_weight_only(x, w13, s13, w2, s2, weights, ids, 0, bits)
+    monkeypatch.setattr(triton_common, "ASM_DEQUANT", False)
+    assert torch.equal(with_ptx, fused_moe_weight_only(x, w13, s13, w2, s2, weights, ids, 0, bits))
+
+
 def test_weight_only_fused_moe_in_a_cuda_graph():
     from kiln.kernels.triton_moe_weight_only import fused_moe_weight_only
 

@@ -80,14 +80,14 @@ _INT8_UNSIGNED = tl.constexpr("{" + _INT8_BODY.replace("{flip}", "mov.b32 w, $2;
 
 
 @triton.jit
-def nibbles_bf16(w, zero, SIGNED: tl.constexpr):
-    """Bytes w [BN, KB] int8 -> (low, high) bf16 [BN, KB]: the nibbles minus zero [BN] (signed: -8..7, zero unused;
-    unsigned: 0..15 - zero)."""
+def nibbles_bf16(w, bias, SIGNED: tl.constexpr):
+    """Bytes w int8 -> (low, high) bf16 of w's shape: each nibble minus `bias` (float32, broadcastable to w: the
+    zero point, 0 where there is none; ignored for SIGNED, whose nibbles are two's complement -8..7)."""
     if SIGNED:
-        bias = tl.full(zero.shape, 136.0, tl.float32)
+        offset = tl.full(w.shape, -136.0, tl.float32)
     else:
-        bias = zero + 128.0
-    negated = tl.broadcast_to((-bias).to(tl.bfloat16)[:, None], w.shape)
+        offset = tl.broadcast_to(-(bias + 128.0), w.shape)
+    negated = offset.to(tl.bfloat16)  # -(128 + zero): exact in bf16 for zeros 0..15
     if SIGNED:
         low, high = tl.inline_asm_elementwise(_INT4_SIGNED, "=r,=r,=r,=r,r,r,r", [w, negated],
                                               dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4)
@@ -98,13 +98,13 @@ def nibbles_bf16(w, zero, SIGNED: tl.constexpr):
 
 
 @triton.jit
-def bytes_bf16(w, zero, SIGNED: tl.constexpr):
-    """Bytes w [BN, K] int8 -> bf16 [BN, K]: signed -128..127 (zero unused), or the uint8 they hold minus zero [BN]."""
+def bytes_bf16(w, bias, SIGNED: tl.constexpr):
+    """Bytes w int8 -> bf16 of w's shape: signed -128..127 (`bias` ignored), or the uint8 they hold minus `bias`
+    (float32, broadcastable to w), rounded once to bf16 as the plain path does."""
     if SIGNED:
-        bias = tl.full(zero.shape, 8388608.0 + 128.0, tl.float32)
+        negated = tl.full(w.shape, -(8388608.0 + 128.0), tl.float32)
     else:
-        bias = zero + 8388608.0
-    negated = tl.broadcast_to(-bias[:, None], w.shape)
+        negated = tl.broadcast_to(-(bias + 8388608.0), w.shape)
     if SIGNED:
         out = tl.inline_asm_elementwise(_INT8_SIGNED, "=r,=r,r,r,r,r,r", [w, negated], dtype=tl.bfloat16,
                                         is_pure=True, pack=4)

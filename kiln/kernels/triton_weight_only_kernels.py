@@ -98,7 +98,7 @@ def _tile_dot(w, x_ptr, offs_m, m_ok, k0, K, stride_xm, zero,
     x = _load_x(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K, EVEN_K)  # [BLOCK_M, BLOCK_K]
     if BITS == 8:
         if ASM:
-            q = bytes_bf16(w, zero, SIGNED)
+            q = bytes_bf16(w, zero[:, None], SIGNED)
         else:
             q = _bytes(w, SIGNED)
             if HAS_ZERO:
@@ -107,7 +107,7 @@ def _tile_dot(w, x_ptr, offs_m, m_ok, k0, K, stride_xm, zero,
         acc = dot_acc(q, tl.trans(x), acc, DOT_F32, PRECISION)
     else:
         if ASM:
-            low, high = nibbles_bf16(w, zero, SIGNED)
+            low, high = nibbles_bf16(w, zero[:, None], SIGNED)
         else:
             low, high = _nibbles(w, SIGNED)
             if HAS_ZERO:
