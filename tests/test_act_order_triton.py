@@ -1,0 +1,146 @@
+"""GPTQ act-order (desc_act, g_idx) layers on the Triton weight-only kernels (kiln/quant/act_order.py, the binding in
+kiln/kernels/triton_weight_only.py), through Triton's interpreter on the CPU: a random act-order layer (a random
+permutation behind its g_idx) against x @ dequant(W).T written out here in float64, 4 and 8 bits, decode and prefill
+row counts; the reordering's refusals (a row-parallel rank's scattered groups keep the torch path, named in a
+warning); and a whole tiny MPT from a published act-order checkpoint, whose logits on the kernels equal its torch
+path's and the dequantized-weights reference."""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+
+import pytest  # noqa: E402
+from interpreted_triton import interpret_triton  # noqa: E402
+
+if INTERPRET:
+    interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_gemv_kernels",
+                      "kiln.kernels.triton_weight_only_kernels", "kiln.kernels.triton_weight_only"))
+
+import kiln  # noqa: E402
+from kiln.config import QuantConfig  # noqa: E402
+from kiln.kernels.triton_weight_only import FUSED_MAX_ROWS, ActOrderKernelMatmul, WeightOnlyKernelMatmul  # noqa: E402
+from kiln.kernels.triton_weight_only import bind_weight_only  # noqa: E402
+from kiln.layers.linear import ColumnParallelLinear, RowParallelLinear  # noqa: E402
+from kiln.quant.act_order import ActOrderError, act_order_layout  # noqa: E402
+from kiln.quant.apply import quantize_model  # noqa: E402
+from weight_only_refs import pack_unsigned4  # noqa: E402
+
+
+def act_order_g_idx(inp: int, group: int, gen: torch.Generator) -> torch.Tensor:
+    """GPTQ act-order's g_idx: the inputs quantized in a random order, input order[i] in group i // G."""
+    order = torch.randperm(inp, generator=gen)
+    g_idx = torch.empty(inp, dtype=torch.int64)
+    g_idx[order] = torch.arange(inp) // group
+    return g_idx
+
+
+def fill_act_order_layer(layer, bits: int, group: int, g_idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Random values, scales, zeros and `g_idx` into a quantized layer's parameters; returns its dense float64
+    weight [out, in] = (q - zero[:, g_idx]) * scale[:, g_idx], written out here."""
+    out, inp = layer.out_features, layer.in_features
+    groups = layer.weight_scale.shape[1]
+    top = 2**bits
+    q = torch.randint(0, top, (out, inp), generator=gen)
+    scale = torch.rand(out, groups, generator=gen) * 0.05 + 0.01
+    zero = torch.randint(0, top, (out, groups), generator=gen).float()
+    layer.weight.data.copy_(pack_unsigned4(q) if bits == 4 else q.to(torch.uint8).view(torch.int8))
+    layer.weight_scale.data.copy_(scale)
+    layer.weight_zero.data.copy_(zero)
+    layer.weight_g_idx.data.copy_(g_idx.to(torch.int32))
+    if layer.bias is not None:
+        layer.bias.data.normal_(generator=gen)
+    return (q.double() - zero.double()[:, g_idx]) * scale.double()[:, g_idx]
+
+
+def close(got: torch.Tensor, want: torch.Tensor) -> None:
+    atol = 1e-5 * max(1.0, want.abs().max().item())
+    assert torch.allclose(got.cpu().double(), want, rtol=1e-5, atol=atol), (got.cpu().double() - want).abs().max()
+
+
+@pytest.mark.parametrize("bits, group, inp, out", [(4, 32, 80, 24), (8, 64, 192, 10), (4, 128, 256, 16)])
+def test_random_act_order_layer_matches_dequantized_reference(bits, group, inp, out):
+    """Act-order layers are reordered and bound to the kernels (an input gather + the kernels), and compute
+    x @ dequant(W).T + bias at decode and prefill row counts; 80 inputs in groups of 32 leave a short last group."""
+    gen = torch.Generator().manual_seed(bits * 1000 + inp)
+    layer = ColumnParallelLinear(inp, out, True, torch.float32)
+    algo = "W4A16_GPTQ" if bits == 4 else "W8A16_GPTQ"
+    quantize_model(layer, QuantConfig(quant_algo=algo, group_size=group, has_zero_point=True, act_order=True))
+    dense = fill_act_order_layer(layer, bits, group, act_order_g_idx(inp, group, gen), gen)
+    layer.to(DEVICE)
+    assert bind_weight_only(layer) == 1
+    assert isinstance(layer.matmul, ActOrderKernelMatmul)
+    for rows in (1, 5, FUSED_MAX_ROWS + 3):
+        x = torch.randn(rows, inp, generator=gen)
+        close(layer(x.to(DEVICE)), x.double() @ dense.T + layer.bias.cpu().double())
+
+
+def test_row_parallel_rank_with_scattered_groups_keeps_the_torch_path():
+    """Rank 1 of 2 of a row-parallel act-order layer holds a random half of every group: not readable as contiguous
+    groups, so it stays exact on the torch path and a warning names it; its column-parallel neighbour is bound."""
+    gen = torch.Generator().manual_seed(7)
+    column = ColumnParallelLinear(64, 32, False, torch.float32, tp_size=2, tp_rank=1)
+    row = RowParallelLinear(128, 24, False, torch.float32, tp_size=2, tp_rank=1)  # inputs 64..127 of 128
+    layers = torch.nn.ModuleList([column, row])
+    quantize_model(layers, QuantConfig(quant_algo="W4A16_GPTQ", group_size=32, has_zero_point=True, act_order=True))
+    dense = [fill_act_order_layer(column, 4, 32, act_order_g_idx(64, 32, gen), gen),
+             fill_act_order_layer(row, 4, 32, act_order_g_idx(128, 32, gen)[64:], gen)]
+    with pytest.warns(RuntimeWarning, match=r"1 act-order .* torch path.*1: its inputs fall in \d+ partial groups"):
+        assert bind_weight_only(layers) == 1
+    assert isinstance(column.matmul, ActOrderKernelMatmul) and row.matmul.g_idx is not None
+    for layer, want in zip(layers, dense):
+        x = torch.randn(3, layer.in_features, generator=gen)
+        close(layer(x), x.double() @ want.T)
+
+
+def test_layouts_the_kernels_can_read_and_refusals():
+    gen = torch.Generator().manual_seed(3)
+    g_idx = act_order_g_idx(80, 32, gen)
+    layout = act_order_layout(g_idx, 32, 4)
+    assert torch.equal(g_idx[layout.perm], torch.arange(80) // 32)  # contiguous groups, short one last
+    assert layout.k_offset == 0 and layout.groups.tolist() == [0, 1, 2]
+    # A slice starting mid-group with in-order groups (static groups, or desc_act false): one tile offset, no gather.
+    layout = act_order_layout(torch.arange(16, 80) // 32, 32, 4)
+    assert layout.k_offset == 16 and torch.equal(layout.perm, torch.arange(64))
+    with pytest.raises(ActOrderError, match="partial groups"):
+        act_order_layout(act_order_g_idx(128, 32, gen)[:64], 32, 4)
+    with pytest.raises(ActOrderError, match="more than the group size 32"):
+        act_order_layout(torch.zeros(40, dtype=torch.int64), 32, 8)
+    with pytest.raises(ActOrderError, match="odd counts"):
+        act_order_layout(torch.tensor([0] * 15 + [1] * 32 + [2] * 17), 32, 4)
+
+
+def test_published_act_order_mpt_runs_the_kernels_like_the_torch_path(tmp_path):
+    """A whole tiny MPT from an AutoGPTQ act-order checkpoint (shuffled g_idx in every linear, groups of 32 with a
+    short last one): every quantized linear is bound to the kernels, and the logits equal the torch path's and the
+    float64 dequantized-weights reference."""
+    from fixtures_mpt import mpt_published_config, random_state, reference_logits, save_checkpoint
+    from test_published_group_wise import GPTQ, MPT_LINEARS, convert_and_build, publish
+
+    cfg = mpt_published_config()
+    fmt = {**GPTQ, "bits": 4, "group_size": 32, "sym": False, "desc_act": True}
+    prefixes = [f"transformer.blocks.{i}.{n}" for i in range(cfg["n_layers"]) for n in MPT_LINEARS]
+    published, reference = publish(random_state(cfg), prefixes, fmt, seed=5)
+    engine = convert_and_build(tmp_path, save_checkpoint(published, {**cfg, "quantization_config": fmt},
+                                                         tmp_path / "hf"), 1)
+    prompts = [[5, 17, 33, 2, 99, 150, 7], list(range(40, 52))]
+    with kiln.LLM(engine, device="cpu") as llm:
+        torch_path = [llm.score(p) for p in prompts]
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # at tp 1 nothing is left on the torch path
+            assert bind_weight_only(llm.runner.model) == len(prefixes)
+        bound = [m.matmul for m in llm.runner.model.modules() if isinstance(getattr(m, "matmul", None),
+                                                                            (ActOrderKernelMatmul, WeightOnlyKernelMatmul))]
+        assert len(bound) == len(prefixes) and all(isinstance(m, ActOrderKernelMatmul) for m in bound)
+        for prompt, want in zip(prompts, torch_path):
+            got = llm.score(prompt)
+            assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+            ref = reference_logits(reference, cfg, prompt).double()
+            assert (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
