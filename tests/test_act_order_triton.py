@@ -92,12 +92,13 @@ def test_row_parallel_rank_with_scattered_groups_keeps_the_torch_path():
     quantize_model(layers, QuantConfig(quant_algo="W4A16_GPTQ", group_size=32, has_zero_point=True, act_order=True))
     dense = [fill_act_order_layer(column, 4, 32, act_order_g_idx(64, 32, gen), gen),
              fill_act_order_layer(row, 4, 32, act_order_g_idx(128, 32, gen)[64:], gen)]
+    layers.to(DEVICE)
     with pytest.warns(RuntimeWarning, match=r"1 act-order .* torch path.*1: its inputs fall in \d+ partial groups"):
         assert bind_weight_only(layers) == 1
     assert isinstance(column.matmul, ActOrderKernelMatmul) and row.matmul.g_idx is not None
     for layer, want in zip(layers, dense):
         x = torch.randn(3, layer.in_features, generator=gen)
-        close(layer(x), x.double() @ want.T)
+        close(layer(x.to(DEVICE)), x.double() @ want.T)
 
 
 def test_layouts_the_kernels_can_read_and_refusals():
@@ -117,30 +118,69 @@ def test_layouts_the_kernels_can_read_and_refusals():
         act_order_layout(torch.tensor([0] * 15 + [1] * 32 + [2] * 17), 32, 4)
 
 
-def test_published_act_order_mpt_runs_the_kernels_like_the_torch_path(tmp_path):
-    """A whole tiny MPT from an AutoGPTQ act-order checkpoint (shuffled g_idx in every linear, groups of 32 with a
-    short last one): every quantized linear is bound to the kernels, and the logits equal the torch path's and the
-    float64 dequantized-weights reference."""
-    from fixtures_mpt import mpt_published_config, random_state, reference_logits, save_checkpoint
-    from test_published_group_wise import GPTQ, MPT_LINEARS, convert_and_build, publish
+def act_order_mpt_engine(tmp_path, dtype: str):
+    """A tiny MPT published as an AutoGPTQ act-order checkpoint, converted and built at tp 1; returns the engine,
+    the float reference state, the config and the number of quantized linears."""
+    from fixtures_mpt import mpt_published_config, random_state, save_checkpoint
+    from test_published_group_wise import GPTQ, MPT_LINEARS, publish
+    from test_quant_group_wise import build
+    from kiln.cli.main import main as kiln_main
 
     cfg = mpt_published_config()
     fmt = {**GPTQ, "bits": 4, "group_size": 32, "sym": False, "desc_act": True}
     prefixes = [f"transformer.blocks.{i}.{n}" for i in range(cfg["n_layers"]) for n in MPT_LINEARS]
     published, reference = publish(random_state(cfg), prefixes, fmt, seed=5)
-    engine = convert_and_build(tmp_path, save_checkpoint(published, {**cfg, "quantization_config": fmt},
-                                                         tmp_path / "hf"), 1)
-    prompts = [[5, 17, 33, 2, 99, 150, 7], list(range(40, 52))]
+    hf_dir = save_checkpoint(published, {**cfg, "quantization_config": fmt}, tmp_path / "hf")
+    assert kiln_main(["convert", "--model_dir", str(hf_dir), "--output_dir", str(tmp_path / "ckpt"), "--dtype",
+                      dtype]) == 0
+    return build(tmp_path), reference, cfg, len(prefixes)
+
+
+def bound_matmuls(model: torch.nn.Module) -> list[object]:
+    kinds = (ActOrderKernelMatmul, WeightOnlyKernelMatmul)
+    return [m.matmul for m in model.modules() if isinstance(getattr(m, "matmul", None), kinds)]
+
+
+PROMPTS = [[5, 17, 33, 2, 99, 150, 7], list(range(40, 52))]
+
+
+@pytest.mark.skipif(not INTERPRET, reason="binds interpreted kernels on the CPU; the gpu test below is the CUDA one")
+def test_published_act_order_mpt_runs_the_kernels_like_the_torch_path(tmp_path):
+    """A whole tiny MPT from an AutoGPTQ act-order checkpoint (shuffled g_idx in every linear, groups of 32 with a
+    short last one): every quantized linear is bound to the kernels, and the logits equal the torch path's and the
+    float64 dequantized-weights reference."""
+    from fixtures_mpt import reference_logits
+
+    engine, reference, cfg, linears = act_order_mpt_engine(tmp_path, "float32")
     with kiln.LLM(engine, device="cpu") as llm:
-        torch_path = [llm.score(p) for p in prompts]
+        torch_path = [llm.score(p) for p in PROMPTS]
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # at tp 1 nothing is left on the torch path
-            assert bind_weight_only(llm.runner.model) == len(prefixes)
-        bound = [m.matmul for m in llm.runner.model.modules() if isinstance(getattr(m, "matmul", None),
-                                                                            (ActOrderKernelMatmul, WeightOnlyKernelMatmul))]
-        assert len(bound) == len(prefixes) and all(isinstance(m, ActOrderKernelMatmul) for m in bound)
-        for prompt, want in zip(prompts, torch_path):
+            assert bind_weight_only(llm.runner.model) == linears
+        bound = bound_matmuls(llm.runner.model)
+        assert len(bound) == linears and all(isinstance(m, ActOrderKernelMatmul) for m in bound)
+        for prompt, want in zip(PROMPTS, torch_path):
             got = llm.score(prompt)
             assert torch.allclose(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
             ref = reference_logits(reference, cfg, prompt).double()
             assert (got.double() - ref).abs().max() <= 1e-4 * ref.abs().max()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_act_order_engine_on_gpu_binds_the_kernels_and_matches(tmp_path):
+    """On CUDA, loading binds every act-order linear to the kernels (with CUDA graphs for decode); greedy tokens
+    equal the CPU engine's (torch path) and logits stay within float16 rounding of the float64 reference."""
+    from fixtures_mpt import reference_logits
+
+    engine, reference, cfg, linears = act_order_mpt_engine(tmp_path, "float16")
+    params = kiln.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    with kiln.LLM(engine, device="cpu") as cpu:
+        cpu_tokens = [o.outputs[0].token_ids for o in cpu.generate(PROMPTS, params)]
+    with kiln.LLM(engine, device="cuda") as gpu:
+        bound = bound_matmuls(gpu.runner.model)
+        assert len(bound) == linears and all(isinstance(m, ActOrderKernelMatmul) for m in bound)
+        assert [o.outputs[0].token_ids for o in gpu.generate(PROMPTS, params)] == cpu_tokens
+        for prompt in PROMPTS:
+            got, want = gpu.score(prompt).cpu().double(), reference_logits(reference, cfg, prompt)
+            assert (got - want).abs().max() <= 2e-2 * want.abs().max()
