@@ -29,7 +29,7 @@ from kiln.config import QuantConfig  # noqa: E402
 from kiln.kernels.triton_weight_only import FUSED_MAX_ROWS, ActOrderKernelMatmul, WeightOnlyKernelMatmul  # noqa: E402
 from kiln.kernels.triton_weight_only import bind_weight_only  # noqa: E402
 from kiln.layers.linear import ColumnParallelLinear, RowParallelLinear  # noqa: E402
-from kiln.quant.act_order import ActOrderError, act_order_layout  # noqa: E402
+from kiln.quant.act_order import act_order_layout  # noqa: E402
 from kiln.quant.apply import quantize_model  # noqa: E402
 from weight_only_refs import pack_unsigned4  # noqa: E402
 
@@ -82,40 +82,62 @@ def test_random_act_order_layer_matches_dequantized_reference(bits, group, inp, 
         close(layer(x.to(DEVICE)), x.double() @ dense.T + layer.bias.cpu().double())
 
 
-def test_row_parallel_rank_with_scattered_groups_keeps_the_torch_path():
-    """Rank 1 of 2 of a row-parallel act-order layer holds a random half of every group: not readable as contiguous
-    groups, so it stays exact on the torch path and a warning names it; its column-parallel neighbour is bound."""
-    gen = torch.Generator().manual_seed(7)
-    column = ColumnParallelLinear(64, 32, False, torch.float32, tp_size=2, tp_rank=1)
-    row = RowParallelLinear(128, 24, False, torch.float32, tp_size=2, tp_rank=1)  # inputs 64..127 of 128
+@pytest.mark.parametrize("bits", [4, 8])
+def test_row_parallel_rank_with_scattered_groups_runs_padded_tiles(bits):
+    """Rank 1 of 2 of a row-parallel act-order layer holds a random half of every group: each group is padded to
+    tiles of 32 (the weight grows, a warning names the layer) and still computes x @ dequant(W).T; its column-parallel
+    neighbour keeps whole groups (no padding). Zero points of 2^bits (AutoGPTQ v1's +1) stay exact: pads read x = 0."""
+    gen = torch.Generator().manual_seed(7 + bits)
+    column = ColumnParallelLinear(128, 32, False, torch.float32, tp_size=2, tp_rank=1)
+    row = RowParallelLinear(256, 24, True, torch.float32, tp_size=2, tp_rank=1)  # inputs 128..255 of 256
     layers = torch.nn.ModuleList([column, row])
-    quantize_model(layers, QuantConfig(quant_algo="W4A16_GPTQ", group_size=32, has_zero_point=True, act_order=True))
-    dense = [fill_act_order_layer(column, 4, 32, act_order_g_idx(64, 32, gen), gen),
-             fill_act_order_layer(row, 4, 32, act_order_g_idx(128, 32, gen)[64:], gen)]
+    algo = "W4A16_GPTQ" if bits == 4 else "W8A16_GPTQ"
+    quantize_model(layers, QuantConfig(quant_algo=algo, group_size=64, has_zero_point=True, act_order=True))
+    dense = [fill_act_order_layer(column, bits, 64, act_order_g_idx(128, 64, gen), gen),
+             fill_act_order_layer(row, bits, 64, act_order_g_idx(256, 64, gen)[128:], gen)]
+    row.weight_zero.data[:, 1] = 2**bits  # AutoGPTQ v1 stores zero - 1: a zero of 2^bits reads back
+    dense[1] = row_dense_with_zero(row, dense[1], bits)
+    stored_width = row.weight.shape[1]
     layers.to(DEVICE)
-    with pytest.warns(RuntimeWarning, match=r"1 act-order .* torch path.*1: its inputs fall in \d+ partial groups"):
-        assert bind_weight_only(layers) == 1
-    assert isinstance(column.matmul, ActOrderKernelMatmul) and row.matmul.g_idx is not None
+    warned = r"^1 act-order .*row-parallel at tp > 1.*tiles of 32 inputs.*: 1 \(\+0\.0 MiB\)$"
+    with pytest.warns(RuntimeWarning, match=warned):
+        assert bind_weight_only(layers) == 2
+    assert isinstance(column.matmul, ActOrderKernelMatmul) and not column.matmul.padded
+    assert isinstance(row.matmul, ActOrderKernelMatmul) and row.matmul.padded
+    assert row.weight.shape[1] > stored_width and row.weight.shape[1] * (8 // bits) % 32 == 0
     for layer, want in zip(layers, dense):
-        x = torch.randn(3, layer.in_features, generator=gen)
-        close(layer(x.to(DEVICE)), x.double() @ want.T)
+        for rows in (3, FUSED_MAX_ROWS + 1):
+            x = torch.randn(rows, layer.in_features, generator=gen)
+            close(layer(x.to(DEVICE)), x.double() @ want.T + (0 if layer.bias is None else layer.bias.cpu().double()))
 
 
-def test_layouts_the_kernels_can_read_and_refusals():
+def row_dense_with_zero(layer, dense: torch.Tensor, bits: int) -> torch.Tensor:
+    """The dense weight again after a zero point was changed: from the stored values, written out here."""
+    stored = layer.weight.detach().view(torch.uint8).long()
+    q = torch.stack([stored & 0xF, stored >> 4], -1).flatten(-2) if bits == 4 else stored
+    g = layer.weight_g_idx.long()
+    return (q.double() - layer.weight_zero.double()[:, g]) * layer.weight_scale.double()[:, g]
+
+
+def test_layouts_the_kernels_can_read():
     gen = torch.Generator().manual_seed(3)
     g_idx = act_order_g_idx(80, 32, gen)
     layout = act_order_layout(g_idx, 32, 4)
     assert torch.equal(g_idx[layout.perm], torch.arange(80) // 32)  # contiguous groups, short one last
-    assert layout.k_offset == 0 and layout.groups.tolist() == [0, 1, 2]
+    assert (layout.k_offset, layout.group_size, layout.padded, layout.groups.tolist()) == (0, 32, False, [0, 1, 2])
     # A slice starting mid-group with in-order groups (static groups, or desc_act false): one tile offset, no gather.
     layout = act_order_layout(torch.arange(16, 80) // 32, 32, 4)
-    assert layout.k_offset == 16 and torch.equal(layout.perm, torch.arange(64))
-    with pytest.raises(ActOrderError, match="partial groups"):
-        act_order_layout(act_order_g_idx(128, 32, gen)[:64], 32, 4)
-    with pytest.raises(ActOrderError, match="more than the group size 32"):
-        act_order_layout(torch.zeros(40, dtype=torch.int64), 32, 8)
-    with pytest.raises(ActOrderError, match="odd counts"):
-        act_order_layout(torch.tensor([0] * 15 + [1] * 32 + [2] * 17), 32, 4)
+    assert layout.k_offset == 16 and torch.equal(layout.perm, torch.arange(64)) and not layout.padded
+    # A rank's scattered half of groups of 128, or two odd partial groups at 4 bits: padded tiles of 32.
+    odd_partials = torch.tensor([0] * 15 + [1] * 32 + [2] * 17)
+    for g_idx, group in ((act_order_g_idx(512, 128, gen)[256:], 128), (odd_partials, 32)):
+        layout = act_order_layout(g_idx, group, 4)
+        assert layout.padded and layout.group_size == 32 and layout.k_offset == 0
+        real = layout.perm < g_idx.numel()
+        assert torch.equal(layout.perm[real].sort().values, torch.arange(g_idx.numel()))  # every input once
+        tile_group = layout.groups.repeat_interleave(32)  # [width]
+        assert torch.equal(g_idx[layout.perm[real]], tile_group[real])  # each tile holds its group's inputs only
+        assert layout.perm.numel() == 32 * layout.groups.numel() and layout.groups.numel() <= g_idx.numel() // 32 + 4
 
 
 def act_order_mpt_engine(tmp_path, dtype: str):

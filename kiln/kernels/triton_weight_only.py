@@ -28,10 +28,10 @@ from kiln.kernels.triton_common import matmul_output, multiprocessor_count, next
 from kiln.kernels.triton_gemv_kernels import gemv_reduce_kernel
 from kiln.kernels.triton_weight_only_configs import FUSED_MAX_ROWS, WoConfig, WoKey, default_wo_config, rows_configs
 from kiln.kernels.triton_weight_only_kernels import dequantize_kernel, weight_only_kernel
-from kiln.quant.act_order import reorder_act_order_layers
+from kiln.quant.act_order import gather_inputs, reorder_act_order_layers
 
-__all__ = ["FUSED_MAX_ROWS", "ActOrderKernelMatmul", "WeightOnlyFormat", "WeightOnlyKernelMatmul", "bind_weight_only", "dequantize_weight",
-           "quantized_layers", "weight_only_linear", "weight_only_matmul"]
+__all__ = ["FUSED_MAX_ROWS", "ActOrderKernelMatmul", "WeightOnlyFormat", "WeightOnlyKernelMatmul", "bind_weight_only",
+           "dequantize_weight", "quantized_layers", "weight_only_linear", "weight_only_matmul"]
 
 @dataclass(frozen=True)
 class WeightOnlyFormat:
@@ -219,18 +219,19 @@ class WeightOnlyKernelMatmul:
 
 class ActOrderKernelMatmul:
     """A reordered act-order layer's matmul on CUDA (kiln.quant.act_order): x's inputs gathered by `perm` (one
-    index_select, graph-safe), then the kernels over the reordered weight."""
+    index_select, after appending a zero column when the layout is padded; graph-safe), then the kernels over the
+    reordered weight."""
 
-    __slots__ = ("perm", "kernel")
+    __slots__ = ("perm", "padded", "kernel")
 
-    def __init__(self, perm: torch.Tensor, kernel: WeightOnlyKernelMatmul) -> None:
-        self.perm, self.kernel = perm, kernel
+    def __init__(self, perm: torch.Tensor, padded: bool, kernel: WeightOnlyKernelMatmul) -> None:
+        self.perm, self.padded, self.kernel = perm, padded, kernel
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-        return self.kernel(x.index_select(-1, self.perm), weight, bias)  # [..., in] -> [..., out]
+        return self.kernel(gather_inputs(x, self.perm, self.padded), weight, bias)  # [..., in] -> [..., out]
 
     def __repr__(self) -> str:
-        return f"ActOrderKernelMatmul({self.kernel.fmt})"
+        return f"ActOrderKernelMatmul({self.kernel.fmt}, padded={self.padded})"
 
 
 def kernel_format(matmul: object, weight: torch.Tensor) -> WeightOnlyFormat | None:
@@ -264,14 +265,15 @@ def quantized_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Weig
 
 
 def _reorder_act_order(model: torch.nn.Module) -> None:
-    """Act-order layers (GPTQ desc_act, g_idx) reordered for the kernels; a warning names those left on the torch
-    path, whose rank's inputs do not form whole groups (row-parallel layers of a tensor-parallel engine)."""
-    _, refused = reorder_act_order_layers(model)
-    if refused:
-        more = f" (and {len(refused) - 2} more)" if len(refused) > 2 else ""
-        warnings.warn(f"{len(refused)} act-order (desc_act) GPTQ layers keep the torch path, exact but slower, since "
-                      f"the Triton kernels need each group's inputs on one rank: {'; '.join(refused[:2])}{more}. "
-                      "At tp 1 every act-order layer runs the kernels", RuntimeWarning, stacklevel=3)
+    """Act-order layers (GPTQ desc_act, g_idx) reordered for the kernels; a warning names those padded to tiles
+    (a row-parallel rank's scattered groups at tp > 1) and what their weights grew by."""
+    _, padded = reorder_act_order_layers(model)
+    if padded:
+        more = f" and {len(padded) - 2} more" if len(padded) > 2 else ""
+        warnings.warn(f"{len(padded)} act-order (desc_act) GPTQ layers hold a scattered part of each group on this "
+                      f"rank (row-parallel at tp > 1): they run the Triton kernels with each group padded to tiles of "
+                      f"32 inputs, which grows their weights: {'; '.join(padded[:2])}{more}", RuntimeWarning,
+                      stacklevel=3)
 
 
 def bind_weight_only(model: torch.nn.Module, table: dict[WoKey, WoConfig] | None = None) -> int:
@@ -287,5 +289,5 @@ def bind_weight_only(model: torch.nn.Module, table: dict[WoKey, WoConfig] | None
         matmul = module.matmul
         inner = getattr(matmul, "reordered", matmul)
         kernel = WeightOnlyKernelMatmul(fmt, inner.scale, getattr(inner, "zero", None), inner, configs)
-        module.matmul = kernel if inner is matmul else ActOrderKernelMatmul(matmul.perm, kernel)
+        module.matmul = kernel if inner is matmul else ActOrderKernelMatmul(matmul.perm, matmul.padded, kernel)
     return len(layers)
