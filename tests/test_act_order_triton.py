@@ -1,8 +1,8 @@
 """GPTQ act-order (desc_act, g_idx) layers on the Triton weight-only kernels (kiln/quant/act_order.py, the binding in
 kiln/kernels/triton_weight_only.py), through Triton's interpreter on the CPU: a random act-order layer (a random
 permutation behind its g_idx) against x @ dequant(W).T written out here in float64, 4 and 8 bits, decode and prefill
-row counts; the reordering's refusals (a row-parallel rank's scattered groups keep the torch path, named in a
-warning); and a whole tiny MPT from a published act-order checkpoint, whose logits on the kernels equal its torch
+row counts; a row-parallel rank's scattered groups on padded tiles (named in a warning), and both ranks of a tp 2
+split summing to the whole layer; the layouts; and a whole tiny MPT from a published act-order checkpoint, whose logits on the kernels equal its torch
 path's and the dequantized-weights reference."""
 
 from __future__ import annotations
@@ -109,6 +109,34 @@ def test_row_parallel_rank_with_scattered_groups_runs_padded_tiles(bits):
         for rows in (3, FUSED_MAX_ROWS + 1):
             x = torch.randn(rows, layer.in_features, generator=gen)
             close(layer(x.to(DEVICE)), x.double() @ want.T + (0 if layer.bias is None else layer.bias.cpu().double()))
+
+
+def test_row_parallel_ranks_sum_to_the_whole_layer():
+    """tp 2 end to end at the layer: both ranks of a row-parallel act-order layer (each a scattered half of every
+    group, padded on the kernels) give partial products that sum to x @ dequant(W).T of the whole layer."""
+    gen = torch.Generator().manual_seed(21)
+    full_in, out, group = 384, 20, 128
+    g_idx = act_order_g_idx(full_in, group, gen)
+    q = torch.randint(0, 16, (out, full_in), generator=gen)
+    scale = torch.rand(out, full_in // group, generator=gen) * 0.05 + 0.01
+    zero = torch.randint(0, 16, (out, full_in // group), generator=gen).float()
+    dense = (q.double() - zero.double()[:, g_idx]) * scale.double()[:, g_idx]
+    x = torch.randn(5, full_in, generator=gen)
+    total = torch.zeros(5, out, dtype=torch.float64)
+    for rank in range(2):
+        layer = RowParallelLinear(full_in, out, False, torch.float32, tp_size=2, tp_rank=rank)
+        quantize_model(layer, QuantConfig(quant_algo="W4A16_GPTQ", group_size=group, has_zero_point=True,
+                                          act_order=True))
+        part = slice(rank * full_in // 2, (rank + 1) * full_in // 2)
+        layer.weight.data.copy_(pack_unsigned4(q[:, part]))
+        layer.weight_scale.data.copy_(scale)
+        layer.weight_zero.data.copy_(zero)
+        layer.weight_g_idx.data.copy_(g_idx[part].to(torch.int32))
+        layer.to(DEVICE)
+        with pytest.warns(RuntimeWarning, match="padded to tiles of 32"):
+            assert bind_weight_only(layer) == 1
+        total += layer.matmul(x[:, part].to(DEVICE), layer.weight, None).cpu().double()
+    close(total, x.double() @ dense.T)
 
 
 def row_dense_with_zero(layer, dense: torch.Tensor, bits: int) -> torch.Tensor:
