@@ -2,8 +2,8 @@
 kiln/kernels/triton_weight_only.py), through Triton's interpreter on the CPU: a random act-order layer (a random
 permutation behind its g_idx) against x @ dequant(W).T written out here in float64, 4 and 8 bits, decode and prefill
 row counts; a row-parallel rank's scattered groups on padded tiles (named in a warning), and both ranks of a tp 2
-split summing to the whole layer; the layouts; and a whole tiny MPT from a published act-order checkpoint, whose logits on the kernels equal its torch
-path's and the dequantized-weights reference."""
+split summing to the whole layer; the layouts; and a whole tiny MPT from a published act-order checkpoint, whose
+logits on the kernels equal its torch path's and the dequantized-weights reference."""
 
 from __future__ import annotations
 
