@@ -4,6 +4,7 @@ bytes + scales + zeros / time). Random weights (the kernels' speed does not depe
 launch configs (an engine's build tunes them per shape: kernels.weight_only).
 
     python benchmarks/bench_weight_only.py [--rows 1 16 32 2048] [--formats int8 int4 int4_g128]
+    python benchmarks/bench_weight_only.py --act_order [--rows 1 16 2048]   # GPTQ desc_act layers, G 128
 """
 
 from __future__ import annotations
@@ -40,7 +41,12 @@ def main() -> None:
     p.add_argument("--formats", nargs="+", default=list(FORMATS))
     p.add_argument("--tune", action="store_true", help="also time every build-tuning candidate at each shape and "
                    "print the fastest (what `kiln build` would pick)")
+    p.add_argument("--act_order", action="store_true", help="time a GPTQ act-order (g_idx) INT4 g128 layer: its torch "
+                   "path, the kernels after reordering (with the input gather), and the same kernels without g_idx")
     args = p.parse_args()
+    if args.act_order:
+        print_act_order(args.rows)
+        return
     if args.tune:
         print_tuned(args.rows, args.formats)
         return
@@ -88,6 +94,54 @@ def print_tuned(rows_list: list[int], formats: list[str]) -> None:
                 print(f"| {label} {n}x{k} | {rows} | {f} | {bf16_us:.1f} | {plain:.1f} | {default:.1f} | {best_us:.1f} "
                       f"({bf16_us / best_us:.2f}x, {nbytes / best_us / 1e3:.0f}) | {best} "
                       f"(default {default_wo_config(rows, fmt.bits, fmt.group_size, k)}) | {diff:.3g} |", flush=True)
+
+
+def act_order_layer(n: int, k: int, ranks: int = 1) -> torch.nn.Module:
+    """Rank 0's part of a bf16 layer of `n` x `k` quantized W4A16_GPTQ g128 with a random act-order g_idx (a
+    permutation of k // 128), its inputs split over `ranks` (a row-parallel layer: scattered groups on each rank)."""
+    from kiln.config import QuantConfig
+    from kiln.layers.linear import RowParallelLinear
+    from kiln.quant.apply import quantize_model
+
+    with torch.device("cuda"):
+        layer = RowParallelLinear(k, n, False, torch.bfloat16, tp_size=ranks, tp_rank=0)
+    quantize_model(layer, QuantConfig(quant_algo="W4A16_GPTQ", group_size=128, has_zero_point=True, act_order=True))
+    layer.weight.data.copy_(torch.randint(-128, 128, layer.weight.shape, dtype=torch.int8))
+    layer.weight_scale.data.copy_(torch.rand(layer.weight_scale.shape) * 0.01)
+    layer.weight_zero.data.fill_(8.0)
+    layer.weight_g_idx.data.copy_((torch.randperm(k) // 128)[: k // ranks].to(torch.int32))
+    layer.forward = lambda x: layer.matmul(x, layer.weight, None)  # this rank's part, without the all-reduce
+    return layer
+
+
+def print_act_order(rows_list: list[int]) -> None:
+    """Per shape, row count and tp (1, and rank 0 of a row-parallel split over 2): an act-order layer's torch path
+    (dequantize with g_idx, then cuBLAS), the kernels after kiln.quant.act_order's reordering (index_select of x +
+    kernels; padded tiles at tp 2), and the kernels on a g_idx-free layer of the rank's shape."""
+    import warnings
+
+    from kiln.kernels.triton_weight_only import bind_weight_only
+
+    print("| shape | tp | rows | bf16 us | act-order torch path us | act-order kernels us (x torch path) | "
+          "no g_idx kernels us |")
+    fmt = FORMATS["int4_g128"]
+    for label, (n, full_k) in SHAPES.items():
+        for ranks in (1, 2):
+            k = full_k // ranks
+            w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16)
+            layer = act_order_layer(n, full_k, ranks)
+            stored, scale, zero = quantized(fmt, n, k)
+            xs = {rows: torch.randn(rows, k, device="cuda", dtype=torch.bfloat16) for rows in rows_list}
+            torch_us = {rows: us(lambda: layer(xs[rows])) for rows in rows_list}
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tp 2's padding warning
+                assert bind_weight_only(layer) == 1
+            for rows, x in xs.items():
+                base, kernel = us(lambda: F.linear(x, w)), us(lambda: layer(x))
+                plain = us(lambda: weight_only_matmul(x, stored, scale, zero, None, fmt))
+                print(f"| {label} {n}x{full_k} | {ranks} | {rows} | {base:.1f} | {torch_us[rows]:.1f} | {kernel:.1f} "
+                      f"({torch_us[rows] / kernel:.1f}x) | {plain:.1f} |", flush=True)
+            del w, layer, stored, scale, zero
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Published GPTQ/AWQ engines on a CUDA GPU (the Triton weight-only kernels where they bind: group_size -1 read as one
-wide group, 8-bit; the torch path for act-order layers): the same greedy tokens as the CPU engine of the same
-checkpoint, and logits within float16 rounding of the float64 dequantized-weights reference."""
+wide group, 8-bit; act-order layers reordered for them, kiln.quant.act_order): the same greedy tokens as the CPU
+engine of the same checkpoint, and logits within float16 rounding of the float64 dequantized-weights reference."""
 
 from __future__ import annotations
 

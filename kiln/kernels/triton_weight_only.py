@@ -10,10 +10,13 @@ Two paths, by the rows of x:
 
 Formats: per channel (group_size 0: signed values, one scale per row) and group-wise (unsigned values, scale and
 zero per (row, group), k_offset where a rank's slice starts mid-group). Nothing syncs with the host: graph-safe.
+GPTQ act-order layers (g_idx) are reordered at binding so that each group's inputs are contiguous, and gather their
+inputs before the kernels (kiln.quant.act_order).
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,9 +29,10 @@ from kiln.kernels.triton_gemv_kernels import gemv_reduce_kernel
 from kiln.kernels.triton_weight_only_gemv import gemv_applies, launch_gemv
 from kiln.kernels.triton_weight_only_configs import FUSED_MAX_ROWS, WoConfig, WoKey, default_wo_config, rows_configs
 from kiln.kernels.triton_weight_only_kernels import dequantize_kernel, weight_only_kernel
+from kiln.quant.act_order import gather_inputs, reorder_act_order_layers
 
-__all__ = ["FUSED_MAX_ROWS", "WeightOnlyFormat", "WeightOnlyKernelMatmul", "bind_weight_only", "dequantize_weight",
-           "quantized_layers", "weight_only_linear", "weight_only_matmul"]
+__all__ = ["FUSED_MAX_ROWS", "ActOrderKernelMatmul", "WeightOnlyFormat", "WeightOnlyKernelMatmul", "bind_weight_only",
+           "dequantize_weight", "quantized_layers", "weight_only_linear", "weight_only_matmul"]
 
 @dataclass(frozen=True)
 class WeightOnlyFormat:
@@ -216,9 +220,28 @@ class WeightOnlyKernelMatmul:
         return f"WeightOnlyKernelMatmul({self.fmt})"
 
 
+class ActOrderKernelMatmul:
+    """A reordered act-order layer's matmul on CUDA (kiln.quant.act_order): x's inputs gathered by `perm` (one
+    index_select, after appending a zero column when the layout is padded; graph-safe), then the kernels over the
+    reordered weight."""
+
+    __slots__ = ("perm", "padded", "kernel")
+
+    def __init__(self, perm: torch.Tensor, padded: bool, kernel: WeightOnlyKernelMatmul) -> None:
+        self.perm, self.padded, self.kernel = perm, padded, kernel
+
+    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return self.kernel(gather_inputs(x, self.perm, self.padded), weight, bias)  # [..., in] -> [..., out]
+
+    def __repr__(self) -> str:
+        return f"ActOrderKernelMatmul({self.kernel.fmt}, padded={self.padded})"
+
+
 def kernel_format(matmul: object, weight: torch.Tensor) -> WeightOnlyFormat | None:
     """The format of a layer's quantized matmul object (its attributes bits, scale, zero, group_size, k_offset,
-    g_idx), if the kernels can read it: not with act-order g_idx, nor a group size that is not a multiple of 32."""
+    g_idx; a reordered act-order layer's `reordered` matmul), if the kernels can read it: not with act-order g_idx
+    left in place, nor a group size that is not a multiple of 32."""
+    matmul = getattr(matmul, "reordered", matmul)
     bits = getattr(matmul, "bits", None)
     if bits not in (8, 4) or getattr(matmul, "g_idx", None) is not None or weight.dtype != torch.int8:
         return None
@@ -244,14 +267,30 @@ def quantized_layers(model: torch.nn.Module) -> list[tuple[torch.nn.Module, Weig
     return found
 
 
+def _reorder_act_order(model: torch.nn.Module) -> None:
+    """Act-order layers (GPTQ desc_act, g_idx) reordered for the kernels; a warning names those padded to tiles
+    (a row-parallel rank's scattered groups at tp > 1) and what their weights grew by."""
+    _, padded = reorder_act_order_layers(model)
+    if padded:
+        more = f" and {len(padded) - 2} more" if len(padded) > 2 else ""
+        warnings.warn(f"{len(padded)} act-order (desc_act) GPTQ layers hold a scattered part of each group on this "
+                      f"rank (row-parallel at tp > 1): they run the Triton kernels with each group padded to tiles of "
+                      f"32 inputs, which grows their weights: {'; '.join(padded[:2])}{more}", RuntimeWarning,
+                      stacklevel=3)
+
+
 def bind_weight_only(model: torch.nn.Module, table: dict[WoKey, WoConfig] | None = None) -> int:
     """Give every quantized linear layer of `model` the kernels can read a WeightOnlyKernelMatmul, with the configs
-    of `table` (the build's tuned choices) for its shape; the rest keep their torch matmul. Returns how many layers
-    were bound."""
+    of `table` (the build's tuned choices) for its shape; the rest keep their torch matmul. Act-order layers are
+    reordered first (kiln.quant.act_order) and gather their inputs before the kernels. Returns how many layers were
+    bound."""
+    _reorder_act_order(model)
     layers = quantized_layers(model)
     for module, fmt in layers:
         n, k = module.weight.shape[0], module.weight.shape[1] * (2 if fmt.bits == 4 else 1)
         configs = rows_configs(table or {}, n, k, fmt.bits, fmt.group_size)
         matmul = module.matmul
-        module.matmul = WeightOnlyKernelMatmul(fmt, matmul.scale, getattr(matmul, "zero", None), matmul, configs)
+        inner = getattr(matmul, "reordered", matmul)
+        kernel = WeightOnlyKernelMatmul(fmt, inner.scale, getattr(inner, "zero", None), inner, configs)
+        module.matmul = kernel if inner is matmul else ActOrderKernelMatmul(matmul.perm, matmul.padded, kernel)
     return len(layers)

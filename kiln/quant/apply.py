@@ -76,7 +76,7 @@ class GroupWiseMatmul:
     def __init__(self, method: GroupWiseMethod, scale: nn.Parameter, zero: nn.Parameter, k_offset: int,
                  g_idx: nn.Parameter | None = None) -> None:
         # g_idx [in_local] int32: a published act-order checkpoint's group of each input (kiln's own GPTQ keeps groups
-        # in order, kiln.quant.gptq); the Triton kernels refuse it, so such a layer keeps this torch path.
+        # in order, kiln.quant.gptq). The kernel binding reorders such a layer first (kiln.quant.act_order).
         self.method, self.scale, self.zero, self.k_offset, self.g_idx = method, scale, zero, k_offset, g_idx
         self.bits, self.group_size = method.bits, method.group_size
 

@@ -10,8 +10,8 @@ and the stacking of DBRX "converted"'s per-expert Linears into kiln's fused expe
 that layout's checks); another rule (the fused DBRX layout's reshapes) is refused by name.
 
 Act-order (`desc_act` true) checkpoints keep each layer's g_idx as `<name>_g_idx` and every group column on every
-rank: exact for any permutation, column- or row-parallel, without reordering neighbouring layers; the Triton kernels
-refuse g_idx, so these layers run the torch path (dequantize, then matmul).
+rank: exact for any permutation, column- or row-parallel, without reordering neighbouring layers. The torch path
+dequantizes with g_idx; a CUDA engine reorders these layers for the Triton kernels at load (kiln.quant.act_order).
 
 What is not run exactly is refused in one line: 2- and 3-bit, exllama/marlin repackings, AWQ GEMV/marlin layouts,
 AWQ without zero points, and a g_idx other than `k // group_size` in a checkpoint that does not say desc_act.
@@ -48,7 +48,7 @@ class PublishedFormat:
     bits: int
     group_size: int  # -1: one group over each row's inputs
     v1_zeros: bool  # AutoGPTQ checkpoint_format "gptq": stored zero points are zero - 1
-    act_order: bool = False  # GPTQ desc_act: each layer keeps its published g_idx (torch path at run time)
+    act_order: bool = False  # GPTQ desc_act: each layer keeps its published g_idx (kiln.quant.act_order on CUDA)
 
     @property
     def quant_algo(self) -> str:
