@@ -1,0 +1,125 @@
+"""The Triton fused MoE over W8A8 experts (kiln/kernels/triton_moe_w8a8*.py), SmoothQuant INT8 and FP8 e4m3,
+through Triton's interpreter on the CPU (compiled on a GPU) against the torch references it replaces
+(reference.fused_moe_sq, reference.fused_moe_fp8): per-token and static activation scales, per-channel and
+per-tensor weight scales, odd expert counts, expert-parallel ranges, K not a multiple of the tile; its input checks;
+one dbrx-tiny MoE on a rank of a tp 2 / ep 2 split; and a whole tiny DBRX converted with `--smoothquant 0.5
+--per_token --per_channel` and with `--enable_fp8` whose logits through the Triton MoE equal the torch path's.
+
+Tolerances: INT8 products are exact on both sides (int32 here, float64 in the reference) and the scales multiply in
+the same order, so float32 results differ only where the kernel's exp() and the top-k sum order move the last bit;
+such a bit can, rarely, move the GLU intermediate across a rounding boundary of its 8-bit quantization (one step of
+1/127 of the row's amax, or of one e4m3 mantissa step), which is the bound the tolerances allow."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+DEVICE = torch.device("cpu" if INTERPRET else "cuda")
+
+import pytest  # noqa: E402
+from interpreted_triton import interpret_triton  # noqa: E402
+
+if INTERPRET:
+    interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_weight_only_kernels",
+                      "kiln.kernels.triton_moe_kernels", "kiln.kernels.triton_moe", "kiln.kernels.triton_norm",
+                      "kiln.kernels.triton_smoothquant", "kiln.kernels.triton_moe_w8a8_kernels",
+                      "kiln.kernels.triton_moe_w8a8"))
+
+from kiln.kernels import reference  # noqa: E402
+from kiln.kernels.triton_moe import GemmTile, MoeConfig  # noqa: E402
+from kiln.kernels.triton_moe_w8a8 import fused_moe_fp8, fused_moe_sq  # noqa: E402
+from kiln.quant import fp8  # noqa: E402
+from kiln.quant.sq_math import quantize_weight  # noqa: E402
+
+SMALL_TILES = MoeConfig(16, 2, GemmTile(16, 32, 4, 2), GemmTile(32, 32, 4, 2))
+
+
+def routing(tokens: int, experts: int, start: int, top_k: int, gen: torch.Generator):
+    """Weights and ids over `start + experts` experts (choices below `start` belong to another rank)."""
+    total = experts + start
+    weights, ids = torch.softmax(torch.randn(tokens, 2 * total, generator=gen), -1)[:, :total].topk(top_k, dim=-1)
+    return weights.to(DEVICE), ids.to(DEVICE)
+
+
+def sq_experts(experts, size, ffn, per_channel, static, dtype, gen):
+    """Random W8A8 experts as convert stores them: int8 weights with their scales, w2's smoother, static scales."""
+    def quantized(rows, cols):
+        full = torch.randn(experts, rows, cols, generator=gen) * cols**-0.5
+        q, s = zip(*(quantize_weight(w, per_channel, dtype) for w in full))
+        return torch.stack(q).to(DEVICE), torch.stack(s).to(DEVICE)
+    w13, s13 = quantized(2 * ffn, size)
+    w2, s2 = quantized(size, ffn)
+    smoother = (torch.rand(experts, ffn, generator=gen) + 0.5).to(dtype).to(DEVICE)
+    w13_act = torch.tensor([3.0 / 127]).to(dtype).to(DEVICE) if static else None
+    w2_act = ((torch.rand(experts, generator=gen) + 0.5) / 127).to(dtype).to(DEVICE) if static else None
+    return w13, s13, w13_act, w2, s2, w2_act, smoother
+
+
+def run_sq(tokens, size, ffn, experts, top_k, start, static, per_channel=True, dtype=torch.float32, config=None,
+           seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w13, s13, a13, w2, s2, a2, smoother = sq_experts(experts, size, ffn, per_channel, static, dtype, gen)
+    x = torch.randn(tokens, size, generator=gen).to(dtype).to(DEVICE)
+    weights, ids = routing(tokens, experts, start, top_k, gen)
+    args = (w13, s13, a13, w2, s2, a2, smoother, weights, ids, start)
+    got = fused_moe_sq(x, *args, config=config)
+    want = reference.fused_moe_sq(x.cpu(), *(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    return got.cpu(), want
+
+
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("tokens, size, ffn, experts, top_k, start, config", [
+    (1, 64, 32, 4, 2, 0, None),
+    (5, 64, 48, 3, 2, 0, None),  # odd expert count
+    (12, 96, 80, 4, 4, 4, None),  # expert parallel: this rank holds experts 4..7; K = 96 not a multiple of 64
+    (37, 64, 40, 3, 2, 1, SMALL_TILES)])  # several row blocks per expert, K = 40 not a multiple of 32
+def test_smoothquant_matches_the_torch_reference(static, tokens, size, ffn, experts, top_k, start, config):
+    got, want = run_sq(tokens, size, ffn, experts, top_k, start, static, config=config, seed=tokens + ffn)
+    assert want.abs().max() > 0.05  # the test would see a wrong kernel
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+
+
+def test_smoothquant_per_tensor_weights_and_bfloat16():
+    got, want = run_sq(9, 64, 48, 3, 2, 0, True, per_channel=False, seed=7)
+    assert torch.allclose(got, want, rtol=1e-5, atol=1e-5), (got - want).abs().max()
+    got, want = run_sq(9, 64, 48, 3, 2, 0, False, dtype=torch.bfloat16, seed=8)
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - want.float()).abs().max()
+    assert err <= 0.02 * want.float().abs().max(), err
+
+
+def fp8_experts(experts, size, ffn, per_channel, dtype, gen):
+    scheme = fp8.FP8Scheme("test", per_channel, dynamic=False)
+    w13, s13 = scheme.quantize(torch.randn(experts, 2 * ffn, size, generator=gen) * size**-0.5, dtype)
+    w2, s2 = scheme.quantize(torch.randn(experts, size, ffn, generator=gen) * ffn**-0.5, dtype)
+    return w13.to(DEVICE), s13.to(DEVICE), w2.to(DEVICE), s2.to(DEVICE)
+
+
+def run_fp8(tokens, size, ffn, experts, top_k, start, static, per_channel, dtype=torch.float32, config=None,
+            seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w13, s13, w2, s2 = fp8_experts(experts, size, ffn, per_channel, dtype, gen)
+    x = torch.randn(tokens, size, generator=gen).to(dtype).to(DEVICE)
+    input_scale = torch.tensor([3.0 / 448]).to(dtype).to(DEVICE) if static else None
+    weights, ids = routing(tokens, experts, start, top_k, gen)
+    args = (w13, s13, w2, s2, input_scale, weights, ids, start)
+    got = fused_moe_fp8(x, *args, config=config)
+    want = reference.fused_moe_fp8(x.cpu(), *(a.cpu() if isinstance(a, torch.Tensor) else a for a in args))
+    return got.cpu(), want
+
+
+@pytest.mark.parametrize("static, per_channel", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("tokens, size, ffn, experts, top_k, start, config", [
+    (1, 64, 32, 4, 2, 0, None),
+    (12, 96, 80, 3, 2, 2, None),  # expert parallel, odd expert count, K not a multiple of 64
+    (37, 64, 40, 3, 2, 0, SMALL_TILES)])
+def test_fp8_matches_the_torch_reference(static, per_channel, tokens, size, ffn, experts, top_k, start, config):
+    got, want = run_fp8(tokens, size, ffn, experts, top_k, start, static, per_channel, config=config,
+                        seed=tokens + ffn)
+    assert want.abs().max() > 0.05
+    assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
