@@ -123,3 +123,105 @@ def test_fp8_matches_the_torch_reference(static, per_channel, tokens, size, ffn,
                         seed=tokens + ffn)
     assert want.abs().max() > 0.05
     assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+
+
+def test_fp8_bfloat16_matches_the_reference_within_its_rounding():
+    """The reference multiplies in bfloat16 (the fake-quantized input and the dequantized weights rounded to 8 bits
+    of mantissa, the GLU in bfloat16) where the kernel keeps float32 up to the intermediate, whose e4m3 quantization
+    (steps of 1/16 of a value) then differs where the two roundings do."""
+    got, want = run_fp8(9, 64, 48, 3, 2, 0, False, True, dtype=torch.bfloat16, seed=3)
+    assert got.dtype == torch.bfloat16
+    err = (got.float() - want.float()).abs().max()
+    assert err <= 0.05 * want.float().abs().max(), err
+
+
+def test_refuses_bad_inputs():
+    gen = torch.Generator().manual_seed(0)
+    w13, s13, a13, w2, s2, a2, smoother = sq_experts(2, 64, 32, True, True, torch.float32, gen)
+    x = torch.randn(3, 64, generator=gen).to(DEVICE)
+    weights, ids = torch.rand(3, 2).to(DEVICE), torch.tensor([[0, 1]] * 3).to(DEVICE)
+    with pytest.raises(ValueError, match="w2_smoother must have shape"):
+        fused_moe_sq(x, w13, s13, a13, w2, s2, a2, smoother[:, :16], weights, ids, 0)
+    with pytest.raises(ValueError, match="both static scales or both None"):
+        fused_moe_sq(x, w13, s13, a13, w2, s2, None, smoother, weights, ids, 0)
+    with pytest.raises(ValueError, match="w13_scale must have shape"):
+        fused_moe_sq(x, w13, s13[:, :1], a13, w2, s2, a2, smoother, weights, ids, 0)
+    with pytest.raises(ValueError, match="w13 has dtype"):
+        fused_moe_sq(x, w13.float(), s13, a13, w2, s2, a2, smoother, weights, ids, 0)
+    q13, f13, q2, f2 = fp8_experts(2, 64, 32, False, torch.float32, gen)
+    with pytest.raises(ValueError, match="w2 has dtype"):
+        fused_moe_fp8(x, q13, f13, w2, f2, None, weights, ids, 0)
+    with pytest.raises(ValueError, match="w2_scale must have shape"):
+        fused_moe_fp8(x, q13, f13, q2, f2.expand(2, 7), None, weights, ids, 0)
+    with pytest.raises(ValueError, match="input_scale must have shape"):
+        fused_moe_fp8(x, q13, f13, q2, f2, torch.ones(2, device=DEVICE), weights, ids, 0)
+
+
+def test_w8a8_moe_engines_may_capture_graphs():
+    """The triton set binds these kernels (FP8 where the GPU has FP8 tensor cores), so a W8A8 MoE engine keeps CUDA
+    graphs; the torch set's references read expert ids on the host, so they do not."""
+    from types import SimpleNamespace
+
+    from kiln.executor.model_runner import graphs_allowed
+    from kiln.kernels import REFERENCE
+    from kiln.kernels.triton_ops import triton_kernels
+
+    kernels = triton_kernels(device=DEVICE)
+    assert kernels.fused_moe_sq is fused_moe_sq
+    if DEVICE.type == "cpu" or torch.cuda.get_device_capability() >= (8, 9):
+        assert kernels.fused_moe_fp8 is fused_moe_fp8
+    for algo in ("W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_TENSOR_PLUGIN", "FP8",
+                 "FP8_PER_CHANNEL_PER_TOKEN"):
+        info = SimpleNamespace(quant=SimpleNamespace(quant_algo=algo), model=SimpleNamespace(is_moe=True))
+        assert graphs_allowed(info, kernels) == (kernels.fused_moe_fp8 is fused_moe_fp8 or "SQ" in algo)
+        assert not graphs_allowed(info, REFERENCE)
+
+
+def fill_quantized_moe(moe: torch.nn.Module, gen: torch.Generator) -> None:
+    """Random values of the right kind for every parameter of a W8A8 MoE: 8-bit weights, scales that keep the
+    activations of order one, smoothers near one."""
+    for name, param in moe.named_parameters():
+        shape = param.shape
+        if param.dtype == torch.int8:
+            value = torch.randint(-127, 128, shape, generator=gen)
+        elif param.dtype == fp8.FP8_DTYPE:
+            value = torch.randn(shape, generator=gen) * 64
+        elif name in ("w13_scale", "w2_scale"):
+            fan_in = (moe.w13 if name == "w13_scale" else moe.w2).shape[2]
+            top = 127 if moe.w13.dtype == torch.int8 else 64
+            value = (torch.rand(shape, generator=gen) + 0.5) / (top * fan_in**0.5)
+        elif name == "w2_smoother":
+            value = torch.rand(shape, generator=gen) + 0.5
+        elif name.endswith("act_scale") or name.endswith("input_scale"):
+            value = (torch.rand(shape, generator=gen) + 1.0) / 127
+        else:
+            value = torch.randn(shape, generator=gen)
+        param.data.copy_(value.to(param.dtype))
+
+
+@pytest.mark.parametrize("algo", ["W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN", "W8A8_SQ_PER_CHANNEL", "FP8",
+                                  "FP8_PER_CHANNEL_PER_TOKEN"])
+@pytest.mark.parametrize("moe_tp, moe_ep, rank", [(2, 1, 1), (1, 2, 1)])
+def test_a_quantized_dbrx_moe_on_one_rank_runs_this_kernel_like_the_reference(algo, moe_tp, moe_ep, rank):
+    """The wiring: a dbrx-tiny MoE quantized W8A8 on rank 1 of an experts tensor-parallel (ffn 96 / 2) or expert-
+    parallel (experts 2..3) split of tp 2; its experts through the triton kernel set and through the torch one."""
+    from kiln.checkpoint.sources import dummy_hf_config
+    from kiln.config import Mapping, QuantConfig
+    from kiln.kernels import REFERENCE
+    from kiln.kernels.triton_ops import triton_kernels
+    from kiln.layers.moe import MoE
+    from kiln.models import family_for_hf_config
+    from kiln.quant.apply import quantize_model
+
+    hf = dummy_hf_config("dbrx-tiny", None)
+    config = family_for_hf_config(hf).config_from_hf(hf, "float32")
+    moe = MoE(config, Mapping(2, 2, 1, moe_tp, moe_ep, rank))
+    quantize_model(moe, QuantConfig(quant_algo=algo, smoothquant_val=0.5 if "SQ" in algo else None))
+    fill_quantized_moe(moe, torch.Generator().manual_seed(moe_tp))
+    gen = torch.Generator().manual_seed(rank + moe_tp)
+    x = torch.randn(6, config.hidden_size, generator=gen)
+    weights, ids = torch.softmax(torch.randn(6, config.moe_num_experts, generator=gen), -1).topk(2, dim=-1)
+    want = moe.run_experts(REFERENCE, x, weights, ids)
+    got = moe.to(DEVICE).run_experts(triton_kernels(), x.to(DEVICE), weights.to(DEVICE), ids.to(DEVICE))
+    assert want.abs().max() > 0.05
+    assert torch.allclose(got.cpu(), want, rtol=1e-4, atol=1e-5), (got.cpu() - want).abs().max()
