@@ -46,6 +46,14 @@ def _w8a8_step(k, a_rows, row_ok, w_cols, n_ok, acc, size_k,
 
 
 @triton.jit
+def _zero_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INT_DOT: tl.constexpr):
+    """The dot's accumulator: int32 for INT8 operands (exact), float32 for FP8."""
+    if INT_DOT:
+        return tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    return tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+
+
+@triton.jit
 def _weight_scale(s_ptr, expert, stride_se, offs_n, n_ok, PER_CHANNEL: tl.constexpr):
     """The expert's weight scale as a [1, BLOCK_N] float32 row (per channel) or a scalar (per tensor)."""
     if PER_CHANNEL:
@@ -82,9 +90,8 @@ def moe_w8a8_gate_up_kernel(
     n_ok = offs_n < ffn
     gate_cols = w13_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
     up_cols = gate_cols + ffn * stride_wn  # rows [gate; up]
-    acc_type = tl.int32 if INT_DOT else tl.float32
-    acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_type)
-    acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=acc_type)
+    acc_gate = _zero_acc(BLOCK_M, BLOCK_N, INT_DOT)
+    acc_up = _zero_acc(BLOCK_M, BLOCK_N, INT_DOT)
     steps = tl.cdiv(hidden, BLOCK_K)
     if WHILE_LOOP:
         k = 0
@@ -147,7 +154,7 @@ def moe_w8a8_down_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < hidden
     w_cols = w2_ptr + expert * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32 if INT_DOT else tl.float32)
+    acc = _zero_acc(BLOCK_M, BLOCK_N, INT_DOT)
     steps = tl.cdiv(ffn, BLOCK_K)
     if WHILE_LOOP:
         k = 0
