@@ -66,7 +66,10 @@ def print_tuned(rows_list: list[int], formats: list[str]) -> None:
     from kiln.kernels.triton_weight_only_configs import default_wo_config
     from kiln.kernels.triton_weight_only_tune import tune_shape
 
-    print("| shape | rows | format | bf16 us | default us | tuned us (x bf16, GB/s) | tuned config |")
+    from kiln.kernels import triton_common
+
+    print("| shape | rows | format | bf16 us | default, plain dequant us | default us | tuned us (x bf16, GB/s) | "
+          "tuned config | PTX vs plain max diff |")
     for label, (n, k) in SHAPES.items():
         for f in formats:
             fmt = FORMATS[f]
@@ -74,12 +77,17 @@ def print_tuned(rows_list: list[int], formats: list[str]) -> None:
             nbytes = stored.numel() + scale.numel() * 2 * (1 if zero is None else 2)
             for rows in rows_list:
                 x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-                default = us(lambda: weight_only_matmul(x, stored, scale, zero, None, fmt))
+                run = lambda: weight_only_matmul(x, stored, scale, zero, None, fmt)  # noqa: E731
+                default = us(run)
+                triton_common.ASM_DEQUANT = False
+                plain, plain_out = us(run), run()
+                triton_common.ASM_DEQUANT = True
+                diff = (run().float() - plain_out.float()).abs().max().item()
                 best, best_us, bf16_us = tune_shape((n, k, fmt.bits, fmt.group_size), rows, torch.bfloat16,
                                                     torch.device("cuda"))
-                print(f"| {label} {n}x{k} | {rows} | {f} | {bf16_us:.1f} | {default:.1f} | {best_us:.1f} "
+                print(f"| {label} {n}x{k} | {rows} | {f} | {bf16_us:.1f} | {plain:.1f} | {default:.1f} | {best_us:.1f} "
                       f"({bf16_us / best_us:.2f}x, {nbytes / best_us / 1e3:.0f}) | {best} "
-                      f"(default {default_wo_config(rows, fmt.bits, fmt.group_size, k)}) |", flush=True)
+                      f"(default {default_wo_config(rows, fmt.bits, fmt.group_size, k)}) | {diff:.3g} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -58,6 +58,21 @@ def test_group_wise_fused_moe_matches_reference(tokens, k2):
     _assert_close(got, want)
 
 
+@pytest.mark.parametrize("k2", [0, 64])
+def test_group_wise_fused_moe_ptx_dequantization_equals_plain(k2, monkeypatch):
+    """The PTX dequantization (kiln/kernels/triton_dequant_asm.py) gives the plain path's output bit for bit."""
+    from kiln.kernels import triton_common
+    from kiln.kernels.triton_moe_group_wise import fused_moe_group_wise
+
+    w13, s13, z13, w2, s2, z2 = _experts(k2)
+    x = torch.randn(5, HIDDEN, device="cuda", dtype=torch.bfloat16)
+    weights, ids = torch.softmax(torch.randn(5, EXPERTS, device="cuda"), -1).topk(TOP_K, dim=-1)
+    run = lambda: fused_moe_group_wise(x, w13, s13, z13, w2, s2, z2, weights, ids, 0, 4, 128, 0, k2)  # noqa: E731
+    with_ptx = run()
+    monkeypatch.setattr(triton_common, "ASM_DEQUANT", False)
+    assert torch.equal(with_ptx, run())
+
+
 def test_group_wise_fused_moe_in_a_cuda_graph():
     from kiln.kernels.triton_moe_group_wise import fused_moe_group_wise
 

@@ -60,6 +60,37 @@ def test_kernels_match_the_dequantized_reference(name, rows):
     _assert_close(got, x.float() @ dense.T + bias.float())
 
 
+@pytest.mark.parametrize("name", list(FORMATS))
+@pytest.mark.parametrize("rows", [1, 16, 33])
+def test_ptx_dequantization_equals_the_plain_triton_path(name, rows, monkeypatch):
+    """triton_dequant_asm's PTX makes the same bf16 values as the plain Triton arithmetic: same config, same
+    products, so the outputs are equal bit for bit."""
+    from kiln.kernels import triton_common
+    from kiln.kernels.triton_weight_only import weight_only_matmul
+
+    fmt, stored, scale, zero, _ = _weight(name, 1024 + 64, 4096, seed=rows)
+    x = torch.randn(rows, 4096, device="cuda", dtype=torch.bfloat16)
+    assert triton_common.asm_dequant(x.dtype, x.device)
+    with_ptx = weight_only_matmul(x, stored, scale, zero, None, fmt)
+    monkeypatch.setattr(triton_common, "ASM_DEQUANT", False)
+    plain = weight_only_matmul(x, stored, scale, zero, None, fmt)
+    assert torch.equal(with_ptx, plain)
+
+
+@pytest.mark.parametrize("name", list(FORMATS))
+def test_one_row_fma_kernel_on_the_gpu(name):
+    """The build's one-row candidates (config.gemv) compute what the reference does, on real shapes."""
+    from kiln.kernels.triton_weight_only import weight_only_matmul
+    from kiln.kernels.triton_weight_only_configs import candidate_wo_configs
+
+    fmt, stored, scale, zero, dense = _weight(name, 4096 + 64, 5120, seed=7)
+    x = torch.randn(1, 5120, device="cuda", dtype=torch.bfloat16)
+    configs = [c for c in candidate_wo_configs(1, fmt.bits, fmt.group_size) if c.gemv]
+    assert configs
+    for config in configs:
+        _assert_close(weight_only_matmul(x, stored, scale, zero, None, fmt, config), x.float() @ dense.T)
+
+
 @pytest.mark.parametrize("name", ["int4", "int4_g128_off64", "int8"])
 def test_kernel_in_a_cuda_graph(name):
     from kiln.kernels.triton_weight_only import weight_only_matmul
@@ -99,6 +130,20 @@ def test_weight_only_fused_moe_matches_reference(bits, tokens):
     got = fused_moe_weight_only(x, w13, s13, w2, s2, weights, ids, 0, bits)
     want = reference.fused_moe_weight_only(x.float(), w13, s13.float(), w2, s2.float(), weights, ids, 0, bits)
     _assert_close(got, want)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_weight_only_fused_moe_ptx_dequantization_equals_plain(bits, monkeypatch):
+    """The fused MoE's PTX dequantization (per-channel experts) gives the plain path's output bit for bit."""
+    from kiln.kernels import triton_common
+    from kiln.kernels.triton_moe_weight_only import fused_moe_weight_only
+
+    w13, s13, w2, s2 = _experts(bits, 16, 1344, 1536)
+    x = torch.randn(5, 1536, device="cuda", dtype=torch.bfloat16)
+    weights, ids = torch.softmax(torch.randn(5, 16, device="cuda"), -1).topk(4, dim=-1)
+    with_ptx = fused_moe_weight_only(x, w13, s13, w2, s2, weights, ids, 0, bits)
+    monkeypatch.setattr(triton_common, "ASM_DEQUANT", False)
+    assert torch.equal(with_ptx, fused_moe_weight_only(x, w13, s13, w2, s2, weights, ids, 0, bits))
 
 
 def test_weight_only_fused_moe_in_a_cuda_graph():

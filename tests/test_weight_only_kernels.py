@@ -21,6 +21,7 @@ from interpreted_triton import interpret_triton  # noqa: E402
 if INTERPRET:
     interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_gemv_kernels",
                       "kiln.kernels.triton_weight_only_kernels", "kiln.kernels.triton_weight_only",
+                      "kiln.kernels.triton_weight_only_gemv_kernels", "kiln.kernels.triton_weight_only_gemv",
                       "kiln.kernels.triton_moe_kernels", "kiln.kernels.triton_moe",
                       "kiln.kernels.triton_moe_weight_only_kernels", "kiln.kernels.triton_moe_weight_only"))
 
@@ -253,6 +254,28 @@ def test_every_candidate_config_computes_the_same(fmt):
             _close(weight_only_matmul(_dev(x), _dev(weight), _dev(scale), _dev(zero), None, fmt, config), want)
 
 
+@pytest.mark.parametrize("fmt, n, k, block_k, split", [
+    (WeightOnlyFormat(4), 37, 512, 256, 0), (WeightOnlyFormat(4), 20, 300, 256, 2), (WeightOnlyFormat(8), 33, 200, 128, 0),
+    (WeightOnlyFormat(4, 128, 0), 18, 384, 128, 3), (WeightOnlyFormat(4, 64, 16), 24, 250, 64, 0),
+    (WeightOnlyFormat(8, 32, 8), 9, 150, 32, 2)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_one_row_fma_kernel_matches_dequantized_reference(fmt, n, k, block_k, split, bias):
+    """The one-row kernel (config.gemv: bf16 x read as int32 pairs for INT4, the high nibble as 16 q against x / 16)
+    against x @ dequant(W).T in float64: per channel and group-wise with zeros, k_offset, ragged K, split K."""
+    from kiln.kernels.triton_weight_only_configs import WoConfig
+
+    gen = torch.Generator().manual_seed(n + k + block_k + split + fmt.bits)
+    weight, scale, zero, dense = stored_weight(fmt, n, k, gen)
+    x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
+    b = torch.randn(n, generator=gen).to(torch.bfloat16) if bias else None
+    config = WoConfig(32 if n > 20 else 16, block_k, split, 4, 2, gemv=True)
+    got = weight_only_matmul(_dev(x), _dev(weight), _dev(scale), _dev(zero), _dev(b), fmt, config)
+    want = x.double() @ dense.T + (0 if b is None else b.double())
+    assert got.dtype == torch.bfloat16
+    # fp32 sums rounded once to bf16 (2^-8 relative), of terms up to ~|x| |w| k
+    assert torch.allclose(got.cpu().double(), want, rtol=8e-3, atol=8e-3 * want.abs().max().item())
+
+
 def test_config_table_round_trip_and_defaults():
     from kiln.kernels import triton_weight_only_configs as wc
 
@@ -271,6 +294,13 @@ def test_config_table_round_trip_and_defaults():
         wc.table_from_entries([wc.entry_to_dict(1, (64, 128, 4, 32), wc.WoConfig(32, 64, 0, 4, 3), True)])
     with pytest.raises(ValueError, match="split_k must be an integer"):
         wc.table_from_entries([{**entries[0], "config": [32, 128, -1, 4, 3]}])
+    gemv = wc.WoConfig(64, 256, 0, 4, 4, gemv=True)
+    assert wc.config_from_list(wc.config_to_list(gemv), "c") == gemv and wc.config_to_list(gemv)[-1] == 1
+    assert wc.config_from_list([32, 128, 2, 4, 3], "c") == wc.WoConfig(32, 128, 2, 4, 3)  # engines built before gemv
+    with pytest.raises(ValueError, match="gemv must be 0 or 1"):
+        wc.config_from_list([32, 128, 2, 4, 3, 2], "c")
+    assert any(c.gemv for c in wc.candidate_wo_configs(1, 4, 128)) and not any(
+        c.gemv for c in wc.candidate_wo_configs(2, 4, 0))
 
 
 def test_quantized_build_records_weight_only_shapes(tmp_path):

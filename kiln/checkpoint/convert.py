@@ -18,6 +18,7 @@ import torch
 from tqdm import tqdm
 
 from kiln.checkpoint.atomic import atomic_output_dir
+from kiln.checkpoint.hf_reader import CheckpointError
 from kiln.checkpoint.output_guard import check_output_dir
 from kiln.checkpoint.safety import check_fits
 from kiln.checkpoint.safetensors_writer import StreamingSafetensorsWriter
@@ -99,6 +100,16 @@ def checkpoint_config(plan: ConvertPlan) -> dict[str, Any]:
     }
 
 
+def _given_values(calibrated: Any, param: torch.nn.Parameter, name: str) -> tuple[torch.Tensor, ...] | None:
+    """The values a calibration or a published checkpoint chose for quantized `param` (q [..., out, in] first), checked
+    against its full shape; None for a weight rounded from its float."""
+    values = calibrated(name) if hasattr(param, "weight_only") else None
+    if values is not None and tuple(values[0].shape) != tuple(full_shape(param)):
+        raise CheckpointError(f"shape mismatch for {name}: its quantized values are {tuple(values[0].shape)}, but "
+                              f"config.json implies {tuple(full_shape(param))}")
+    return values
+
+
 def _write_tensors(plan: ConvertPlan, ranks: list[dict[str, torch.nn.Parameter]], order: list[str],
                    writers: list[StreamingSafetensorsWriter], progress: bool) -> None:
     """Read each full tensor once, in the global order, and append every rank's shard of it to that rank's file."""
@@ -117,12 +128,16 @@ def _write_tensors(plan: ConvertPlan, ranks: list[dict[str, torch.nn.Parameter]]
         elif drawn is not None:  # dummy weights drawn in the stored format: no float copy to round or calibrate
             full = _quantize_full(first, None, dtype, scales, name, drawn(name, first.weight_only, full_shape(first),
                                                                           dtype))
+        elif (given := _given_values(calibrated, first, name)) is not None:
+            # GPTQ's/AWQ's chosen or a published checkpoint's values: no float copy to read (a published DBRX layer's
+            # experts dequantized in float32 would take several times their packed size)
+            full = _quantize_full(first, None, dtype, scales, name, given)
         else:
             # int32 (act-order g_idx) stays integer; a quantized weight's float source is read in the engine dtype
             full = plan.source.full_tensor(name, full_shape(first)).to(torch.int32 if first.dtype == torch.int32
                                                                         else dtype)
             if hasattr(first, "weight_only"):  # quantize the full weight once; each rank packs its own shard
-                full = _quantize_full(first, full, dtype, scales, name, calibrated(name))
+                full = _quantize_full(first, full, dtype, scales, name)
         for r in holders:
             shard = shard_for(ranks[r][name], full)
             if hasattr(first, "weight_only"):

@@ -14,7 +14,7 @@ import torch
 from kiln.checkpoint.hf_reader import CheckpointError, HFCheckpoint, read_json
 from kiln.checkpoint.safety import check_claimed_layers
 from kiln.config import ConfigError, ModelConfig
-from kiln.models.family import Family, expected_sources, find_rule, sources_for
+from kiln.models.family import Family, expected_sources, find_rule, rules_for_checkpoint, sources_for
 from kiln.models.transforms import TRANSFORMS
 from kiln.quant.kv_published import PUBLISHED_SCALE_PATTERNS
 
@@ -24,7 +24,8 @@ class HFWeightSource:
 
     def __init__(self, checkpoint: HFCheckpoint, family: Family, config: ModelConfig, source_layers: int) -> None:
         self.checkpoint, self.config = checkpoint, config
-        self.rules = family.weight_rules(config)
+        # The family's own layout, or another published one (DBRX "converted") that maps onto the same kiln names.
+        self.rules = rules_for_checkpoint(family, config, checkpoint.names())
         self._check_names(family, source_layers)
 
     def _check_names(self, family: Family, source_layers: int) -> None:

@@ -14,6 +14,7 @@ from kiln.checkpoint.sources import DummyWeightSource, HFWeightSource, dummy_hf_
 from kiln.cli.quant_flags import add_quant_flags, calibrates_activations, calibration_asked, \
     calibration_from_flags, kv_calibration_from_flags, quant_ckpt_path, quant_config_from_flags
 from kiln.quant.published import refuse_published
+from kiln.quant.published_moe import moe_format
 from kiln.quant.published_group_wise import PublishedFormat, PublishedWeightSource, QuantizedFileOverlay, \
     published_format
 from kiln.cli.trtllm_flags import DEST_PREFIX, add_compat_flags, check_compat_flags
@@ -156,6 +157,7 @@ def make_plan(args: argparse.Namespace, quant: QuantConfig | None = None) -> Con
     moe_tp, moe_ep = moe_mapping(args) if config.is_moe else (args.tp_size, 1)
     mapping = Mapping(args.tp_size * args.pp_size, args.tp_size, args.pp_size, moe_tp, moe_ep)
     if published is not None:  # AutoGPTQ / AutoAWQ weights, kept exactly (kiln.quant.published_group_wise)
+        published = moe_format(published, checkpoint, config, Path(args.model_dir))  # what the fused MoE runs
         quant = published.quant_config(quant, config)
         source = PublishedWeightSource(checkpoint, family, config, source_layers, published, quant.group_size)
         quantized = meta_model(family, config, Mapping(), quant).named_parameters()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
@@ -59,6 +60,17 @@ def dot_upcast(dtype: torch.dtype, device: torch.device) -> bool:
     conversion), so on the CPU, which only the interpreter serves, bf16 tiles are upcast first. On a GPU the
     tensor cores take bf16 directly."""
     return device.type == "cpu" and dtype == torch.bfloat16
+
+
+# KILN_ASM_DEQUANT=0 turns the PTX dequantization (triton_dequant_asm) off, to time the plain Triton arithmetic it
+# replaces; read once (bench_weight_only.py flips the module attribute).
+ASM_DEQUANT = os.environ.get("KILN_ASM_DEQUANT", "1") != "0"
+
+
+def asm_dequant(dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether weight-only kernels dequantize in PTX: bf16 activations on an NVIDIA GPU (the interpreter and ROCm
+    run no PTX; the bf16 magic numbers serve bf16 only)."""
+    return ASM_DEQUANT and dtype == torch.bfloat16 and device.type == "cuda" and torch.version.hip is None
 
 
 def dot_precision(dtype: torch.dtype) -> str:

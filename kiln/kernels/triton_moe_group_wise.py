@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels.triton_common import cdiv, check_shape, check_tensor, dot_precision, dot_upcast, while_loops
+from kiln.kernels.triton_common import asm_dequant, cdiv, check_shape, check_tensor, dot_precision, dot_upcast
+from kiln.kernels.triton_common import while_loops
 from kiln.kernels.triton_moe import AlignedRouting, _fitting_stages, _launch_sum, plan_moe_run
 from kiln.kernels.triton_moe_configs import GemmTile, MoeConfig
 from kiln.kernels.triton_moe_group_wise_kernels import moe_gw_down_kernel, moe_gw_gate_up_kernel
@@ -57,6 +58,7 @@ def _launch_gate_up(hidden, w13, s13, z13, act, routing: AlignedRouting, top_k: 
         BITS=bits, GROUP=group_size, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_k,
         GROUP_M=config.group_m, EVEN_K=k_offset == 0 and size % block_k == 0,
         DOT_F32=dot_upcast(hidden.dtype, hidden.device), PRECISION=dot_precision(hidden.dtype),
+        ASM=asm_dequant(hidden.dtype, hidden.device),
         WHILE_LOOP=while_loops(hidden.device), num_warps=tile.num_warps,
         num_stages=_fitting_stages(tile, config.block_m, 2, hidden.dtype, hidden.device),
     )
@@ -75,6 +77,7 @@ def _launch_down(act, w2, s2, z2, weights, part, routing: AlignedRouting, config
         BITS=bits, GROUP=group_size, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_k,
         GROUP_M=config.group_m, EVEN_K=k_offset == 0 and ffn % block_k == 0,
         DOT_F32=dot_upcast(act.dtype, act.device), PRECISION=dot_precision(act.dtype),
+        ASM=asm_dequant(act.dtype, act.device),
         WHILE_LOOP=while_loops(act.device), num_warps=tile.num_warps,
         num_stages=_fitting_stages(tile, config.block_m, 1, act.dtype, act.device),
     )

@@ -18,13 +18,14 @@ import triton.language as tl
 
 from kiln.kernels.triton_jit_common import dot_acc
 from kiln.kernels.triton_moe_kernels import _block_coords
+from kiln.kernels.triton_dequant_asm import bytes_bf16, nibbles_bf16
 from kiln.kernels.triton_weight_only_kernels import _bytes, _nibbles
 
 
 @triton.jit
 def _gw_step(i, a_rows, row_ok, w_cols, s_cols, z_cols, n_ok, acc, k_offset, size_k, size_kw,
              BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-             DOT_F32: tl.constexpr, PRECISION: tl.constexpr):
+             DOT_F32: tl.constexpr, PRECISION: tl.constexpr, ASM: tl.constexpr):
     """acc + scale * (a[rows, tile i] @ (q - zero)[tile i, cols]) for virtual tile i. a_rows [BLOCK_M, 1] points at
     the activation rows, w_cols [1, BLOCK_N] at the expert's stored weight rows, s_cols / z_cols [BLOCK_N] at their
     scale and zero rows. EVEN_K: k_offset is 0 and BLOCK_K divides K (no mask along K: vector loads)."""
@@ -46,8 +47,11 @@ def _gw_step(i, a_rows, row_ok, w_cols, s_cols, z_cols, n_ok, acc, k_offset, siz
         else:
             w_mask = ((offs_k >= 0) & (offs_k < size_k))[:, None] & n_ok[None, :]
         w = tl.load(w_cols + offs_k[:, None], mask=w_mask, other=0)  # [BLOCK_K, BLOCK_N]
-        q = _bytes(w, False) - zero[None, :]
-        part = dot_acc(a, q.to(a.dtype), part, DOT_F32, PRECISION)
+        if ASM:  # bf16 on an NVIDIA GPU: the same values in fewer instructions (triton_dequant_asm)
+            q = bytes_bf16(w, zero[None, :], False)
+        else:
+            q = (_bytes(w, False) - zero[None, :]).to(a.dtype)
+        part = dot_acc(a, q, part, DOT_F32, PRECISION)
     else:
         offs_b = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         if EVEN_K:
@@ -55,10 +59,14 @@ def _gw_step(i, a_rows, row_ok, w_cols, s_cols, z_cols, n_ok, acc, k_offset, siz
         else:
             w_mask = ((offs_b >= 0) & (offs_b < size_kw))[:, None] & n_ok[None, :]
         w = tl.load(w_cols + offs_b[:, None], mask=w_mask, other=0)  # [BLOCK_K / 2, BLOCK_N]
-        low, high = _nibbles(w, False)
+        if ASM:
+            low, high = nibbles_bf16(w, zero[None, :], False)
+        else:
+            low, high = _nibbles(w, False)
+            low, high = (low - zero[None, :]).to(a.dtype), (high - zero[None, :]).to(a.dtype)
         a_even, a_odd = tl.split(tl.reshape(a, [a.shape[0], BLOCK_K // 2, 2]))  # [BLOCK_M, BLOCK_K / 2] each
-        part = dot_acc(a_even, (low - zero[None, :]).to(a.dtype), part, DOT_F32, PRECISION)
-        part = dot_acc(a_odd, (high - zero[None, :]).to(a.dtype), part, DOT_F32, PRECISION)
+        part = dot_acc(a_even, low, part, DOT_F32, PRECISION)
+        part = dot_acc(a_odd, high, part, DOT_F32, PRECISION)
     return acc + part * scale[None, :]
 
 
@@ -69,7 +77,7 @@ def moe_gw_gate_up_kernel(
     stride_xt, stride_we, stride_wn, stride_se, stride_sn, stride_at,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    WHILE_LOOP: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, ASM: tl.constexpr,
 ):
     """act[a, n] = silu(x[t] . dequant(gate)[n]) * (x[t] . dequant(up)[n]) for one sorted row block (w13's rows
     [gate; up]; scale and zero share the weight's row index)."""
@@ -93,16 +101,20 @@ def moe_gw_gate_up_kernel(
         i = 0
         while i < steps:
             acc_gate = _gw_step(i, a_rows, row_ok, gate_cols, s13_ptr + gate_groups, z13_ptr + gate_groups, n_ok,
-                                acc_gate, k_offset, hidden, hidden_w, BITS, GROUP, BLOCK_K, EVEN_K, DOT_F32, PRECISION)
+                                acc_gate, k_offset, hidden, hidden_w, BITS, GROUP, BLOCK_K, EVEN_K, DOT_F32,
+                                PRECISION, ASM)
             acc_up = _gw_step(i, a_rows, row_ok, up_cols, s13_ptr + up_groups, z13_ptr + up_groups, n_ok,
-                              acc_up, k_offset, hidden, hidden_w, BITS, GROUP, BLOCK_K, EVEN_K, DOT_F32, PRECISION)
+                              acc_up, k_offset, hidden, hidden_w, BITS, GROUP, BLOCK_K, EVEN_K, DOT_F32,
+                                PRECISION, ASM)
             i += 1
     else:
         for i in range(0, steps):
             acc_gate = _gw_step(i, a_rows, row_ok, gate_cols, s13_ptr + gate_groups, z13_ptr + gate_groups, n_ok,
-                                acc_gate, k_offset, hidden, hidden_w, BITS, GROUP, BLOCK_K, EVEN_K, DOT_F32, PRECISION)
+                                acc_gate, k_offset, hidden, hidden_w, BITS, GROUP, BLOCK_K, EVEN_K, DOT_F32,
+                                PRECISION, ASM)
             acc_up = _gw_step(i, a_rows, row_ok, up_cols, s13_ptr + up_groups, z13_ptr + up_groups, n_ok,
-                              acc_up, k_offset, hidden, hidden_w, BITS, GROUP, BLOCK_K, EVEN_K, DOT_F32, PRECISION)
+                              acc_up, k_offset, hidden, hidden_w, BITS, GROUP, BLOCK_K, EVEN_K, DOT_F32,
+                                PRECISION, ASM)
     act = acc_gate * tl.sigmoid(acc_gate) * acc_up
     out_ptrs = act_ptr + ids[:, None].to(tl.int64) * stride_at + offs_n[None, :]
     tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
@@ -115,7 +127,7 @@ def moe_gw_down_kernel(
     stride_at, stride_we, stride_wn, stride_se, stride_sn, stride_ot,
     BITS: tl.constexpr, GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
-    WHILE_LOOP: tl.constexpr,
+    WHILE_LOOP: tl.constexpr, ASM: tl.constexpr,
 ):
     """out[a, n] = topk_weight[a] * (act[a] . dequant(down)[n]) in fp32, for one sorted row block."""
     pid_m, pid_n = _block_coords(num_m_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
@@ -135,12 +147,14 @@ def moe_gw_down_kernel(
         i = 0
         while i < steps:
             acc = _gw_step(i, a_rows, row_ok, w_cols, s2_ptr + groups, z2_ptr + groups, n_ok, acc, k_offset, ffn,
-                           ffn_w, BITS, GROUP, BLOCK_K, EVEN_K, DOT_F32, PRECISION)
+                           ffn_w, BITS, GROUP, BLOCK_K, EVEN_K, DOT_F32,
+                                PRECISION, ASM)
             i += 1
     else:
         for i in range(0, steps):
             acc = _gw_step(i, a_rows, row_ok, w_cols, s2_ptr + groups, z2_ptr + groups, n_ok, acc, k_offset, ffn,
-                           ffn_w, BITS, GROUP, BLOCK_K, EVEN_K, DOT_F32, PRECISION)
+                           ffn_w, BITS, GROUP, BLOCK_K, EVEN_K, DOT_F32,
+                                PRECISION, ASM)
     weight = tl.load(topk_weights_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * weight[:, None]
     out_ptrs = out_ptr + ids[:, None].to(tl.int64) * stride_ot + offs_n[None, :]

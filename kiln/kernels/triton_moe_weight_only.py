@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from kiln.kernels.triton_common import FLOAT_DTYPES, INDEX_DTYPES, cdiv, check_device, check_shape, check_tensor
-from kiln.kernels.triton_common import dot_precision, dot_upcast, while_loops
+from kiln.kernels.triton_common import asm_dequant, dot_precision, dot_upcast, while_loops
 from kiln.kernels.triton_moe import AlignedRouting, _fitting_stages, _launch_sum, plan_moe_run
 from kiln.kernels.triton_moe_configs import MoeConfig
 from kiln.kernels.triton_moe_weight_only_kernels import moe_wo_down_kernel, moe_wo_gate_up_kernel
@@ -63,7 +63,7 @@ def _launch_gate_up(hidden, w13, s13, act, routing: AlignedRouting, top_k: int, 
         w13.shape[2], num_m, hidden.stride(0), w13.stride(0), w13.stride(1), s13.stride(0), act.stride(0),
         BITS=bits, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
         EVEN_K=size % block_k == 0, DOT_F32=dot_upcast(hidden.dtype, hidden.device),
-        PRECISION=dot_precision(hidden.dtype),
+        PRECISION=dot_precision(hidden.dtype), ASM=asm_dequant(hidden.dtype, hidden.device),
         WHILE_LOOP=while_loops(hidden.device), num_warps=tile.num_warps,
         num_stages=_fitting_stages(tile, config.block_m, 2, hidden.dtype, hidden.device),
     )
@@ -79,6 +79,7 @@ def _launch_down(act, w2, s2, weights, part, routing: AlignedRouting, config: Mo
         num_m, act.stride(0), w2.stride(0), w2.stride(1), s2.stride(0), part.stride(0),
         BITS=bits, BLOCK_M=config.block_m, BLOCK_N=tile.block_n, BLOCK_K=block_k, GROUP_M=config.group_m,
         EVEN_K=ffn % block_k == 0, DOT_F32=dot_upcast(act.dtype, act.device), PRECISION=dot_precision(act.dtype),
+        ASM=asm_dequant(act.dtype, act.device),
         WHILE_LOOP=while_loops(act.device), num_warps=tile.num_warps,
         num_stages=_fitting_stages(tile, config.block_m, 1, act.dtype, act.device),
     )

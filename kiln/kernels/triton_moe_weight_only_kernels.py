@@ -13,13 +13,14 @@ import triton.language as tl
 
 from kiln.kernels.triton_jit_common import dot_acc
 from kiln.kernels.triton_moe_kernels import _block_coords
+from kiln.kernels.triton_dequant_asm import bytes_bf16, nibbles_bf16
 from kiln.kernels.triton_weight_only_kernels import _bytes, _nibbles
 
 
 @triton.jit
 def _wo_step(k, a_rows, row_ok, w_cols, n_ok, acc, size_k, size_kw,
              BITS: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
-             PRECISION: tl.constexpr):
+             PRECISION: tl.constexpr, ASM: tl.constexpr):
     """acc + a[rows, K tile k] @ dequant(W)[K tile k, cols] without the scale. a_rows [BLOCK_M, 1] points at the
     activation rows, w_cols [1, BLOCK_N] at the expert's stored weight rows (one per output column). With EVEN_K (K a
     multiple of BLOCK_K) the masks are constant along K: vector loads, pipelined by Triton."""
@@ -35,7 +36,11 @@ def _wo_step(k, a_rows, row_ok, w_cols, n_ok, acc, size_k, size_kw,
         else:
             w_mask = (offs_k < size_k)[:, None] & n_ok[None, :]
         w = tl.load(w_cols + offs_k[:, None], mask=w_mask, other=0)  # [BLOCK_K, BLOCK_N]
-        acc = dot_acc(a, _bytes(w, True).to(a.dtype), acc, DOT_F32, PRECISION)
+        if ASM:  # bf16 on an NVIDIA GPU: the same values in fewer instructions (triton_dequant_asm)
+            q = bytes_bf16(w, 0.0, True)
+        else:
+            q = _bytes(w, True).to(a.dtype)
+        acc = dot_acc(a, q, acc, DOT_F32, PRECISION)
     else:
         offs_b = k * (BLOCK_K // 2) + tl.arange(0, BLOCK_K // 2)
         if EVEN_K:
@@ -43,10 +48,14 @@ def _wo_step(k, a_rows, row_ok, w_cols, n_ok, acc, size_k, size_kw,
         else:
             w_mask = (offs_b < size_kw)[:, None] & n_ok[None, :]
         w = tl.load(w_cols + offs_b[:, None], mask=w_mask, other=0)  # [BLOCK_K / 2, BLOCK_N]
-        low, high = _nibbles(w, True)
+        if ASM:
+            low, high = nibbles_bf16(w, 0.0, True)
+        else:
+            low, high = _nibbles(w, True)
+            low, high = low.to(a.dtype), high.to(a.dtype)
         a_even, a_odd = tl.split(tl.reshape(a, [a.shape[0], BLOCK_K // 2, 2]))  # [BLOCK_M, BLOCK_K / 2] each
-        acc = dot_acc(a_even, low.to(a.dtype), acc, DOT_F32, PRECISION)
-        acc = dot_acc(a_odd, high.to(a.dtype), acc, DOT_F32, PRECISION)
+        acc = dot_acc(a_even, low, acc, DOT_F32, PRECISION)
+        acc = dot_acc(a_odd, high, acc, DOT_F32, PRECISION)
     return acc
 
 
@@ -57,6 +66,7 @@ def moe_wo_gate_up_kernel(
     stride_xt, stride_we, stride_wn, stride_se, stride_at,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """act[a, n] = silu(s_gate[n] * x[t] . q_gate[n]) * (s_up[n] * x[t] . q_up[n]) for one sorted row block."""
     pid_m, pid_n = _block_coords(num_m_blocks, tl.cdiv(ffn, BLOCK_N), GROUP_M)
@@ -77,16 +87,16 @@ def moe_wo_gate_up_kernel(
         k = 0
         while k < steps:
             acc_gate = _wo_step(k, a_rows, row_ok, gate_cols, n_ok, acc_gate, hidden, hidden_w, BITS, BLOCK_K,
-                                EVEN_K, DOT_F32, PRECISION)
+                                EVEN_K, DOT_F32, PRECISION, ASM)
             acc_up = _wo_step(k, a_rows, row_ok, up_cols, n_ok, acc_up, hidden, hidden_w, BITS, BLOCK_K,
-                              EVEN_K, DOT_F32, PRECISION)
+                              EVEN_K, DOT_F32, PRECISION, ASM)
             k += 1
     else:
         for k in range(0, steps):
             acc_gate = _wo_step(k, a_rows, row_ok, gate_cols, n_ok, acc_gate, hidden, hidden_w, BITS, BLOCK_K,
-                                EVEN_K, DOT_F32, PRECISION)
+                                EVEN_K, DOT_F32, PRECISION, ASM)
             acc_up = _wo_step(k, a_rows, row_ok, up_cols, n_ok, acc_up, hidden, hidden_w, BITS, BLOCK_K,
-                              EVEN_K, DOT_F32, PRECISION)
+                              EVEN_K, DOT_F32, PRECISION, ASM)
     scales = s13_ptr + expert * stride_se + offs_n
     acc_gate = acc_gate * tl.load(scales, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     acc_up = acc_up * tl.load(scales + ffn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
@@ -102,6 +112,7 @@ def moe_wo_down_kernel(
     stride_at, stride_we, stride_wn, stride_se, stride_ot,
     BITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """out[a, n] = topk_weight[a] * s2[n] * (act[a] . q_down[n]) in fp32, for one sorted row block."""
     pid_m, pid_n = _block_coords(num_m_blocks, tl.cdiv(hidden, BLOCK_N), GROUP_M)
@@ -119,11 +130,13 @@ def moe_wo_down_kernel(
     if WHILE_LOOP:
         k = 0
         while k < steps:
-            acc = _wo_step(k, a_rows, row_ok, w_cols, n_ok, acc, ffn, ffn_w, BITS, BLOCK_K, EVEN_K, DOT_F32, PRECISION)
+            acc = _wo_step(k, a_rows, row_ok, w_cols, n_ok, acc, ffn, ffn_w, BITS, BLOCK_K, EVEN_K, DOT_F32, PRECISION,
+                           ASM)
             k += 1
     else:
         for k in range(0, steps):
-            acc = _wo_step(k, a_rows, row_ok, w_cols, n_ok, acc, ffn, ffn_w, BITS, BLOCK_K, EVEN_K, DOT_F32, PRECISION)
+            acc = _wo_step(k, a_rows, row_ok, w_cols, n_ok, acc, ffn, ffn_w, BITS, BLOCK_K, EVEN_K, DOT_F32, PRECISION,
+                           ASM)
     scale = tl.load(s2_ptr + expert * stride_se + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     weight = tl.load(topk_weights_ptr + ids, mask=row_ok, other=0.0).to(tl.float32)
     acc = acc * scale[None, :] * weight[:, None]

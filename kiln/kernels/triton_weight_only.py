@@ -20,9 +20,10 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from kiln.kernels.triton_common import FLOAT_DTYPES, cdiv, check_device, dot_precision, dot_upcast
+from kiln.kernels.triton_common import FLOAT_DTYPES, asm_dequant, cdiv, check_device, dot_precision, dot_upcast
 from kiln.kernels.triton_common import matmul_output, multiprocessor_count, next_power_of_2, while_loops
 from kiln.kernels.triton_gemv_kernels import gemv_reduce_kernel
+from kiln.kernels.triton_weight_only_gemv import gemv_applies, launch_gemv
 from kiln.kernels.triton_weight_only_configs import FUSED_MAX_ROWS, WoConfig, WoKey, default_wo_config, rows_configs
 from kiln.kernels.triton_weight_only_kernels import dequantize_kernel, weight_only_kernel
 
@@ -114,11 +115,13 @@ def _plan(rows: int, n: int, k: int, fmt: WeightOnlyFormat, config: WoConfig, sm
 def _launch_fused(x, weight, scale, zero, bias, fmt: WeightOnlyFormat, config: WoConfig | None = None) -> torch.Tensor:
     rows, k = x.shape
     n = weight.shape[0]
+    config = config or default_wo_config(rows, fmt.bits, fmt.group_size, k + fmt.k_offset)
+    plan = _plan(rows, n, k, fmt, config, multiprocessor_count(x.device))
+    if config.gemv and gemv_applies(x, fmt.k_offset):
+        return launch_gemv(x, weight, scale, zero, bias, fmt, config, plan)
     y, done = matmul_output(x, n, bias)
     if done:
         return y
-    config = config or default_wo_config(rows, fmt.bits, fmt.group_size, k + fmt.k_offset)
-    plan = _plan(rows, n, k, fmt, config, multiprocessor_count(x.device))
     split = plan.splits > 1
     part = torch.empty(plan.splits, rows, n, dtype=torch.float32, device=x.device) if split else y
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
@@ -129,7 +132,7 @@ def _launch_fused(x, weight, scale, zero, bias, fmt: WeightOnlyFormat, config: W
         BITS=fmt.bits, GROUP=fmt.group_size, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None and not split,
         SPLIT=split, BLOCK_M=plan.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
         EVEN_K=fmt.k_offset == 0 and k % config.block_k == 0, DOT_F32=dot_upcast(x.dtype, x.device),
-        PRECISION=dot_precision(x.dtype), WHILE_LOOP=while_loops(x.device),
+        PRECISION=dot_precision(x.dtype), WHILE_LOOP=while_loops(x.device), ASM=asm_dequant(x.dtype, x.device),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split:

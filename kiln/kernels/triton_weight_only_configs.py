@@ -18,13 +18,15 @@ WoKey = tuple[int, int, int, int, int]  # (row bucket, N, K, bits, group_size)
 @dataclass(frozen=True)
 class WoConfig:
     """BLOCK_N output rows per program, BLOCK_K logical inputs per tile (a divisor of the group size for group-wise
-    weights), split_k slices of K (0: as many as make about two programs per SM), warps and pipeline stages."""
+    weights), split_k slices of K (0: as many as make about two programs per SM), warps and pipeline stages; gemv:
+    one row of bf16 x goes to the fp32-FMA kernel (triton_weight_only_gemv) instead of the tensor-core one."""
 
     block_n: int
     block_k: int
     split_k: int
     num_warps: int
     num_stages: int
+    gemv: bool = False
 
 
 def wo_bucket(rows: int) -> int:
@@ -53,6 +55,10 @@ def default_wo_config(rows: int, bits: int, group: int, k: int = 0) -> WoConfig:
 _TILES = ((64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3), (32, 128, 4, 4), (16, 256, 4, 4))
 
 
+# The one-row FMA kernel's tiles: (block_n, stored bytes per row per tile, warps, stages).
+_GEMV_TILES = ((64, 128, 4, 4), (32, 128, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4))
+
+
 def candidate_wo_configs(rows: int, bits: int, group: int) -> list[WoConfig]:
     """The configs the build times for one (row bucket, N, K, format): each tile with automatic split-K, and the first
     without a split; group-wise tiles never cross a group (deeper ones are cut to the group size)."""
@@ -69,11 +75,19 @@ def candidate_wo_configs(rows: int, bits: int, group: int) -> list[WoConfig]:
             config = WoConfig(block_n, block_k, split, warps, stages)
             if config not in out:
                 out.append(config)
+    if rows == 1:
+        for block_n, nbytes, warps, stages in _GEMV_TILES:
+            block_k = nbytes * 8 // bits
+            if group:
+                block_k = min(block_k, default_block_k(bits, group))
+            config = WoConfig(block_n, block_k, 0, warps, stages, True)
+            if config not in out:
+                out.append(config)
     return out
 
 
 def config_to_list(config: WoConfig) -> list[int]:
-    return [config.block_n, config.block_k, config.split_k, config.num_warps, config.num_stages]
+    return [config.block_n, config.block_k, config.split_k, config.num_warps, config.num_stages, int(config.gemv)]
 
 
 def _power_of_two(value: Any, what: str, low: int) -> int:
@@ -83,16 +97,20 @@ def _power_of_two(value: Any, what: str, low: int) -> int:
 
 
 def config_from_list(data: Any, what: str) -> WoConfig:
-    """Inverse of config_to_list; a malformed entry raises ValueError naming what is wrong."""
-    if not isinstance(data, (list, tuple)) or len(data) != 5:
-        raise ValueError(f"{what} must be [block_n, block_k, split_k, num_warps, num_stages], got {data!r}")
-    block_n, block_k, split, warps, stages = data
+    """Inverse of config_to_list (engines built before the gemv flag have five entries); a malformed entry raises
+    ValueError naming what is wrong."""
+    if not isinstance(data, (list, tuple)) or len(data) not in (5, 6):
+        raise ValueError(f"{what} must be [block_n, block_k, split_k, num_warps, num_stages, gemv], got {data!r}")
+    block_n, block_k, split, warps, stages = data[:5]
+    gemv = data[5] if len(data) == 6 else 0
+    if gemv not in (0, 1) or isinstance(gemv, float):
+        raise ValueError(f"{what} gemv must be 0 or 1, got {gemv!r}")
     if isinstance(split, bool) or not isinstance(split, int) or not 0 <= split <= 64:
         raise ValueError(f"{what} split_k must be an integer in 0..64, got {split!r}")
     if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= 8:
         raise ValueError(f"{what} num_stages must be an integer in 1..8, got {stages!r}")
     return WoConfig(_power_of_two(block_n, f"{what} block_n", 16), _power_of_two(block_k, f"{what} block_k", 32),
-                    split, _power_of_two(warps, f"{what} num_warps", 1), stages)
+                    split, _power_of_two(warps, f"{what} num_warps", 1), stages, bool(gemv))
 
 
 def entry_to_dict(rows: int, shape: tuple[int, int, int, int], config: WoConfig | None, tuned: bool,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton_dequant_asm import bytes_bf16, nibbles_bf16
 from kiln.kernels.triton_jit_common import dot_acc
 
 # The bits of 2^23 as float32: or-ing u < 2^23 into its mantissa gives 2^23 + u exactly. A constexpr: compiled
@@ -88,24 +89,34 @@ def _load_x(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K: tl.constexpr, EVEN_K
 @triton.jit
 def _tile_dot(w, x_ptr, offs_m, m_ok, k0, K, stride_xm, zero,
               BITS: tl.constexpr, SIGNED: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr,
-              BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, acc):
+              BLOCK_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr,
+              ASM: tl.constexpr, acc):
     """acc + W_tile @ x[m block, k0 : k0 + BLOCK_K]^T, the tile's stored bytes `w` dequantized without their scale
-    (minus `zero` [BLOCK_N] when HAS_ZERO). For INT4, x's even and odd columns are split in registers."""
+    (minus `zero` [BLOCK_N] when HAS_ZERO). For INT4, x's even and odd columns are split in registers. ASM (bf16 x on
+    an NVIDIA GPU): the bytes become bf16 pairs in PTX (triton_dequant_asm), the same values in fewer instructions."""
     dtype = x_ptr.dtype.element_ty
     x = _load_x(x_ptr, offs_m, m_ok, k0, K, stride_xm, BLOCK_K, EVEN_K)  # [BLOCK_M, BLOCK_K]
     if BITS == 8:
-        q = _bytes(w, SIGNED)
-        if HAS_ZERO:
-            q = q - zero[:, None]
-        acc = dot_acc(q.to(dtype), tl.trans(x), acc, DOT_F32, PRECISION)
+        if ASM:
+            q = bytes_bf16(w, zero[:, None], SIGNED)
+        else:
+            q = _bytes(w, SIGNED)
+            if HAS_ZERO:
+                q = q - zero[:, None]
+            q = q.to(dtype)
+        acc = dot_acc(q, tl.trans(x), acc, DOT_F32, PRECISION)
     else:
-        low, high = _nibbles(w, SIGNED)
-        if HAS_ZERO:
-            low = low - zero[:, None]
-            high = high - zero[:, None]
+        if ASM:
+            low, high = nibbles_bf16(w, zero[:, None], SIGNED)
+        else:
+            low, high = _nibbles(w, SIGNED)
+            if HAS_ZERO:
+                low = low - zero[:, None]
+                high = high - zero[:, None]
+            low, high = low.to(dtype), high.to(dtype)
         x_even, x_odd = tl.split(tl.reshape(x, [BLOCK_M, BLOCK_K // 2, 2]))  # [BLOCK_M, BLOCK_K / 2] each
-        acc = dot_acc(low.to(dtype), tl.trans(x_even), acc, DOT_F32, PRECISION)
-        acc = dot_acc(high.to(dtype), tl.trans(x_odd), acc, DOT_F32, PRECISION)
+        acc = dot_acc(low, tl.trans(x_even), acc, DOT_F32, PRECISION)
+        acc = dot_acc(high, tl.trans(x_odd), acc, DOT_F32, PRECISION)
     return acc
 
 
@@ -114,7 +125,7 @@ def _step(i, w, x_ptr, s_ptr, z_ptr, offs_n, n_ok, offs_m, m_ok, v_start, k_offs
           stride_xm, stride_sn, acc,
           BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr,
           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EVEN_K: tl.constexpr, DOT_F32: tl.constexpr,
-          PRECISION: tl.constexpr):
+          PRECISION: tl.constexpr, ASM: tl.constexpr):
     """Tile i of a program's slice (its bytes `w` already loaded): per channel, accumulate the unscaled product;
     group-wise, the tile's product times its group's scale."""
     v0 = v_start + i * BLOCK_K
@@ -122,7 +133,7 @@ def _step(i, w, x_ptr, s_ptr, z_ptr, offs_n, n_ok, offs_m, m_ok, v_start, k_offs
     if GROUP == 0:
         zero = tl.zeros([BLOCK_N], dtype=tl.float32)
         acc = _tile_dot(w, x_ptr, offs_m, m_ok, k0, K, stride_xm, zero,
-                        BITS, True, False, BLOCK_K, BLOCK_M, EVEN_K, DOT_F32, PRECISION, acc)
+                        BITS, True, False, BLOCK_K, BLOCK_M, EVEN_K, DOT_F32, PRECISION, ASM, acc)
     else:
         group_ptrs = offs_n.to(tl.int64) * stride_sn + v0 // GROUP
         scale = tl.load(s_ptr + group_ptrs, mask=n_ok, other=0.0).to(tl.float32)  # [BLOCK_N]
@@ -132,7 +143,7 @@ def _step(i, w, x_ptr, s_ptr, z_ptr, offs_n, n_ok, offs_m, m_ok, v_start, k_offs
             zero = tl.zeros([BLOCK_N], dtype=tl.float32)
         part = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
         part = _tile_dot(w, x_ptr, offs_m, m_ok, k0, K, stride_xm, zero,
-                         BITS, False, HAS_ZERO, BLOCK_K, BLOCK_M, EVEN_K, DOT_F32, PRECISION, part)
+                         BITS, False, HAS_ZERO, BLOCK_K, BLOCK_M, EVEN_K, DOT_F32, PRECISION, ASM, part)
         acc += part * scale[:, None]
     return acc
 
@@ -143,7 +154,7 @@ def weight_only_kernel(
     M, N, K, KW, k_offset, v_per_split, stride_xm, stride_wn, stride_sn, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, ASM: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_N), splits, cdiv(M, BLOCK_M)). GROUP = 0: per channel (k_offset 0). The virtual length
     K + k_offset is cut into slices of v_per_split (a multiple of BLOCK_K), one per split. EVEN_K: k_offset is 0
@@ -170,14 +181,14 @@ def weight_only_kernel(
             w = _load_w(w_ptr, offs_n, n_ok, k_first + i * BLOCK_K, K, KW, stride_wn, True, BITS, BLOCK_K, EVEN_K)
             acc = _step(i, w, x_ptr, s_ptr, z_ptr, offs_n, n_ok, offs_m, m_ok, v_start, k_offset, K,
                         stride_xm, stride_sn, acc, BITS, GROUP, HAS_ZERO, BLOCK_K, BLOCK_M, BLOCK_N, EVEN_K,
-                        DOT_F32, PRECISION)
+                        DOT_F32, PRECISION, ASM)
             i += 1
     else:
         for i in range(0, steps):
             w = _load_w(w_ptr, offs_n, n_ok, k_first + i * BLOCK_K, K, KW, stride_wn, True, BITS, BLOCK_K, EVEN_K)
             acc = _step(i, w, x_ptr, s_ptr, z_ptr, offs_n, n_ok, offs_m, m_ok, v_start, k_offset, K,
                         stride_xm, stride_sn, acc, BITS, GROUP, HAS_ZERO, BLOCK_K, BLOCK_M, BLOCK_N, EVEN_K,
-                        DOT_F32, PRECISION)
+                        DOT_F32, PRECISION, ASM)
     if GROUP == 0:
         acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     mask = n_ok[:, None] & m_ok[None, :]

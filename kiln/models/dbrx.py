@@ -1,15 +1,17 @@
 """DBRX (databricks/dbrx-base, dbrx-instruct): fine-grained MoE, GQA, NeoX RoPE with theta 500000, clip_qkv.
 
-Facts from the published config and modeling file [DBX] and transformers [TF]; see docs/model-facts.md §1.
+Facts from the published config and modeling file [DBX] and transformers [TF]; see docs/model-facts.md §1. The
+"converted" layout's module names are AutoGPTQ's `auto_gptq/modeling/dbrx_converted.py` (PR #625) [AGQ].
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from kiln.config import ConfigError, ModelConfig
 from kiln.models.decoder import DecoderForCausalLM
-from kiln.models.family import Family, WeightRule, hf_dtype
+from kiln.models.family import Family, WeightLayout, WeightRule, hf_dtype
 
 
 class DbrxForCausalLM(DecoderForCausalLM):
@@ -72,6 +74,37 @@ def weight_rules(config: ModelConfig) -> list[WeightRule]:
     ]
 
 
+def converted_weight_rules(config: ModelConfig, names: set[str]) -> list[WeightRule]:
+    """DBRX "converted" (LnL-AI/dbrx-base-converted-v2 and the AutoGPTQ checkpoints made from it [AGQ]): Wqkv split
+    into q_proj/k_proj/v_proj and each expert's w1/v1/w2 an nn.Linear of its own, `ffn.experts.mlp.<e>.w1.weight`
+    [ffn, hidden] (gate), `.v1.weight` [ffn, hidden] (up) and `.w2.weight` [hidden, ffn] (the fused w2's block of
+    expert e, transposed, so a Linear computes `act @ W2_e`). Everything else keeps the published names."""
+    check_claimed_experts(config, names)  # before any list is sized by the claim
+    block, experts = "transformer.blocks.{layer}", range(config.moe_num_experts)
+    mlp = f"{block}.ffn.experts.mlp"
+    attn = f"{block}.norm_attn_norm.attn"
+    split = {
+        "layers.{layer}.attn.qkv_proj.weight": WeightRule(
+            "layers.{layer}.attn.qkv_proj.weight", tuple(f"{attn}.{p}_proj.weight" for p in "qkv"), "concat_rows"),
+        "layers.{layer}.ffn.w13": WeightRule(  # per expert: gate (w1) then up (v1)
+            "layers.{layer}.ffn.w13", tuple(f"{mlp}.{e}.{w}.weight" for e in experts for w in ("w1", "v1")),
+            "stack_expert_pairs"),
+        "layers.{layer}.ffn.w2": WeightRule(
+            "layers.{layer}.ffn.w2", tuple(f"{mlp}.{e}.w2.weight" for e in experts), "stack_experts"),
+    }
+    return [split.get(rule.kiln, rule) for rule in weight_rules(config)]
+
+
+def check_claimed_experts(config: ModelConfig, names: set[str]) -> None:
+    """Refuse a config.json that claims more experts than the converted layout's tensors hold, before the weight map
+    lists every claimed expert's names (thousands per layer for an edited count) only to report them missing."""
+    pattern = re.compile(r"\.ffn\.experts\.mlp\.(\d+)\.")
+    held = 1 + max((int(m.group(1)) for m in map(pattern.search, names) if m), default=-1)
+    if config.moe_num_experts > held:
+        raise ConfigError(f"config.json claims {config.moe_num_experts} experts (ffn_config.moe_num_experts), but the "
+                          f"checkpoint's tensors hold experts 0..{held - 1}; fix the count in config.json")
+
+
 def _preset(d_model: int, n_heads: int, n_layers: int, kv_heads: int, ffn: int, experts: int, top_k: int,
             vocab: int, max_seq_len: int) -> dict[str, Any]:
     return {
@@ -98,4 +131,6 @@ FAMILY = Family(
     config_from_hf=config_from_hf,
     weight_rules=weight_rules,
     presets=PRESETS,
+    # Recognised by its split attention: a q_proj tensor (float `.weight` or AutoGPTQ's `.qweight`).
+    layouts=(WeightLayout("converted", r"\.norm_attn_norm\.attn\.q_proj\.", converted_weight_rules),),
 )

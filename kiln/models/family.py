@@ -26,6 +26,17 @@ class WeightRule:
 
 
 @dataclass(frozen=True)
+class WeightLayout:
+    """Another published layout of a family's weights (e.g. DBRX "converted" for AutoGPTQ, experts split into one
+    Linear each), recognised by a tensor name that only this layout has; its rules map it onto the same kiln names."""
+
+    name: str
+    marker: str  # a regex that some tensor name of this layout matches, and no name of the family's own layout
+    # (config, the checkpoint's tensor names) -> rules; the names let it check a count it sizes lists by
+    weight_rules: Callable[[ModelConfig, set[str]], list[WeightRule]]
+
+
+@dataclass(frozen=True)
 class Family:
     """A registered model family. `presets` are Hugging Face style config dicts for dummy weights at real shapes."""
 
@@ -36,6 +47,22 @@ class Family:
     weight_rules: Callable[[ModelConfig], list[WeightRule]]
     presets: dict[str, dict[str, Any]] = field(default_factory=dict)
     ignored_sources: tuple[str, ...] = ()  # regexes of checkpoint tensors that carry nothing kiln needs
+    layouts: tuple[WeightLayout, ...] = ()  # other published layouts of the same weights
+
+
+def layout_of(family: Family, names: set[str]) -> WeightLayout | None:
+    """The other layout whose marker some tensor name matches; None for the family's own layout."""
+    for layout in family.layouts:
+        marker = re.compile(layout.marker)
+        if any(marker.search(n) for n in names):
+            return layout
+    return None
+
+
+def rules_for_checkpoint(family: Family, config: ModelConfig, names: set[str]) -> list[WeightRule]:
+    """The weight rules that read a checkpoint holding tensors `names`: its layout's, else the family's own."""
+    layout = layout_of(family, names)
+    return layout.weight_rules(config, names) if layout is not None else family.weight_rules(config)
 
 
 def hf_dtype(hf: dict[str, Any], default: str = "float32") -> str:

@@ -25,6 +25,18 @@ def dbrx_experts_w2(tensors: list[torch.Tensor], config: ModelConfig) -> torch.T
     return w2.transpose(1, 2).contiguous()
 
 
+def stack_expert_pairs(tensors: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:
+    """Per-expert (gate, up) pairs [gate_0, up_0, gate_1, up_1, ...], each [ffn, X] -> [experts, 2 * ffn, X] with rows
+    gate then up (DBRX "converted"'s w1/v1 Linears into kiln's w13). Acts on rows only, so it fuses a quantized
+    layer's values, scales and zero points alike (X = inputs or groups)."""
+    return torch.stack([torch.cat(tensors[i:i + 2], dim=0) for i in range(0, len(tensors), 2)])
+
+
+def stack_experts(tensors: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:
+    """One [out, X] tensor per expert -> [experts, out, X] (DBRX "converted"'s w2 Linears into kiln's w2)."""
+    return torch.stack(tensors)
+
+
 def concat_rows(tensors: list[torch.Tensor], config: ModelConfig) -> torch.Tensor:
     """Fuse several [out_i, in] weights into one [sum(out_i), in] (e.g. gate and up into gate_up)."""
     return torch.cat(tensors, dim=0)
@@ -43,4 +55,6 @@ TRANSFORMS: dict[str, Callable[[list[torch.Tensor], ModelConfig], torch.Tensor]]
     "dbrx_experts_w2": dbrx_experts_w2,
     "l2_normalize_rows": l2_normalize_rows,
     "concat_rows": concat_rows,
+    "stack_expert_pairs": stack_expert_pairs,
+    "stack_experts": stack_experts,
 }

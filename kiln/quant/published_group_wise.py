@@ -5,8 +5,9 @@ repacks exactly as it does its own calibrated ones (kiln.checkpoint.convert's `q
 The family weight maps stay as they are: a view of the checkpoint shows each published linear `<prefix>.qweight`
 (with its qzeros, scales, g_idx) as one `<prefix>.weight`, so the maps' checks of missing and unexpected tensors
 hold, and a fused kiln weight (Baichuan's gate+up) concatenates its parts' values, scales and zeros along the output
-rows. Only the maps' `identity` and `concat_rows` rules are exact on quantized values; another rule (DBRX's expert
-layouts) is refused by name.
+rows. The rules that act on output rows (and experts) only are exact on quantized values: `identity`, `concat_rows`
+and the stacking of DBRX "converted"'s per-expert Linears into kiln's fused experts (kiln.quant.published_moe has
+that layout's checks); another rule (the fused DBRX layout's reshapes) is refused by name.
 
 Act-order (`desc_act` true) checkpoints keep each layer's g_idx as `<name>_g_idx` and every group column on every
 rank: exact for any permutation, column- or row-parallel, without reordering neighbouring layers; the Triton kernels
@@ -25,16 +26,18 @@ from typing import Any
 
 import torch
 
-from kiln.checkpoint.hf_reader import HFCheckpoint
+from kiln.checkpoint.hf_reader import CheckpointError, HFCheckpoint
 from kiln.checkpoint.sources import HFWeightSource
 from kiln.config import ConfigError, ModelConfig, QuantConfig
 from kiln.models.family import Family, find_rule, sources_for
+from kiln.models.transforms import TRANSFORMS
 from kiln.quant.published import describe, published_quantization
 from kiln.quant.published_awq import read_awq
 from kiln.quant.published_gptq import GPTQ_BITS, GPTQ_FORMATS, read_gptq
 
 PARTS = ("qweight", "qzeros", "scales", "g_idx")
-EXACT_RULES = ("identity", "concat_rows")  # the weight-map transforms that act on output rows only
+# The weight-map transforms that act on output rows (and stack experts) only: each applies to q, scale and zero alike.
+EXACT_RULES = ("identity", "concat_rows", "stack_expert_pairs", "stack_experts")
 
 
 @dataclass(frozen=True)
@@ -59,11 +62,13 @@ class PublishedFormat:
 
     def quant_config(self, flags: QuantConfig, config: ModelConfig) -> QuantConfig:
         """kiln's QuantConfig: this format's weights, with the KV-cache choice of the flags. group_size -1 is one group
-        wider than every layer's inputs (a multiple of 32, which the kernels need)."""
+        at least as wide as every layer's inputs (a multiple of 32, which the kernels need; a power of two for MoE)."""
         group = self.group_size
         if group == -1:
             widest = max(config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_size)
             group = -(-widest // 32) * 32
+            if config.is_moe:  # the fused MoE's kernels take powers of two (kiln.quant.published_moe)
+                group = 1 << (group - 1).bit_length()
         return replace(flags, quant_algo=self.quant_algo, group_size=group, has_zero_point=True,
                        act_order=self.act_order,
                        exclude_modules=["embed_tokens", "lm_head", "*router", "*norm*"])
@@ -179,6 +184,15 @@ class PublishedView:
         return -(-q.shape[1] // scale.shape[1])
 
 
+def _by_shape(names: list[str], tensors: list[torch.Tensor]) -> str:
+    """`(48, 64): a, b, c, ... (+13 more); (64, 64): d`: which parts have which shape (a DBRX w13 has 32 parts)."""
+    groups: dict[tuple[int, ...], list[str]] = {}
+    for n, t in zip(names, tensors):
+        groups.setdefault(tuple(t.shape), []).append(n)
+    return "; ".join(f"{shape}: {', '.join(ns[:3])}" + (f" ... (+{len(ns) - 3} more)" if len(ns) > 3 else "")
+                     for shape, ns in groups.items())
+
+
 class PublishedWeightSource(HFWeightSource):
     """Full kiln tensors of a published GPTQ/AWQ checkpoint: floats through the family map, and for each quantized
     kiln weight its published values (`quantized_weight`), which convert shards and repacks without rounding."""
@@ -216,7 +230,8 @@ class PublishedWeightSource(HFWeightSource):
                                   "unquantized checkpoint instead")
 
     def quantized_weight(self, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """kiln weight `name` -> q [out, in] int16, scale and zero [out, groups] (the parts fused along out)."""
+        """kiln weight `name` -> q [(experts,) out, in] int16, scale and zero [(experts,) out, groups]: the parts
+        fused along out (and stacked over experts) by the weight rule's own transform."""
         rule = find_rule(self.rules, name)
         names = sources_for(rule, name)
         self.check_quantized([name])
@@ -226,7 +241,12 @@ class PublishedWeightSource(HFWeightSource):
         parts = [self.view.read(n) for n in names]
         for n, (q, scale, _, g_idx) in zip(names, parts):
             self._check_groups(n, q, scale, g_idx)
-        return tuple(torch.cat([p[i] for p in parts], dim=0) for i in range(3))  # type: ignore[return-value]
+        fuse = TRANSFORMS[rule.transform]
+        try:
+            return tuple(fuse([p[i] for p in parts], self.config) for i in range(3))  # type: ignore[return-value]
+        except RuntimeError as err:  # parts that do not stack: a layer of the wrong size
+            raise CheckpointError(f"cannot make {name} from parts of these sizes (values [out, in]): "
+                                  f"{_by_shape(names, [p[0] for p in parts])}; {err}") from err
 
     def _check_groups(self, name: str, q: torch.Tensor, scale: torch.Tensor, g_idx: torch.Tensor | None) -> None:
         """The published groups must be kiln's `k // group_size`, or (act-order) any g_idx into them."""
