@@ -1,6 +1,6 @@
 """Time kiln's Triton kernels against torch at DBRX and MPT-7B shapes on a GPU; print bandwidth / TFLOPs.
 
-    python benchmarks/bench_kernels.py [--only kv,attn,moe,gemv] [--tune] [--attn_sweep]
+    python benchmarks/bench_kernels.py [--only kv,attn,moe,moe_w8a8,gemv] [--tune] [--attn_sweep]
 
 Every row gives the Triton time, the torch time (the reference, or torch's own fused op where the reference is a
 Python loop), their ratio, and the achieved rate against the memory-copy bandwidth measured here first. Inputs are
@@ -168,6 +168,43 @@ def bench_moe(peak: float, tune: bool) -> None:
             print(f"    config: {config}")
 
 
+def bench_moe_w8a8(peak: float) -> None:
+    """The W8A8 fused MoE (SmoothQuant INT8 per token and static, FP8 per tensor static and per channel/token) at
+    DBRX's full expert width on one GPU, each beside the bf16 fused MoE at the same routing (the "torch ms" column
+    holds the bf16 Triton time, so the ratio is the speedup over bf16); bytes are the 8-bit weights read."""
+    from kiln.kernels.triton_moe_w8a8 import fused_moe_fp8, fused_moe_sq
+    from kiln.quant import fp8
+
+    size, ffn, experts, top_k = 6144, 10752, 16, 4
+    w13 = torch.randn(experts, 2 * ffn, size, dtype=DTYPE, device="cuda") * size**-0.5
+    w2 = torch.randn(experts, size, ffn, dtype=DTYPE, device="cuda") * ffn**-0.5
+    q13 = torch.randint(-127, 128, w13.shape, dtype=torch.int8, device="cuda")
+    q2 = torch.randint(-127, 128, w2.shape, dtype=torch.int8, device="cuda")
+    s13 = torch.full(w13.shape[:2], size**-0.5 / 127, dtype=DTYPE, device="cuda")
+    s2 = torch.full(w2.shape[:2], ffn**-0.5 / 127, dtype=DTYPE, device="cuda")
+    smoother = torch.ones(experts, ffn, dtype=DTYPE, device="cuda")
+    a13, a2 = torch.tensor([4 / 127], dtype=DTYPE, device="cuda"), torch.full((experts,), 1 / 127, device="cuda")
+    f13, f2 = (q13.float() / 127 * 448).to(fp8.FP8_DTYPE), (q2.float() / 127 * 448).to(fp8.FP8_DTYPE)
+    t13, t2 = torch.full((experts, 1), 1e-4, device="cuda"), torch.full((experts, 1), 1e-4, device="cuda")
+    c13, c2 = s13.float() / 448 * 127, s2.float() / 448 * 127
+    in_scale = torch.tensor([4 / 448], device="cuda")
+    for tokens in (1, 8, 64, 256, 2048):
+        hidden = torch.randn(tokens, size, dtype=DTYPE, device="cuda")
+        weights, ids = torch.softmax(torch.randn(tokens, experts, device="cuda"), -1).topk(top_k, dim=-1)
+        bf16 = bench(lambda: fused_moe(hidden, w13, w2, weights, ids))
+        active = torch.unique(ids).numel()
+        nbytes = active * 3 * ffn * size + 2 * hidden.numel() * 2
+        flops = 2 * tokens * top_k * 3 * ffn * size
+        cases = {"sq per-token": lambda: fused_moe_sq(hidden, q13, s13, None, q2, s2, None, smoother, weights, ids, 0),
+                 "sq static": lambda: fused_moe_sq(hidden, q13, s13, a13, q2, s2, a2, smoother, weights, ids, 0)}
+        if torch.cuda.get_device_capability() >= (8, 9):
+            cases["fp8 static"] = lambda: fused_moe_fp8(hidden, f13, t13, f2, t2, in_scale, weights, ids, 0)
+            cases["fp8 pc/pt"] = lambda: fused_moe_fp8(hidden, f13, c13, f2, c2, None, weights, ids, 0)
+        print(f"moe dbrx bf16 tokens={tokens}: {bf16:.4f} ms")
+        for name, fn in cases.items():
+            row(f"moe_w8a8 {name} tokens={tokens} ({active} exp)", bench(fn), bf16, nbytes, flops, peak)
+
+
 # Decode weight shapes (N, K) at one GPU: MPT-7B qkv, o, up, down, LM head; Baichuan2-13B W_pack, o, gate_up, down;
 # the 10240x5120 of the brief; DBRX qkv and o.
 GEMV_SHAPES = {
@@ -199,7 +236,7 @@ def bench_gemv(peak: float, rows_list=(1, 2, 4, 8, 16)) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="kv,attn,moe,gemv", help="comma list of kv, attn, moe, gemv")
+    parser.add_argument("--only", default="kv,attn,moe,gemv", help="comma list of kv, attn, moe, moe_w8a8, gemv")
     parser.add_argument("--tune", action="store_true", help="tune the MoE tiles per shape first")
     parser.add_argument("--attn_sweep", action="store_true",
                         help="time candidate decode attention configs per case (graph replay) and print the best")
@@ -218,6 +255,8 @@ def main() -> None:
         bench_attention(peak, args.attn_sweep)
     if "moe" in only:
         bench_moe(peak, args.tune)
+    if "moe_w8a8" in only:
+        bench_moe_w8a8(peak)
     if "gemv" in only:
         bench_gemv(peak)
     print("\nsummary\n" + "\n".join(ROWS))

@@ -91,8 +91,9 @@ def version_flags(family: str) -> list[str]:
     return ["--model_version", VERSION[family]] if family in VERSION else []
 
 
-def prefill_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
-    """One sequence's prefill through a kiln model on the CPU -> logits [len, vocab] float32."""
+def prefill_logits(model: torch.nn.Module, ids: list[int], kernels=None) -> torch.Tensor:
+    """One sequence's prefill through a kiln model on the CPU (the torch kernels unless `kernels` is given) ->
+    logits [len, vocab] float32."""
     n, block = len(ids), 16
     blocks = -(-n // block)
     for attn in model.attention_layers():
@@ -103,7 +104,8 @@ def prefill_logits(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
                              query_start_loc=torch.tensor([0, n], dtype=torch.int32),
                              seq_lens=torch.tensor([n], dtype=torch.int32), max_query_len=n, max_seq_len=n)
     with torch.inference_mode():
-        hidden = model(torch.tensor(ids), torch.arange(n), ForwardContext(select_kernels(torch.device("cpu")), meta))
+        kernels = kernels or select_kernels(torch.device("cpu"))
+        hidden = model(torch.tensor(ids), torch.arange(n), ForwardContext(kernels, meta))
         return model.compute_logits(hidden).float()
 
 

@@ -18,8 +18,10 @@ from kiln.kernels import KernelSet, bind_linear_matmuls, reference, select_kerne
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.memory import GiB, MemoryPlan
 from kiln.quant.apply import quantize_model
+from kiln.quant.fp8 import FP8_SCHEMES
 from kiln.quant.group_wise import GROUP_WISE_ALGOS
 from kiln.quant.kv_cache import bind_kv_scales, kv_cache_dtype
+from kiln.quant.smoothquant import SQ_ALGOS
 from kiln.runtime_checks import check_rank_header
 from kiln.sampling import DeviceSample, Sampler, SamplerOutput, SamplingRow, to_device
 
@@ -91,18 +93,20 @@ def load_weights(model: torch.nn.Module, path: str, device: torch.device) -> Non
         raise CheckpointError(f"cannot read {path}: {err}") from err
 
 
-# Weight-only formats whose experts the triton set runs in a fused MoE kernel (per channel: fused_moe_weight_only;
-# group-wise: fused_moe_group_wise) -> the KernelSet field holding it. The torch reference of either syncs with the
-# host (it reads the chosen expert ids).
+# Quantized formats whose experts the triton set runs in a fused MoE kernel (per channel: fused_moe_weight_only;
+# group-wise: fused_moe_group_wise; SmoothQuant W8A8: fused_moe_sq; FP8: fused_moe_fp8, on GPUs with FP8 tensor
+# cores) -> the KernelSet field holding it. The torch reference of each syncs with the host (it reads the chosen
+# expert ids).
 _KERNEL_MOE_FIELDS = {"W8A16": "fused_moe_weight_only", "W4A16": "fused_moe_weight_only",
-                      **{algo: "fused_moe_group_wise" for algo in GROUP_WISE_ALGOS}}
+                      **{algo: "fused_moe_group_wise" for algo in GROUP_WISE_ALGOS},
+                      **{algo: "fused_moe_sq" for algo in SQ_ALGOS}, **{algo: "fused_moe_fp8" for algo in FP8_SCHEMES}}
 
 
 def graphs_allowed(info: ArtifactInfo, kernels: KernelSet | None = None) -> bool:
     """Whether the engine's layers can be captured in a CUDA graph: not a quantized MoE whose experts run a torch
     reference (`kernels` None or the torch set, or a format with no fused MoE kernel), which reads the chosen expert
-    ids on the host. The triton set's weight-only fused MoEs (per-channel INT8/INT4, group-wise INT4) never sync
-    with the host."""
+    ids on the host. The triton set's quantized fused MoEs (per-channel INT8/INT4, group-wise INT4, SmoothQuant W8A8,
+    FP8) never sync with the host."""
     if info.quant.quant_algo is None or not info.model.is_moe:
         return True
     field = _KERNEL_MOE_FIELDS.get(info.quant.quant_algo)

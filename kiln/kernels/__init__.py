@@ -45,6 +45,10 @@ class KernelSet:
     fused_moe_weight_only: Callable[..., torch.Tensor] = reference.fused_moe_weight_only
     # Group-wise INT4 experts (W4A16_AWQ/GPTQ; the triton set's: kiln.kernels.triton_moe_group_wise).
     fused_moe_group_wise: Callable[..., torch.Tensor] = reference.fused_moe_group_wise
+    # SmoothQuant W8A8 and FP8 experts (the triton set's: kiln.kernels.triton_moe_w8a8; FP8 only where the GPU has
+    # FP8 tensor cores, else the torch reference).
+    fused_moe_sq: Callable[..., torch.Tensor] = reference.fused_moe_sq
+    fused_moe_fp8: Callable[..., torch.Tensor] = reference.fused_moe_fp8
     # {(row bucket, N, K): config} where the engine's build found the Triton GEMV faster than cuBLAS; empty: cuBLAS
     # everywhere (the torch set, an untuned engine, one tuned on another GPU).
     gemv: dict[GemvKey, GemvConfig] = field(default_factory=dict, hash=False, compare=False)
@@ -78,7 +82,7 @@ def select_kernels(device: torch.device, backend: str = "auto",
         weight_only = engine_weight_only_table(engine_config, device)
     from kiln.kernels.triton_ops import triton_kernels  # imported only when chosen: triton is optional on CPU
 
-    return dataclasses.replace(triton_kernels(), gemv=gemv, weight_only=weight_only)
+    return dataclasses.replace(triton_kernels(device=device), gemv=gemv, weight_only=weight_only)
 
 
 def device_name(device: torch.device) -> str:

@@ -20,7 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from kiln.quant import kv_cache as kvq
+from kiln.quant import fp8
 from kiln.quant.group_wise import dequantize_groups
+from kiln.quant.sq_math import int8_matmul, quantize_activation, sq_linear
 from kiln.quant.weight_only import dequantize
 
 
@@ -190,6 +192,58 @@ def glu_experts(
         y = act @ w2_e.t()  # [n, hidden]
         out.index_add_(0, token_idx, y.float() * topk_weights[token_idx, slot, None].float())
     return out.to(hidden.dtype)
+
+
+def fused_moe_sq(
+    hidden: torch.Tensor,  # [tokens, hidden]
+    w13: torch.Tensor,  # [local_experts, 2 * ffn, hidden] int8, rows [gate; up]
+    w13_scale: torch.Tensor,  # [local_experts, 2 * ffn] per output channel (per tensor: every entry the same)
+    w13_act: torch.Tensor | None,  # [1] static scale of the MoE input; None: per token
+    w2: torch.Tensor,  # [local_experts, hidden, ffn] int8
+    w2_scale: torch.Tensor,  # [local_experts, hidden]
+    w2_act: torch.Tensor | None,  # [local_experts] static scale of each expert's w2 input; None: per token
+    w2_smoother: torch.Tensor,  # [local_experts, ffn] multiplied onto the GLU intermediate before it is quantized
+    topk_weights: torch.Tensor,  # [tokens, top_k] float
+    topk_ids: torch.Tensor,  # [tokens, top_k] int, global expert ids
+    expert_start: int,
+) -> torch.Tensor:  # [tokens, hidden]
+    """The SmoothQuant W8A8 fused MoE (kiln.quant.smoothquant): the input quantized once for every expert, each
+    chosen expert's INT8 products exact, the GLU intermediate rounded to the engine dtype (as the float MoE holds
+    it), smoothed and quantized before w2, whose output is rounded to the engine dtype before the routing weight."""
+    out = torch.zeros(hidden.shape[0], hidden.shape[1], dtype=torch.float32, device=hidden.device)
+    local_ids = topk_ids.long() - expert_start
+    qx, x_scale = quantize_activation(hidden, w13_act)
+    ffn = w13.shape[1] // 2
+    for e in torch.unique(local_ids).tolist():
+        if e < 0 or e >= w13.shape[0]:
+            continue
+        token_idx, slot = torch.where(local_ids == e)
+        gate_up = int8_matmul(qx[token_idx], w13[e]) * x_scale[token_idx] * w13_scale[e].float()
+        act = (F.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]).to(hidden.dtype)
+        y = sq_linear(act, w2[e], w2_scale[e], None if w2_act is None else w2_act[e:e + 1], w2_smoother[e], None)
+        out.index_add_(0, token_idx, y.float() * topk_weights[token_idx, slot, None].float())
+    return out.to(hidden.dtype)
+
+
+def fused_moe_fp8(
+    hidden: torch.Tensor,  # [tokens, hidden]
+    w13: torch.Tensor,  # [local_experts, 2 * ffn, hidden] float8_e4m3fn
+    w13_scale: torch.Tensor,  # [local_experts, 1 or 2 * ffn]
+    w2: torch.Tensor,  # [local_experts, hidden, ffn] float8_e4m3fn
+    w2_scale: torch.Tensor,  # [local_experts, 1 or hidden]
+    input_scale: torch.Tensor | None,  # [1] static scale of the experts' input (None: per token)
+    topk_weights: torch.Tensor,  # [tokens, top_k] float
+    topk_ids: torch.Tensor,  # [tokens, top_k] int, global expert ids
+    expert_start: int,
+) -> torch.Tensor:  # [tokens, hidden]
+    """The FP8 fused MoE (kiln.quant.fp8): the input fake-quantized as the scheme says, each chosen expert's weights
+    dequantized, the GLU intermediate fake-quantized per token before w2."""
+    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return fp8.dequantize(w13[e], w13_scale[e], hidden.dtype), fp8.dequantize(w2[e], w2_scale[e], hidden.dtype)
+
+    xq = fp8.fake_quantize_activation(hidden, input_scale)  # per token or static: the same for every expert
+    return glu_experts(xq, w13.shape[0], expert, topk_weights, topk_ids, expert_start,
+                       between=lambda act: fp8.fake_quantize_activation(act, None))
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:

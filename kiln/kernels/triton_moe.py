@@ -162,9 +162,9 @@ class MoeRun:
 
 
 def plan_moe_run(hidden: torch.Tensor, experts: int, ffn: int, topk_ids: torch.Tensor, expert_start: int,
-                 config: MoeConfig | None) -> MoeRun:
-    """The tiles (looked up unless given), the aligned routing and the buffers of one call (shared by the bf16 and
-    the weight-only fused MoE)."""
+                 config: MoeConfig | None, act_dtype: torch.dtype | None = None) -> MoeRun:
+    """The tiles (looked up unless given), the aligned routing and the buffers of one call (shared by the bf16, the
+    weight-only and the W8A8 fused MoE); the intermediate `act` is in `act_dtype` (default: hidden's)."""
     tokens, size = hidden.shape
     top_k = topk_ids.shape[1]
     out = torch.empty(tokens, size, dtype=hidden.dtype, device=hidden.device)
@@ -173,7 +173,7 @@ def plan_moe_run(hidden: torch.Tensor, experts: int, ffn: int, topk_ids: torch.T
         return MoeRun(out.zero_(), config, ids, top_k)
     config = config or lookup_moe_config(tokens, size, ffn, experts, top_k)
     routing = align_routing(ids, experts, expert_start, config.block_m)
-    act = torch.empty(tokens * top_k, ffn, dtype=hidden.dtype, device=hidden.device)
+    act = torch.empty(tokens * top_k, ffn, dtype=act_dtype or hidden.dtype, device=hidden.device)
     part = torch.empty(tokens * top_k, size, dtype=torch.float32, device=hidden.device)
     return MoeRun(out, config, ids, top_k, routing, act, part)
 

@@ -22,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.distributed.collectives import tp_all_reduce_max
-from kiln.kernels.reference import glu_experts
-from kiln.quant.fp8 import FP8Scheme, activation_scale, cast_fp8, dequantize, fake_quantize_activation
+from kiln.kernels.reference import fused_moe_fp8  # noqa: F401  (its torch path, named here as before)
+from kiln.quant.fp8 import FP8Scheme, activation_scale, cast_fp8, dequantize
 
 if TYPE_CHECKING:
     from kiln.kernels import KernelSet
@@ -103,25 +103,9 @@ class FP8Matmul:
         return y.reshape(*lead, -1)
 
 
-def fused_moe_fp8(hidden: torch.Tensor,  # [tokens, hidden]
-                  w13: torch.Tensor,  # [local_experts, 2 * ffn, hidden] fp8
-                  w13_scale: torch.Tensor,  # [local_experts, 1 or 2 * ffn]
-                  w2: torch.Tensor,  # [local_experts, hidden, ffn] fp8
-                  w2_scale: torch.Tensor,  # [local_experts, 1 or hidden]
-                  input_scale: torch.Tensor | None,  # [1] static scale of the experts' input (None: per token)
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int) -> torch.Tensor:
-    """The FP8 experts' torch path: the input quantized as the scheme says, each chosen expert's weights
-    dequantized, the GLU intermediate quantized per token before w2. Returns [tokens, hidden] in hidden's dtype."""
-    def expert(e: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return dequantize(w13[e], w13_scale[e], hidden.dtype), dequantize(w2[e], w2_scale[e], hidden.dtype)
-
-    xq = fake_quantize_activation(hidden, input_scale)  # per token or static: the same for every expert
-    return glu_experts(xq, w13.shape[0], expert, topk_weights, topk_ids, expert_start,
-                       between=lambda act: fake_quantize_activation(act, None))
-
-
 class FP8Experts:
-    """A quantized MoE's experts (torch path on every device; the chosen experts are read on the host)."""
+    """A quantized MoE's experts: the kernel set's FP8 fused MoE (the torch reference, reference.fused_moe_fp8, which
+    reads the chosen experts on the host, or the Triton one on GPUs with FP8 tensor cores)."""
 
     def __init__(self, moe: nn.Module) -> None:
         self.moe = moe
@@ -129,8 +113,8 @@ class FP8Experts:
     def __call__(self, kernels: KernelSet, x: torch.Tensor, weights: torch.Tensor,
                  ids: torch.Tensor) -> torch.Tensor:  # x [tokens, hidden] -> [tokens, hidden] (this rank's part)
         m = self.moe
-        return fused_moe_fp8(x, m.w13, m.w13_scale, m.w2, m.w2_scale, getattr(m, "w13_input_scale", None),
-                             weights, ids, m.expert_start)
+        return kernels.fused_moe_fp8(x, m.w13, m.w13_scale, m.w2, m.w2_scale, getattr(m, "w13_input_scale", None),
+                                     weights, ids, m.expert_start)
 
 
 def _replace_weight(module: nn.Module, name: str, scheme: FP8Scheme) -> None:

@@ -28,18 +28,17 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kiln.layers.linear import LinearBase, ReplicatedLinear, RowParallelLinear
 from kiln.layers.moe import MoE
 from kiln.layers.sharding import ShardSpec
+from kiln.quant.sq_math import QMAX, int8_matmul, quantize_activation, quantize_weight, sq_linear  # noqa: F401
 from kiln.quant.weight_only import per_expert
 
 if TYPE_CHECKING:
     from kiln.kernels import KernelSet
 
-QMAX = 127.0
 # quant_algo -> (per_token activations, per_channel weights); the same names as kiln.config.SMOOTHQUANT_ALGOS.
 SQ_ALGOS = {
     "W8A8_SQ_PER_TENSOR_PLUGIN": (False, False),
@@ -52,56 +51,6 @@ SQ_ALGOS = {
 def sq_algo(per_token: bool, per_channel: bool) -> str:
     """The quant_algo of TensorRT-LLM's `--smoothquant` with `--per_token` / `--per_channel`."""
     return next(name for name, modes in SQ_ALGOS.items() if modes == (per_token, per_channel))
-
-
-def quantize_weight(w: torch.Tensor, per_channel: bool,
-                    scale_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [out, in] float -> q [out, in] int8 and scale [out] in `scale_dtype` (per tensor: every entry the same). q
-    is computed from the scale as stored, so that q * scale is exactly what the rounding chose."""
-    wf = w.float()
-    amax = wf.abs().amax(dim=-1) if per_channel else wf.abs().amax().expand(wf.shape[0])
-    scale = (amax / QMAX).to(scale_dtype)  # [out]
-    stored = scale.float().unsqueeze(-1)
-    safe = torch.where(stored == 0, torch.ones_like(stored), stored)
-    q = torch.clamp(torch.round(wf / safe), -QMAX, QMAX).to(torch.int8)
-    return q, scale
-
-
-def quantize_activation(x: torch.Tensor, static_scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [tokens, in] -> q [tokens, in] int8 and its scale [tokens, 1] float32: the static per-tensor `static_scale`
-    ([1]) when given, else each token's own amax / 127 (an all-zero token gets scale 1)."""
-    xf = x.float()
-    if static_scale is None:
-        amax = xf.abs().amax(dim=-1, keepdim=True)
-        scale = torch.where(amax == 0, torch.ones_like(amax), amax / QMAX)
-    else:
-        scale = static_scale.float().reshape(1, 1).expand(xf.shape[0], 1)
-    q = torch.clamp(torch.round(xf / scale), -QMAX, QMAX).to(torch.int8)
-    return q, scale
-
-
-def int8_matmul(qx: torch.Tensor, qw: torch.Tensor) -> torch.Tensor:
-    """qx [tokens, in] int8 @ qw [out, in] int8 ^T -> [tokens, out] float32, exact up to the final rounding:
-    torch._int_mm (int32 accumulation) on CUDA, float64 on the CPU (|sum| < 2^53)."""
-    if qx.is_cuda:
-        rows = qx.shape[0]
-        padded = max(32, -(-rows // 8) * 8)  # _int_mm wants more than 16 rows, a multiple of 8
-        if padded != rows:
-            qx = F.pad(qx, (0, 0, 0, padded - rows))
-        return torch._int_mm(qx, qw.t())[:rows].float()
-    return (qx.double() @ qw.double().t()).float()
-
-
-def sq_linear(x: torch.Tensor, qw: torch.Tensor, w_scale: torch.Tensor, act_scale: torch.Tensor | None,
-              smoother: torch.Tensor | None, bias: torch.Tensor | None) -> torch.Tensor:
-    """One W8A8 linear layer: x [tokens, in] (times `smoother` [in] first) quantized, multiplied by qw [out, in],
-    scaled by the activation scale and w_scale [out], plus bias; returned in x's dtype."""
-    xs = x if smoother is None else x.float() * smoother.float()
-    qx, a_scale = quantize_activation(xs, act_scale)
-    y = int8_matmul(qx, qw) * a_scale * w_scale.float()
-    if bias is not None:
-        y = y + bias.float()
-    return y.to(x.dtype)
 
 
 @dataclass(frozen=True)
@@ -144,29 +93,9 @@ class SmoothQuantMatmul:
         return sq_linear(x, weight, self.w_scale, self.act_scale, self.smoother, bias)
 
 
-def sq_glu_experts(hidden: torch.Tensor, w13: torch.Tensor, w13_scale: torch.Tensor, w13_act: torch.Tensor | None,
-                   w2: torch.Tensor, w2_scale: torch.Tensor, w2_act: torch.Tensor | None, w2_smoother: torch.Tensor,
-                   topk_weights: torch.Tensor, topk_ids: torch.Tensor, expert_start: int) -> torch.Tensor:
-    """The W8A8 fused MoE in torch: hidden [tokens, hidden]; w13 [E, 2 * ffn, hidden] int8 (rows gate; up), scale
-    [E, 2 * ffn]; w2 [E, hidden, ffn] int8, scale [E, hidden], smoother [E, ffn], static act scales w13_act [1] and
-    w2_act [E] (None: per token). Returns this rank's [tokens, hidden] in hidden's dtype."""
-    out = torch.zeros(hidden.shape[0], hidden.shape[1], dtype=torch.float32, device=hidden.device)
-    local_ids = topk_ids.long() - expert_start
-    qx, x_scale = quantize_activation(hidden, w13_act)  # the MoE input is quantized once for every expert
-    ffn = w13.shape[1] // 2
-    for e in torch.unique(local_ids).tolist():
-        if e < 0 or e >= w13.shape[0]:
-            continue
-        token_idx, slot = torch.where(local_ids == e)
-        gate_up = int8_matmul(qx[token_idx], w13[e]) * x_scale[token_idx] * w13_scale[e].float()
-        act = (F.silu(gate_up[:, :ffn]) * gate_up[:, ffn:]).to(hidden.dtype)  # the engine dtype, as the float MoE
-        y = sq_linear(act, w2[e], w2_scale[e], None if w2_act is None else w2_act[e:e + 1], w2_smoother[e], None)
-        out.index_add_(0, token_idx, y.float() * topk_weights[token_idx, slot, None].float())
-    return out.to(hidden.dtype)
-
-
 class SmoothQuantExperts:
-    """A W8A8 MoE's experts (the torch path on every device)."""
+    """A W8A8 MoE's experts: the kernel set's W8A8 fused MoE (the torch reference, reference.fused_moe_sq, or the
+    Triton one, kiln.kernels.triton_moe_w8a8)."""
 
     def __init__(self, moe: MoE, per_token: bool) -> None:
         self.moe, self.per_token = moe, per_token
@@ -174,9 +103,9 @@ class SmoothQuantExperts:
     def __call__(self, kernels: KernelSet, x: torch.Tensor, weights: torch.Tensor,
                  ids: torch.Tensor) -> torch.Tensor:  # x [tokens, hidden] -> [tokens, hidden] (this rank's part)
         m = self.moe
-        return sq_glu_experts(x, m.w13, m.w13_scale, None if self.per_token else m.w13_act_scale,
-                              m.w2, m.w2_scale, None if self.per_token else m.w2_act_scale, m.w2_smoother,
-                              weights, ids, m.expert_start)
+        return kernels.fused_moe_sq(x, m.w13, m.w13_scale, None if self.per_token else m.w13_act_scale,
+                                    m.w2, m.w2_scale, None if self.per_token else m.w2_act_scale, m.w2_smoother,
+                                    weights, ids, m.expert_start)
 
 
 def _float_param(module: nn.Module, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
