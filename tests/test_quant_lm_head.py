@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -22,7 +23,9 @@ from fixtures_mpt import hf_mpt_model, mpt_published_config, published_state, re
 from test_quant_group_wise import build, dequantized_checkpoint, ref_fake_quant, ref_params, scores_and_tokens
 from test_quant_weight_only import PRECISIONS, check_scores, convert_build, fake_quant_dbrx, fake_quant_state, \
     one_error_line, ref_quant, wo_flags
+from kiln.bench.physics import weight_bytes
 from kiln.checkpoint.convert import convert
+from kiln.checkpoint.kiln_format import load_artifact
 from kiln.cli.convert_cmd import plan_from_hf
 from kiln.cli.main import main as kiln_main
 from kiln.config import QuantConfig
@@ -190,6 +193,10 @@ def test_quantize_records_the_head_and_build_plans_its_smaller_bytes(tmp_path, c
     saved = vocab * hidden * 2 - (vocab * hidden // 2 + vocab * 2)  # bf16 rows -> 4-bit values and a bf16 scale
     assert plans["float_head"]["weight_bytes"] - plans["int4_head"]["weight_bytes"] == saved
     assert plans["int4_head"]["quantized_bytes"] - plans["float_head"]["quantized_bytes"] == vocab * hidden // 2 + 600
+    # kiln bench's physics: the head streams its stored bytes, and its FLOPs count its logical weights
+    split = weight_bytes(load_artifact(tmp_path / "e_int4_head", "engine"),
+                         SimpleNamespace(weight_bytes=plans["int4_head"]["weight_bytes"]))
+    assert (split.head, split.head_params) == (vocab * hidden // 2, vocab * hidden)
 
 
 def test_convert_flags_of_group_wise_drop_lm_head_from_exclude_modules(tmp_path):
@@ -220,13 +227,18 @@ def test_quantize_lm_head_without_a_weight_only_format_is_refused(argv, flags, t
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_checkpoint_config_that_contradicts_itself_is_one_line(tmp_path, capsys):
+@pytest.mark.parametrize("change, message", [
+    ({"quant_algo": "FP8"}, "--quantize_lm_head goes with the weight-only formats"),
+    ({"exclude_modules": ["lm_head"]}, "exclude_modules keeps lm_head in float"),
+    ({"quantize_lm_head": "yes"}, "quantize_lm_head must be true or false"),
+])
+def test_a_checkpoint_config_that_contradicts_itself_is_one_line(change, message, tmp_path, capsys):
     out = tmp_path / "ckpt"
     assert kiln_main(["convert", "--preset", "mpt-tiny", "--output_dir", str(out), *wo_flags("int8"), *HEAD]) == 0
     config = json.loads((out / "config.json").read_text())
-    config["quantization"]["quant_algo"] = "FP8"
+    config["quantization"].update(change)
     (out / "config.json").chmod(0o644)
     (out / "config.json").write_text(json.dumps(config))
     capsys.readouterr()
     assert kiln_main(["build", "--checkpoint_dir", str(out), "--output_dir", str(tmp_path / "e")]) == 2
-    assert "--quantize_lm_head goes with the weight-only formats" in one_error_line(capsys)
+    assert message in one_error_line(capsys)
