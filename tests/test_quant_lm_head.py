@@ -118,6 +118,16 @@ def stored_head(ckpt: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return q, t["lm_head.weight_scale"], t["lm_head.weight_zero"]
 
 
+def check_against_dequantized(tmp: Path) -> None:
+    """The engine of tmp/ckpt gives the tokens and logits of a float engine of its weights as the test dequantizes
+    them (the head's included)."""
+    dequantized_checkpoint(tmp / "ckpt", tmp / "float")
+    quantized, reference = scores_and_tokens(build(tmp)), scores_and_tokens(build(tmp, "float", "e2"))
+    assert quantized[1] == reference[1]
+    for a, b in zip(quantized[0], reference[0]):
+        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+
+
 def test_mpt_awq_rounds_the_tied_head_to_nearest(tmp_path):
     hf_dir, state, _ = mpt_checkpoint(tmp_path)
     convert(group_wise_plan(tmp_path, hf_dir, "awq"), tmp_path / "ckpt", progress=False)
@@ -126,11 +136,7 @@ def test_mpt_awq_rounds_the_tied_head_to_nearest(tmp_path):
     want_q, want_scale, want_zero = ref_params(wte, 32)  # AWQ leaves the head to round to nearest
     assert torch.equal(q, want_q) and torch.equal(scale, want_scale) and torch.equal(zero, want_zero)
     assert torch.equal(load_file(str(tmp_path / "ckpt" / "rank0.safetensors"))["embed_tokens.weight"], wte)
-    dequantized_checkpoint(tmp_path / "ckpt", tmp_path / "float")
-    quantized, reference = scores_and_tokens(build(tmp_path)), scores_and_tokens(build(tmp_path, "float", "e2"))
-    assert quantized[1] == reference[1]
-    for a, b in zip(quantized[0], reference[0]):
-        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    check_against_dequantized(tmp_path)
 
 
 def test_baichuan2_gptq_calibrates_the_normalised_head(tmp_path):
@@ -151,11 +157,7 @@ def test_baichuan2_gptq_calibrates_the_normalised_head(tmp_path):
     x = torch.cat([ref.logits(row.tolist()) for row in tokens])  # [96, hidden]
     error = {name: (x @ (w - normalised).T).norm().item() for name, w in (("gptq", deq), ("rtn", rtn))}
     assert error["gptq"] < 0.9 * error["rtn"], error  # GPTQ lowered the head's output error on its inputs
-    dequantized_checkpoint(tmp_path / "ckpt", tmp_path / "float")
-    quantized, reference = scores_and_tokens(build(tmp_path)), scores_and_tokens(build(tmp_path, "float", "e2"))
-    assert quantized[1] == reference[1]
-    for a, b in zip(quantized[0], reference[0]):
-        assert (a - b).abs().max() <= 1e-4 * b.abs().max()
+    check_against_dequantized(tmp_path)
 
 
 def test_dbrx_group_wise_head_matches_the_fake_quantized_model_at_tp1_and_tp2(tmp_path):

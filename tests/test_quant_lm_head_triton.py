@@ -1,7 +1,6 @@
-"""The Triton weight-only kernels bound to a quantized LM head (--quantize_lm_head) at the vocabularies of the real
-models (on the GPU: DBRX's 100352 rows, MPT's 50432, Baichuan2-13B's 125696 over tp 2), INT8 and INT4 per channel
-and group-wise INT4, against `x @ dequant(W).T` written out by the test (weight_only_refs). Through Triton's
-interpreter on the CPU an odd, padded vocabulary at a small size stands in for them."""
+"""The Triton weight-only kernels bound to a quantized LM head (--quantize_lm_head), INT8 and INT4 per channel and
+group-wise INT4, against `x @ dequant(W).T` written out by the test (weight_only_refs), through Triton's interpreter
+on the CPU: an odd, padded vocabulary at a small size (the real vocabularies: tests/test_quant_lm_head_gpu.py)."""
 
 from __future__ import annotations
 
@@ -69,21 +68,10 @@ def check_bound_head(head: LMHead, dense: torch.Tensor, rows: int, dtype: torch.
 @pytest.mark.parametrize("algo", sorted(ALGOS))
 def test_kernels_bind_to_a_quantized_head(algo):
     # An odd vocabulary (padded to 78 over tp 2: 39 rows a rank, not a multiple of any tile); the interpreter is
-    # far too slow for the real ones, which the GPU test below runs.
+    # far too slow for the real ones, which tests/test_quant_lm_head_gpu.py runs.
     gen = torch.Generator().manual_seed(len(algo))
     head, dense = quantized_head(77, 128, 2, algo, "float32", gen)
     assert head.weight.shape[0] == 39
     for rows in (1, 5):
         check_bound_head(head, dense, rows, torch.float32, gen, 1e-5)
-        head.matmul = head.matmul.fallback  # rebind from the torch matmul for the next row count
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("algo", sorted(ALGOS))
-@pytest.mark.parametrize("vocab, hidden, tp", [(100352, 6144, 1), (50432, 4096, 1), (125696, 5120, 2)])
-def test_gpu_kernels_on_real_heads_in_bfloat16(vocab, hidden, tp, algo):  # DBRX, MPT-7B, Baichuan2-13B
-    gen = torch.Generator().manual_seed(vocab)
-    head, dense = quantized_head(vocab, hidden, tp, algo, "bfloat16", gen)
-    for rows in (1, 4, 16):
-        check_bound_head(head, dense, rows, torch.bfloat16, gen, 2e-2)
         head.matmul = head.matmul.fallback  # rebind from the torch matmul for the next row count
