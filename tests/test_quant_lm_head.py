@@ -85,13 +85,15 @@ def test_dbrx_untied_head_is_quantized(precision, tmp_path):
     check_scores(engine, *hf_scorers(model))
 
 
-@pytest.mark.parametrize("family, precision", [("mpt", "int4"), ("dbrx", "int8")])
-def test_tp2_splits_the_quantized_vocabulary_and_equals_tp1(family, precision, tmp_path):
+@pytest.mark.parametrize("family, precision, split", [("mpt", "int4", "--tp_size"), ("dbrx", "int8", "--tp_size"),
+                                                      ("mpt", "int8", "--pp_size")])
+def test_tp2_or_pp2_equals_one_rank(family, precision, split, tmp_path):
     hf_dir = mpt_checkpoint(tmp_path)[0] if family == "mpt" else make_dbrx_checkpoint(tmp_path)[0]
-    one = scores_and_tokens(convert_build(tmp_path / "tp1", hf_dir, *wo_flags(precision), *HEAD))
-    two_engine = convert_build(tmp_path / "tp2", hf_dir, *wo_flags(precision), *HEAD, "--tp_size", "2")
-    rank1 = load_file(str(two_engine / "rank1.safetensors"))
-    assert rank1["lm_head.weight"].dtype == torch.int8 and rank1["lm_head.weight_scale"].shape == (150,)  # 300 / 2
+    one = scores_and_tokens(convert_build(tmp_path / "one", hf_dir, *wo_flags(precision), *HEAD))
+    two_engine = convert_build(tmp_path / "two", hf_dir, *wo_flags(precision), *HEAD, split, "2")
+    rank1 = load_file(str(two_engine / "rank1.safetensors"))  # tp: half the vocabulary; pp: the last stage's head
+    rows = 150 if split == "--tp_size" else 300
+    assert rank1["lm_head.weight"].dtype == torch.int8 and rank1["lm_head.weight_scale"].shape == (rows,)
     two = scores_and_tokens(two_engine)
     assert two[1] == one[1]
     for a, b in zip(two[0], one[0]):
@@ -199,6 +201,15 @@ def test_quantize_records_the_head_and_build_plans_its_smaller_bytes(tmp_path, c
     split = weight_bytes(load_artifact(tmp_path / "e_int4_head", "engine"),
                          SimpleNamespace(weight_bytes=plans["int4_head"]["weight_bytes"]))
     assert (split.head, split.head_params) == (vocab * hidden // 2, vocab * hidden)
+
+
+def test_one_step_build_quantizes_the_head(tmp_path):
+    hf_dir = mpt_checkpoint(tmp_path)[0]
+    assert kiln_main(["build", "--model_dir", str(hf_dir), "--output_dir", str(tmp_path / "engine"), "--dtype",
+                      "float32", *wo_flags("int8"), *HEAD, "--max_seq_len", "64", "--max_input_len", "32"]) == 0
+    config = json.loads((tmp_path / "engine" / "config.json").read_text())
+    assert config["quantization"]["quantize_lm_head"] is True
+    assert load_file(str(tmp_path / "engine" / "rank0.safetensors"))["lm_head.weight"].dtype == torch.int8
 
 
 def test_convert_flags_of_group_wise_drop_lm_head_from_exclude_modules(tmp_path):
