@@ -181,6 +181,8 @@ FP8_ALGOS = ("FP8", "FP8_PER_CHANNEL_PER_TOKEN", "FP8_PER_TENSOR_PER_TOKEN")
 SMOOTHQUANT_ALGOS = ("W8A8_SQ_PER_TENSOR_PLUGIN", "W8A8_SQ_PER_CHANNEL", "W8A8_SQ_PER_TENSOR_PER_TOKEN_PLUGIN",
                      "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN")
 QUANT_ALGOS = (None, "W8A16", "W4A16", *GROUP_WISE_QUANT_ALGOS, *FP8_ALGOS, *SMOOTHQUANT_ALGOS)
+# The formats whose LM head can be quantized too (--quantize_lm_head): the weight-only ones kiln makes itself.
+LM_HEAD_QUANT_ALGOS = ("W8A16", "W4A16", "W4A16_AWQ", "W4A16_GPTQ")
 
 
 @dataclass
@@ -194,6 +196,9 @@ class QuantConfig:
     act_order: bool = False  # group-wise: every layer keeps `<name>_g_idx` (published act-order GPTQ checkpoints)
     exclude_modules: list[str] = field(default_factory=list)
     smoothquant_val: float | None = None  # SmoothQuant's alpha (W8A8_SQ_* algos; TensorRT-LLM's field name)
+    # --quantize_lm_head: the LM head is quantized like the other linears (kiln.quant.lm_head); False keeps it in the
+    # engine dtype (TensorRT-LLM's default). Explicit, because older W8A16/W4A16 checkpoints record no exclude_modules.
+    quantize_lm_head: bool = False
 
     def __post_init__(self) -> None:
         # Weight-only per-channel INT8/INT4, group-wise INT4 (AWQ, GPTQ), FP8 and SmoothQuant W8A8; every other
@@ -215,6 +220,15 @@ class QuantConfig:
                               "--group_size 32, 64 or 128")
         if self.act_order and self.quant_algo not in GROUP_WISE_QUANT_ALGOS:
             raise ConfigError(f"act_order applies to the group-wise formats only, not {self.quant_algo!r}")
+        if self.quantize_lm_head not in (True, False):
+            raise ConfigError(f"quantization.quantize_lm_head must be true or false, got {self.quantize_lm_head!r}")
+        if self.quantize_lm_head and (self.quant_algo not in LM_HEAD_QUANT_ALGOS or self.act_order):
+            raise ConfigError(f"--quantize_lm_head goes with the weight-only formats {', '.join(LM_HEAD_QUANT_ALGOS)} "
+                              f"(--use_weight_only --weight_only_precision int8|int4|int4_awq|int4_gptq), not "
+                              f"{self.quant_algo or 'an unquantized model'}; drop the flag or choose one of those")
+        if self.quantize_lm_head and "lm_head" in self.exclude_modules:
+            raise ConfigError("quantization.quantize_lm_head is true but exclude_modules keeps lm_head in float; "
+                              "the checkpoint's config.json contradicts itself: convert it again")
         # INT8 / FP8 KV cache with calibrated scales (kiln.quant.kv_cache), TensorRT-LLM's names.
         if self.kv_cache_quant_algo not in (None, "INT8", "FP8"):
             raise ConfigError(f"kv_cache_quant_algo {self.kv_cache_quant_algo!r} is not supported by this kiln "

@@ -64,6 +64,9 @@ class WeightBytes:
     # prefill FLOPs; None: bytes / element_size (an unquantized engine).
     dense_params: int | None = field(default=None, kw_only=True)
     expert_params: int | None = field(default=None, kw_only=True)
+    # The LM head's logical weights, for its FLOPs (None: head / element_size); a head quantized by
+    # --quantize_lm_head stores fewer bytes than it has weights.
+    head_params: int | None = field(default=None, kw_only=True)
 
     def prefill_flops(self, batch: int, input_len: int) -> float:
         """Matmul FLOPs of a prefill of `batch` prompts of `input_len` tokens: 2 x active params per token (every
@@ -75,7 +78,8 @@ class WeightBytes:
         else:
             dense = self.total - self.experts - self.embedding - self.head
             per_token = (dense + self.experts * share) / self.element_size
-        return 2.0 * (per_token * batch * input_len + self.head / self.element_size * batch)
+        head = self.head_params if self.head_params is not None else self.head / self.element_size
+        return 2.0 * (per_token * batch * input_len + head * batch)
 
     def active(self, batch: int) -> float:
         """Bytes a decode step of `batch` tokens reads: everything but the input embedding, with the experts
@@ -90,7 +94,7 @@ class WeightBytes:
 def weight_bytes(info: ArtifactInfo, plan: MemoryPlan) -> WeightBytes:
     """Split rank 0's weights (the engine's memory plan counts the largest rank) by what decode reads."""
     params = meta_model(info.family, info.model, info.mapping.for_rank(0), info.quant).named_parameters()
-    experts = embedding = head = 0
+    experts = embedding = head = head_params = 0
     dense_params = expert_params = 0  # logical weights (quantized ones at their unpacked shape), scales excluded
     element = torch.empty(0, dtype=info.model.torch_dtype).element_size()
     for name, param in params:
@@ -105,12 +109,13 @@ def weight_bytes(info: ArtifactInfo, plan: MemoryPlan) -> WeightBytes:
             embedding += nbytes
         elif name == "lm_head.weight":
             head += nbytes
+            head_params += logical
         elif not getattr(param, "is_weight_scale", False) and not name.endswith(("_scale", "_zero", "_g_idx")):
             dense_params += logical
     quantized = info.quant.quant_algo is not None
     return WeightBytes(plan.weight_bytes, experts, embedding, info.model.moe_num_experts, info.model.moe_top_k,
                        head=head, element_size=element, dense_params=dense_params if quantized else None,
-                       expert_params=expert_params if quantized else None)
+                       expert_params=expert_params if quantized else None, head_params=head_params)
 
 
 def matmul_tflops(device: torch.device, dtype: torch.dtype, n: int | None = None, reps: int | None = None) -> float:

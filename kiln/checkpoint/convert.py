@@ -169,7 +169,8 @@ def calibrated(plan: ConvertPlan, scratch: Path, progress: bool) -> ConvertPlan:
         raise ValueError("calibration is for the group-wise formats W4A16_AWQ and W4A16_GPTQ")
     tokens = calibration_tokens(plan.provenance.get("model_dir"), plan.config.vocab_size, options.sequences,
                                 options.length, options.seed, plan.calib_dataset)
-    source = calibrate(plan.config, plan.source, method, tokens, options, scratch, progress)
+    source = calibrate(plan.config, plan.source, method, tokens, options, scratch, progress,
+                       lm_head=plan.quant.quantize_lm_head)
     text = plan.calib_dataset or "kiln/eval/data/calibration.txt"
     record = {**dataclasses.asdict(options), "sequences": int(tokens.shape[0]),
               "dataset": text if plan.provenance.get("model_dir") else "seeded random token ids (no tokenizer)"}

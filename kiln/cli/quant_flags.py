@@ -8,7 +8,8 @@ the group-wise `int4_awq` (W4A16_AWQ) and `int4_gptq` (W4A16_GPTQ) with their fl
 `--calib_dataset`, `--calib_size`, `--calib_max_seq_length`, GPTQ's `--desc_act`); an INT8 or FP8 KV cache
 (`--int8_kv_cache`, `--calibrate_kv_cache`/`-kv`, `--fp8_kv_cache`, quantize.py's `--kv_cache_dtype int8|fp8`), alone
 or with weight-only, calibrated as `--calib_dataset`, `--calib_size` and `--calib_max_seq_length` say (the same text
-and windows as AWQ/GPTQ when both are asked for). Any other quantization flag, or a weight-only precision kiln does
+and windows as AWQ/GPTQ when both are asked for); `--quantize_lm_head` with the weight-only formats (the LM head
+quantized like the other linears, kiln.quant.apply / kiln.quant.lm_head). Any other quantization flag, or a weight-only precision kiln does
 not run, is refused with one line naming every quantization flag given, never ignored (issue 15 adds the other
 formats).
 """
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 
 from kiln.cli.trtllm_flags import DEST_PREFIX, CompatFlag, add_compat_flag, in_given_order, spelled
-from kiln.config import GROUP_WISE_QUANT_ALGOS, SMOOTHQUANT_ALGOS, ConfigError, QuantConfig
+from kiln.config import GROUP_WISE_QUANT_ALGOS, LM_HEAD_QUANT_ALGOS, SMOOTHQUANT_ALGOS, ConfigError, QuantConfig
 from kiln.quant.calibrate import CalibrationOptions
 from kiln.quant.kv_calibration import KVCalibration
 from kiln.quant.smoothquant import sq_algo
@@ -26,8 +27,8 @@ from kiln.quant.smoothquant import sq_algo
 MESSAGE = ("this quantization is not implemented in kiln yet (issue 15; kiln runs weight-only "
            "--use_weight_only --weight_only_precision int8|int4|int4_awq|int4_gptq, FP8 --enable_fp8 [--per_channel] "
            "[--per_token], SmoothQuant --smoothquant ALPHA [--per_token] [--per_channel] and an INT8/FP8 KV cache, "
-           "--int8_kv_cache or --fp8_kv_cache); use those, or drop the quantization flags for an unquantized model in "
-           "the --dtype given")
+           "--int8_kv_cache or --fp8_kv_cache; --quantize_lm_head goes with the weight-only formats); use those, or "
+           "drop the quantization flags for an unquantized model in the --dtype given")
 # --weight_only_precision -> TensorRT-LLM's quant_algo.
 WEIGHT_ONLY = {"int8": "W8A16", "int4": "W4A16", "int4_awq": "W4A16_AWQ", "int4_gptq": "W4A16_GPTQ"}
 # What group-wise INT4 takes beside --use_weight_only/--weight_only_precision (convert) or --qformat (quantize).
@@ -80,6 +81,8 @@ def quant_flags_given(args: argparse.Namespace) -> list[str]:
 
 def _fits(algo: str | None, others: set[str]) -> bool:
     """Whether the quantization flags `others` (beside those that chose `algo` and the KV cache's) belong to `algo`."""
+    if algo in LM_HEAD_QUANT_ALGOS:  # the weight-only formats quantize the LM head too when asked
+        others = others - {"--quantize_lm_head"}
     if algo in SMOOTHQUANT_ALGOS or algo == "FP8":  # SmoothQuant and static FP8 activation scales are calibrated
         return others <= CALIB_FLAGS
     if algo not in GROUP_WISE_QUANT_ALGOS:
@@ -239,14 +242,17 @@ def quant_config_from_flags(args: argparse.Namespace, qformat_algo: str | None =
         algo = qformat_algo
     if algo in SMOOTHQUANT_ALGOS:  # quantize.py's --qformat int8_sq
         return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, smoothquant_val=QFORMAT_SQ_ALPHA)
+    head = "--quantize_lm_head" in _given_names(args)  # (only here with a weight-only algo: _fits refused the rest)
     if algo not in GROUP_WISE_QUANT_ALGOS:
-        return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv)
+        return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, quantize_lm_head=head)
     group = _group_size(args)
     if group not in (32, 64, 128):  # wider groups exist only for published checkpoints' group_size -1
         raise ConfigError(f"group size {group!r} is not one kiln runs for {algo}; use --group_size 32, 64 or 128")
-    # What stays in the engine dtype (TensorRT-LLM's exclude_modules, in kiln's module names).
+    # What stays in the engine dtype (TensorRT-LLM's exclude_modules, in kiln's module names): lm_head leaves the
+    # list when it is quantized, as TensorRT-LLM's quantize.py writes it.
+    kept = ["embed_tokens", *([] if head else ["lm_head"]), "*router", "*norm*"]
     return QuantConfig(quant_algo=algo, kv_cache_quant_algo=kv, group_size=group, has_zero_point=True,
-                       exclude_modules=["embed_tokens", "lm_head", "*router", "*norm*"])
+                       exclude_modules=kept, quantize_lm_head=head)
 
 
 def calibration_from_flags(args: argparse.Namespace, quant: QuantConfig,

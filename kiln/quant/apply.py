@@ -3,7 +3,10 @@ checks, each rank at load).
 
 What is quantized, as TensorRT-LLM's weight-only default: every tensor- or column/row-parallel linear layer
 (attention QKV and output, dense MLP) and DBRX's experts (w13, w2, each expert per output channel). What stays in
-the engine dtype: the embedding, the LM head, norms and the MoE router (a ReplicatedLinear).
+the engine dtype: the embedding, norms and the MoE router (a ReplicatedLinear), and the LM head unless the
+checkpoint's `quantize_lm_head` says otherwise (TensorRT-LLM's --quantize_lm_head): then the head is quantized as a
+column-parallel layer is, its vocabulary rows split over the ranks (padded rows are zeros, scale 0). A tied head
+(MPT) is a separate tensor in kiln's checkpoint already, so the embedding keeps its float rows for the lookup.
 
 A quantized layer's `weight` (or an MoE's `w13`/`w2`) becomes int8 (INT4: packed two per byte along the input
 dimension), and a `<name>_scale` parameter holds one scale per output channel. The weight keeps the shard specs of
@@ -23,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.config import ConfigError, QuantConfig
+from kiln.layers.embedding import LMHead
 from kiln.layers.linear import LinearBase, ReplicatedLinear
 from kiln.layers.moe import MoE
 from kiln.layers.sharding import full_shape
@@ -215,9 +219,15 @@ def quantize_model(model: nn.Module, quant: QuantConfig | None) -> int:
     method = group_wise if group_wise is not None else weight_only_method(algo)
     if method is None:
         return 0
-    count = 0
-    for where, module in list(model.named_modules()):
-        if isinstance(module, MoE) or (isinstance(module, LinearBase) and not isinstance(module, ReplicatedLinear)):
-            _bind(module, method, where, quant.act_order)  # type: ignore[union-attr]
-            count += 1
-    return count
+    layers = quantized_layers(model, quant.quantize_lm_head)  # type: ignore[union-attr]
+    for where, module in layers:
+        _bind(module, method, where, quant.act_order)  # type: ignore[union-attr]
+    return len(layers)
+
+
+def quantized_layers(model: nn.Module, lm_head: bool) -> list[tuple[str, nn.Module]]:
+    """(name, module) of what a weight-only format quantizes: every tensor-parallel linear layer and MoE, and with
+    `lm_head` the LM head."""
+    return [(where, module) for where, module in model.named_modules()
+            if isinstance(module, MoE) or (isinstance(module, LinearBase) and not isinstance(module, ReplicatedLinear))
+            or (lm_head and isinstance(module, LMHead))]

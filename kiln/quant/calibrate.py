@@ -29,6 +29,7 @@ from kiln.quant.capture import BlockCapture
 from kiln.quant.gptq import gptq_quantize
 from kiln.quant.group_wise import GroupWiseMethod
 from kiln.quant.layerwise import FullTensors, LayerwiseModel
+from kiln.quant.lm_head import HEAD, gptq_lm_head
 
 
 @dataclass(frozen=True)
@@ -66,8 +67,11 @@ class CalibratedSource:
 
 
 def calibrate(config: ModelConfig, source: FullTensors, method: GroupWiseMethod, tokens: torch.Tensor,
-              options: CalibrationOptions, workdir: Path, progress: bool = True) -> CalibratedSource:
-    """Calibrate every block of the model on `tokens` [sequences, length]; results go to files under `workdir`."""
+              options: CalibrationOptions, workdir: Path, progress: bool = True,
+              lm_head: bool = False) -> CalibratedSource:
+    """Calibrate every block of the model on `tokens` [sequences, length]; results go to files under `workdir`.
+    With `lm_head` (--quantize_lm_head) GPTQ calibrates the LM head too; AWQ leaves it to round to nearest
+    (kiln.quant.lm_head says why)."""
     model = LayerwiseModel(config, source, tokens)
     acts = model.embed()
     floats: dict[str, Path] = {}
@@ -87,6 +91,11 @@ def calibrate(config: ModelConfig, source: FullTensors, method: GroupWiseMethod,
                 quantized[prefix + name] = path
         save_file(tensors, str(path))
         del block
+    if lm_head and options.algo == "gptq":
+        path = workdir / "lm_head.safetensors"
+        q, scale, zero = gptq_lm_head(model, acts, method, options.damp, options.desc_act, config.torch_dtype)
+        save_file({HEAD: q, HEAD + "_scale": scale, HEAD + "_zero": zero}, str(path))
+        quantized[HEAD] = path
     return CalibratedSource(source, floats, quantized)
 
 
