@@ -3,7 +3,7 @@
 #   1. the trained reference models: summarize of the whole shipped set, kiln beside transformers (gpu_eval.sh)
 #   2. every gpu-marked test
 #   3. kiln serve against offline LLM.generate on the MPT-7B-shaped dummy engine (saturation and low load)
-#   4. weight-only quantization beside bf16 (gpu_quant.sh, the MPT-7B case)
+#   4. weight-only quantization beside bf16 (gpu_quant.sh, the MPT-7B case, tuned builds; QUANT_TUNE= for untuned)
 #   5. the 8-bit KV caches beside bf16's (gpu_kvcache.sh, the MPT-7B shape)
 # Run it through benchmarks/device_call.sh so that whatever finished comes back as one tarball:
 #   LIMIT=540 bash benchmarks/device_call.sh bash benchmarks/gpu_all.sh
@@ -37,6 +37,6 @@ timeout 45 python3 benchmarks/bench_serve.py --engine_dir "$eng/engine" --num_pr
 rm -rf "$eng"
 fi
 step kernels && timeout "${KERNELS_S:-150}" python3 benchmarks/bench_weight_only.py --tune --rows 1 32 2>&1 | tee "$out/kernels.log"
-step quant && TUNE= TESTS= KERNELS= CASES="${QUANT_CASES-mpt7b}" timeout "${QUANT_S:-200}" bash benchmarks/gpu_quant.sh
+step quant && TUNE="${QUANT_TUNE-1}" TESTS= KERNELS= CASES="${QUANT_CASES-mpt7b}" timeout "${QUANT_S:-200}" bash benchmarks/gpu_quant.sh
 step kv && TESTS= SHAPES="${KV_SHAPES-mpt-7b}" timeout "${KV_S:-200}" bash benchmarks/gpu_kvcache.sh
 echo "== $SECONDS s: done"
