@@ -36,6 +36,22 @@ def test_precisions_side_by_side(tmp_path, capsys):
     assert "| precision | batch |" in capsys.readouterr().out
 
 
+def test_quantized_head_shrinks_the_floor_of_weight_only_precisions_only(tmp_path):
+    """--quantize_lm_head: the int4 engine stores its head in 4 bits (fewer bytes than int4 without it), the
+    unquantized engine of the same run keeps a float head."""
+    runs = {}
+    for head in (False, True):
+        out = tmp_path / f"h{int(head)}.json"
+        assert kiln_main(["bench", "--preset", "mpt-tiny", "--num_layers", "1", "--dtype", "float32", "--device",
+                          "cpu", "--weight_only_precision", "none", "int4", "--batch_size", "1", "--input_len", "6",
+                          "--output_len", "2", "--warmup", "0", "--output_json", str(out),
+                          *(["--quantize_lm_head"] if head else [])]) == 0
+        runs[head] = {p: r["engine"]["weight_bytes"] for p, r in json.loads(out.read_text())["precisions"].items()}
+    assert runs[True]["none"] == runs[False]["none"]
+    assert runs[True]["int4"] < runs[False]["int4"] < runs[False]["none"]
+    assert precision_quant("int8", 128, True).quantize_lm_head and not precision_quant("fp8", 128, True).quantize_lm_head
+
+
 def test_quantized_dummy_plan_carries_the_format():
     plan, _ = dummy_model_config(BenchOptions(preset="mpt-tiny"), precision_quant("int4", 128))
     assert plan.quant.quant_algo == "W4A16"
@@ -46,6 +62,8 @@ def test_quantized_dummy_plan_carries_the_format():
     (["--weight_only_precision", "int8", "int8"], "lists a precision twice"),
     (["--weight_only_precision", "int8", "--compare_hf"], "--compare_hf times transformers"),
     (["--weight_only_precision", "int4_awq", "--group_size", "48"], "--group_size must be 32, 64 or 128"),
+    (["--weight_only_precision", "none", "fp8", "--quantize_lm_head"], "none of them is in --weight_only_precision"),
+    (["--quantize_lm_head"], "--quantize_lm_head goes with --weight_only_precision"),
 ])
 def test_bad_precisions_are_one_line(argv, message, capsys):
     assert kiln_main(["bench", "--preset", "mpt-tiny", "--device", "cpu", *argv]) == 2

@@ -41,6 +41,7 @@ class BenchOptions:
     # several give a side-by-side table (kiln.bench.precisions). Empty: unquantized only.
     weight_only_precision: list[str] = field(default_factory=list)
     group_size: int = 128  # int4_awq / int4_gptq
+    quantize_lm_head: bool = False  # the weight-only precisions quantize the LM head too
 
     @property
     def dummy(self) -> bool:
@@ -77,6 +78,9 @@ class BenchOptions:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         self._check_numbers()
+        if self.quantize_lm_head and not self.weight_only_precision:
+            raise ConfigError("--quantize_lm_head goes with --weight_only_precision (an engine given with --engine_dir "
+                              "was quantized, head included or not, by kiln convert)")
         if self.weight_only_precision:
             from kiln.bench.precisions import check_precisions
 

@@ -23,15 +23,20 @@ PRECISION_ALGOS = {"none": None, "int8": "W8A16", "int4": "W4A16", "int4_awq": "
                    "fp8": "FP8", "fp8_pc_pt": "FP8_PER_CHANNEL_PER_TOKEN",
                    "int8_sq": "W8A8_SQ_PER_CHANNEL_PER_TOKEN_PLUGIN"}  # SmoothQuant W8A8 (unit absmax on dummies)
 GROUP_WISE = ("int4_awq", "int4_gptq")
+WEIGHT_ONLY = ("int8", "int4") + GROUP_WISE  # the precisions whose LM head --quantize_lm_head quantizes too
 
 
-def precision_quant(precision: str, group_size: int) -> QuantConfig:
-    """The QuantConfig of one precision (ConfigError where this kiln does not run it)."""
+def precision_quant(precision: str, group_size: int, quantize_lm_head: bool = False) -> QuantConfig:
+    """The QuantConfig of one precision (ConfigError where this kiln does not run it); with quantize_lm_head, the
+    weight-only precisions quantize the LM head too (the others, and none, leave it in the model dtype)."""
     algo = PRECISION_ALGOS[precision]
     if algo is None:
         return QuantConfig()
+    head = quantize_lm_head and precision in WEIGHT_ONLY
     if precision in GROUP_WISE:
-        return QuantConfig(quant_algo=algo, group_size=group_size)
+        return QuantConfig(quant_algo=algo, group_size=group_size, quantize_lm_head=head)
+    if precision in WEIGHT_ONLY:
+        return QuantConfig(quant_algo=algo, quantize_lm_head=head)
     if precision == "int8_sq":  # alpha matters only for calibrated weights; dummies smooth on unit absmax
         return QuantConfig(quant_algo=algo, smoothquant_val=0.5)
     return QuantConfig(quant_algo=algo)
@@ -53,8 +58,11 @@ def check_precisions(options: BenchOptions) -> None:
                           "--weight_only_precision none")
     if options.group_size not in (32, 64, 128):
         raise ConfigError(f"--group_size must be 32, 64 or 128, got {options.group_size}")
+    if options.quantize_lm_head and not any(p in WEIGHT_ONLY for p in options.weight_only_precision):
+        raise ConfigError(f"--quantize_lm_head quantizes the LM head of the weight-only precisions "
+                          f"({', '.join(WEIGHT_ONLY)}); none of them is in --weight_only_precision")
     for precision in options.weight_only_precision:
-        precision_quant(precision, options.group_size)  # a format this kiln cannot convert fails here, in one line
+        precision_quant(precision, options.group_size, options.quantize_lm_head)  # fails here, in one line
 
 
 @dataclass
@@ -107,7 +115,8 @@ def run_precisions(options: BenchOptions, device: torch.device, log: Callable[[s
     single = replace(options, output_json=None)
     for precision in options.weight_only_precision:
         log(f"== weight-only precision {precision}")
-        with dummy_engine(options, log, precision_quant(precision, options.group_size)) as engine_dir:
+        quant = precision_quant(precision, options.group_size, options.quantize_lm_head)
+        with dummy_engine(options, log, quant) as engine_dir:
             reports[precision] = bench_engine(engine_dir, single, device, log)
         reports[precision].engine["weight_only_precision"] = precision
     rows = compare(reports)

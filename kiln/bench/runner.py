@@ -38,7 +38,8 @@ def run_bench(options: BenchOptions, log: Log = print) -> BenchReport | list[Ben
         from kiln.bench.precisions import precision_quant
 
         precision = options.weight_only_precision[0] if options.weight_only_precision else "none"
-        with dummy_engine(options, log, precision_quant(precision, options.group_size)) as engine_dir:
+        quant = precision_quant(precision, options.group_size, options.quantize_lm_head)
+        with dummy_engine(options, log, quant) as engine_dir:
             return bench_engine(engine_dir, options, device, log)
     return bench_engine(Path(str(options.engine_dir)), options, device, log)
 

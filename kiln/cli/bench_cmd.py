@@ -41,6 +41,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                        help="none (the unquantized dtype), int8, int4, int4_awq, int4_gptq, fp8, fp8_pc_pt (FP8 W8A8), "
                             "int8_sq (SmoothQuant W8A8); several give a table of each beside none")
     quant.add_argument("--group_size", type=int, default=128, help="group size of int4_awq / int4_gptq")
+    quant.add_argument("--quantize_lm_head", action="store_true",
+                       help="the weight-only precisions (int8, int4, int4_awq, int4_gptq) quantize the LM head too")
     par = p.add_argument_group("dummy weights sharded over GPUs (as kiln convert; the floor is then per GPU)")
     par.add_argument("--tp_size", type=int, default=1, help="tensor parallel ranks of the dummy engine")
     par.add_argument("--pp_size", type=int, default=1, help="pipeline parallel stages of the dummy engine")
@@ -59,6 +61,7 @@ def main(args: argparse.Namespace) -> int:
         async_scheduling=not args.no_async_scheduling, device=args.device, tune=not args.no_tune, seed=args.seed, tp_size=args.tp_size, pp_size=args.pp_size,
         moe_tp_mode=args.moe_tp_mode, moe_tp_size=args.moe_tp_size, moe_ep_size=args.moe_ep_size,
         weight_only_precision=list(args.weight_only_precision), group_size=args.group_size,
+        quantize_lm_head=args.quantize_lm_head,
     )
     run_bench(options, log=lambda line: print(line, flush=True))
     return 0
