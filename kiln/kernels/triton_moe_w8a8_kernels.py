@@ -40,25 +40,33 @@ def _w8a8_step(k, a_rows, row_ok, w_cols, n_ok, acc, size_k,
         w_mask = (offs_k < size_k)[:, None] & n_ok[None, :]
     a = tl.load(a_rows + offs_k[None, :], mask=a_mask, other=0.0)  # [BLOCK_M, BLOCK_K] (0.0: fp8 takes no int)
     w = tl.load(w_cols + offs_k[:, None], mask=w_mask, other=0.0)  # [BLOCK_K, BLOCK_N]
+    # One return at the end: the compiler (not the interpreter) types every return of a constexpr if/else.
     if INT_DOT:
-        return tl.dot(a, w, acc, out_dtype=tl.int32)
-    return tl.dot(a, w, acc)
+        acc = tl.dot(a, w, acc, out_dtype=tl.int32)
+    else:
+        acc = tl.dot(a, w, acc)
+    return acc
 
 
 @triton.jit
 def _zero_acc(BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, INT_DOT: tl.constexpr):
     """The dot's accumulator: int32 for INT8 operands (exact), float32 for FP8."""
     if INT_DOT:
-        return tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
-    return tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
+    else:
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    return acc
 
 
 @triton.jit
 def _weight_scale(s_ptr, expert, stride_se, offs_n, n_ok, PER_CHANNEL: tl.constexpr):
-    """The expert's weight scale as a [1, BLOCK_N] float32 row (per channel) or a scalar (per tensor)."""
+    """The expert's weight scale as a [1, BLOCK_N] float32 row: per channel, or the one per-tensor scale in every
+    column (one shape either way: the compiler types both branches of a constexpr if alike)."""
     if PER_CHANNEL:
-        return tl.load(s_ptr + expert * stride_se + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    return tl.load(s_ptr + expert * stride_se).to(tl.float32)
+        offs = offs_n
+    else:
+        offs = offs_n * 0
+    return tl.load(s_ptr + expert * stride_se + offs, mask=n_ok, other=0.0).to(tl.float32)[None, :]
 
 
 @triton.jit
