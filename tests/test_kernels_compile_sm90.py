@@ -51,3 +51,7 @@ def test_weight_only_and_group_wise_moe_kernels_compile_with_ptx(compiled):
 
 def test_w8a8_moe_kernels_compile(compiled):
     assert len(_ok(compiled, "moe_w8a8_")) == 8
+
+
+def test_smoothquant_and_fp8_dense_kernels_compile(compiled):
+    assert len(_ok(compiled, "sq ")) == 7 and len(_ok(compiled, "fp8 gemv")) == 2

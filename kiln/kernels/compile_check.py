@@ -16,19 +16,21 @@ H100 = ("cuda", 90, 32)
 _SIZES = ("N", "K", "KW", "hidden", "ffn", "hidden_w", "ffn_w", "v_per_split")
 
 
-def compile_for_h100(fn: Any, consts: dict, pointer_types: dict, default_pointer: str = "*bf16") -> Any:
-    """Compile `fn` with these constexprs; pointer arguments (named *_ptr) typed from `pointer_types`, the rest int32;
-    pointers, strides and sizes divisible by 16 as Triton specializes real layers'. The result's asm holds the PTX
-    and the cubin ptxas made of it."""
+def compile_for_h100(fn: Any, consts: dict, pointer_types: dict, default_pointer: str = "*bf16",
+                     scalar_types: dict | None = None) -> Any:
+    """Compile `fn` with these constexprs; pointer arguments (named *_ptr) typed from `pointer_types`, the rest int32
+    unless `scalar_types` says otherwise (an eps: fp32); pointers, strides and sizes divisible by 16 as Triton
+    specializes real layers'. The result's asm holds the PTX and the cubin ptxas made of it."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     names = fn.arg_names
+    scalars = scalar_types or {}
     signature = {n: "constexpr" if n in consts else pointer_types.get(n, default_pointer) if n.endswith("_ptr")
-                 else "i32" for n in names}
+                 else scalars.get(n, "i32") for n in names}
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
-               if n not in consts and (n.endswith("_ptr") or n.startswith("stride") or n in _SIZES)}
+               if n not in consts and n not in scalars and (n.endswith("_ptr") or n.startswith("stride") or n in _SIZES)}
     source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=aligned)
     return triton.compile(source, target=GPUTarget(*H100), options={"num_warps": 4, "num_stages": 3})
 
@@ -84,12 +86,38 @@ def _moe_cases() -> dict[str, Callable[[], Any]]:
     return cases
 
 
+def _w8a8_dense_cases() -> dict[str, Callable[[], Any]]:
+    """SmoothQuant's quantizing norm / smoother / activation kernels and INT8 GEMM, and the FP8 GEMV."""
+    from kiln.kernels import triton_fp8_gemv as fp8
+    from kiln.kernels import triton_smoothquant as sq
+
+    quant = {"q_ptr": "*i8", "act_scale_ptr": "*fp32", "out_scale_ptr": "*fp32", "smoother_ptr": "*fp32"}
+    cases: dict[str, Callable[[], Any]] = {}
+    for per_token in (True, False):
+        cases[f"sq add_norm_quant per_token={per_token}"] = lambda t=per_token: compile_for_h100(
+            sq._add_norm_quant_kernel, dict(HAS_RESIDUAL=True, HAS_BIAS=True, RMS=False, PER_TOKEN=t, BLOCK=4096),
+            quant, scalar_types={"eps": "fp32"})
+        cases[f"sq smooth_quant per_token={per_token}"] = lambda t=per_token: compile_for_h100(
+            sq._smooth_quant_kernel, dict(HAS_SMOOTHER=True, PER_TOKEN=t, BLOCK=4096), quant)
+        cases[f"sq act_quant per_token={per_token}"] = lambda t=per_token: compile_for_h100(
+            sq._act_quant_kernel, dict(GATED=True, PER_TOKEN=t, BLOCK=4096), quant)
+    cases["sq int8_gemm"] = lambda: compile_for_h100(
+        sq._int8_gemm_kernel, dict(HAS_BIAS=True, WHILE_LOOP=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
+        {"a_ptr": "*i8", "b_ptr": "*i8", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32"})
+    for per_channel in (True, False):
+        cases[f"fp8 gemv per_channel={per_channel}"] = lambda c=per_channel: compile_for_h100(
+            fp8.fp8_gemv_kernel, dict(K=4096, PER_CHANNEL=c, HAS_BIAS=True, DOT_F32=False, PRECISION="tf32",
+                                      BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
+            {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
+    return cases
+
+
 def run_all() -> dict[str, dict[str, Any]]:
     """case -> {"ok": bool, "error": the compiler's last line, "ptx_markers": which PTX magic numbers appear}."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("compile_check needs the compiler: run it without TRITON_INTERPRET=1")
     results: dict[str, dict[str, Any]] = {}
-    for name, build in {**_weight_only_cases(), **_moe_cases()}.items():
+    for name, build in {**_weight_only_cases(), **_moe_cases(), **_w8a8_dense_cases()}.items():
         try:
             kernel = build()
         except Exception as err:  # noqa: BLE001 - report every case, not just the first failure
