@@ -198,6 +198,18 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
     sys.exit("kiln serve did not become ready in time (--startup_timeout)")
 
 
+def start_profile(pid: int, path: str) -> subprocess.Popen | None:
+    """py-spy sampling every thread of the server at 100 Hz, GIL waits included (--idle off: only running stacks)."""
+    import shutil
+
+    exe = shutil.which("py-spy")
+    if exe is None:
+        print("--profile: py-spy is not on PATH; the sweep runs unprofiled", flush=True)
+        return None
+    return subprocess.Popen([exe, "record", "-p", str(pid), "-o", path, "-f", "raw", "-r", "100", "--threads"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--engine_dir", help="engine to serve (and to run offline for the ratio)")
@@ -215,6 +227,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--serve_args", default="", help="more flags for kiln serve, one string")
     p.add_argument("--skip_offline", action="store_true")
+    p.add_argument("--profile", metavar="FILE", help="sample the server with py-spy (on PATH) during the sweep and "
+                   "write its raw stacks here (benchmarks/spy_summary.py reads them): where its Python time goes")
     p.add_argument("--startup_timeout", type=float, default=600)
     p.add_argument("--output_json", default=None)
     args = p.parse_args(argv)
@@ -238,14 +252,20 @@ def main(argv: list[str] | None = None) -> int:
     else:
         proc, port, host, model = *start_server(args), "127.0.0.1", "bench"
     rows = []
+    spy = None
     try:
         asyncio.run(run_rate(host, int(port), model, work[:2], float("inf"), None, args.seed))  # warm-up
+        if args.profile and proc is not None:
+            spy = start_profile(proc.pid, args.profile)
         for rate in [float(r) for r in args.request_rate]:
             results, duration = asyncio.run(run_rate(host, int(port), model, work, rate, args.max_concurrency,
                                                      args.seed))
             rows.append(summarize(rate, results, duration))
             print_row(rows[-1])
     finally:
+        if spy is not None:
+            spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
+            spy.wait(timeout=60)
         if proc is not None:
             proc.send_signal(signal.SIGTERM)
             print(f"kiln serve exited with {proc.wait(timeout=120)}")

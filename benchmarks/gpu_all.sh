@@ -12,7 +12,8 @@
 # What the device call needs: the wheels of benchmarks/device_wheels.sh (carried in .whl, installed to /tmp/site and
 # put on PYTHONPATH first), and the trained models, which with the rest of the tracked tree exceed the device tool's
 # 64 MiB: pack them (`tar -czf .carry/models.tar.gz models`, 48 MB), move models/ aside while the call is sent (no
-# test may run in this checkout meanwhile), carry .carry and untar it there first.
+# test may run in this checkout meanwhile), carry .carry/models.tar.gz and untar it there first (with .whl and the rest
+# of the tree that is 62.6 MiB of the tool's 64: keep .whl lean).
 set -uo pipefail
 export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 out=${OUT:-./out}; mkdir -p "$out"
@@ -30,8 +31,10 @@ eng=$(mktemp -d /tmp/kiln-serve-XXXX)
 python3 -m kiln convert --preset mpt-7b --dtype bfloat16 --dummy_device cuda --output_dir "$eng/ckpt" >/dev/null &&
 python3 -m kiln build --checkpoint_dir "$eng/ckpt" --output_dir "$eng/engine" --max_batch_size 64 --max_input_len 512 \
     --max_seq_len 1024 --no_tune > "$out/serve_build.log" 2>&1 && rm -rf "$eng/ckpt" &&
-timeout "${SERVE_S:-110}" python3 benchmarks/bench_serve.py --engine_dir "$eng/engine" --num_prompts 256 --input_len 128 \
-    --output_len 128 --range_ratio 0.5 --request_rate inf --output_json "$out/serve_saturation.json" 2>&1 | tail -30 | tee "$out/serve.log"
+PATH="$PATH:/tmp/site/bin" timeout "${SERVE_S:-110}" python3 benchmarks/bench_serve.py --engine_dir "$eng/engine" \
+    --num_prompts 256 --input_len 128 --output_len 128 --range_ratio 0.5 --request_rate inf \
+    --profile "$out/serve_profile.txt" --output_json "$out/serve_saturation.json" 2>&1 | tail -30 | tee "$out/serve.log"
+[ -s "$out/serve_profile.txt" ] && python3 benchmarks/spy_summary.py "$out/serve_profile.txt" --top 20 > "$out/serve_profile.md"
 timeout 45 python3 benchmarks/bench_serve.py --engine_dir "$eng/engine" --num_prompts 20 --input_len 128 --output_len 64 \
     --request_rate 4 --output_json "$out/serve_low_load.json" 2>&1 | tail -20 | tee -a "$out/serve.log"
 rm -rf "$eng"

@@ -1,0 +1,54 @@
+"""Summarize a py-spy raw profile (`py-spy record -f raw`, as bench_serve.py --profile writes): samples per thread,
+then each busy thread's heaviest frames by own time and by inclusive time. For `kiln serve`: how much of the
+engine thread's time is the engine's step and how much the HTTP thread (the event loop) takes.
+
+    python benchmarks/spy_summary.py serve_profile.txt [--top 25]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+
+
+def load(path: str) -> list[tuple[list[str], int]]:
+    """[(frames, outermost first; samples)] of a raw py-spy file (one 'frame;frame;... count' line per stack)."""
+    stacks = []
+    with open(path, encoding="utf-8") as handle:
+        for line in handle:
+            stack, _, count = line.rstrip("\n").rpartition(" ")
+            if stack and count.isdigit():
+                stacks.append((stack.split(";"), int(count)))
+    return stacks
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("profile")
+    p.add_argument("--top", type=int, default=25)
+    args = p.parse_args()
+    stacks = load(args.profile)
+    threads: dict[str, list[tuple[list[str], int]]] = collections.defaultdict(list)
+    for frames, count in stacks:
+        threads[frames[0]].append((frames[1:], count))
+    total = sum(count for _, count in stacks)
+    print(f"{total} samples")
+    for thread, items in sorted(threads.items(), key=lambda kv: -sum(c for _, c in kv[1])):
+        n = sum(count for _, count in items)
+        print(f"\n== {thread}: {n} samples ({n / total:.0%})")
+        own, inclusive = collections.Counter(), collections.Counter()
+        for frames, count in items:
+            if frames:
+                own[frames[-1]] += count
+            for frame in set(frames):
+                inclusive[frame] += count
+        print("  own time:")
+        for frame, count in own.most_common(args.top):
+            print(f"  {count:7d} {count / n:5.1%}  {frame[:150]}")
+        print("  inclusive:")
+        for frame, count in inclusive.most_common(args.top):
+            print(f"  {count:7d} {count / n:5.1%}  {frame[:150]}")
+
+
+if __name__ == "__main__":
+    main()
