@@ -13,8 +13,9 @@ from kiln.kernels.triton_weight_only_gemv_kernels import weight_only_gemv_kernel
 
 
 def gemv_applies(x: torch.Tensor, k_offset: int) -> bool:
-    """One bf16 row, and (INT4) an even K with an even k_offset: x is read as int32 bf16 pairs."""
-    return x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.shape[1] % 2 == 0 and k_offset % 2 == 0
+    """One bf16 row starting at an even element, an even K and k_offset: INT4 reads x as int32 bf16 pairs."""
+    return (x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.shape[1] % 2 == 0 and k_offset % 2 == 0
+            and x.storage_offset() % 2 == 0)
 
 
 def launch_gemv(x, weight, scale, zero, bias, fmt, config: WoConfig, plan) -> torch.Tensor:

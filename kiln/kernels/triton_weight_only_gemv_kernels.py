@@ -23,13 +23,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-_MAGIC = tl.constexpr(0x4B000000)  # the bits of float32 2^23
-
-
-@triton.jit
-def _magic_float(bits, bias):
-    """int32 bits (2^23's exponent or-ed with an integer u < 2^23 in the mantissa) -> float32 u - bias."""
-    return bits.to(tl.float32, bitcast=True) - (8388608.0 + bias)
+from kiln.kernels.triton_weight_only_kernels import _to_float
 
 
 @triton.jit
@@ -46,7 +40,7 @@ def _tile_products(acc, w, x_ptr, k0, K, bias, BITS: tl.constexpr, BLOCK_K: tl.c
             x = tl.load(x_ptr + offs)
         else:
             x = tl.load(x_ptr + offs, mask=(offs >= 0) & (offs < K), other=0.0)
-        acc += _magic_float((u & 0xFF) | _MAGIC, bias) * x.to(tl.float32)[None, :]
+        acc += _to_float(u & 0xFF, bias) * x.to(tl.float32)[None, :]
     else:
         offs = k0 // 2 + tl.arange(0, BLOCK_K // 2)
         if EVEN_K:
@@ -55,8 +49,8 @@ def _tile_products(acc, w, x_ptr, k0, K, bias, BITS: tl.constexpr, BLOCK_K: tl.c
             pair = tl.load(x_ptr + offs, mask=(offs >= 0) & (offs < (K + 1) // 2), other=0)
         x_even = (pair << 16).to(tl.float32, bitcast=True)
         x_odd = (pair & -65536).to(tl.float32, bitcast=True) * 0.0625  # 0xFFFF0000; 1/16: see the module doc
-        acc += _magic_float((u & 0x0F) | _MAGIC, bias) * x_even[None, :]
-        acc += _magic_float((u & 0xF0) | _MAGIC, 16.0 * bias) * x_odd[None, :]  # 16 (q - bias) * x / 16
+        acc += _to_float(u & 0x0F, bias) * x_even[None, :]
+        acc += _to_float(u & 0xF0, 16.0 * bias) * x_odd[None, :]  # 16 (q - bias) * x / 16
     return acc
 
 
