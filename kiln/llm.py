@@ -49,7 +49,7 @@ class _Tracker:
             self.out.token_logprobs.append(event.logprob)
             if self.out.logprobs is not None:
                 self.out.logprobs.append(position_logprobs(event.token_id, event.logprob, event.top_logprobs,
-                                                           self.decode_one))
+                                                           self.decode_one, event.rank))
         if event.top_logprobs:
             self.out.top_logprobs.append(event.top_logprobs)
         if event.logits is not None:
@@ -262,10 +262,12 @@ class LLM:
         logprobs = torch.log_softmax(self.score(ids)[:-1].float().cpu(), dim=-1)  # [prompt tokens - 1, vocab]
         chosen = logprobs.gather(1, torch.tensor(ids[1:]).unsqueeze(1)).squeeze(1).tolist()
         top_values, top_ids = logprobs.topk(min(k, logprobs.shape[1]), dim=-1) if k else (None, None)
+        chosen_column = torch.tensor(chosen).unsqueeze(1)
+        ranks = ((logprobs > chosen_column).sum(dim=-1) + 1).tolist()  # 1 + tokens strictly more likely
         out: list[dict[int, Logprob] | None] = [None]
         for pos, token in enumerate(ids[1:]):
             top = list(zip(top_ids[pos].tolist(), top_values[pos].tolist())) if k else []
-            out.append(position_logprobs(token, chosen[pos], top, self._token_text))
+            out.append(position_logprobs(token, chosen[pos], top, self._token_text, ranks[pos]))
         return out
 
     def _add_requests(self, prompts: Any, params: list[SamplingParams]) -> tuple[

@@ -83,12 +83,14 @@ class StreamDelta:
 
 
 def position_logprobs(chosen: int, chosen_logprob: float, top: list[tuple[int, float]],
-                      decode: Any) -> PositionLogprobs:
-    """vLLM's per-position dict: the chosen token first (its rank known when it is among `top`), then `top` (most
-    likely first, ranks 1..k). `decode(token_id)` gives a token's text, or is None without a tokenizer."""
+                      decode: Any, chosen_rank: int | None = None) -> PositionLogprobs:
+    """vLLM's per-position dict: the chosen token first (its rank `chosen_rank` when the sampler counted it, else
+    known only when it is among `top`), then `top` (most likely first, ranks 1..k). `decode(token_id)` gives a
+    token's text, or is None without a tokenizer."""
     ranks = {tok: i + 1 for i, (tok, _) in enumerate(top)}
     text = (lambda t: decode(t)) if decode is not None else (lambda t: None)
-    entry = {chosen: Logprob(chosen_logprob, ranks.get(chosen), text(chosen))}
+    rank = chosen_rank if chosen_rank is not None else ranks.get(chosen)
+    entry = {chosen: Logprob(chosen_logprob, rank, text(chosen))}
     for tok, lp in top:
         if tok not in entry:
             entry[tok] = Logprob(lp, ranks[tok], text(tok))

@@ -78,6 +78,9 @@ class SamplerOutput:
     # Rows whose params ask return_logits: their raw logits (float32 [vocab], on the CPU); None for the others, and
     # None altogether when no row asks.
     logits: list[torch.Tensor | None] | None = None
+    # When any row asks logprobs: each row's chosen token's 1-based rank in the raw distribution (1 + the tokens with
+    # a strictly higher logit, as vLLM counts it); None when no row asks.
+    ranks: list[int] | None = None
 
 
 class Sampler:
@@ -118,7 +121,7 @@ class DeviceSample:
     rows: list[SamplingRow]
     token_ids: torch.Tensor  # [rows] int64, on the logits' device
     logits: torch.Tensor  # [rows, vocab] float32, raw
-    _ids_logprobs: torch.Tensor | None = None  # [2, rows] float64 on the host: ids and raw logprobs
+    _ids_logprobs: torch.Tensor | None = None  # [2 or 3, rows] float64 on the host: ids, raw logprobs (, ranks)
     _top: tuple[torch.Tensor, torch.Tensor] | None = None  # host [rows, max wanted] values, indices
     _wanted_logits: torch.Tensor | None = None  # host [rows asking return_logits, vocab]
     _copied: object | None = None  # torch.cuda.Event recorded after the copies (CUDA only)
@@ -126,9 +129,13 @@ class DeviceSample:
 
     def start_copies(self) -> None:
         logits, tokens, rows = self.logits, self.token_ids, self.rows
-        chosen = logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)  # [rows]
-        # Token ids < 2**53 are exact in float64, so ids and logprobs travel to the host together.
-        self._ids_logprobs = _copy_to_host(torch.stack([tokens.double(), chosen.double()]))
+        chosen_logit = logits.gather(1, tokens.unsqueeze(1))  # [rows, 1]
+        chosen = chosen_logit.squeeze(1) - torch.logsumexp(logits, dim=-1)  # [rows]
+        # Token ids < 2**53 are exact in float64, so ids, logprobs (and ranks) travel to the host together.
+        parts = [tokens.double(), chosen.double()]
+        if any(row.params.logprobs is not None for row in rows):
+            parts.append((logits > chosen_logit).sum(dim=-1).double() + 1)  # [rows]: one compare over the vocab
+        self._ids_logprobs = _copy_to_host(torch.stack(parts))
         most = max(_top_wanted(row, logits.shape[1]) for row in rows)
         if most > 0:
             values, indices = torch.log_softmax(logits, dim=-1).topk(most, dim=-1)  # [rows, most]
@@ -152,8 +159,9 @@ class DeviceSample:
         rows = self.rows
         if not rows:
             return SamplerOutput(token_ids=[], logprobs=[], top_logprobs=None)
-        ids_host, logprobs = self._ids_logprobs.tolist()
-        out = SamplerOutput(token_ids=[int(t) for t in ids_host], logprobs=logprobs, top_logprobs=None)
+        ids_host, logprobs, *ranks = self._ids_logprobs.tolist()
+        out = SamplerOutput(token_ids=[int(t) for t in ids_host], logprobs=logprobs, top_logprobs=None,
+                            ranks=[int(r) for r in ranks[0]] if ranks else None)
         if any(row.params.logprobs is not None for row in rows):
             out.top_logprobs = [[] for _ in rows]
             if self._top is not None:

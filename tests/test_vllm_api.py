@@ -168,6 +168,21 @@ def test_logprobs_are_vllm_shaped_and_match_the_models_logits(llm):
     assert plain.logprobs is None and plain.token_logprobs == pytest.approx(done.token_logprobs)
 
 
+def test_sampled_tokens_outside_the_top_k_get_their_rank_in_the_whole_vocabulary(llm):
+    """A sampled token that is not among the `logprobs` most likely still has its rank: 1 + the tokens the model
+    scored strictly higher (vLLM's count), checked against the model's own logits."""
+    prompt = llm.encode("The quick brown fox")
+    params = kiln.SamplingParams(logprobs=1, temperature=5.0, max_tokens=12, seed=3, ignore_eos=True)
+    done = llm.generate([prompt], params)[0].outputs[0]
+    outside = 0
+    for step, (token, entry) in enumerate(zip(done.token_ids, done.logprobs)):
+        logits = llm.score(prompt + done.token_ids[:step])[-1].float()
+        want = int((logits > logits[token]).sum()) + 1
+        assert entry[token].rank == want
+        outside += want > 1
+    assert outside > 0  # the hot sampling left the top token at least once: the ranks above were not all 1
+
+
 def test_prompt_logprobs_match_the_models_logits(llm):
     prompt = llm.encode("Large language models predict")
     out = llm.generate([{"prompt_token_ids": prompt}], kiln.SamplingParams(prompt_logprobs=2, max_tokens=1))[0]
@@ -177,6 +192,7 @@ def test_prompt_logprobs_match_the_models_logits(llm):
         entry = out.prompt_logprobs[pos]
         assert entry[prompt[pos]].logprob == pytest.approx(ref[pos - 1, prompt[pos]].item(), abs=1e-4)
         assert [entry[t].rank for t in ref[pos - 1].topk(2).indices.tolist()] == [1, 2]
+        assert entry[prompt[pos]].rank == int((ref[pos - 1] > ref[pos - 1, prompt[pos]]).sum()) + 1
 
 
 def test_logit_bias_steers_the_choice(llm):

@@ -64,6 +64,7 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] = field(default_factory=list)
     finished: bool = False
     logits: Any = None  # the step's raw logits ([vocab] float32) when the request asked return_logits
+    rank: int | None = None  # the token's 1-based rank in the raw distribution, when the step computed ranks
 
 
 @dataclass
@@ -237,7 +238,8 @@ class LLMEngine:
             top = top_rows[row] if top_rows else []
             logprob = details.logprobs[row] if details is not None else None
             logits = logit_rows[row] if logit_rows else None
-            events.append(TokenEvent(seq, tokens[seq.seq_id], logprob, top, seq.seq_id in finished, logits))
+            rank = details.ranks[row] if details is not None and getattr(details, "ranks", None) else None
+            events.append(TokenEvent(seq, tokens[seq.seq_id], logprob, top, seq.seq_id in finished, logits, rank))
             if seq.seq_id in finished:
                 self.executor.release(seq.seq_id)
         if beam_rows:
