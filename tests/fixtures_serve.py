@@ -1,5 +1,5 @@
 """A live `kiln serve` for tests: the shipped mpt-books model as a float32 engine, served by uvicorn in a thread on a
-free loopback port, and the official openai client pointed at it."""
+free loopback port (its engine in a process of its own, as always), and the official openai client pointed at it."""
 
 from __future__ import annotations
 
@@ -87,14 +87,16 @@ class LiveServer:
         return float(found.group(1))
 
     def wait_idle(self, timeout: float = 20.0) -> None:
-        """Until no request is in the engine and every KV block is free again (asserts it happens)."""
+        """Until no request is in the engine and every KV block is free again (asserts it happens): the engine
+        process has taken every command the server sent, and its stats after that say so."""
         deadline = time.monotonic() + timeout
+        engine = self.state.engine
         while time.monotonic() < deadline:
-            if (self.state.loop_engine.num_requests == 0 and self.metric("kiln_kv_blocks_used") == 0
+            if (engine.idle and self.metric("kiln_kv_blocks_used") == 0
                     and self.metric("kiln_running_sequences") == 0):
                 return
             time.sleep(0.05)
-        raise AssertionError(f"not idle after {timeout}s: {self.state.loop_engine.num_requests} requests, "
+        raise AssertionError(f"not idle after {timeout}s: {engine.num_requests} requests, engine {engine.stats}, "
                              f"{self.metric('kiln_kv_blocks_used')} KV blocks used")
 
 

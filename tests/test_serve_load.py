@@ -210,6 +210,6 @@ def test_soak_mixed_load_with_random_disconnects(server):
 
     assert asyncio.run(run()) > 20
     server.wait_idle()
-    assert server.state.loop_engine.failed is None
+    assert server.state.engine.failed is None
     text = urllib.request.urlopen(server.url + "/metrics").read().decode()
     assert 'status="500"' not in text and 'status="503"' not in text
