@@ -83,20 +83,27 @@ def engine_main(commands: Connection, events: Connection, settings: EngineSettin
     except Exception as err:  # a one-line reason for the server to show (a ConfigError, a rank that failed, OOM)
         _send_quietly(events, ("load_error", str(err) or type(err).__name__))
         return
+    gc.collect()
+    gc.freeze()  # the loaded engine's objects leave the collector's scans: fewer, shorter pauses between steps
+    raise SystemExit(serve_engine(llm, commands, events))
+
+
+def serve_engine(llm: Any, commands: Connection, events: Connection) -> int:
+    """Say ready, then serve commands; 0 when the server closed the pipe, 1 when the engine failed (the server is
+    told which exception, the traceback goes to this process's log). The LLM is closed (its ranks stopped) either
+    way."""
     try:
-        gc.collect()
-        gc.freeze()  # the loaded engine's objects leave the collector's scans: fewer, shorter pauses between steps
-        blocks = llm.engine.scheduler.block_manager
-        events.send(("ready", blocks.num_blocks))
+        events.send(("ready", llm.engine.scheduler.block_manager.num_blocks))
         serve_commands(StepLoop(llm.engine, llm.tokenizer), commands, events)
-    except (EOFError, BrokenPipeError):  # the server is gone
-        pass
+    except (EOFError, BrokenPipeError):  # the server is gone, or stopped us by closing the pipe
+        return 0
     except BaseException as err:
         logger.exception("the engine loop failed")
         _send_quietly(events, ("failed", type(err).__name__))
-        raise SystemExit(1) from None
+        return 1
     finally:
         llm.close()
+    return 0
 
 
 def load_llm(settings: EngineSettings) -> Any:
