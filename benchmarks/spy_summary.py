@@ -1,6 +1,7 @@
 """Summarize a py-spy raw profile (`py-spy record -f raw`, as bench_serve.py --profile writes): samples per thread,
-then each busy thread's heaviest frames by own time and by inclusive time. For `kiln serve`: how much of the
-engine thread's time is the engine's step and how much the HTTP thread (the event loop) takes.
+then each busy thread's heaviest frames by own time and by inclusive time. For `kiln serve` (sampled with
+--subprocesses): how much of the engine process's time is the engine's step and how much the server's event loop
+takes.
 
     python benchmarks/spy_summary.py serve_profile.txt [--top 25]
 """
@@ -30,7 +31,9 @@ def main() -> None:
     stacks = load(args.profile)
     threads: dict[str, list[tuple[list[str], int]]] = collections.defaultdict(list)
     for frames, count in stacks:
-        threads[frames[0]].append((frames[1:], count))
+        # With --subprocesses (both of kiln serve's processes) a stack starts with its process, then its thread.
+        head = 2 if frames[0].startswith("process ") and len(frames) > 1 else 1
+        threads[" / ".join(frames[:head])].append((frames[head:], count))
     total = sum(count for _, count in stacks)
     print(f"{total} samples")
     for thread, items in sorted(threads.items(), key=lambda kv: -sum(c for _, c in kv[1])):

@@ -201,6 +201,21 @@ def test_503_while_loading_then_200(engine, monkeypatch):
         server.stop()
 
 
+def test_an_engine_that_cannot_load_is_a_failed_load_with_its_reason(engine):
+    """The engine process refuses to load (a KV cache too small for one sequence): its one-line reason reaches the
+    server, /health says failed, requests get 503 naming it, and the engine process has exited."""
+    server = LiveServer(ServeConfig(engine_dir=str(engine), port=free_port(), device="cpu", kv_cache_max_tokens=16))
+    try:
+        with pytest.raises(RuntimeError, match="too little memory for the KV cache"):
+            server.start()
+        assert call(server, "/health", key=None) == (503, {"status": "failed"})
+        assert_error(call(server, "/v1/completions", completion(), key=None), 503, "KV cache")
+        server.state.engine.process.join(30)
+        assert server.state.engine.process.exitcode == 0
+    finally:
+        server.stop()
+
+
 def test_an_engine_process_that_dies_is_a_500_without_traceback_and_health_503(engine):
     """The engine process killed mid-request: the request in flight (streamed and whole) ends with the 500 error
     body, /health turns 503, and the server still answers (503) instead of hanging. (An engine whose step raises is
