@@ -110,6 +110,37 @@ def live_server(engine: Path, **settings: object) -> Iterator[LiveServer]:
         server.stop()
 
 
+def children(pid: int) -> set[int]:
+    """Every live descendant of `pid` (from /proc): the engine process of a kiln serve, its rank processes."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "Z" not in (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+
+
+def wait_gone(pids: set[int], timeout: float = 15.0) -> set[int]:
+    """Those of `pids` still alive after up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return {p for p in pids if alive(p)}
+
+
 def start_kiln_serve(engine: Path, *flags: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:
     """`kiln serve` of `engine` as its own process on a free port (CPU, 1 thread); returns it and its URL once
     /health says 200. The caller ends it."""
