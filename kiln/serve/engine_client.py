@@ -9,6 +9,7 @@ engine, and the engine never waits on a client: a slow reader only lets its own 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import pickle
@@ -22,6 +23,7 @@ from kiln.serve.errors import APIError
 from kiln.serve.step_loop import Delta, EngineStats
 
 logger = logging.getLogger(__name__)
+_as_delta = functools.partial(tuple.__new__, Delta)  # a Delta from the plain tuple that crossed the pipe
 EXIT_TIMEOUT_S = 30.0  # how long a stopping engine may take to free itself and its ranks before it is killed
 
 
@@ -162,12 +164,13 @@ class EngineClient:
         elif kind == "failed":
             self._engine_gone(message[1])
 
-    def _deliver(self, outputs: list[tuple[str, list[Delta]]], refused: list[tuple[str, str]]) -> None:
+    def _deliver(self, outputs: list[tuple[str, list[tuple]]], refused: list[tuple[str, str]]) -> None:
         requests = self._requests
-        for request_id, deltas in outputs:
+        for request_id, plain in outputs:
             pending = requests.get(request_id)
             if pending is None:  # aborted here while the step ran
                 continue
+            deltas = [_as_delta(d) for d in plain]
             pending.sink(deltas)
             for delta in deltas:
                 if delta.finish_reason is not None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
-from kiln.serve.step_loop import StepLoop
+from kiln.serve.step_loop import Delta, StepLoop
 
 logger = logging.getLogger(__name__)
 PIPE_BYTES = 2**20  # each pipe's kernel buffer: a burst of prompts, or of steps' outputs, passes without blocking
@@ -134,8 +134,14 @@ def serve_commands(core: StepLoop, commands: Connection, events: Connection) -> 
         outputs = core.step() if core.busy else []
         stats = core.stats(handled)
         if outputs or refused or stats != last:
-            events.send(("out", outputs, refused, stats))
+            events.send(("out", _plain(outputs), refused, stats))
             last = stats
+
+
+def _plain(outputs: list[tuple[str, list[Delta]]]) -> list[tuple[str, list[tuple]]]:
+    """Deltas as plain tuples for the pipe: a named tuple pickles through a Python-level __getnewargs__, 4x slower
+    (70 against 16 us for a step of 64 sequences); the client makes them Deltas again."""
+    return [(request_id, [tuple(d) for d in deltas]) for request_id, deltas in outputs]
 
 
 def _apply(core: StepLoop, command: tuple) -> tuple[str, str] | None:

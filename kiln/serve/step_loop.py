@@ -18,7 +18,7 @@ from kiln.sampling_params import SamplingParams
 class Delta(NamedTuple):
     """What one step added to one output of a request (`index` in 0..n-1): one token, the text that became final
     with it (possibly empty), its logprob and top logprobs, and the finish reason when the output ended. A tuple:
-    about 60 of them cross the pipe to the server every step, and a tuple pickles small and fast."""
+    a batch's worth cross the pipe to the server every step (as plain tuples: they pickle small and fast)."""
 
     index: int
     token_ids: list[int]
