@@ -34,6 +34,7 @@ def create_app(config: ServeConfig) -> FastAPI:
             yield
         finally:
             state.status = "stopping"
+            loading.cancel()  # a stop while the engine loads ends the load (close() then kills the engine process)
             await asyncio.gather(loading, return_exceptions=True)
             await state.close()
 

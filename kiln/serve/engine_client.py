@@ -101,6 +101,8 @@ class EngineClient:
         self._sent = 0  # commands written (the engine's stats.handled catches up with it)
         self._requests: dict[str, _Pending] = {}
         self._ready: asyncio.Future = loop.create_future()
+        # A load error nobody awaits (the server's own part of loading failed first) is not an unretrieved error.
+        self._ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._reading = True
         loop.add_reader(events.fileno(), self._on_readable)
 
