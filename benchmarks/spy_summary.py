@@ -19,8 +19,20 @@ def load(path: str) -> list[tuple[list[str], int]]:
         for line in handle:
             stack, _, count = line.rstrip("\n").rpartition(" ")
             if stack and count.isdigit():
-                stacks.append((stack.split(";"), int(count)))
+                stacks.append((_join_quoted(stack.split(";")), int(count)))
     return stacks
+
+
+def _join_quoted(frames: list[str]) -> list[str]:
+    """A process frame quotes its command line, which may hold ';' (the engine process's `-c "...; spawn_main(...)"`):
+    glue the pieces of an open quote back together."""
+    out: list[str] = []
+    for frame in frames:
+        if out and out[-1].count('"') % 2 == 1:
+            out[-1] += ";" + frame
+        else:
+            out.append(frame)
+    return out
 
 
 def main() -> None:
@@ -31,9 +43,13 @@ def main() -> None:
     stacks = load(args.profile)
     threads: dict[str, list[tuple[list[str], int]]] = collections.defaultdict(list)
     for frames, count in stacks:
-        # With --subprocesses (both of kiln serve's processes) a stack starts with its process, then its thread.
-        head = 2 if frames[0].startswith("process ") and len(frames) > 1 else 1
-        threads[" / ".join(frames[:head])].append((frames[head:], count))
+        # With --subprocesses (both of kiln serve's processes) a stack starts with its process and those above it,
+        # then its thread: the key is the innermost process (pid and the start of its command line) and the thread.
+        procs = 0
+        while procs < len(frames) - 1 and frames[procs].startswith("process "):
+            procs += 1
+        key = frames[procs] if procs == 0 else f"{frames[procs - 1][:70]} / {frames[procs]}"
+        threads[key].append((frames[procs + 1:], count))
     total = sum(count for _, count in stacks)
     print(f"{total} samples")
     for thread, items in sorted(threads.items(), key=lambda kv: -sum(c for _, c in kv[1])):
