@@ -8,7 +8,8 @@ Commands, server -> engine (pickled tuples, in order):
     ("add", request_id, prompt_ids, SamplingParams, stop_ids)   ("abort", request_id)   ("abort_all",)
 Messages, engine -> server:
     ("ready", kv_blocks_total)   ("load_error", text)   ("failed", exception name)
-    ("out", [(request_id, [Delta, ...]), ...], [(request_id, why refused), ...], EngineStats)  -- one per step
+    ("out", [(request_id, [Delta as a plain tuple, ...]), ...], [(request_id, why refused), ...], EngineStats)
+        -- one per step (and one after commands that changed the stats)
 The commands pipe closing (the server stopped, or died) is the engine's stop: it frees the engine (and its rank
 processes) and exits.
 """
