@@ -209,3 +209,16 @@ def test_commands_larger_than_the_pipe_do_not_block_the_event_loop():
         assert side.end(client) == 0
 
     asyncio.run(run())
+
+
+def test_the_runtime_flags_reach_the_engine_process_settings():
+    from kiln.serve.engine_process import EngineSettings
+    from kiln.serve.state import ServeConfig, ServerState
+
+    config = ServeConfig(engine_dir="E", tokenizer_dir="T", device="cuda:1", kv_cache_free_gpu_memory_fraction=0.5,
+                         kv_cache_max_tokens=4096, use_cuda_graphs=False, async_scheduling=False)
+    state = ServerState(config)
+    try:
+        assert state.engine_settings() == EngineSettings("E", "T", "cuda:1", 0.5, 4096, False, False)
+    finally:
+        state.tokenize_pool.shutdown()
