@@ -102,8 +102,9 @@ class ServerState:
         503 meanwhile), and wait for it to say ready."""
         loop = asyncio.get_running_loop()
         try:
-            process, commands, events = await loop.run_in_executor(None, start_engine_process,
-                                                                   self.engine_settings())
+            # On the loop's thread (about 10 ms: fork, exec, the spawn data), so that a stop that cancels the load
+            # always finds the process it must end in self.engine.
+            process, commands, events = start_engine_process(self.engine_settings())
             self.engine = EngineClient(commands, events, loop, process)
             self.model = await loop.run_in_executor(None, self._load_model)
             await self.engine.wait_ready()
