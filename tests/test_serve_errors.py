@@ -201,6 +201,31 @@ def test_503_while_loading_then_200(engine, monkeypatch):
         server.stop()
 
 
+def test_a_stop_while_loading_ends_the_engine_process(engine, monkeypatch):
+    """SIGTERM (here: uvicorn's exit) while the engine loads: the load is cancelled and the engine process ends at
+    once, without waiting for the load to finish."""
+    from kiln.serve.state import ServerState
+
+    release = threading.Event()
+    load = ServerState._load_model
+    monkeypatch.setattr(ServerState, "_load_model", lambda self: (release.wait(60), load(self))[1])
+    server = LiveServer(ServeConfig(engine_dir=str(engine), port=free_port(), device="cpu"))
+    server.thread.start()
+    try:
+        for _ in range(400):
+            if server.state.engine is not None:
+                break
+            threading.Event().wait(0.02)
+        process = server.state.engine.process
+        server.server.should_exit = True
+        process.join(10)
+        assert process.exitcode == -signal.SIGKILL  # killed: a loading engine is not waited for
+        assert server.state.status == "stopping"
+    finally:
+        release.set()
+        server.stop()
+
+
 def test_an_engine_that_cannot_load_is_a_failed_load_with_its_reason(engine):
     """The engine process refuses to load (a KV cache too small for one sequence): its one-line reason reaches the
     server, /health says failed, requests get 503 naming it, and the engine process has exited."""
