@@ -199,14 +199,16 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
 
 
 def start_profile(pid: int, path: str) -> subprocess.Popen | None:
-    """py-spy sampling every thread of the server at 100 Hz, GIL waits included (--idle off: only running stacks)."""
+    """py-spy sampling every thread of the server and of its engine process at 100 Hz (--idle off: only running
+    stacks)."""
     import shutil
 
     exe = shutil.which("py-spy")
     if exe is None:
         print("--profile: py-spy is not on PATH; the sweep runs unprofiled", flush=True)
         return None
-    return subprocess.Popen([exe, "record", "-p", str(pid), "-o", path, "-f", "raw", "-r", "100", "--threads"],
+    return subprocess.Popen([exe, "record", "-p", str(pid), "-o", path, "-f", "raw", "-r", "100", "--threads",
+                             "--subprocesses"],  # the engine runs in a child process of kiln serve
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 

@@ -111,6 +111,20 @@ def engine_tokenizer(engine_dir: str | Path, tokenizer_dir: str | Path | None) -
         return None
 
 
+def request_stop_ids(params: SamplingParams, tokenizer: Any, eos_token_id: int | list[int] | None) -> frozenset[int]:
+    """A request's stop ids: its own, its end_id, and the model's end tokens (the tokenizer's, else config.json's
+    eos) unless an end_id overrides them. Shared by LLM and the server (which has the tokenizer, not the LLM)."""
+    ids = set(params.stop_token_ids)
+    if params.end_id is not None:
+        ids.add(params.end_id)
+        return frozenset(ids)
+    if tokenizer is not None:
+        ids.update(tokenizer.stop_token_ids)
+    else:
+        ids.update(eos_token_id if isinstance(eos_token_id, list) else [] if eos_token_id is None else [eos_token_id])
+    return frozenset(ids)
+
+
 class LLM:
     """A loaded engine with its runtime. `model` is a kiln engine directory, or a Hugging Face checkpoint directory
     that is converted and built once into kiln's engine cache (kiln.one_step) and reused from there.
@@ -200,16 +214,7 @@ class LLM:
     def stop_ids(self, params: SamplingParams) -> frozenset[int]:
         """The request's stop ids: its own, its end_id, and the model's end tokens (tokenizer and
         generation_config.json, else config.json's eos) unless an end_id overrides them."""
-        ids = set(params.stop_token_ids)
-        if params.end_id is not None:
-            ids.add(params.end_id)
-            return frozenset(ids)
-        if self.tokenizer is not None:
-            ids.update(self.tokenizer.stop_token_ids)
-        else:
-            eos = self.info.model.eos_token_id
-            ids.update(eos if isinstance(eos, list) else [] if eos is None else [eos])
-        return frozenset(ids)
+        return request_stop_ids(params, self.tokenizer, self.info.model.eos_token_id)
 
     def _check(self, prompt_ids: list[int], params: SamplingParams, which: str = "a prompt") -> None:
         try:

@@ -1,5 +1,5 @@
 """A live `kiln serve` for tests: the shipped mpt-books model as a float32 engine, served by uvicorn in a thread on a
-free loopback port, and the official openai client pointed at it."""
+free loopback port (its engine in a process of its own, as always), and the official openai client pointed at it."""
 
 from __future__ import annotations
 
@@ -87,14 +87,16 @@ class LiveServer:
         return float(found.group(1))
 
     def wait_idle(self, timeout: float = 20.0) -> None:
-        """Until no request is in the engine and every KV block is free again (asserts it happens)."""
+        """Until no request is in the engine and every KV block is free again (asserts it happens): the engine
+        process has taken every command the server sent, and its stats after that say so."""
         deadline = time.monotonic() + timeout
+        engine = self.state.engine
         while time.monotonic() < deadline:
-            if (self.state.loop_engine.num_requests == 0 and self.metric("kiln_kv_blocks_used") == 0
+            if (engine.idle and self.metric("kiln_kv_blocks_used") == 0
                     and self.metric("kiln_running_sequences") == 0):
                 return
             time.sleep(0.05)
-        raise AssertionError(f"not idle after {timeout}s: {self.state.loop_engine.num_requests} requests, "
+        raise AssertionError(f"not idle after {timeout}s: {engine.num_requests} requests, engine {engine.stats}, "
                              f"{self.metric('kiln_kv_blocks_used')} KV blocks used")
 
 
@@ -106,6 +108,37 @@ def live_server(engine: Path, **settings: object) -> Iterator[LiveServer]:
         yield server
     finally:
         server.stop()
+
+
+def children(pid: int) -> set[int]:
+    """Every live descendant of `pid` (from /proc): the engine process of a kiln serve, its rank processes."""
+    parents: dict[int, int] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "Z" not in (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+
+
+def wait_gone(pids: set[int], timeout: float = 15.0) -> set[int]:
+    """Those of `pids` still alive after up to `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return {p for p in pids if alive(p)}
 
 
 def start_kiln_serve(engine: Path, *flags: str, timeout: float = 120.0) -> tuple[subprocess.Popen, str]:

@@ -5,6 +5,8 @@ the key, 404 for another model, 413 for a 10 MB body, 429 when the queue is full
 from __future__ import annotations
 
 import json
+import os
+import signal
 import socket
 import threading
 import urllib.error
@@ -177,8 +179,8 @@ def test_503_while_loading_then_200(engine, monkeypatch):
     from kiln.serve.state import ServerState
 
     release = threading.Event()
-    load = ServerState._load_llm
-    monkeypatch.setattr(ServerState, "_load_llm", lambda self: (release.wait(60), load(self))[1])
+    load = ServerState._load_model  # the server's part of loading (config, tokenizer) is held back
+    monkeypatch.setattr(ServerState, "_load_model", lambda self: (release.wait(60), load(self))[1])
     server = LiveServer(ServeConfig(engine_dir=str(engine), port=free_port(), served_model_name="mpt-books",
                                     device="cpu"))
     server.thread.start()
@@ -199,15 +201,112 @@ def test_503_while_loading_then_200(engine, monkeypatch):
         server.stop()
 
 
-def test_an_engine_failure_is_a_500_without_traceback_and_health_503(engine):
-    with live_server(engine, device="cpu") as server:
-        def broken_step():
-            raise RuntimeError("device lost")
+def test_a_stop_while_loading_ends_the_engine_process(engine, monkeypatch):
+    """SIGTERM (here: uvicorn's exit) while the engine loads: the load is cancelled and the engine process ends at
+    once, without waiting for the load to finish."""
+    from kiln.serve.state import ServerState
 
-        server.state.llm.engine.step = broken_step
-        assert_error(call(server, "/v1/completions", completion(), key=None), 500, "engine failed")
+    release = threading.Event()
+    load = ServerState._load_model
+    monkeypatch.setattr(ServerState, "_load_model", lambda self: (release.wait(60), load(self))[1])
+    server = LiveServer(ServeConfig(engine_dir=str(engine), port=free_port(), device="cpu"))
+    server.thread.start()
+    try:
+        for _ in range(400):
+            if server.state.engine is not None:
+                break
+            threading.Event().wait(0.02)
+        process = server.state.engine.process
+        server.server.should_exit = True
+        process.join(10)
+        assert process.exitcode == -signal.SIGKILL  # killed: a loading engine is not waited for
+        assert server.state.status == "stopping"
+    finally:
+        release.set()
+        server.stop()
+
+
+def test_an_engine_that_cannot_load_is_a_failed_load_with_its_reason(engine):
+    """The engine process refuses to load (a KV cache too small for one sequence): its one-line reason reaches the
+    server, /health says failed, requests get 503 naming it, and the engine process has exited."""
+    server = LiveServer(ServeConfig(engine_dir=str(engine), port=free_port(), device="cpu", kv_cache_max_tokens=16))
+    try:
+        with pytest.raises(RuntimeError, match="too little memory for the KV cache"):
+            server.start()
+        assert call(server, "/health", key=None) == (503, {"status": "failed"})
+        assert_error(call(server, "/v1/completions", completion(), key=None), 503, "KV cache")
+        server.state.engine.process.join(30)
+        assert server.state.engine.process.exitcode == 0
+    finally:
+        server.stop()
+
+
+def test_an_engine_process_that_dies_is_a_500_without_traceback_and_health_503(engine):
+    """The engine process killed mid-request: the request in flight (streamed and whole) ends with the 500 error
+    body, /health turns 503, and the server still answers (503) instead of hanging. (An engine whose step raises is
+    test_serve_engine_process.py's, without HTTP.)"""
+    with live_server(engine, device="cpu") as server:
+        client = openai.OpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0, timeout=60)
+        stream = client.completions.create(model="mpt-books", prompt="It was", max_tokens=350, temperature=0,
+                                           stream=True, extra_body={"ignore_eos": True})
+        first = next(iter(stream))  # a request is in flight in the engine
+        assert first.choices[0].finish_reason is None
+        whole: list = []
+        waiter = threading.Thread(target=lambda: whole.append(call(server, "/v1/completions", completion(
+            max_tokens=350, ignore_eos=True), key=None)))
+        waiter.start()
+        for _ in range(200):
+            if server.state.engine.num_requests == 2:
+                break
+            threading.Event().wait(0.02)
+        process = server.state.engine.process
+        os.kill(process.pid, signal.SIGKILL)
+        with pytest.raises(openai.APIError, match="engine failed"):
+            for _ in stream:
+                pass
+        waiter.join(60)
+        assert_error(whole[0], 500, "engine failed")
         assert call(server, "/health", key=None)[0] == 503
-        assert_error(call(server, "/v1/completions", completion(), key=None), 503)
+        assert_error(call(server, "/v1/completions", completion(), key=None), 503, "not serving")
+        assert call(server, "/v1/models", key=None)[0] == 200  # the rest of the server still answers
+        assert process.exitcode == -signal.SIGKILL
+
+
+def reachable(root: object) -> list:
+    """Every object reachable from `root` through containers and instances (not through modules, classes or
+    functions, which would reach the whole interpreter)."""
+    import gc
+    import types
+
+    opaque = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType, types.FrameType)
+    seen, found, stack = set(), [], [root]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, opaque):
+            continue
+        seen.add(id(obj))
+        found.append(obj)
+        stack.extend(gc.get_referents(obj))
+    return found
+
+
+def test_the_server_process_holds_no_weights(server):
+    """The model's weights live in the engine process only: the server's state (and all it reaches: the event
+    loop, the app, the engine client) holds the engine's config and tokenizer, and no kiln.LLM, module or tensor."""
+    import torch
+
+    from kiln.llm import LLM
+
+    state = server.state
+    assert state.model.tokenizer is not None and state.model.build.max_seq_len == MAX_SEQ_LEN
+    assert set(vars(state.model)) == {"info", "tokenizer"}
+    assert state.engine.process.is_alive() and state.engine.process.pid != os.getpid()
+    heavy = (LLM, torch.nn.Module, torch.Tensor)
+    held = [type(o).__name__ for o in reachable(server.server) if isinstance(o, heavy)]
+    assert not held, held
+    planted = type("Holder", (), {})()
+    planted.table = {"layers": [torch.nn.Linear(2, 2)]}
+    assert any(isinstance(o, torch.nn.Parameter) for o in reachable(planted))  # the walk would see weights
 
 
 def test_kiln_serve_bad_flags_are_one_line_exit_2(engine, tmp_path, capsys):

@@ -17,7 +17,7 @@ import openai
 import pytest
 
 import kiln
-from fixtures_serve import REPO, live_server, shared_mpt_books_engine, start_kiln_serve
+from fixtures_serve import REPO, children, live_server, shared_mpt_books_engine, start_kiln_serve, wait_gone
 from kiln.cli.main import main as kiln_main
 
 WORDS = ["ship", "sea", "morning", "letter", "house", "garden", "storm", "captain"]
@@ -139,8 +139,11 @@ def test_sigterm_stops_kiln_serve_with_exit_0(engine, tmp_path):
         stream = client.completions.create(model=engine.name, prompt="It was", max_tokens=350, temperature=0,
                                            stream=True, extra_body={"ignore_eos": True})
         next(iter(stream))  # a request is in flight
+        helpers = children(proc.pid)
+        assert helpers, "the engine runs in a process of its own"
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0, proc.stdout.read().decode()
+        assert not wait_gone(helpers), "kiln serve left a process behind"
         with pytest.raises(openai.APIError, match="shutting down"):
             for _ in stream:  # no grace period: the request ends with the error as the stream's last event
                 pass
@@ -149,6 +152,21 @@ def test_sigterm_stops_kiln_serve_with_exit_0(engine, tmp_path):
             proc.kill()
             proc.wait()
     assert "Traceback" not in proc.stdout.read().decode()
+
+
+def test_a_killed_server_leaves_no_engine_behind(engine):
+    """kill -9 of kiln serve: its engine process sees its pipe close and exits by itself."""
+    proc, url = start_kiln_serve(engine)
+    try:
+        helpers = children(proc.pid)
+        assert helpers
+        proc.kill()
+        proc.wait(timeout=30)
+        assert not wait_gone(helpers, timeout=30), "the engine process outlived its server"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_bench_serve_measures_a_live_server(server, tmp_path):
@@ -210,6 +228,6 @@ def test_soak_mixed_load_with_random_disconnects(server):
 
     assert asyncio.run(run()) > 20
     server.wait_idle()
-    assert server.state.loop_engine.failed is None
+    assert server.state.engine.failed is None
     text = urllib.request.urlopen(server.url + "/metrics").read().decode()
     assert 'status="500"' not in text and 'status="503"' not in text

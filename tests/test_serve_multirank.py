@@ -5,37 +5,13 @@ from __future__ import annotations
 
 import signal
 import time
-from pathlib import Path
 
 import openai
 import pytest
 
 import kiln
-from fixtures_serve import MPT_BOOKS, shared_mpt_books_engine, start_kiln_serve
+from fixtures_serve import MPT_BOOKS, alive, children, shared_mpt_books_engine, start_kiln_serve
 from kiln.cli.main import main as kiln_main
-
-
-def children(pid: int) -> set[int]:
-    """Every live descendant of `pid` (from /proc)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    found, frontier = set(), {pid}
-    while frontier:
-        frontier = {child for child, parent in parents.items() if parent in frontier} - found
-        found |= frontier
-    return found
-
-
-def alive(pid: int) -> bool:
-    try:
-        return "Z" not in (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
 
 
 @pytest.mark.slow

@@ -34,8 +34,9 @@ def create_app(config: ServeConfig) -> FastAPI:
             yield
         finally:
             state.status = "stopping"
+            loading.cancel()  # a stop while the engine loads ends the load (close() then kills the engine process)
             await asyncio.gather(loading, return_exceptions=True)
-            await asyncio.get_running_loop().run_in_executor(None, state.close)
+            await state.close()
 
     app = FastAPI(title="kiln", version=kiln.__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   openapi_url=None)
@@ -107,8 +108,8 @@ async def models(request: Request) -> dict[str, Any]:
     state = _state(request)
     check_api_key(request, state.config.api_key)
     card = {"id": state.config.model_name, "object": "model", "created": int(time.time()), "owned_by": "kiln"}
-    if state.llm is not None:
-        card["max_model_len"] = state.llm.build.max_seq_len
+    if state.model is not None:
+        card["max_model_len"] = state.model.build.max_seq_len
     return {"object": "list", "data": [card]}
 
 
@@ -144,7 +145,7 @@ async def tokenize(request: Request) -> dict[str, Any]:
         ids = await state.off_loop(tokenizer.apply_chat_template, body["messages"], True)
     else:
         raise bad_request("give a string 'prompt' or a list of chat 'messages'", "prompt")
-    return {"tokens": ids, "count": len(ids), "max_model_len": state.llm.build.max_seq_len}
+    return {"tokens": ids, "count": len(ids), "max_model_len": state.model.build.max_seq_len}
 
 
 async def detokenize(request: Request) -> dict[str, str]:
@@ -155,7 +156,7 @@ async def detokenize(request: Request) -> dict[str, str]:
     tokens = body.get("tokens") if isinstance(body, dict) else None
     if not isinstance(tokens, list):
         raise bad_request("give 'tokens', a list of token ids", "tokens")
-    vocab = state.llm.info.model.vocab_size
+    vocab = state.model.vocab_size
     for t in tokens:
         if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab:
             raise bad_request(f"tokens holds {t!r}; token ids are integers in 0..{vocab - 1}", "tokens")

@@ -9,9 +9,10 @@ import time
 from typing import AsyncIterator
 
 from kiln.sampling_params import SamplingParams
-from kiln.serve.engine_loop import Delta, EngineLoop, Submission
+from kiln.serve.engine_client import EngineClient, Submission
 from kiln.serve.errors import APIError
 from kiln.serve.metrics import ServerMetrics
+from kiln.serve.step_loop import Delta
 
 _ids = itertools.count()
 
@@ -21,9 +22,9 @@ class Generation:
     deltas). A consumer that stops iterating (a client that disconnected) must call `abort()`; `events()` does so itself when
     it is closed or cancelled."""
 
-    def __init__(self, loop: EngineLoop, prompts: list[list[int]], params: list[SamplingParams],
+    def __init__(self, engine: EngineClient, prompts: list[list[int]], params: list[SamplingParams],
                  stop_ids: list[frozenset[int]], metrics: ServerMetrics) -> None:
-        self.loop, self.metrics = loop, metrics
+        self.engine, self.metrics = engine, metrics
         self.queue: asyncio.Queue = asyncio.Queue()
         self.request_ids = [f"{next(_ids)}" for _ in prompts]
         self.remaining = sum(p.n for p in params)
@@ -32,7 +33,7 @@ class Generation:
         self.num_prompt_tokens = sum(len(p) for p in prompts)
         self.num_output_tokens = 0
         for index, (rid, ids, p, stops) in enumerate(zip(self.request_ids, prompts, params, stop_ids)):
-            loop.submit(Submission(rid, ids, p, stops, lambda item, i=index: self.queue.put_nowait((i, item))))
+            engine.submit(Submission(rid, ids, p, stops, lambda item, i=index: self.queue.put_nowait((i, item))))
         metrics.prompt_tokens.inc(self.num_prompt_tokens)
 
     async def events(self) -> AsyncIterator[list[tuple[int, list[Delta]]]]:
@@ -57,7 +58,7 @@ class Generation:
         if self.remaining:
             self.remaining = 0
             for rid in self.request_ids:
-                self.loop.abort(rid)
+                self.engine.abort(rid)
 
     def _observe(self, deltas: list[Delta]) -> None:
         now = time.perf_counter()

@@ -108,8 +108,8 @@ async def run_job(request: Request, state: ServerState, job: Job) -> Response:
     if not await until_disconnect(request, admission.enter()):
         return Response(status_code=499)  # nobody is listening; the status is for the log and the metrics
     try:
-        gen = Generation(state.loop_engine, job.prompts, [job.params] * len(job.prompts),
-                         [state.llm.stop_ids(job.params)] * len(job.prompts), state.metrics)
+        gen = Generation(state.engine, job.prompts, [job.params] * len(job.prompts),
+                         [state.model.stop_ids(job.params)] * len(job.prompts), state.metrics)
     except BaseException:
         admission.leave()
         raise

@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from kiln.serve.engine_loop import Delta
+from kiln.serve.step_loop import Delta
 
 TokenText = Callable[[int], str]  # a token id's text (for logprobs)
 

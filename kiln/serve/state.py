@@ -1,4 +1,4 @@
-"""The server's state: its configuration, the engine (loaded in a thread while /health says 503), admission (a
+"""The server's state: its configuration, the engine (loaded in its own process while /health says 503), admission (a
 bounded queue in front of a bounded number of running requests) and the prompt checks made before admission."""
 
 from __future__ import annotations
@@ -13,9 +13,11 @@ from typing import Any, Callable
 
 from kiln.runtime_checks import check_param_ids, check_prompt_ids
 from kiln.sampling_params import SamplingParams
-from kiln.serve.engine_loop import EngineLoop
+from kiln.serve.engine_client import EngineClient
+from kiln.serve.engine_process import EngineSettings, start_engine_process
 from kiln.serve.errors import APIError, bad_request
 from kiln.serve.metrics import ServerMetrics
+from kiln.serve.served_model import ServedModel
 
 logger = logging.getLogger(__name__)
 MiB = 2**20
@@ -78,14 +80,16 @@ class Admission:
 
 
 class ServerState:
-    """Everything the handlers share. `status` is loading, ready, stopping or failed."""
+    """Everything the handlers share. `status` is loading, ready, stopping or failed. The engine runs in its own
+    process (engine_process.py); this process holds `model` (config and tokenizer, no weights) and `engine`, the
+    client of that process."""
 
     def __init__(self, config: ServeConfig) -> None:
         self.config = config
         self.status = "loading"
         self.metrics = ServerMetrics()
-        self.llm: Any = None
-        self.loop_engine: EngineLoop | None = None
+        self.model: ServedModel | None = None
+        self.engine: EngineClient | None = None
         self.admission: Admission | None = None
         self.load_error: str | None = None
         # One thread tokenizes prompts: off the event loop, and never two encodes at once on one tokenizer.
@@ -94,41 +98,41 @@ class ServerState:
     # ---- life cycle ----------------------------------------------------------------------------------------------
 
     async def load(self) -> None:
-        """Load the engine in a thread (the server answers 503 meanwhile), then start its loop."""
+        """Start the engine process, read the model's config and tokenizer here while it loads (the server answers
+        503 meanwhile), and wait for it to say ready."""
         loop = asyncio.get_running_loop()
         try:
-            self.llm = await loop.run_in_executor(None, self._load_llm)
-        except Exception as err:
+            # On the loop's thread (about 10 ms: fork, exec, the spawn data), so that a stop that cancels the load
+            # always finds the process it must end in self.engine.
+            process, commands, events = start_engine_process(self.engine_settings())
+            self.engine = EngineClient(commands, events, loop, process)
+            self.model = await loop.run_in_executor(None, self._load_model)
+            await self.engine.wait_ready()
+        except Exception as err:  # EngineLoadError, a bad engine directory or tokenizer, no process to start
             logger.error("kiln serve: cannot load the engine: %s", err)
             self.load_error, self.status = str(err), "failed"
             return
         gc.collect()
-        gc.freeze()  # the loaded engine's objects leave the collector's scans: fewer, shorter pauses while serving
-        build = self.llm.build
+        gc.freeze()  # the tokenizer's objects leave the collector's scans: fewer, shorter pauses while serving
+        build = self.model.build
         running = self.config.max_concurrent_requests or DEFAULT_RUNNING_PER_SLOT * build.max_batch_size
         self.admission = Admission(running, self.config.max_queue)
-        self.loop_engine = EngineLoop(self.llm.engine, self.llm.tokenizer, loop, self._engine_thread_device)
-        scheduler = self.llm.engine.scheduler
-        blocks = scheduler.block_manager
-        self.metrics.bind_engine(lambda: self.admission.waiting, lambda: scheduler.num_running,
-                                 lambda: scheduler.num_waiting, lambda: blocks.num_blocks - blocks.num_free_blocks, blocks.num_blocks)
-        self.loop_engine.start()
+        engine = self.engine
+        self.metrics.bind_engine(lambda: self.admission.waiting, lambda: engine.stats.running,
+                                 lambda: engine.stats.waiting, lambda: engine.stats.blocks_used, engine.blocks_total)
         if self.status == "loading":
             self.status = "ready"
             logger.info("kiln serve: %s ready on http://%s:%d", self.config.model_name, self.config.host,
                         self.config.port)
 
-    def _load_llm(self) -> Any:
-        from kiln.llm import LLM
-
+    def engine_settings(self) -> EngineSettings:
         c = self.config
-        llm = LLM(c.engine_dir, tokenizer_dir=c.tokenizer_dir, device=c.device,
-                  kv_cache_free_gpu_memory_fraction=c.kv_cache_free_gpu_memory_fraction,
-                  use_cuda_graphs=c.use_cuda_graphs, async_scheduling=c.async_scheduling,
-                  kv_cache_max_tokens=c.kv_cache_max_tokens)
-        if c.chat_template is not None and llm.tokenizer is not None:
-            llm.tokenizer.set_chat_template(Path(c.chat_template).read_text(encoding="utf-8"))
-        return llm
+        return EngineSettings(c.engine_dir, c.tokenizer_dir, c.device, c.kv_cache_free_gpu_memory_fraction,
+                              c.kv_cache_max_tokens, c.use_cuda_graphs, c.async_scheduling)
+
+    def _load_model(self) -> ServedModel:
+        c = self.config
+        return ServedModel.load(c.engine_dir, c.tokenizer_dir, c.chat_template)
 
     def begin_shutdown(self) -> None:
         """Refuse new requests (503, /health too) and, after shutdown_timeout_s, end those still running with a 503
@@ -136,32 +140,22 @@ class ServerState:
         Called on the event loop's thread."""
         if self.status in ("ready", "loading"):
             self.status = "stopping"
-        if self.loop_engine is not None:
+        if self.engine is not None:
             error = APIError(503, "the server is shutting down and this request ran past its grace period "
                                   f"({self.config.shutdown_timeout_s:g} s); retry elsewhere or later")
-            self.loop_engine.loop.call_later(self.config.shutdown_timeout_s, self.loop_engine.abort_all, error)
+            self.engine.loop.call_later(self.config.shutdown_timeout_s, self.engine.abort_all, error)
 
-    def _engine_thread_device(self) -> None:
-        """CUDA's current device is per thread: the engine's thread gets the engine's (cuda:N), as the loading
-        thread had it."""
-        device = getattr(self.llm.runner, "device", None)
-        if device is not None and device.type == "cuda" and device.index is not None:
-            import torch
-
-            torch.cuda.set_device(device)
-
-    def close(self) -> None:
-        """Stop generating (requests still running end with a 503 error) and end the engine's rank processes."""
+    async def close(self) -> None:
+        """Stop generating (requests still running end with a 503 error), then stop the engine process (it frees
+        the engine and its rank processes)."""
         self.status = "stopping"
-        if self.loop_engine is not None:
-            self.loop_engine.stop(self.config.shutdown_timeout_s)
-        if self.llm is not None:
-            self.llm.close()
+        if self.engine is not None:
+            await self.engine.stop(APIError(503, "the server is shutting down; retry elsewhere or later"))
         self.tokenize_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def healthy(self) -> bool:
-        return self.status == "ready" and self.loop_engine is not None and self.loop_engine.failed is None
+        return self.status == "ready" and self.engine is not None and self.engine.failed is None
 
     def require_ready(self) -> None:
         if self.status == "loading":
@@ -175,7 +169,7 @@ class ServerState:
 
     @property
     def tokenizer(self) -> Any:
-        return self.llm.tokenizer
+        return self.model.tokenizer
 
     def need_tokenizer(self, what: str) -> Any:
         if self.tokenizer is None:
@@ -197,7 +191,7 @@ class ServerState:
 
     def check_prompt(self, ids: list[int], params: SamplingParams, which: str) -> None:
         """The engine's limits, named with their values: vocabulary, max_input_len, max_seq_len."""
-        build, vocab = self.llm.build, self.llm.info.model.vocab_size
+        build, vocab = self.model.build, self.model.vocab_size
         if len(ids) > build.max_input_len:
             raise bad_request(f"{which} has {len(ids)} tokens, more than this engine's limit of {build.max_input_len} "
                               "prompt tokens (max_input_len); shorten the prompt", "prompt", "context_length_exceeded")
@@ -213,7 +207,7 @@ class ServerState:
 
     def default_max_tokens(self, prompt_len: int) -> int:
         """What a chat request without max_tokens may generate: the rest of the engine's sequence length."""
-        return max(1, self.llm.build.max_seq_len - prompt_len)
+        return max(1, self.model.build.max_seq_len - prompt_len)
 
     def token_text(self, token_id: int) -> str:
         return self.tokenizer.decode([token_id], skip_special_tokens=False) if self.tokenizer else str(token_id)
