@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kiln.config import BuildConfig, Mapping, ModelConfig
+from kiln.config import BuildConfig, ConfigError, Mapping, ModelConfig
 
 GiB = 1024**3
 
@@ -24,6 +24,18 @@ class MemoryPlan:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def check_weights_fit(plan: MemoryPlan, free_bytes: int, min_kv_bytes: int) -> None:
+    """Refuse, before anything is allocated, a rank whose weights, activations and the KV cache of one sequence do
+    not fit in the device's free memory (ConfigError, one line with the numbers and what to change)."""
+    need = plan.weight_bytes + plan.activation_bytes + min_kv_bytes
+    if need > free_bytes:
+        raise ConfigError(
+            f"the engine needs {need / GiB:.2f} GiB per GPU (weights {plan.weight_bytes / GiB:.2f}, activations "
+            f"{plan.activation_bytes / GiB:.2f}, KV of one max_seq_len sequence {min_kv_bytes / GiB:.2f}) and the "
+            f"GPU has {free_bytes / GiB:.2f} GiB free; quantize the weights, use more GPUs (--tp_size/--pp_size) or "
+            "build with smaller limits")
 
 
 def kv_bytes_per_token(model: ModelConfig, mapping: Mapping, num_layers: int, element_size: int) -> int:
