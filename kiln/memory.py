@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import torch
+
 from kiln.config import BuildConfig, ConfigError, Mapping, ModelConfig
 
 GiB = 1024**3
@@ -26,15 +28,30 @@ class MemoryPlan:
         return asdict(self)
 
 
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory a rank can still take on `device`: the GPU's free memory, or on the CPU the kernel's MemAvailable
+    (None where it cannot be read)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def check_weights_fit(plan: MemoryPlan, free_bytes: int, min_kv_bytes: int) -> None:
     """Refuse, before anything is allocated, a rank whose weights, activations and the KV cache of one sequence do
     not fit in the device's free memory (ConfigError, one line with the numbers and what to change)."""
     need = plan.weight_bytes + plan.activation_bytes + min_kv_bytes
     if need > free_bytes:
         raise ConfigError(
-            f"the engine needs {need / GiB:.2f} GiB per GPU (weights {plan.weight_bytes / GiB:.2f}, activations "
+            f"the engine needs {need / GiB:.2f} GiB per rank (weights {plan.weight_bytes / GiB:.2f}, activations "
             f"{plan.activation_bytes / GiB:.2f}, KV of one max_seq_len sequence {min_kv_bytes / GiB:.2f}) and the "
-            f"GPU has {free_bytes / GiB:.2f} GiB free; quantize the weights, use more GPUs (--tp_size/--pp_size) or "
+            f"device has {free_bytes / GiB:.2f} GiB free; quantize the weights, use more GPUs (--tp_size/--pp_size) or "
             "build with smaller limits")
 
 

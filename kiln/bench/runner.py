@@ -91,6 +91,7 @@ def _engine_text(info: ArtifactInfo, options: BenchOptions, kernels: str, weight
             "world_size": info.mapping.world_size, "weight_bytes": weights.total, "expert_bytes": weights.experts,
             "embedding_bytes": weights.embedding, "kv_bytes_per_token": info.raw["memory_plan"]["kv_bytes_per_token"],
             "kv_cache_quant_algo": info.quant.kv_cache_quant_algo,
+            "weights_in_memory": info.weights_in_memory is not None,
             "build": info.raw.get("build"), "kernels": kernels, "kernel_backend": options.kernel_backend}
 
 

@@ -18,7 +18,7 @@ from kiln.executor.input_batch import DeviceFeed, DeviceStaging, HostBatch, buil
 from kiln.kernels import KernelSet, bind_linear_matmuls, reference, select_kernels
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.layers.materialize import materialize
-from kiln.memory import GiB, MemoryPlan, check_weights_fit
+from kiln.memory import GiB, MemoryPlan, check_weights_fit, free_memory_bytes
 from kiln.quant.fp8 import FP8_SCHEMES
 from kiln.quant.group_wise import GROUP_WISE_ALGOS
 from kiln.quant.kv_cache import bind_kv_scales, kv_cache_dtype
@@ -147,8 +147,9 @@ class ModelRunner:
         # Built on meta with its quantized parameters and matmuls (chosen once here), then placed: the device only
         # ever holds the stored formats, never the float weights they replace (kiln.layers.materialize).
         self.model = meta_model(info.family, info.model, mapping, info.quant)
-        if device.type == "cuda":  # refused in one line before anything is allocated, not by an OOM halfway
-            check_weights_fit(self.plan, torch.cuda.mem_get_info(device)[0], self._min_kv_bytes())
+        free = free_memory_bytes(device)
+        if free is not None:  # refused in one line before anything is allocated, not by an OOM halfway
+            check_weights_fit(self.plan, free, self._min_kv_bytes())
         materialize(self.model, device)
         _fill_weights(self.model, info, mapping, device)
         bind_kv_scales(self.model)  # an INT8/FP8 KV cache's scales and their reciprocals, once
