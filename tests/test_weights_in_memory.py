@@ -46,7 +46,8 @@ def engine_logits(opts: BenchOptions, precision: str, group_size: int = 128) -> 
     quant = precision_quant(precision, group_size)
     with dummy_engine(opts, log=lambda line: None, quant=quant) as engine:
         files = sorted(p.name for p in engine.rglob("*.safetensors"))
-        assert files == ([] if opts.weights_in_memory else [f"rank{r}.safetensors" for r in range(opts.tp_size)])
+        world = opts.tp_size * opts.pp_size
+        assert files == ([] if opts.weights_in_memory else [f"rank{r}.safetensors" for r in range(world)])
         llm = kiln.LLM(engine, device="cpu", kv_cache_bytes=1 << 20)
         try:
             return llm.score(PROMPT)
@@ -72,10 +73,11 @@ def test_in_memory_dense_families_equal_the_engine_on_disk(preset, precision):
     assert torch.equal(in_memory, on_disk)
 
 
-def test_in_memory_two_ranks_equal_the_engine_on_disk(tmp_path):
-    """Expert parallel over 2 ranks (gloo): each spawned rank draws its own experts through convert's sharding."""
-    config = dbrx_config(tmp_path)
-    kw = dict(config=config, tp_size=2, moe_tp_mode=1)
+@pytest.mark.parametrize("shard", [dict(tp_size=2, moe_tp_mode=1), dict(pp_size=2)], ids=["ep2", "pp2"])
+def test_in_memory_two_ranks_equal_the_engine_on_disk(shard, tmp_path):
+    """Expert parallel or two pipeline stages (gloo): each spawned rank draws its own part through convert's
+    sharding."""
+    kw = dict(config=dbrx_config(tmp_path), **shard)
     on_disk = engine_logits(options(False, **kw), "int4_awq")
     in_memory = engine_logits(options(True, **kw), "int4_awq")
     assert torch.equal(in_memory, on_disk)
