@@ -152,6 +152,8 @@ class ModelRunner:
             check_weights_fit(self.plan, free, self._min_kv_bytes())
         materialize(self.model, device)
         _fill_weights(self.model, info, mapping, device)
+        if device.type == "cuda":  # the loading's transients back to the GPU: the KV cache is sized from free memory
+            torch.cuda.empty_cache()
         bind_kv_scales(self.model)  # an INT8/FP8 KV cache's scales and their reciprocals, once
         self.model.eval()
         # The build's Triton GEMV choices (CUDA, triton kernels only), before any graph captures the layers.
