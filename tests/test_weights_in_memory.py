@@ -163,6 +163,9 @@ def test_bench_defaults_to_weights_in_memory(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "no rank file is written" in printed and "weights per rank:" in printed
     assert BenchOptions(preset="mpt-tiny", compare_hf=True).in_memory is False  # transformers reads the rank file
+    assert kiln_main(["bench", "--preset", "mpt-tiny", "--device", "cpu", "--batch_size", "1", "--input_len", "4",
+                      "--output_len", "2", "--warmup", "0", "--weights-on-disk", "--output_json", str(out)]) == 0
+    assert json.loads(out.read_text())["engine"]["weights_in_memory"] is False
     assert BenchOptions(preset="mpt-tiny", weights_in_memory=False).in_memory is False
 
 
