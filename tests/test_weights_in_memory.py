@@ -55,11 +55,14 @@ def engine_logits(opts: BenchOptions, precision: str, group_size: int = 128) -> 
             llm.close()
 
 
-@pytest.mark.parametrize("precision", ["none", "int8", "int4", "int4_awq"])
-def test_in_memory_dbrx_equals_the_engine_on_disk(precision, tmp_path):
+@pytest.mark.parametrize("precision, kv", [("none", None), ("int8", None), ("int4", None), ("int4_awq", None),
+                                           ("int4_awq", "int8"), ("fp8", "fp8"), ("int8_sq", None)])
+def test_in_memory_dbrx_equals_the_engine_on_disk(precision, kv, tmp_path):
+    """Every format, with the scale sources convert puts in front of the weights (unit KV scales, FP8's dummy input
+    scales, SmoothQuant's smoothing on absmax 1)."""
     config = dbrx_config(tmp_path)
-    on_disk = engine_logits(options(False, config=config), precision)
-    in_memory = engine_logits(options(True, config=config), precision)
+    on_disk = engine_logits(options(False, config=config, kv_cache_dtype=kv), precision)
+    in_memory = engine_logits(options(True, config=config, kv_cache_dtype=kv), precision)
     assert torch.isfinite(in_memory).all() and in_memory.abs().max() > 0
     assert torch.equal(in_memory, on_disk)
 
