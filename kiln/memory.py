@@ -29,10 +29,11 @@ class MemoryPlan:
 
 
 def free_memory_bytes(device: torch.device) -> int | None:
-    """Memory a rank can still take on `device`: the GPU's free memory, or on the CPU the kernel's MemAvailable
-    (None where it cannot be read)."""
+    """Memory a rank can still take on `device`: the GPU's free memory plus what torch's allocator holds cached but
+    unused (bench's bandwidth buffers, say), or on the CPU the kernel's MemAvailable (None where it cannot be read)."""
     if device.type == "cuda":
-        return torch.cuda.mem_get_info(device)[0]
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
     try:
         with open("/proc/meminfo") as f:
             for line in f:
