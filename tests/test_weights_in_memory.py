@@ -162,9 +162,11 @@ def test_bench_defaults_to_weights_in_memory(tmp_path, capsys):
     assert kiln_main(["bench", "--preset", "dbrx-tiny", "--num_layers", "1", "--device", "cpu", "--batch_size", "1",
                       "--input_len", "6", "--output_len", "3", "--warmup", "0", "--weight_only_precision", "int4",
                       "--output_json", str(out)]) == 0
-    assert json.loads(out.read_text())["engine"]["weights_in_memory"] is True
+    engine = json.loads(out.read_text())["engine"]
+    assert engine["weights_in_memory"] is True and engine["load_s"] > 0
     printed = capsys.readouterr().out
     assert "no rank file is written" in printed and "weights per rank:" in printed
+    assert "(weights drawn in memory)" in printed
     assert BenchOptions(preset="mpt-tiny", compare_hf=True).in_memory is False  # transformers reads the rank file
     assert kiln_main(["bench", "--preset", "mpt-tiny", "--device", "cpu", "--batch_size", "1", "--input_len", "4",
                       "--output_len", "2", "--warmup", "0", "--weights-on-disk", "--output_json", str(out)]) == 0
