@@ -197,3 +197,31 @@ def test_full_dbrx_in_bf16_is_refused_before_allocating(capsys):
     assert kiln_main(argv) == 2
     err = capsys.readouterr().err
     assert "the engine needs 24" in err and len(err.strip().splitlines()) == 1
+
+
+def test_convert_weights_in_memory_builds_and_runs_as_the_disk_engine(tmp_path):
+    """`kiln convert --preset ... --weights_in_memory`, `kiln build`, then any runtime (LLM here): no rank file
+    anywhere, the logits of the engine converted to disk."""
+    engines = {}
+    for name, extra in (("disk", []), ("memory", ["--weights_in_memory"])):
+        assert kiln_main(["convert", "--preset", "dbrx-tiny", "--dtype", "bfloat16", "--seed", "5", "--tp_size", "2",
+                          "--use_weight_only", "--weight_only_precision", "int4_awq", "--group_size", "32",
+                          "--output_dir", str(tmp_path / name / "ckpt"), *extra]) == 0
+        assert kiln_main(["build", "--checkpoint_dir", str(tmp_path / name / "ckpt"), "--output_dir",
+                          str(tmp_path / name / "engine"), "--max_batch_size", "2", "--max_input_len", "16", "--max_seq_len", "32"]) == 0
+        engines[name] = tmp_path / name / "engine"
+    assert not list((tmp_path / "memory").rglob("*.safetensors"))
+    logits = {}
+    for name, engine in engines.items():
+        with kiln.LLM(engine, device="cpu", kv_cache_bytes=1 << 20) as llm:
+            logits[name] = llm.score(PROMPT)
+    assert torch.equal(logits["memory"], logits["disk"])
+
+
+def test_convert_weights_in_memory_refuses_a_real_checkpoint(tmp_path, capsys):
+    repo = Path(__file__).resolve().parent.parent
+    assert kiln_main(["convert", "--model_dir", str(repo / "models" / "mpt-books"), "--weights_in_memory",
+                      "--output_dir", str(tmp_path / "ckpt")]) == 2
+    err = capsys.readouterr().err
+    assert "weights in memory are dummy weights" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ckpt").exists()
