@@ -40,3 +40,31 @@ def test_in_memory_on_gpu_equals_the_engine_on_disk(precision, tmp_path):
                 llm.close()
 
     assert torch.equal(logits(True), logits(False))
+
+
+def test_drawing_peaks_at_the_parameters_plus_one_tensor(tmp_path):
+    """While a rank draws its weights the GPU holds its parameters plus the one full tensor being drawn: a layer's w13
+    in bytes (unpacked q) with its packed halves, or the embedding's float32 draw with its bf16 copy; never a float
+    copy of the experts."""
+    from kiln.checkpoint.convert import meta_model
+    from kiln.checkpoint.in_memory import draw_rank_weights
+    from kiln.checkpoint.kiln_format import load_artifact
+    from kiln.layers.materialize import materialize
+
+    experts, ffn, hidden, vocab = 4, 256, 1024, 512
+    opts = BenchOptions(config=dbrx_config(tmp_path, layers=4, hidden=hidden), dtype="bfloat16", batch_sizes=[1],
+                        input_len=8, output_len=4, device="cuda", tune=False, weights_in_memory=True)
+    device = torch.device("cuda")
+    with dummy_engine(opts, lambda line: None, precision_quant("int4_awq", 128)) as engine:
+        info = load_artifact(engine, "engine")
+        model = meta_model(info.family, info.model, info.mapping, info.quant)
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        materialize(model, device)
+        params = torch.cuda.memory_allocated(device) - base
+        draw_rank_weights(model, info, 0, device)
+        transient = torch.cuda.max_memory_allocated(device) - base - params
+    w13 = experts * 2 * ffn * hidden  # unpacked bytes of the largest quantized tensor
+    one_tensor = max(2.2 * w13, 6.2 * vocab * hidden) + (8 << 20)
+    assert 0 < transient <= one_tensor, (transient, one_tensor)
