@@ -208,7 +208,8 @@ def test_convert_weights_in_memory_builds_and_runs_as_the_disk_engine(tmp_path):
                           "--use_weight_only", "--weight_only_precision", "int4_awq", "--group_size", "32",
                           "--output_dir", str(tmp_path / name / "ckpt"), *extra]) == 0
         assert kiln_main(["build", "--checkpoint_dir", str(tmp_path / name / "ckpt"), "--output_dir",
-                          str(tmp_path / name / "engine"), "--max_batch_size", "2", "--max_input_len", "16", "--max_seq_len", "32"]) == 0
+                          str(tmp_path / name / "engine"), "--max_batch_size", "2", "--max_input_len", "16",
+                          "--max_seq_len", "32"]) == 0
         engines[name] = tmp_path / name / "engine"
     assert not list((tmp_path / "memory").rglob("*.safetensors"))
     logits = {}
