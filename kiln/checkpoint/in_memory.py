@@ -65,8 +65,9 @@ def dummy_plan(info: ArtifactInfo, device: torch.device) -> ConvertPlan:
         raise ValueError(f"{info.path} keeps its weights in rank files")
     source = DummyWeightSource.from_record(record, f"{info.path}/config.json")
     source.device = draw_device(source.device.type, device)
-    provenance = info.raw.get("provenance") or {}
-    return ConvertPlan(info.family, info.model, info.mapping, source, info.quant, dict(provenance))
+    # Dummy provenance only: no model_dir, so the scale sources take their dummy values (unit KV scales, FP8's dummy
+    # amax, SmoothQuant's absmax 1) whatever an edited config.json names, as convert did for dummy weights.
+    return ConvertPlan(info.family, info.model, info.mapping, source, info.quant, {"dummy": True})
 
 
 def draw_rank_weights(model: nn.Module, info: ArtifactInfo, rank: int, device: torch.device) -> None:
