@@ -86,11 +86,12 @@ class BenchOptions:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         self._check_numbers()
-        if self.weights_in_memory and (self.engine_dir is not None or self.compare_hf):
-            raise ConfigError("--weights_in_memory draws dummy weights (--preset/--config) at load; --compare_hf needs "
-                              "them in a rank file for transformers: drop one of the two" if self.compare_hf else
-                              "--weights_in_memory draws dummy weights (--preset/--config) at load; an engine "
+        if self.weights_in_memory and self.engine_dir is not None:
+            raise ConfigError("--weights_in_memory draws dummy weights (--preset/--config) at load; an engine "
                               "(--engine_dir) has its weights in its rank files")
+        if self.weights_in_memory and self.compare_hf:
+            raise ConfigError("--weights_in_memory draws dummy weights at load; --compare_hf needs them in a rank "
+                              "file for transformers: drop one of the two")
         if self.quantize_lm_head and not self.weight_only_precision:
             raise ConfigError("--quantize_lm_head goes with --weight_only_precision (an engine given with --engine_dir "
                               "was quantized, head included or not, by kiln convert)")
