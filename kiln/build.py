@@ -38,7 +38,9 @@ def plan_memory(info: ArtifactInfo, build: BuildConfig) -> MemoryPlan:
     for rank in range(info.mapping.world_size):
         mapping = info.mapping.for_rank(rank)
         params = dict(meta_model(info.family, info.model, mapping, info.quant).named_parameters())
-        rank_bytes = check_rank_file(info, rank, params)
+        # Weights drawn in memory have no file to check: the rank holds exactly its parameters.
+        rank_bytes = check_rank_file(info, rank, params) if info.weights_in_memory is None else \
+            sum(p.numel() * p.element_size() for p in params.values())
         if rank_bytes > weight_bytes:
             weight_bytes, quantized = rank_bytes, quantized_bytes(params)
         layers = max(layers, len(stage_layers(info.model.num_hidden_layers, mapping)))
@@ -153,7 +155,7 @@ def build(checkpoint_dir: str | Path, output_dir: str | Path, build_config: Buil
     kernels = choose_kernels(info, build_config, tune, log)
     config = dict(info.raw, kind="engine", build=build_config.to_dict(), memory_plan=plan.to_dict(), kernels=kernels)
     with atomic_output_dir(output_dir, inputs) as tmp:
-        for rank in range(info.mapping.world_size):
+        for rank in range(info.mapping.world_size if info.weights_in_memory is None else 0):
             _link_or_copy(info.rank_file(rank), tmp / f"rank{rank}.safetensors", copy_weights)
         copy_tokenizer_files(Path(checkpoint_dir), tmp)  # the engine carries the checkpoint's tokenizer
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from kiln.config import BuildConfig, Mapping, ModelConfig
+import torch
+
+from kiln.config import BuildConfig, ConfigError, Mapping, ModelConfig
 
 GiB = 1024**3
 
@@ -24,6 +26,34 @@ class MemoryPlan:
 
     def to_dict(self) -> dict[str, int]:
         return asdict(self)
+
+
+def free_memory_bytes(device: torch.device) -> int | None:
+    """Memory a rank can still take on `device`: the GPU's free memory plus what torch's allocator holds cached but
+    unused (bench's bandwidth buffers, say), or on the CPU the kernel's MemAvailable (None where it cannot be read)."""
+    if device.type == "cuda":
+        cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        return torch.cuda.mem_get_info(device)[0] + cached
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_weights_fit(plan: MemoryPlan, free_bytes: int, min_kv_bytes: int) -> None:
+    """Refuse, before anything is allocated, a rank whose weights, activations and the KV cache of one sequence do
+    not fit in the device's free memory (ConfigError, one line with the numbers and what to change)."""
+    need = plan.weight_bytes + plan.activation_bytes + min_kv_bytes
+    if need > free_bytes:
+        raise ConfigError(
+            f"the engine needs {need / GiB:.2f} GiB per rank (weights {plan.weight_bytes / GiB:.2f}, activations "
+            f"{plan.activation_bytes / GiB:.2f}, KV of one max_seq_len sequence {min_kv_bytes / GiB:.2f}) and the "
+            f"device has {free_bytes / GiB:.2f} GiB free; quantize the weights, use more GPUs (--tp_size/--pp_size) or "
+            "build with smaller limits")
 
 
 def kv_bytes_per_token(model: ModelConfig, mapping: Mapping, num_layers: int, element_size: int) -> int:

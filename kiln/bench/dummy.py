@@ -17,6 +17,7 @@ from kiln.build import build
 from kiln.checkpoint.convert import ConvertPlan, convert
 from kiln.checkpoint.sources import DummyWeightSource, dummy_hf_config, keep_first_layers
 from kiln.config import BuildConfig, ConfigError, ModelConfig, QuantConfig
+from kiln.memory import describe
 from kiln.models import family_for_hf_config
 
 
@@ -69,7 +70,7 @@ def dummy_engine(options: BenchOptions, log: Callable[[str], None] = print,
                  quant: QuantConfig | None = None) -> Iterator[Path]:
     """Convert dummy weights (quantized as `quant` says) and build an engine for the bench's cases in a temporary
     directory (kernels tuned on a GPU unless options.tune is off); yield the engine directory and remove everything
-    afterwards."""
+    afterwards. With options.in_memory the engine has no rank files: its ranks draw the weights when they load."""
     plan, config = dummy_model_config(options, quant)
     limits = bench_build_config(options, config)
     tmp = Path(tempfile.mkdtemp(prefix="kiln-bench-"))
@@ -81,8 +82,11 @@ def dummy_engine(options: BenchOptions, log: Callable[[str], None] = print,
         if stretched is not None:
             log(f"note: the case needs {config.max_position_embeddings} positions, the config has {stretched}: the "
                 "dummy model's limit is raised to the case (dummy weights; positions are computed the same way)")
-        convert(plan, tmp / "checkpoint", progress=False)
-        build(tmp / "checkpoint", tmp / "engine", limits, tune=options.tune, log=log)
+        if options.in_memory:
+            log("weights in memory: each rank draws them when it loads; no rank file is written")
+        convert(plan, tmp / "checkpoint", progress=False, weights_in_memory=options.in_memory)
+        _, memory = build(tmp / "checkpoint", tmp / "engine", limits, tune=options.tune, log=log)
+        log(describe(memory, limits, None, plan.quant.kv_cache_quant_algo))  # before anything is allocated
         yield tmp / "engine"
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

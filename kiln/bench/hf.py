@@ -121,6 +121,8 @@ def inverted_weights(info: ArtifactInfo, device: torch.device) -> Iterator[tuple
     A name can come twice (MPT's embedding and tied head are both made from transformer.wte)."""
     if info.mapping.world_size != 1:
         raise NotInvertible(f"the engine has {info.mapping.world_size} ranks (shards would have to be gathered)")
+    if info.weights_in_memory is not None:
+        raise NotInvertible("its dummy weights are drawn in memory (no rank file); bench it with --weights_on_disk")
     rules = info.family.weight_rules(info.model)
     with safe_open(str(info.rank_file(0)), framework="pt", device=str(device)) as f:
         for name in f.keys():

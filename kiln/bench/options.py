@@ -42,10 +42,18 @@ class BenchOptions:
     weight_only_precision: list[str] = field(default_factory=list)
     group_size: int = 128  # int4_awq / int4_gptq
     quantize_lm_head: bool = False  # the weight-only precisions quantize the LM head too
+    # dummy weights drawn by each rank into its parameters at load, never written (kiln.checkpoint.in_memory);
+    # None: in memory unless compare_hf (transformers is given the weights from the rank file)
+    weights_in_memory: bool | None = None
 
     @property
     def dummy(self) -> bool:
         return self.engine_dir is None
+
+    @property
+    def in_memory(self) -> bool:
+        """Whether the dummy engine's weights are drawn in memory rather than written to rank files."""
+        return self.dummy and (self.weights_in_memory if self.weights_in_memory is not None else not self.compare_hf)
 
     @property
     def kv_fraction(self) -> float:
@@ -78,6 +86,12 @@ class BenchOptions:
         if self.dtype is not None and self.dtype not in DTYPES:
             raise ConfigError(f"unknown --dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
         self._check_numbers()
+        if self.weights_in_memory and self.engine_dir is not None:
+            raise ConfigError("--weights_in_memory draws dummy weights (--preset/--config) at load; an engine "
+                              "(--engine_dir) has its weights in its rank files")
+        if self.weights_in_memory and self.compare_hf:
+            raise ConfigError("--weights_in_memory draws dummy weights at load; --compare_hf needs them in a rank "
+                              "file for transformers: drop one of the two")
         if self.quantize_lm_head and not self.weight_only_precision:
             raise ConfigError("--quantize_lm_head goes with --weight_only_precision (an engine given with --engine_dir "
                               "was quantized, head included or not, by kiln convert)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import platform
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -91,6 +92,7 @@ def _engine_text(info: ArtifactInfo, options: BenchOptions, kernels: str, weight
             "world_size": info.mapping.world_size, "weight_bytes": weights.total, "expert_bytes": weights.experts,
             "embedding_bytes": weights.embedding, "kv_bytes_per_token": info.raw["memory_plan"]["kv_bytes_per_token"],
             "kv_cache_quant_algo": info.quant.kv_cache_quant_algo,
+            "weights_in_memory": info.weights_in_memory is not None,
             "build": info.raw.get("build"), "kernels": kernels, "kernel_backend": options.kernel_backend}
 
 
@@ -120,9 +122,14 @@ def _time_kiln(engine_dir: Path, options: BenchOptions, device: torch.device, re
     """Every case through kiln; kiln's model and cache are freed before returning (room for transformers)."""
     import kiln
 
+    start = time.perf_counter()
     llm = kiln.LLM(engine_dir, device=str(device), kv_cache_free_gpu_memory_fraction=options.kv_fraction,
                    enable_prefix_caching=False, kernel_backend=options.kernel_backend,
                    async_scheduling=options.async_scheduling)
+    # Loading: reading the rank files, or drawing the dummy weights in memory; KV cache; graph capture.
+    report.engine["load_s"] = round(time.perf_counter() - start, 3)
+    drawn = " (weights drawn in memory)" if report.engine.get("weights_in_memory") else ""
+    log(f"engine loaded in {report.engine['load_s']:.1f} s{drawn}")
     try:
         kernels = getattr(llm.runner, "kernels", None)
         report.engine["kernel_set"] = getattr(kernels, "name", None)

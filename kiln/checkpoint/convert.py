@@ -19,11 +19,12 @@ from tqdm import tqdm
 
 from kiln.checkpoint.atomic import atomic_output_dir
 from kiln.checkpoint.hf_reader import CheckpointError
+from kiln.checkpoint.kiln_format import IN_MEMORY_KEY
 from kiln.checkpoint.output_guard import check_output_dir
 from kiln.checkpoint.safety import check_fits
 from kiln.checkpoint.safetensors_writer import StreamingSafetensorsWriter
 from kiln.checkpoint.tokenizer_files import copy_tokenizer_files
-from kiln.config import FORMAT_VERSION, Mapping, ModelConfig, QuantConfig
+from kiln.config import FORMAT_VERSION, ConfigError, Mapping, ModelConfig, QuantConfig
 from kiln.layers.sharding import full_shape, shard_for
 from kiln.models.family import Family
 from kiln.quant.apply import quantize_model
@@ -110,9 +111,17 @@ def _given_values(calibrated: Any, param: torch.nn.Parameter, name: str) -> tupl
     return values
 
 
-def _write_tensors(plan: ConvertPlan, ranks: list[dict[str, torch.nn.Parameter]], order: list[str],
-                   writers: list[StreamingSafetensorsWriter], progress: bool) -> None:
-    """Read each full tensor once, in the global order, and append every rank's shard of it to that rank's file."""
+class TensorSink(Protocol):
+    """Where convert puts each rank's tensors, in order: a rank file (StreamingSafetensorsWriter), or the parameters
+    of a model in memory (kiln.checkpoint.in_memory)."""
+
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+
+
+def write_tensors(plan: ConvertPlan, ranks: list[dict[str, torch.nn.Parameter]], order: list[str],
+                  writers: list[TensorSink | None], progress: bool) -> None:
+    """Read each full tensor once, in the global order, and hand every rank's shard of it to that rank's sink. A
+    rank whose parameter dict is empty (and whose sink is None) is skipped: the in-memory path fills one rank."""
     dtype = plan.config.torch_dtype
     scales: dict[str, torch.Tensor] = {}
     calibrated = getattr(plan.source, "quantized_weight", lambda name: None)  # GPTQ's chosen values, by name
@@ -144,17 +153,35 @@ def _write_tensors(plan: ConvertPlan, ranks: list[dict[str, torch.nn.Parameter]]
                 shard = first.weight_only.pack(shard)
             elif hasattr(ranks[r][name], "group_slice"):  # group-wise scale/zero: this rank's group columns
                 shard = slice_groups(shard, *ranks[r][name].group_slice)
-            writers[r].write(name, shard.contiguous())
+            writers[r].write(name, shard.contiguous())  # type: ignore[union-attr]
         del full
 
 
-def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True) -> Path:
-    """Write the kiln checkpoint of `plan` to `output_dir` atomically and return its path."""
+def with_scale_sources(plan: ConvertPlan, progress: bool) -> ConvertPlan:
+    """The plan with the KV-cache and static FP8 input scales in front of its source (calibrated first, on the float
+    model, for a real checkpoint; unit or dummy scales for dummy weights)."""
+    plan = with_kv_scales(plan, progress)  # an INT8/FP8 KV cache: calibrate its scales first, on the float model
+    return with_fp8_input_scales(plan, progress)  # static FP8 activations: calibrate their scales too
+
+
+def write_order(plan: ConvertPlan, progress: bool) -> tuple[ConvertPlan, list[str]]:
+    """The plan with SmoothQuant's smoothing in front of its source (when the format asks for it), and the global
+    order in which tensors are made: the one-rank model's parameter order."""
+    full_model = meta_model(plan.family, plan.config, Mapping(), plan.quant)
+    plan = with_smoothquant(plan, dict(full_model.named_parameters()), progress)  # SmoothQuant: calibrate, smooth
+    return plan, [name for name, _ in full_model.named_parameters()]
+
+
+def convert(plan: ConvertPlan, output_dir: str | Path, progress: bool = True, weights_in_memory: bool = False) -> Path:
+    """Write the kiln checkpoint of `plan` to `output_dir` atomically and return its path. With `weights_in_memory`
+    (dummy weights only) no rank file is written: config.json records how to draw the weights, and each rank draws
+    its own into its parameters when it loads (kiln.checkpoint.in_memory)."""
     inputs = tuple(Path(plan.provenance[k]) for k in ("model_dir", "config") if plan.provenance.get(k))
     check_output_dir(Path(output_dir), inputs)  # before the size estimate: a refused path is the clearer message
+    if weights_in_memory:
+        return _convert_in_memory(plan, Path(output_dir), inputs)
     check_fits(plan.family, plan.config, Path(output_dir), dummy=bool(plan.provenance.get("dummy")))
-    plan = with_kv_scales(plan, progress)  # an INT8/FP8 KV cache: calibrate its scales first, on the float model
-    plan = with_fp8_input_scales(plan, progress)  # static FP8 activations: calibrate their scales too
+    plan = with_scale_sources(plan, progress)
     if plan.calibration is None:
         return _convert(plan, Path(output_dir), inputs, progress)
     with tempfile.TemporaryDirectory(prefix="kiln-calib-") as scratch:
@@ -178,10 +205,8 @@ def calibrated(plan: ConvertPlan, scratch: Path, progress: bool) -> ConvertPlan:
 
 
 def _convert(plan: ConvertPlan, output_dir: Path, inputs: tuple[Path, ...], progress: bool) -> Path:
-    full_model = meta_model(plan.family, plan.config, Mapping(), plan.quant)  # the global parameter order
-    plan = with_smoothquant(plan, dict(full_model.named_parameters()), progress)  # SmoothQuant: calibrate, smooth
+    plan, order = write_order(plan, progress)
     ranks = rank_parameters(plan)
-    order = [name for name, _ in full_model.named_parameters()]
     dtype = plan.config.torch_dtype
     with atomic_output_dir(output_dir, inputs) as tmp:
         writers: list[StreamingSafetensorsWriter] = []
@@ -191,7 +216,7 @@ def _convert(plan: ConvertPlan, output_dir: Path, inputs: tuple[Path, ...], prog
                                                           [(n, stored_dtype(p, dtype), tuple(p.shape))
                                                            for n, p in params.items()],
                                                           {"format": "pt", "kiln_rank": str(r)}))
-            _write_tensors(plan, ranks, order, writers, progress)
+            write_tensors(plan, ranks, order, list(writers), progress)
         except BaseException:
             for writer in writers:  # an open file would keep the removed file's disk space until collected
                 with contextlib.suppress(OSError):
@@ -205,3 +230,15 @@ def _convert(plan: ConvertPlan, output_dir: Path, inputs: tuple[Path, ...], prog
             copy_tokenizer_files(Path(plan.provenance["model_dir"]), tmp)
         (tmp / "config.json").write_text(json.dumps(checkpoint_config(plan), indent=2) + "\n")
     return Path(output_dir)
+
+
+def _convert_in_memory(plan: ConvertPlan, output_dir: Path, inputs: tuple[Path, ...]) -> Path:
+    """A checkpoint of config.json alone, recording the dummy source that each rank draws its weights from."""
+    record = getattr(plan.source, "in_memory_record", None)
+    if record is None or plan.calibration is not None:
+        raise ConfigError("weights in memory are dummy weights drawn at load (kiln bench --preset/--config); a real "
+                          "checkpoint's weights are converted into rank files")
+    config = {**checkpoint_config(plan), IN_MEMORY_KEY: record()}
+    with atomic_output_dir(output_dir, inputs) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return output_dir

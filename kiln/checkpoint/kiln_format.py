@@ -15,6 +15,11 @@ from kiln.runtime_checks import check_rank_header
 from kiln.models.family import Family
 
 
+# config.json's record of dummy weights that are never written: each rank draws its own when it loads
+# (kiln.checkpoint.in_memory); such a checkpoint or engine has no rank files.
+IN_MEMORY_KEY = "weights_in_memory"
+
+
 @dataclass
 class ArtifactInfo:
     """A kiln checkpoint or engine directory, its parsed configs and the raw config.json."""
@@ -32,6 +37,15 @@ class ArtifactInfo:
         build = dataclass_from_dict(BuildConfig, self.raw.get("build"), "engine build config")
         build.validate(self.model)  # an edited engine (block size 0, limits past the model's) is refused here
         return build
+
+    @property
+    def weights_in_memory(self) -> dict[str, Any] | None:
+        """The dummy source the ranks draw their weights from (no rank files), or None for weights on disk."""
+        record = self.raw.get(IN_MEMORY_KEY)
+        if record is not None and not isinstance(record, dict):
+            raise CheckpointError(f"{self.path}/config.json: {IN_MEMORY_KEY} must be an object (the dummy weights' "
+                                  "seed, std and device); rebuild the engine")
+        return record
 
     def rank_file(self, rank: int) -> Path:
         return self.path / f"rank{rank}.safetensors"

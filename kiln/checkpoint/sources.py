@@ -91,6 +91,23 @@ class DummyWeightSource:
             return torch.ones(shape)
         return torch.randn(shape, generator=self._generator(name), device=self.device).mul_(self.std)
 
+    def in_memory_record(self) -> dict[str, Any]:
+        """What config.json records of an engine whose weights are drawn at load (kiln.checkpoint.in_memory)."""
+        return {"source": "dummy", "seed": self.seed, "std": self.std, "device": self.device.type,
+                "tied_head": self.tied_head}
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], where: str) -> "DummyWeightSource":
+        """The source an in-memory record describes; CheckpointError (one line) for a record kiln did not write."""
+        seed, std, device = record.get("seed"), record.get("std"), record.get("device")
+        valid = (record.get("source") == "dummy" and isinstance(seed, int) and not isinstance(seed, bool)
+                 and isinstance(std, (int, float)) and 0 < std < 1e3 and device in ("cpu", "cuda")
+                 and isinstance(record.get("tied_head"), bool))
+        if not valid:
+            raise CheckpointError(f"{where}: weights_in_memory {record} is not a dummy-weight record kiln writes "
+                                  "(source dummy, integer seed, std > 0, device cpu or cuda); rebuild the engine")
+        return cls(seed, device, float(std), record["tied_head"])
+
     def _generator(self, name: str) -> torch.Generator:
         gen = torch.Generator(device=self.device)
         gen.manual_seed(self.seed * 1_000_003 + zlib.crc32(name.encode()))

@@ -36,6 +36,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present)")
     p.add_argument("--no_tune", action="store_true", help="dummy engines: record default kernel tiles, skip tuning")
     p.add_argument("--seed", type=int, default=0, help="seed of dummy weights and random prompts")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--weights_in_memory", action="store_true", default=None,
+                       help="dummy weights: never written to disk; each rank draws them into its parameters when it "
+                            "loads (the default, except with --compare_hf): what lets DBRX-132B in INT4 run on one "
+                            "GPU with a small disk")
+    where.add_argument("--weights_on_disk", dest="weights_in_memory", action="store_false",
+                       help="dummy weights: write the rank files and load them, as kiln convert + build do")
     quant = p.add_argument_group("dummy weights quantized (each precision converted, built and timed in turn)")
     quant.add_argument("--weight_only_precision", nargs="+", default=[], metavar="P",
                        help="none (the unquantized dtype), int8, int4, int4_awq, int4_gptq, fp8, fp8_pc_pt (FP8 W8A8), "
@@ -61,7 +68,7 @@ def main(args: argparse.Namespace) -> int:
         async_scheduling=not args.no_async_scheduling, device=args.device, tune=not args.no_tune, seed=args.seed, tp_size=args.tp_size, pp_size=args.pp_size,
         moe_tp_mode=args.moe_tp_mode, moe_tp_size=args.moe_tp_size, moe_ep_size=args.moe_ep_size,
         weight_only_precision=list(args.weight_only_precision), group_size=args.group_size,
-        quantize_lm_head=args.quantize_lm_head,
+        quantize_lm_head=args.quantize_lm_head, weights_in_memory=args.weights_in_memory,
     )
     run_bench(options, log=lambda line: print(line, flush=True))
     return 0

@@ -69,6 +69,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "config's sizes are not the published ones (default: recognised from config.json)")
     p.add_argument("--seed", type=int, default=0, help="seed of dummy weights and of AWQ/GPTQ calibration's windows")
     p.add_argument("--dummy_device", default="cpu", help="device that generates dummy weights (cuda is faster)")
+    p.add_argument("--weights_in_memory", action="store_true",
+                   help="dummy weights: write config.json alone; each rank of the built engine draws its weights into "
+                        "its parameters when it loads (on --dummy_device's kind of device), so nothing the size of "
+                        "the model is written (docs/bench.md)")
     add_quant_flags(p, QUANT)
     p.add_argument("--per_head_kv_scales", action="store_true",
                    help="INT8/FP8 KV cache: calibrate one scale per kv head instead of one per layer")
@@ -207,10 +211,11 @@ def plan_from_hf(model_dir: str, dtype: str | None, tp_size: int, pp_size: int,
 def main(args: argparse.Namespace) -> int:
     check_flags(args)
     plan = make_plan(args)
-    out = convert(plan, str(resolve_output_dir(args)))
+    out = convert(plan, str(resolve_output_dir(args)), weights_in_memory=args.weights_in_memory)
     m = plan.mapping
     algo = f", weights {plan.quant.quant_algo}" if plan.quant.quant_algo else ""
     algo += f", {plan.quant.kv_cache_quant_algo} KV cache" if plan.quant.kv_cache_quant_algo else ""
     print(f"wrote {plan.config.architecture} checkpoint ({plan.config.dtype}{algo}, tp {m.tp_size} × pp {m.pp_size}"
-          f"{f', experts ep {m.moe_ep_size} × tp {m.moe_tp_size}' if plan.config.is_moe else ''}) to {out}")
+          f"{f', experts ep {m.moe_ep_size} × tp {m.moe_tp_size}' if plan.config.is_moe else ''}) to {out}"
+          + (" (dummy weights drawn at load, no rank files)" if args.weights_in_memory else ""))
     return 0

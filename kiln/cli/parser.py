@@ -38,7 +38,13 @@ class KilnParser(argparse.ArgumentParser):
         return super().add_argument(*args, **with_default(kwargs))
 
     def add_argument_group(self, *args: Any, **kwargs: Any) -> Any:
-        group = super().add_argument_group(*args, **kwargs)
+        return self._recording(super().add_argument_group(*args, **kwargs))
+
+    def add_mutually_exclusive_group(self, *args: Any, **kwargs: Any) -> Any:
+        return self._recording(super().add_mutually_exclusive_group(*args, **kwargs))
+
+    def _recording(self, group: Any) -> Any:
+        """`group` with its flags recorded and their defaults shown, as the parser's own."""
         add = group.add_argument
 
         def add_recorded(*names: Any, **options: Any) -> argparse.Action:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from safetensors import safe_open
 
+from kiln.checkpoint.convert import meta_model
 from kiln.checkpoint.hf_reader import CheckpointError
 from kiln.checkpoint.kiln_format import ArtifactInfo
 from kiln.config import ConfigError, Mapping
@@ -16,8 +17,8 @@ from kiln.executor.cuda_graphs import DecodeGraphs, GraphLimits
 from kiln.executor.input_batch import DeviceFeed, DeviceStaging, HostBatch, build_host_batch
 from kiln.kernels import KernelSet, bind_linear_matmuls, reference, select_kernels
 from kiln.layers.context import AttentionMetadata, ForwardContext
-from kiln.memory import GiB, MemoryPlan
-from kiln.quant.apply import quantize_model
+from kiln.layers.materialize import materialize
+from kiln.memory import GiB, MemoryPlan, check_weights_fit, free_memory_bytes
 from kiln.quant.fp8 import FP8_SCHEMES
 from kiln.quant.group_wise import GROUP_WISE_ALGOS
 from kiln.quant.kv_cache import bind_kv_scales, kv_cache_dtype
@@ -93,6 +94,19 @@ def load_weights(model: torch.nn.Module, path: str, device: torch.device) -> Non
         raise CheckpointError(f"cannot read {path}: {err}") from err
 
 
+def _fill_weights(model: torch.nn.Module, info: ArtifactInfo, mapping: Mapping, device: torch.device) -> None:
+    """The rank's weights: read from its rank file, or, for an engine of dummy weights in memory, drawn in place."""
+    if info.weights_in_memory is not None:
+        from kiln.checkpoint.in_memory import draw_rank_weights
+
+        draw_rank_weights(model, info, mapping.rank, device)
+        return
+    # The file must be this rank's and of the config's dtype: a copied rank file or a changed dtype would load.
+    check_rank_header(str(info.rank_file(mapping.rank)), mapping.rank, info.model.torch_dtype,
+                      info.quant.quant_algo is not None, info.quant.act_order)
+    load_weights(model, str(info.rank_file(mapping.rank)), device)
+
+
 # Quantized formats whose experts the triton set runs in a fused MoE kernel (per channel: fused_moe_weight_only;
 # group-wise: fused_moe_group_wise; SmoothQuant W8A8: fused_moe_sq; FP8: fused_moe_fp8, on GPUs with FP8 tensor
 # cores) -> the KernelSet field holding it. The torch reference of each syncs with the host (it reads the chosen
@@ -130,13 +144,16 @@ class ModelRunner:
         self.block_size = self.build.kv_block_size
         self.kernels = kernels or select_kernels(device)
         self.plan = MemoryPlan(**info.raw["memory_plan"])
-        with torch.device(device):
-            self.model = info.family.model_class(info.model, mapping)
-        quantize_model(self.model, info.quant)  # weight-only int8 parameters and matmuls, chosen once here
-        # The file must be this rank's and of the config's dtype: a copied rank file or a changed dtype would load.
-        check_rank_header(str(info.rank_file(mapping.rank)), mapping.rank, info.model.torch_dtype,
-                          info.quant.quant_algo is not None, info.quant.act_order)
-        load_weights(self.model, str(info.rank_file(mapping.rank)), device)
+        # Built on meta with its quantized parameters and matmuls (chosen once here), then placed: the device only
+        # ever holds the stored formats, never the float weights they replace (kiln.layers.materialize).
+        self.model = meta_model(info.family, info.model, mapping, info.quant)
+        free = free_memory_bytes(device)
+        if free is not None:  # refused in one line before anything is allocated, not by an OOM halfway
+            check_weights_fit(self.plan, free, self._min_kv_bytes())
+        materialize(self.model, device)
+        _fill_weights(self.model, info, mapping, device)
+        if device.type == "cuda":  # the loading's transients back to the GPU: the KV cache is sized from free memory
+            torch.cuda.empty_cache()
         bind_kv_scales(self.model)  # an INT8/FP8 KV cache's scales and their reciprocals, once
         self.model.eval()
         # The build's Triton GEMV choices (CUDA, triton kernels only), before any graph captures the layers.
@@ -176,6 +193,11 @@ class ModelRunner:
                 "or build with a smaller --max_seq_len"
             )
         return blocks
+
+    def _min_kv_bytes(self) -> int:
+        """The KV cache of one sequence of max_seq_len: the least a runnable engine needs beside its weights."""
+        per_seq = -(-self.build.max_seq_len // self.block_size)
+        return per_seq * self.block_size * self.plan.kv_bytes_per_token
 
     def _graph_limits(self) -> GraphLimits:
         return GraphLimits(max_batch_size=self.build.max_batch_size,

@@ -55,17 +55,24 @@ class Attention(nn.Module):
         # A buffer slot from the start ([local heads] float32 under ALiBi, else None): a plain attribute of the
         # same name would make register_buffer refuse it.
         self.register_buffer("alibi_slopes", None, persistent=False)
-        if config.position_embedding_type == "alibi":
-            slopes = alibi_slopes(config.num_attention_heads, config.alibi_bias_max)
-            self.register_buffer("alibi_slopes", slopes[rank * self.num_heads : (rank + 1) * self.num_heads].clone(),
-                                 persistent=False)
-        else:
+        self._alibi = (config.num_attention_heads, config.alibi_bias_max, rank) \
+            if config.position_embedding_type == "alibi" else None
+        if self._alibi is None:
             self.rotary = RotaryEmbedding(head_dim, config.max_position_embeddings, config.rotary_base)
+        self.reset_buffers()
         # Bound by the model runner once the cache is allocated: [num_blocks, block_size, kv_heads, head_dim] each.
         self.k_cache = torch.empty(0)
         self.v_cache = torch.empty(0)
         # An INT8/FP8 cache's scales (kiln.quant.kv_cache.bind_kv_scales, after loading); None: a float cache.
         self.kv_scales: KVScales | None = None
+
+    def reset_buffers(self) -> None:
+        """(Re)compute the ALiBi slopes of this rank's heads on the current default device: a model built on the
+        meta device computes them again when it is placed on its device (kiln.layers.materialize)."""
+        if self._alibi is not None:
+            total_heads, bias_max, rank = self._alibi
+            slopes = alibi_slopes(total_heads, bias_max)  # [total heads] float32
+            self.alibi_slopes = slopes[rank * self.num_heads : (rank + 1) * self.num_heads].clone()
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         # positions [tokens]; hidden [tokens, hidden_size] -> [tokens, hidden_size]

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.quant.weight_only import pack_nibbles
+
 # quant_algo -> bits per weight (the group size is the checkpoint's quantization.group_size).
 GROUP_WISE_ALGOS = {"W4A16_AWQ": 4, "W4A16_GPTQ": 4, "W8A16_GPTQ": 8}  # W8A16_GPTQ: published 8-bit GPTQ
 GROUP_SIZES = (32, 64, 128)
@@ -73,8 +75,7 @@ def pack_uint4(q: torch.Tensor) -> torch.Tensor:
     """q [..., in] in 0..15 -> [..., in / 2] int8: element 2i in the low nibble, 2i + 1 in the high one."""
     if q.shape[-1] % 2:
         raise ValueError(f"4-bit weights pack two per byte along the input features; got {q.shape[-1]} (odd)")
-    u = q.to(torch.int16) & 0xF
-    return (u[..., 0::2] | (u[..., 1::2] << 4)).to(torch.uint8).view(torch.int8)
+    return pack_nibbles(q)
 
 
 def unpack_uint4(packed: torch.Tensor) -> torch.Tensor:
