@@ -224,6 +224,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--request_rate", nargs="+", default=["inf"], help="requests/s per run of the sweep; inf: all at "
                                                                        "once")
     p.add_argument("--max_concurrency", type=int, default=None)
+    p.add_argument("--warmup_prompts", type=int, default=2, help="requests of the workload sent at once before the "
+                   "sweep, unmeasured: kernels a step shape compiles the first time it is seen, CUDA graph and "
+                   "allocator warm-up (the offline pass runs after the server, with Triton's disk cache warm; a "
+                   "warm-up of the whole workload, --warmup_prompts = --num_prompts, measures both sides warm)")
     p.add_argument("--vocab_size", type=int, default=None, help="with --base_url: the model's vocabulary size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default=None)
@@ -256,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     spy = None
     try:
-        asyncio.run(run_rate(host, int(port), model, work[:2], float("inf"), None, args.seed))  # warm-up
+        asyncio.run(run_rate(host, int(port), model, work[:max(1, args.warmup_prompts)], float("inf"), None,
+                             args.seed))  # warm-up
         if args.profile and proc is not None:
             spy = start_profile(proc.pid, args.profile)
         for rate in [float(r) for r in args.request_rate]:

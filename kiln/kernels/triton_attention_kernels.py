@@ -168,7 +168,11 @@ def _finish_fused(out_ptr, out_off, acc, m_i, l_i, part_acc_ptr, part_ml_ptr, co
             _store_out(out_ptr, out_off, acc, l_i, out_mask)
 
 
-@triton.jit
+# The batch's sequence and token counts change with every step of a serving engine. Triton would compile a variant
+# per class of each (1, a multiple of 16, other: nine combinations, ~0.5 s of compiling each on an H100), and a served
+# workload met them one by one mid-stream: an H100 serve profile spent 4.7 s of a 13.5 s sweep compiling this kernel
+# (docs/performance.md, session 7). Not specializing costs nothing measurable: they only bound loops and masks.
+@triton.jit(do_not_specialize=["num_seqs", "num_tokens"])
 def paged_attention_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr, block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, alibi_ptr,
     part_acc_ptr, part_ml_ptr, counters_ptr, k_scale_ptr, v_scale_ptr,
@@ -258,7 +262,7 @@ def paged_attention_kernel(
                        HEAD_DIM)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])
 def reduce_splits_kernel(
     part_acc_ptr, part_ml_ptr, out_ptr, num_tokens, num_heads, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, HEAD_DIM_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr,
