@@ -70,7 +70,7 @@ def _gw_step(i, a_rows, row_ok, w_cols, s_cols, z_cols, n_ok, acc, k_offset, siz
     return acc + part * scale[None, :]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assignments", "num_m_blocks"])  # step sizes: one compile per config
 def moe_gw_gate_up_kernel(
     x_ptr, w13_ptr, s13_ptr, z13_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr,
     num_assignments, top_k, ffn, hidden, hidden_w, k_offset, num_m_blocks,
@@ -120,7 +120,7 @@ def moe_gw_gate_up_kernel(
     tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assignments", "num_m_blocks"])  # step sizes: one compile per config
 def moe_gw_down_kernel(
     act_ptr, w2_ptr, s2_ptr, z2_ptr, out_ptr, topk_weights_ptr, sorted_ids_ptr, block_expert_ptr,
     num_assignments, hidden, ffn, ffn_w, k_offset, num_m_blocks,

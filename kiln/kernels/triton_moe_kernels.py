@@ -38,7 +38,7 @@ def _align_scatter_chunk(sorted_ids_ptr, topk_ids_ptr, start, running, padded_st
     return running + tl.sum(onehot, 0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assignments", "sorted_len", "num_blocks"])  # step sizes: one compile per config
 def moe_align_kernel(
     topk_ids_ptr, sorted_ids_ptr, block_expert_ptr, num_assignments, expert_start, num_experts,
     sorted_len, num_blocks,
@@ -107,7 +107,7 @@ def _gate_up_step(k, x_ptrs, wg_ptrs, row_ok, n_ok, acc_gate, acc_up, offs_k, ga
     return dot_acc(x, w_gate, acc_gate, DOT_F32, PRECISION), dot_acc(x, w_up, acc_up, DOT_F32, PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assignments", "num_m_blocks"])  # step sizes: one compile per config
 def moe_gate_up_kernel(
     x_ptr, w13_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr,
     num_assignments, top_k, ffn, hidden, num_m_blocks,
@@ -161,7 +161,7 @@ def _down_step(k, a_ptrs, w_ptrs, row_ok, n_ok, acc, offs_k, size_k,
     return dot_acc(a, w, acc, DOT_F32, PRECISION)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assignments", "num_m_blocks"])  # step sizes: one compile per config
 def moe_down_kernel(
     act_ptr, w2_ptr, out_ptr, topk_weights_ptr, sorted_ids_ptr, block_expert_ptr,
     num_assignments, hidden, ffn, num_m_blocks,

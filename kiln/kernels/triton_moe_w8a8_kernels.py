@@ -76,7 +76,7 @@ def _quantize_int8(v, scale):
     return ((r + ROUND_MAGIC) - ROUND_MAGIC).to(tl.int8)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assignments", "num_m_blocks"])  # step sizes: one compile per config
 def moe_w8a8_gate_up_kernel(
     x_ptr, x_scale_ptr, w13_ptr, s13_ptr, act_ptr, smoother_ptr, w2_act_ptr, dtype_ptr, sorted_ids_ptr,
     block_expert_ptr, num_assignments, top_k, ffn, hidden, num_m_blocks,
@@ -141,7 +141,7 @@ def moe_sq_row_quant_kernel(act_ptr, smoother_ptr, topk_ids_ptr, q_ptr, scale_pt
     _quantize_row(v, mask, scale_ptr, scale_ptr, q_ptr, row, stride_q, cols, True)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assignments", "num_m_blocks"])  # step sizes: one compile per config
 def moe_w8a8_down_kernel(
     a_ptr, a_scale_ptr, w2_ptr, s2_ptr, out_ptr, topk_weights_ptr, dtype_ptr, sorted_ids_ptr, block_expert_ptr,
     num_assignments, hidden, ffn, num_m_blocks,

@@ -59,7 +59,7 @@ def _wo_step(k, a_rows, row_ok, w_cols, n_ok, acc, size_k, size_kw,
     return acc
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assignments", "num_m_blocks"])  # step sizes: one compile per config
 def moe_wo_gate_up_kernel(
     x_ptr, w13_ptr, s13_ptr, act_ptr, sorted_ids_ptr, block_expert_ptr,
     num_assignments, top_k, ffn, hidden, hidden_w, num_m_blocks,
@@ -105,7 +105,7 @@ def moe_wo_gate_up_kernel(
     tl.store(out_ptrs, act.to(act_ptr.dtype.element_ty), mask=row_ok[:, None] & n_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_assignments", "num_m_blocks"])  # step sizes: one compile per config
 def moe_wo_down_kernel(
     act_ptr, w2_ptr, s2_ptr, out_ptr, topk_weights_ptr, sorted_ids_ptr, block_expert_ptr,
     num_assignments, hidden, ffn, ffn_w, num_m_blocks,
