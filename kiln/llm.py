@@ -163,7 +163,7 @@ class LLM:
         self.info = load_artifact(engine_dir, "engine")
         self.build = self.info.build
         one_step.check_engine(self.info)
-        dev = runtime_device(device)
+        dev = self.device = runtime_device(device)
         cache = CacheConfig(kv_cache_free_gpu_memory_fraction, kv_cache_bytes, use_cuda_graphs, kv_cache_max_tokens)
         runner = create_executor(self.info, dev, cache, kernel_backend)
         blocks = BlockManager(runner.num_blocks, self.build.kv_block_size, enable_prefix_caching)

@@ -216,9 +216,23 @@ def test_the_runtime_flags_reach_the_engine_process_settings():
     from kiln.serve.state import ServeConfig, ServerState
 
     config = ServeConfig(engine_dir="E", tokenizer_dir="T", device="cuda:1", kv_cache_free_gpu_memory_fraction=0.5,
-                         kv_cache_max_tokens=4096, use_cuda_graphs=False, async_scheduling=False)
+                         kv_cache_max_tokens=4096, use_cuda_graphs=False, async_scheduling=False, warm_up=False)
     state = ServerState(config)
     try:
-        assert state.engine_settings() == EngineSettings("E", "T", "cuda:1", 0.5, 4096, False, False)
+        assert state.engine_settings() == EngineSettings("E", "T", "cuda:1", 0.5, 4096, False, False, False)
     finally:
         state.tokenize_pool.shutdown()
+
+
+@pytest.mark.parametrize("flags, warm", [([], True), (["--no_warmup"], False)])
+def test_kiln_serve_warms_up_unless_told_not_to(tmp_path_factory, monkeypatch, flags, warm):
+    import kiln.serve.server
+    from kiln.cli.main import main as kiln_main
+
+    engine = shared_mpt_books_engine(tmp_path_factory)
+    seen = []
+    monkeypatch.setattr(kiln.serve.server, "serve", lambda config, log_level: seen.append(config) or 0)
+    from fixtures_serve import free_port
+
+    assert kiln_main(["serve", "--engine_dir", str(engine), "--port", str(free_port()), *flags]) == 0
+    assert seen[0].warm_up is warm and seen[0].engine_dir == str(engine)

@@ -37,6 +37,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="cap on the tokens the KV cache holds (default: as many as the memory fraction allows)")
     p.add_argument("--no_cuda_graphs", "--enforce_eager", dest="no_cuda_graphs", action="store_true",
                    help="run decode steps eagerly instead of replaying CUDA graphs")
+    p.add_argument("--no_warmup", action="store_true", help="on a GPU, skip the prefill step per token bucket run "
+                   "before the server is ready (it compiles every prefill kernel variant, or loads it from Triton's "
+                   "cache, before the first request instead of while requests stream)")
     p.add_argument("--no_async_scheduling", action="store_true",
                    help="wait for each step's tokens before launching the next")
     p.add_argument("--log_level", default="info", choices=["debug", "info", "warning", "error"],
@@ -103,5 +106,6 @@ def main(args: argparse.Namespace) -> int:
         max_request_bytes=args.max_request_bytes, chat_template=args.chat_template, device=args.device,
         kv_cache_free_gpu_memory_fraction=args.kv_cache_free_gpu_memory_fraction,
         kv_cache_max_tokens=args.max_tokens_in_paged_kv_cache, use_cuda_graphs=not args.no_cuda_graphs,
-        async_scheduling=not args.no_async_scheduling, shutdown_timeout_s=args.shutdown_timeout)
+        async_scheduling=not args.no_async_scheduling, shutdown_timeout_s=args.shutdown_timeout,
+        warm_up=not args.no_warmup)
     return serve(config, args.log_level)

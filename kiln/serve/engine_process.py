@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
 
+from kiln.engine.warmup import warm_up
 from kiln.serve.step_loop import Delta, StepLoop
 
 logger = logging.getLogger(__name__)
@@ -41,6 +42,7 @@ class EngineSettings:
     kv_cache_max_tokens: int | None = None
     use_cuda_graphs: bool = True
     async_scheduling: bool = True
+    warm_up: bool = True  # on a GPU, one prefill step per token bucket before ready (kiln.engine.warmup)
 
 
 def start_engine_process(settings: EngineSettings) -> tuple[multiprocessing.process.BaseProcess, Connection,
@@ -81,6 +83,8 @@ def engine_main(commands: Connection, events: Connection, settings: EngineSettin
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     try:
         llm = load_llm(settings)
+        if settings.warm_up and llm.device.type == "cuda":
+            warm_up(llm)  # every prefill tile compiled before the server says ready, not mid-stream
     except Exception as err:  # a one-line reason for the server to show (a ConfigError, a rank that failed, OOM)
         _send_quietly(events, ("load_error", str(err) or type(err).__name__))
         return

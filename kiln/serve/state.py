@@ -45,6 +45,7 @@ class ServeConfig:
     kv_cache_max_tokens: int | None = None
     use_cuda_graphs: bool = True
     async_scheduling: bool = True
+    warm_up: bool = True  # on a GPU: one prefill step per token bucket before ready (kiln.engine.warmup)
     shutdown_timeout_s: float = 30.0
 
     @property
@@ -128,7 +129,7 @@ class ServerState:
     def engine_settings(self) -> EngineSettings:
         c = self.config
         return EngineSettings(c.engine_dir, c.tokenizer_dir, c.device, c.kv_cache_free_gpu_memory_fraction,
-                              c.kv_cache_max_tokens, c.use_cuda_graphs, c.async_scheduling)
+                              c.kv_cache_max_tokens, c.use_cuda_graphs, c.async_scheduling, c.warm_up)
 
     def _load_model(self) -> ServedModel:
         c = self.config
