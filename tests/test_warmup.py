@@ -59,3 +59,13 @@ def test_one_step_per_bucket_and_nothing_left_behind(engine):
     assert blocks.num_free_blocks == blocks.num_blocks and blocks.num_cached_blocks == 0
     assert blocks.num_prefix_hit_tokens == 0 and blocks.num_prefix_query_tokens == 0
     assert llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == before
+
+
+def test_a_kv_cache_smaller_than_a_step_caps_the_warm_up(engine):
+    llm = kiln.LLM(engine, device="cpu", kv_cache_max_tokens=96)
+    blocks = llm.engine.scheduler.block_manager
+    room = (blocks.num_blocks - MAX_BATCH) * blocks.block_size
+    assert room < MAX_NUM_TOKENS  # the case: the cache cannot hold the engine's largest step
+    sizes = warm_up(llm)
+    assert sizes and max(sizes) == room and sizes == sorted(set(sizes))
+    assert blocks.num_free_blocks == blocks.num_blocks and not llm.engine.has_unfinished()

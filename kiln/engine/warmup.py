@@ -37,12 +37,18 @@ def warm_up(llm: Any) -> list[int]:
     """Run one prefill step of every token bucket up to the engine's max_num_tokens (one token each to sample), then
     forget the warm-up in the prefix cache and its counters. Returns the step sizes run (tokens per step)."""
     build, engine = llm.build, llm.engine
+    blocks = engine.scheduler.block_manager
     vocab = llm.info.model.vocab_size
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True)
+    # A KV cache smaller than one full step (a small --max_tokens_in_paged_kv_cache) caps the steps too: each prompt
+    # takes whole blocks, plus one for its sampled token.
+    room = (blocks.num_blocks - build.max_batch_size) * blocks.block_size
     sizes: list[int] = []
     first_id = 0
     for bucket in token_buckets(build.max_num_tokens):
-        tokens = min(bucket, build.max_num_tokens, build.max_input_len * build.max_batch_size)
+        tokens = min(bucket, build.max_num_tokens, build.max_input_len * build.max_batch_size, room)
+        if tokens < 1:
+            break
         if tokens in sizes:  # the engine's limits cap the buckets: the same step again compiles nothing new
             continue
         prompts = warm_up_prompts(tokens, build.max_input_len, build.max_batch_size, vocab, first_id)
@@ -52,7 +58,6 @@ def warm_up(llm: Any) -> list[int]:
         while engine.has_unfinished():
             engine.step()
         sizes.append(sum(len(p) for p in prompts))
-    blocks = engine.scheduler.block_manager
     blocks.reset_prefix_cache()
     blocks.num_prefix_hit_tokens = blocks.num_prefix_query_tokens = 0
     return sizes
