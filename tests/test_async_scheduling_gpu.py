@@ -85,10 +85,14 @@ def test_launch_does_not_wait_for_the_device(engine, graphs):
     pending: list[bool] = []
     launch = llm.runner.launch
 
+    shapes: list[str] = []
+
     def checked(output, feed=None):
         handle = launch(output, feed)
         if feed is not None:
             pending.append(not marker.query())
+            prefill = sum(1 for item in output.scheduled if item.num_new_tokens > 1)
+            shapes.append(f"{len(output.scheduled)} seqs/{prefill} prefilling")
         return handle
 
     llm.engine.executor.launch = checked
@@ -100,4 +104,5 @@ def test_launch_does_not_wait_for_the_device(engine, graphs):
         torch.cuda._sleep(cycles)  # ~50 ms at 2 GHz
         marker.record()
         eng.step()
-    assert len(pending) > 10 and all(pending), f"{pending.count(False)} launches waited for the device"
+    waited = [f"launch {i} ({shapes[i]})" for i, ok in enumerate(pending) if not ok]
+    assert len(pending) > 10 and all(pending), f"{len(waited)} of {len(pending)} launches waited for the device: {waited}"
