@@ -15,6 +15,7 @@ from kiln.config import ConfigError, Mapping
 from kiln.engine.scheduler import ScheduledSeq, SchedulerOutput, StepFeed
 from kiln.executor.cuda_graphs import DecodeGraphs, GraphLimits
 from kiln.executor.input_batch import DeviceFeed, DeviceStaging, HostBatch, build_host_batch
+from kiln.executor.pinned import reserve_pinned_blocks
 from kiln.kernels import KernelSet, bind_linear_matmuls, reference, select_kernels
 from kiln.layers.context import AttentionMetadata, ForwardContext
 from kiln.layers.materialize import materialize
@@ -165,6 +166,7 @@ class ModelRunner:
         self.num_blocks = self._num_blocks(cache)
         self._allocate_cache()
         self.staging = DeviceStaging(device)
+        reserve_pinned_blocks(device)  # a launch must never allocate pinned memory: that synchronizes the device
         self.graphs: DecodeGraphs | None = None
         if self.use_cuda_graphs:
             self.graphs = self._capture_graphs()
