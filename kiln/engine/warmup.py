@@ -57,7 +57,7 @@ def warm_up(llm: Any) -> list[int]:
             engine.add(Sequence(engine.new_seq_id(), ids, 1, ignore_eos=True, params=params))
         while engine.has_unfinished():
             engine.step()
-        sizes.append(sum(len(p) for p in prompts))
+        sizes.append(tokens)
     blocks.reset_prefix_cache()
     blocks.num_prefix_hit_tokens = blocks.num_prefix_query_tokens = 0
     return sizes

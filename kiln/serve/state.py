@@ -7,7 +7,7 @@ import asyncio
 import gc
 import logging
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Callable
 
@@ -127,9 +127,9 @@ class ServerState:
                         self.config.port)
 
     def engine_settings(self) -> EngineSettings:
-        c = self.config
-        return EngineSettings(c.engine_dir, c.tokenizer_dir, c.device, c.kv_cache_free_gpu_memory_fraction,
-                              c.kv_cache_max_tokens, c.use_cuda_graphs, c.async_scheduling, c.warm_up)
+        """The config's engine-side settings, field by field under the same names (a field added to both needs no
+        edit here)."""
+        return EngineSettings(**{f.name: getattr(self.config, f.name) for f in fields(EngineSettings)})
 
     def _load_model(self) -> ServedModel:
         c = self.config
