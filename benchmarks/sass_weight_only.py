@@ -51,7 +51,7 @@ def one_row_kernel(bits: int, group: int, block_n: int = 64, block_k: int = 256,
     pointers.update(x_ptr="*i32" if bits == 4 else "*bf16", w_ptr="*i8", part_ptr="*fp32")
     ints = ["N", "K", "KW", "k_offset", "v_per_split", "stride_wn", "stride_sn"]
     consts = dict(BITS=bits, GROUP=group, HAS_ZERO=group > 0, HAS_BIAS=False, SPLIT=True, BLOCK_N=block_n,
-                  BLOCK_K=block_k, EVEN_K=True, WHILE_LOOP=False)
+                  BLOCK_K=block_k, EVEN_K=True, PREFETCH=stages >= 2, WHILE_LOOP=False)
     return _compile(weight_only_gemv_kernel, pointers, ints, consts, warps, stages)
 
 

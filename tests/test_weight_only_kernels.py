@@ -258,17 +258,18 @@ def test_every_candidate_config_computes_the_same(fmt):
     (WeightOnlyFormat(4), 37, 512, 256, 0), (WeightOnlyFormat(4), 20, 300, 256, 2), (WeightOnlyFormat(8), 33, 200, 128, 0),
     (WeightOnlyFormat(4, 128, 0), 18, 384, 128, 3), (WeightOnlyFormat(4, 64, 16), 24, 250, 64, 0),
     (WeightOnlyFormat(8, 32, 8), 9, 150, 32, 2)])
-@pytest.mark.parametrize("bias", [False, True])
-def test_one_row_fma_kernel_matches_dequantized_reference(fmt, n, k, block_k, split, bias):
+@pytest.mark.parametrize("bias, stages", [(False, 2), (True, 1)])
+def test_one_row_fma_kernel_matches_dequantized_reference(fmt, n, k, block_k, split, bias, stages):
     """The one-row kernel (config.gemv: bf16 x read as int32 pairs for INT4, the high nibble as 16 q against x / 16)
-    against x @ dequant(W).T in float64: per channel and group-wise with zeros, k_offset, ragged K, split K."""
+    against x @ dequant(W).T in float64: per channel and group-wise with zeros, k_offset, ragged K, split K; with
+    the next tile prefetched (stages 2) and without (1)."""
     from kiln.kernels.triton_weight_only_configs import WoConfig
 
     gen = torch.Generator().manual_seed(n + k + block_k + split + fmt.bits)
     weight, scale, zero, dense = stored_weight(fmt, n, k, gen)
     x = torch.randn(1, k, generator=gen).to(torch.bfloat16)
     b = torch.randn(n, generator=gen).to(torch.bfloat16) if bias else None
-    config = WoConfig(32 if n > 20 else 16, block_k, split, 4, 2, gemv=True)
+    config = WoConfig(32 if n > 20 else 16, block_k, split, 4, stages, gemv=True)
     got = weight_only_matmul(_dev(x), _dev(weight), _dev(scale), _dev(zero), _dev(b), fmt, config)
     want = x.double() @ dense.T + (0 if b is None else b.double())
     assert got.dtype == torch.bfloat16

@@ -47,7 +47,7 @@ def _weight_only_cases() -> dict[str, Callable[[], Any]]:
             weight_only_kernel, c, {"w_ptr": "*i8", "part_ptr": "*fp32"})
     for bits, group in ((4, 0), (4, 128), (8, 0)):
         consts = dict(BITS=bits, GROUP=group, HAS_ZERO=group > 0, HAS_BIAS=True, SPLIT=False, BLOCK_N=64,
-                      BLOCK_K=128, EVEN_K=False, WHILE_LOOP=False)
+                      BLOCK_K=128, EVEN_K=False, PREFETCH=True, WHILE_LOOP=False)
         pointers = {"x_ptr": "*i32" if bits == 4 else "*bf16", "w_ptr": "*i8", "part_ptr": "*fp32"}
         cases[f"one_row int{bits} g{group}"] = lambda c=consts, p=pointers: compile_for_h100(
             weight_only_gemv_kernel, c, p)

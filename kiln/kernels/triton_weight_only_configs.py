@@ -19,7 +19,9 @@ WoKey = tuple[int, int, int, int, int]  # (row bucket, N, K, bits, group_size)
 class WoConfig:
     """BLOCK_N output rows per program, BLOCK_K logical inputs per tile (a divisor of the group size for group-wise
     weights), split_k slices of K (0: as many as make about two programs per SM), warps and pipeline stages; gemv:
-    one row of bf16 x goes to the fp32-FMA kernel (triton_weight_only_gemv) instead of the tensor-core one."""
+    one row of bf16 x goes to the fp32-FMA kernel (triton_weight_only_gemv) instead of the tensor-core one, where
+    num_stages 1 loads each tile when it is multiplied and 2 or more loads the next tile meanwhile (a register
+    double buffer: Triton's own pipelining covers only loads that feed a dot)."""
 
     block_n: int
     block_k: int
@@ -55,8 +57,12 @@ def default_wo_config(rows: int, bits: int, group: int, k: int = 0) -> WoConfig:
 _TILES = ((64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3), (32, 128, 4, 4), (16, 256, 4, 4))
 
 
-# The one-row FMA kernel's tiles: (block_n, stored bytes per row per tile, warps, stages).
-_GEMV_TILES = ((64, 128, 4, 4), (32, 128, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4))
+# The one-row FMA kernel's tiles: (block_n, stored bytes per row per tile, warps, stages, split_k). Stages 2:
+# the next tile prefetched, 1: not (both compile to the same registers otherwise). Fixed splits beside the automatic
+# one: with one row a program holds few registers, so an SM fits more of them than the automatic two, and more
+# programs keep more weight bytes in flight.
+_GEMV_TILES = ((64, 128, 4, 2, 0), (32, 128, 4, 2, 0), (128, 128, 8, 2, 0), (64, 64, 4, 2, 0), (64, 128, 4, 1, 0),
+               (64, 128, 4, 2, 4), (64, 128, 4, 2, 8), (32, 128, 4, 2, 8))
 
 
 def candidate_wo_configs(rows: int, bits: int, group: int) -> list[WoConfig]:
@@ -76,11 +82,11 @@ def candidate_wo_configs(rows: int, bits: int, group: int) -> list[WoConfig]:
             if config not in out:
                 out.append(config)
     if rows == 1:
-        for block_n, nbytes, warps, stages in _GEMV_TILES:
+        for block_n, nbytes, warps, stages, split in _GEMV_TILES:
             block_k = nbytes * 8 // bits
             if group:
                 block_k = min(block_k, default_block_k(bits, group))
-            config = WoConfig(block_n, block_k, 0, warps, stages, True)
+            config = WoConfig(block_n, block_k, split, warps, stages, True)
             if config not in out:
                 out.append(config)
     return out

@@ -34,8 +34,8 @@ def launch_gemv(x, weight, scale, zero, bias, fmt, config: WoConfig, plan) -> to
         fmt.k_offset, plan.v_per_split, weight.stride(0), scale.stride(0),
         BITS=fmt.bits, GROUP=fmt.group_size, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None and not split,
         SPLIT=split, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        EVEN_K=fmt.k_offset == 0 and k % config.block_k == 0, WHILE_LOOP=while_loops(x.device),
-        num_warps=config.num_warps, num_stages=config.num_stages,
+        EVEN_K=fmt.k_offset == 0 and k % config.block_k == 0, PREFETCH=config.num_stages >= 2,
+        WHILE_LOOP=while_loops(x.device), num_warps=config.num_warps,
     )
     if split:
         split_pad = max(2, next_power_of_2(plan.splits))

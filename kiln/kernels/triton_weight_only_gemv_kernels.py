@@ -55,10 +55,11 @@ def _tile_products(acc, w, x_ptr, k0, K, bias, BITS: tl.constexpr, BLOCK_K: tl.c
 
 
 @triton.jit
-def _gemv_step(i, acc, bias, rows, offs_b, n_ok, x_ptr, s_ptr, z_ptr, offs_n, v_start, k_offset, K, KW, stride_sn,
+def _load_tile(i, rows, offs_b, n_ok, s_ptr, z_ptr, offs_n, v_start, k_offset, K, KW, stride_sn,
                BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr,
                EVEN_K: tl.constexpr):
-    """Tile i of the slice: load its stored bytes, add its products (group-wise: times the group's scale)."""
+    """Tile i of the slice as it is stored: the bytes [BLOCK_N, stored bytes per tile] and (group-wise) the group's
+    scale and zero [BLOCK_N] in fp32 (per channel: zeros, unused)."""
     v0 = v_start + i * BLOCK_K
     k0 = v0 - k_offset  # may be negative: the first tile of a rank whose slice starts mid-group
     start = k0 if BITS == 8 else k0 // 2
@@ -68,14 +69,27 @@ def _gemv_step(i, acc, bias, rows, offs_b, n_ok, x_ptr, s_ptr, z_ptr, offs_n, v_
     else:
         limit = K if BITS == 8 else KW
         w = tl.load(rows + offs[None, :], mask=n_ok[:, None] & ((offs >= 0) & (offs < limit))[None, :], other=0)
+    scale = tl.zeros_like(offs_n).to(tl.float32)
+    zero = tl.zeros_like(offs_n).to(tl.float32)
+    if GROUP != 0:
+        group_ptrs = offs_n.to(tl.int64) * stride_sn + v0 // GROUP
+        scale = tl.load(s_ptr + group_ptrs, mask=n_ok, other=0.0).to(tl.float32)
+        if HAS_ZERO:
+            zero = tl.load(z_ptr + group_ptrs, mask=n_ok, other=0.0).to(tl.float32)
+    return w, scale, zero
+
+
+@triton.jit
+def _add_tile(i, acc, w, scale, zero, bias, x_ptr, v_start, k_offset, K, BITS: tl.constexpr, GROUP: tl.constexpr,
+              HAS_ZERO: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr):
+    """acc + tile i's products (group-wise: times the group's scale)."""
+    k0 = v_start + i * BLOCK_K - k_offset
     if GROUP == 0:
         w = w ^ -128 if BITS == 8 else w ^ -120  # the bytes 0x80 / 0x88: signed -> unsigned (q + 128, nibbles + 8)
         acc = _tile_products(acc, w, x_ptr, k0, K, bias, BITS, BLOCK_K, EVEN_K)
     else:
-        group_ptrs = offs_n.to(tl.int64) * stride_sn + v0 // GROUP
-        scale = tl.load(s_ptr + group_ptrs, mask=n_ok, other=0.0).to(tl.float32)  # [BLOCK_N]
         if HAS_ZERO:
-            bias = tl.load(z_ptr + group_ptrs, mask=n_ok, other=0.0).to(tl.float32)[:, None]
+            bias = zero[:, None]
         part = _tile_products(tl.zeros_like(acc), w, x_ptr, k0, K, bias, BITS, BLOCK_K, EVEN_K)
         acc += part * scale[:, None]
     return acc
@@ -86,11 +100,15 @@ def weight_only_gemv_kernel(
     x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
     N, K, KW, k_offset, v_per_split, stride_wn, stride_sn,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
+    WHILE_LOOP: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_N), splits): program (n, s) computes y[n block] over the s-th slice of the virtual K
     (v_per_split long, a multiple of BLOCK_K). GROUP = 0: per channel, signed values, k_offset 0. EVEN_K: every
-    tile lies whole inside [0, K) (no mask along K: the loads stay 16-byte vectors)."""
+    tile lies whole inside [0, K) (no mask along K: the loads stay 16-byte vectors). PREFETCH: tile i + 1's loads
+    are issued before tile i is multiplied (a register double buffer: Triton pipelines only loads that feed a dot,
+    so without it each tile's load latency is exposed once per tile); the last iteration reloads the last tile
+    (an L1/L2 hit) instead of masking."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -106,16 +124,25 @@ def weight_only_gemv_kernel(
     else:
         bias = tl.zeros([BLOCK_N, 1], dtype=tl.float32)
     acc = tl.zeros([BLOCK_N, width], dtype=tl.float32)
+    if PREFETCH:
+        w, scale, zero = _load_tile(0, rows, offs_b, n_ok, s_ptr, z_ptr, offs_n, v_start, k_offset, K, KW, stride_sn,
+                                    BITS, GROUP, HAS_ZERO, BLOCK_K, EVEN_K)
+    else:  # placeholders of the loop-carried tile, loaded by each step itself
+        w = tl.zeros([BLOCK_N, width], dtype=w_ptr.dtype.element_ty)
+        scale = tl.zeros([BLOCK_N], dtype=tl.float32)
+        zero = tl.zeros([BLOCK_N], dtype=tl.float32)
     if WHILE_LOOP:
         i = 0
         while i < steps:
-            acc = _gemv_step(i, acc, bias, rows, offs_b, n_ok, x_ptr, s_ptr, z_ptr, offs_n, v_start, k_offset, K, KW,
-                             stride_sn, BITS, GROUP, HAS_ZERO, BLOCK_K, EVEN_K)
+            acc, w, scale, zero = _gemv_step(i, steps, acc, w, scale, zero, bias, rows, offs_b, n_ok, x_ptr, s_ptr,
+                                             z_ptr, offs_n, v_start, k_offset, K, KW, stride_sn, BITS, GROUP,
+                                             HAS_ZERO, BLOCK_K, EVEN_K, PREFETCH)
             i += 1
     else:
         for i in range(0, steps):
-            acc = _gemv_step(i, acc, bias, rows, offs_b, n_ok, x_ptr, s_ptr, z_ptr, offs_n, v_start, k_offset, K, KW,
-                             stride_sn, BITS, GROUP, HAS_ZERO, BLOCK_K, EVEN_K)
+            acc, w, scale, zero = _gemv_step(i, steps, acc, w, scale, zero, bias, rows, offs_b, n_ok, x_ptr, s_ptr,
+                                             z_ptr, offs_n, v_start, k_offset, K, KW, stride_sn, BITS, GROUP,
+                                             HAS_ZERO, BLOCK_K, EVEN_K, PREFETCH)
     y = tl.sum(acc, axis=1)  # [BLOCK_N]
     if GROUP == 0:
         y = y * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
@@ -125,3 +152,23 @@ def weight_only_gemv_kernel(
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + offs_n, y.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _gemv_step(i, steps, acc, w, scale, zero, bias, rows, offs_b, n_ok, x_ptr, s_ptr, z_ptr, offs_n, v_start,
+               k_offset, K, KW, stride_sn, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
+               BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
+    """One tile: (acc after tile i, the tile the next step multiplies). `w, scale, zero` hold tile i on entry."""
+    if PREFETCH:
+        nxt = tl.minimum(i + 1, steps - 1)
+        w2, s2, z2 = _load_tile(nxt, rows, offs_b, n_ok, s_ptr, z_ptr, offs_n, v_start, k_offset, K, KW, stride_sn,
+                                BITS, GROUP, HAS_ZERO, BLOCK_K, EVEN_K)
+        acc = _add_tile(i, acc, w, scale, zero, bias, x_ptr, v_start, k_offset, K, BITS, GROUP, HAS_ZERO, BLOCK_K,
+                        EVEN_K)
+    else:
+        w, scale, zero = _load_tile(i, rows, offs_b, n_ok, s_ptr, z_ptr, offs_n, v_start, k_offset, K, KW, stride_sn,
+                                    BITS, GROUP, HAS_ZERO, BLOCK_K, EVEN_K)
+        acc = _add_tile(i, acc, w, scale, zero, bias, x_ptr, v_start, k_offset, K, BITS, GROUP, HAS_ZERO, BLOCK_K,
+                        EVEN_K)
+        w2, s2, z2 = w, scale, zero
+    return acc, w2, s2, z2
