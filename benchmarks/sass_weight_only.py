@@ -38,20 +38,20 @@ def _compile(fn, pointers: dict, ints: list[str], consts: dict, warps: int, stag
 def tensor_core_kernel(bits: int, group: int, asm: bool, block_n: int = 64, block_k: int = 256, warps: int = 4,
                        stages: int = 4):
     pointers = {name: "*bf16" for name in ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "part_ptr")}
-    pointers.update(w_ptr="*i8", part_ptr="*fp32")
+    pointers.update(w_ptr="*i8", part_ptr="*fp32", count_ptr="*i32")
     ints = ["M", "N", "K", "KW", "k_offset", "v_per_split", "stride_xm", "stride_wn", "stride_sn", "stride_ym"]
     consts = dict(BITS=bits, GROUP=group, HAS_ZERO=group > 0, HAS_BIAS=False, SPLIT=True, BLOCK_M=16,
-                  BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=True, DOT_F32=False, PRECISION="tf32", WHILE_LOOP=False,
-                  ASM=asm)
+                  BLOCK_N=block_n, BLOCK_K=block_k, EVEN_K=True, DOT_F32=False, PRECISION="tf32", LAST_REDUCES=True,
+                  WHILE_LOOP=False, ASM=asm)
     return _compile(weight_only_kernel, pointers, ints, consts, warps, stages)
 
 
 def one_row_kernel(bits: int, group: int, block_n: int = 64, block_k: int = 256, warps: int = 4, stages: int = 4):
     pointers = {name: "*bf16" for name in ("x_ptr", "w_ptr", "s_ptr", "z_ptr", "b_ptr", "y_ptr", "part_ptr")}
-    pointers.update(x_ptr="*i32" if bits == 4 else "*bf16", w_ptr="*i8", part_ptr="*fp32")
+    pointers.update(x_ptr="*i32" if bits == 4 else "*bf16", w_ptr="*i8", part_ptr="*fp32", count_ptr="*i32")
     ints = ["N", "K", "KW", "k_offset", "v_per_split", "stride_wn", "stride_sn"]
     consts = dict(BITS=bits, GROUP=group, HAS_ZERO=group > 0, HAS_BIAS=False, SPLIT=True, BLOCK_N=block_n,
-                  BLOCK_K=block_k, EVEN_K=True, PREFETCH=stages >= 2, WHILE_LOOP=False)
+                  BLOCK_K=block_k, EVEN_K=True, PREFETCH=stages >= 2, LAST_REDUCES=True, WHILE_LOOP=False)
     return _compile(weight_only_gemv_kernel, pointers, ints, consts, warps, stages)
 
 

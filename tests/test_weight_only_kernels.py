@@ -78,16 +78,26 @@ def test_group_wise_matches_dequantized_reference(bits, group, k_offset, rows, n
     _close(got, x.double() @ dense.T + (0 if b is None else b.double()))
 
 
-@pytest.mark.parametrize("fmt", [WeightOnlyFormat(4), WeightOnlyFormat(4, 128, 32), WeightOnlyFormat(8, 64, 0)])
-def test_split_k_sums_the_slices(fmt):
-    """K long enough that the launcher splits it (4 SMs stand in on the CPU): the slices' partials add up."""
+@pytest.mark.parametrize("fmt, rows, last_reduces", [(WeightOnlyFormat(4), 2, True), (WeightOnlyFormat(4), 2, False),
+                                                      (WeightOnlyFormat(4, 128, 32), 20, True),
+                                                      (WeightOnlyFormat(8, 64, 0), 2, True)])
+def test_split_k_sums_the_slices(fmt, rows, last_reduces, monkeypatch):
+    """K long enough that the launcher splits it (4 SMs stand in on the CPU): the slices' partials add up, summed by
+    the last program of each (row block, column block) (its counters back to 0 after) or by a second kernel."""
+    from kiln.kernels import triton_weight_only
+    from kiln.kernels.triton_common import split_counters
+    from kiln.kernels.triton_weight_only_configs import WoConfig
+
+    monkeypatch.setattr(triton_weight_only, "LAST_PROGRAM_REDUCES", last_reduces)
     gen = torch.Generator().manual_seed(3)
-    n, k = 16, 2048
+    n, k = 40, 2048
     weight, scale, zero, dense = stored_weight(fmt, n, k, gen)
-    x = torch.randn(2, k, generator=gen)
+    x = torch.randn(rows, k, generator=gen)
     b = torch.randn(n, generator=gen)
-    _close(weight_only_matmul(_dev(x), _dev(weight), _dev(scale), _dev(zero), _dev(b), fmt),
+    config = WoConfig(16, 64 if fmt.group_size else 128, 4, 4, 2)  # 3 column blocks x 4 splits
+    _close(weight_only_matmul(_dev(x), _dev(weight), _dev(scale), _dev(zero), _dev(b), fmt, config),
            x.double() @ dense.T + b.double())
+    assert int(split_counters(DEVICE).count_nonzero()) == 0
 
 
 @pytest.mark.parametrize("fmt", [WeightOnlyFormat(4), WeightOnlyFormat(8), WeightOnlyFormat(4, 32, 10),
@@ -258,12 +268,18 @@ def test_every_candidate_config_computes_the_same(fmt):
     (WeightOnlyFormat(4), 37, 512, 256, 0), (WeightOnlyFormat(4), 20, 300, 256, 2), (WeightOnlyFormat(8), 33, 200, 128, 0),
     (WeightOnlyFormat(4, 128, 0), 18, 384, 128, 3), (WeightOnlyFormat(4, 64, 16), 24, 250, 64, 0),
     (WeightOnlyFormat(8, 32, 8), 9, 150, 32, 2)])
-@pytest.mark.parametrize("bias, stages", [(False, 2), (True, 1)])
-def test_one_row_fma_kernel_matches_dequantized_reference(fmt, n, k, block_k, split, bias, stages):
+@pytest.mark.parametrize("bias, stages, last_reduces", [(False, 2, True), (True, 1, True), (True, 2, False)])
+def test_one_row_fma_kernel_matches_dequantized_reference(fmt, n, k, block_k, split, bias, stages, last_reduces,
+                                                          monkeypatch):
     """The one-row kernel (config.gemv: bf16 x read as int32 pairs for INT4, the high nibble as 16 q against x / 16)
     against x @ dequant(W).T in float64: per channel and group-wise with zeros, k_offset, ragged K, split K; with
-    the next tile prefetched (stages 2) and without (1)."""
+    the next tile prefetched (stages 2) and without (1); split K summed by the kernel's last program per column
+    block (its counters back to 0 after) or by the second kernel."""
+    from kiln.kernels import triton_weight_only_gemv
+    from kiln.kernels.triton_common import split_counters
     from kiln.kernels.triton_weight_only_configs import WoConfig
+
+    monkeypatch.setattr(triton_weight_only_gemv, "LAST_PROGRAM_REDUCES", last_reduces)
 
     gen = torch.Generator().manual_seed(n + k + block_k + split + fmt.bits)
     weight, scale, zero, dense = stored_weight(fmt, n, k, gen)
@@ -275,6 +291,7 @@ def test_one_row_fma_kernel_matches_dequantized_reference(fmt, n, k, block_k, sp
     assert got.dtype == torch.bfloat16
     # fp32 sums rounded once to bf16 (2^-8 relative), of terms up to ~|x| |w| k
     assert torch.allclose(got.cpu().double(), want, rtol=8e-3, atol=8e-3 * want.abs().max().item())
+    assert int(split_counters(DEVICE).count_nonzero()) == 0
 
 
 def test_config_table_round_trip_and_defaults():

@@ -42,13 +42,15 @@ def _weight_only_cases() -> dict[str, Callable[[], Any]]:
     cases: dict[str, Callable[[], Any]] = {}
     for bits, group, asm in ((4, 0, True), (4, 128, True), (8, 0, True), (8, 64, True), (4, 0, False)):
         consts = dict(BITS=bits, GROUP=group, HAS_ZERO=group > 0, HAS_BIAS=False, SPLIT=True, BLOCK_M=16,
-                      BLOCK_N=64, BLOCK_K=128, EVEN_K=True, DOT_F32=False, PRECISION="tf32", WHILE_LOOP=False, ASM=asm)
+                      BLOCK_N=64, BLOCK_K=128, EVEN_K=True, DOT_F32=False, PRECISION="tf32", LAST_REDUCES=True,
+                      WHILE_LOOP=False, ASM=asm)
         cases[f"weight_only int{bits} g{group} asm={asm}"] = lambda c=consts: compile_for_h100(
-            weight_only_kernel, c, {"w_ptr": "*i8", "part_ptr": "*fp32"})
+            weight_only_kernel, c, {"w_ptr": "*i8", "part_ptr": "*fp32", "count_ptr": "*i32"})
     for bits, group in ((4, 0), (4, 128), (8, 0)):
-        consts = dict(BITS=bits, GROUP=group, HAS_ZERO=group > 0, HAS_BIAS=True, SPLIT=False, BLOCK_N=64,
-                      BLOCK_K=128, EVEN_K=False, PREFETCH=True, WHILE_LOOP=False)
-        pointers = {"x_ptr": "*i32" if bits == 4 else "*bf16", "w_ptr": "*i8", "part_ptr": "*fp32"}
+        consts = dict(BITS=bits, GROUP=group, HAS_ZERO=group > 0, HAS_BIAS=True, SPLIT=True, BLOCK_N=64,
+                      BLOCK_K=128, EVEN_K=False, PREFETCH=True, LAST_REDUCES=True, WHILE_LOOP=False)
+        pointers = {"x_ptr": "*i32" if bits == 4 else "*bf16", "w_ptr": "*i8", "part_ptr": "*fp32",
+                    "count_ptr": "*i32"}
         cases[f"one_row int{bits} g{group}"] = lambda c=consts, p=pointers: compile_for_h100(
             weight_only_gemv_kernel, c, p)
     return cases

@@ -115,3 +115,21 @@ def matmul_output(x: torch.Tensor, n: int, bias: torch.Tensor | None) -> tuple[t
     if k == 0:
         return (y.zero_() if bias is None else y.copy_(bias.expand(rows, n))), True
     return y, False
+
+
+_SPLIT_COUNTERS: dict[torch.device, torch.Tensor] = {}
+SPLIT_COUNTER_SLOTS = 1 << 16  # column blocks per launch (N / BLOCK_N): far above any layer's
+
+
+def split_counters(device: torch.device) -> torch.Tensor | None:
+    """The int32 counters [SPLIT_COUNTER_SLOTS], all 0, that split-K kernels whose last program sums the partials
+    count their programs in (each such kernel leaves them 0). One buffer per device, shared by every launch: kiln's
+    kernels on a device run in one stream's order, never two at once. Allocated on first use outside a CUDA graph
+    capture (None during one: the caller reduces with a second kernel instead); binding allocates it early."""
+    counters = _SPLIT_COUNTERS.get(device)
+    if counters is None:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        counters = _SPLIT_COUNTERS[device] = torch.zeros(SPLIT_COUNTER_SLOTS, dtype=torch.int32, device=device)
+    return counters
+

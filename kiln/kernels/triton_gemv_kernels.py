@@ -12,8 +12,9 @@ BLOCK_K] tile, contiguous along K as torch stores linear weights. Two ways to mu
 - fma (one row only): each thread multiplies its part of the tile by x in fp32 registers and keeps the products
   apart, one cross-thread reduction at the very end.
 
-With SPLIT, program (n, s) covers only the s-th slice of K and writes its fp32 partial to part[s]; the second kernel
-sums the slices in a fixed order, so results are the same on every run (no atomics) and the launch is graph-safe.
+With SPLIT, program (n, s) covers only the s-th slice of K and writes its fp32 partial to part[s]; a second kernel
+(gemv_reduce_kernel), or the last program of each output block to finish (reduce_splits_if_last), sums the slices
+in a fixed order, so results are the same on every run and the launch is graph-safe.
 """
 
 from __future__ import annotations
@@ -138,3 +139,33 @@ def gemv_reduce_kernel(
     if HAS_BIAS:
         y += tl.load(b_ptr + offs, mask=ok, other=0.0).to(tl.float32)
     tl.store(y_ptr + m.to(tl.int64) * stride_ym + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def reduce_splits_if_last(part_ptr, part_offs, split_stride, y_ptr, y_offs, b_ptr, b_offs, mask, count_ptr,
+                          HAS_BIAS: tl.constexpr, WHILE_LOOP: tl.constexpr):
+    """The split-K sum without a second launch, called by every program of a split kernel (grid axis 1: the splits)
+    right after it stored its fp32 partial at part_ptr + s * split_stride + part_offs: the program counts itself in
+    at count_ptr (one int32 per output block, 0 between launches); the last to arrive sums all the partials in
+    split order (the same result whatever the arrival order), adds the bias, stores y at y_ptr + y_offs and sets the
+    counter back to 0 (for the next launch and CUDA graph replays). The barrier before the count puts every thread's
+    partial into the program's release; the partials are read past L1 (.cg), which may still hold lines of this
+    buffer from an earlier program on the same SM."""
+    splits = tl.num_programs(1)
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    if arrived == splits - 1:
+        total = tl.zeros(part_offs.shape, dtype=tl.float32)
+        if WHILE_LOOP:
+            s = 0
+            while s < splits:
+                total += tl.load(part_ptr + s * split_stride + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
+                s += 1
+        else:
+            for s in range(0, splits):
+                total += tl.load(part_ptr + s * split_stride + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
+        if HAS_BIAS:
+            total += tl.load(b_ptr + b_offs, mask=mask, other=0.0).to(tl.float32)
+        tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
+

@@ -24,9 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.triton_common import FLOAT_DTYPES, asm_dequant, cdiv, check_device, dot_precision, dot_upcast
-from kiln.kernels.triton_common import matmul_output, multiprocessor_count, next_power_of_2, while_loops
+from kiln.kernels.triton_common import matmul_output, multiprocessor_count, next_power_of_2, split_counters
+from kiln.kernels.triton_common import while_loops
 from kiln.kernels.triton_gemv_kernels import gemv_reduce_kernel
-from kiln.kernels.triton_weight_only_gemv import gemv_applies, launch_gemv
+from kiln.kernels.triton_weight_only_gemv import LAST_PROGRAM_REDUCES, gemv_applies, launch_gemv
 from kiln.kernels.triton_weight_only_configs import FUSED_MAX_ROWS, WoConfig, WoKey, default_wo_config, rows_configs
 from kiln.kernels.triton_weight_only_kernels import dequantize_kernel, weight_only_kernel
 from kiln.quant.act_order import gather_inputs, reorder_act_order_layers
@@ -130,16 +131,20 @@ def _launch_fused(x, weight, scale, zero, bias, fmt: WeightOnlyFormat, config: W
     part = torch.empty(plan.splits, rows, n, dtype=torch.float32, device=x.device) if split else y
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
     zero_arg = zero if zero is not None else scale
-    weight_only_kernel[(cdiv(n, config.block_n), plan.splits, cdiv(rows, plan.block_m))](
-        x, weight, scale, zero_arg, bias_arg, y, part, rows, n, k, weight.shape[1], fmt.k_offset, plan.v_per_split,
-        x.stride(0), weight.stride(0), scale.stride(0), y.stride(0),
-        BITS=fmt.bits, GROUP=fmt.group_size, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None and not split,
-        SPLIT=split, BLOCK_M=plan.block_m, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        EVEN_K=fmt.k_offset == 0 and k % config.block_k == 0, DOT_F32=dot_upcast(x.dtype, x.device),
-        PRECISION=dot_precision(x.dtype), WHILE_LOOP=while_loops(x.device), ASM=asm_dequant(x.dtype, x.device),
+    grid = (cdiv(n, config.block_n), plan.splits, cdiv(rows, plan.block_m))
+    counters = split_counters(x.device) if split and LAST_PROGRAM_REDUCES else None
+    last_reduces = counters is not None and grid[0] * grid[2] <= counters.numel()
+    weight_only_kernel[grid](
+        x, weight, scale, zero_arg, bias_arg, y, part, counters if last_reduces else part, rows, n, k,
+        weight.shape[1], fmt.k_offset, plan.v_per_split, x.stride(0), weight.stride(0), scale.stride(0), y.stride(0),
+        BITS=fmt.bits, GROUP=fmt.group_size, HAS_ZERO=zero is not None,
+        HAS_BIAS=bias is not None and (not split or last_reduces), SPLIT=split, BLOCK_M=plan.block_m,
+        BLOCK_N=config.block_n, BLOCK_K=config.block_k, EVEN_K=fmt.k_offset == 0 and k % config.block_k == 0,
+        DOT_F32=dot_upcast(x.dtype, x.device), PRECISION=dot_precision(x.dtype), LAST_REDUCES=last_reduces,
+        WHILE_LOOP=while_loops(x.device), ASM=asm_dequant(x.dtype, x.device),
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
-    if split:
+    if split and not last_reduces:
         split_pad = max(2, next_power_of_2(plan.splits))
         block = min(1024, 8192 // split_pad, max(64, next_power_of_2(n)))
         gemv_reduce_kernel[(cdiv(n, block), rows)](
@@ -286,6 +291,8 @@ def bind_weight_only(model: torch.nn.Module, table: dict[WoKey, WoConfig] | None
     bound."""
     _reorder_act_order(model)
     layers = quantized_layers(model)
+    for device in {module.weight.device for module, _ in layers}:
+        split_counters(device)  # now, not first inside a CUDA graph capture
     for module, fmt in layers:
         n, k = module.weight.shape[0], module.weight.shape[1] * (2 if fmt.bits == 4 else 1)
         configs = rows_configs(table or {}, n, k, fmt.bits, fmt.group_size)

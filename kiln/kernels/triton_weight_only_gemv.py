@@ -6,10 +6,14 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels.triton_common import cdiv, matmul_output, multiprocessor_count, next_power_of_2, while_loops
+from kiln.kernels.triton_common import cdiv, matmul_output, next_power_of_2, split_counters, while_loops
 from kiln.kernels.triton_gemv_kernels import gemv_reduce_kernel
 from kiln.kernels.triton_weight_only_configs import WoConfig
 from kiln.kernels.triton_weight_only_gemv_kernels import weight_only_gemv_kernel
+
+
+# Split K summed by the kernel's last program per column block (no second launch); False: gemv_reduce_kernel.
+LAST_PROGRAM_REDUCES = True
 
 
 def gemv_applies(x: torch.Tensor, k_offset: int) -> bool:
@@ -29,15 +33,19 @@ def launch_gemv(x, weight, scale, zero, bias, fmt, config: WoConfig, plan) -> to
     part = torch.empty(plan.splits, 1, n, dtype=torch.float32, device=x.device) if split else y
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
     x_arg = x.view(torch.int32) if fmt.bits == 4 else x  # INT4: bf16 pairs (x[2j], x[2j + 1]) as int32 words
-    weight_only_gemv_kernel[(cdiv(n, config.block_n), plan.splits)](
-        x_arg, weight, scale, zero if zero is not None else scale, bias_arg, y, part, n, k, weight.shape[1],
-        fmt.k_offset, plan.v_per_split, weight.stride(0), scale.stride(0),
-        BITS=fmt.bits, GROUP=fmt.group_size, HAS_ZERO=zero is not None, HAS_BIAS=bias is not None and not split,
-        SPLIT=split, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
-        EVEN_K=fmt.k_offset == 0 and k % config.block_k == 0, PREFETCH=config.num_stages >= 2,
-        WHILE_LOOP=while_loops(x.device), num_warps=config.num_warps,
+    blocks = cdiv(n, config.block_n)
+    counters = split_counters(x.device) if split and LAST_PROGRAM_REDUCES else None
+    last_reduces = counters is not None and blocks <= counters.numel()
+    weight_only_gemv_kernel[(blocks, plan.splits)](
+        x_arg, weight, scale, zero if zero is not None else scale, bias_arg, y, part,
+        counters if last_reduces else part, n, k, weight.shape[1], fmt.k_offset, plan.v_per_split, weight.stride(0),
+        scale.stride(0), BITS=fmt.bits, GROUP=fmt.group_size, HAS_ZERO=zero is not None,
+        HAS_BIAS=bias is not None and (not split or last_reduces), SPLIT=split, BLOCK_N=config.block_n,
+        BLOCK_K=config.block_k, EVEN_K=fmt.k_offset == 0 and k % config.block_k == 0,
+        PREFETCH=config.num_stages >= 2, LAST_REDUCES=last_reduces, WHILE_LOOP=while_loops(x.device),
+        num_warps=config.num_warps,
     )
-    if split:
+    if split and not last_reduces:
         split_pad = max(2, next_power_of_2(plan.splits))
         block = min(1024, 8192 // split_pad, max(64, next_power_of_2(n)))
         gemv_reduce_kernel[(cdiv(n, block), 1)](

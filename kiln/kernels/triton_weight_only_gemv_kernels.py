@@ -15,7 +15,8 @@ So a byte costs about seven instructions for its two values (two masks, two subt
 one byte extraction), x's conversion is shared by the BLOCK_N / (rows of threads) rows each thread holds, and the
 scale multiplies once per row (per channel) or once per group tile (group-wise, where a tile never crosses a group:
 see triton_weight_only_kernels for the virtual K coordinates with k_offset). Split along K as the tensor-core kernel:
-fp32 partials summed by gemv_reduce_kernel in a fixed order (graph-safe, no atomics).
+fp32 partials summed in a fixed order (graph-safe), by the last program of each column block to finish
+(an atomic counter per block saves the second launch) or by gemv_reduce_kernel.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kiln.kernels.triton_gemv_kernels import reduce_splits_if_last
 from kiln.kernels.triton_weight_only_kernels import _to_float
 
 
@@ -97,18 +99,20 @@ def _add_tile(i, acc, w, scale, zero, bias, x_ptr, v_start, k_offset, K, BITS: t
 
 @triton.jit
 def weight_only_gemv_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
     N, K, KW, k_offset, v_per_split, stride_wn, stride_sn,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr,
-    WHILE_LOOP: tl.constexpr,
+    LAST_REDUCES: tl.constexpr, WHILE_LOOP: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_N), splits): program (n, s) computes y[n block] over the s-th slice of the virtual K
     (v_per_split long, a multiple of BLOCK_K). GROUP = 0: per channel, signed values, k_offset 0. EVEN_K: every
     tile lies whole inside [0, K) (no mask along K: the loads stay 16-byte vectors). PREFETCH: tile i + 1's loads
     are issued before tile i is multiplied (a register double buffer: Triton pipelines only loads that feed a dot,
     so without it each tile's load latency is exposed once per tile); the last iteration reloads the last tile
-    (an L1/L2 hit) instead of masking."""
+    (an L1/L2 hit) instead of masking. SPLIT: fp32 partials [splits, N] in part_ptr, summed by the last program of
+    each column block (LAST_REDUCES, with count_ptr one int32 counter per block, all 0 on entry and on exit) or
+    by gemv_reduce_kernel after."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -148,6 +152,9 @@ def weight_only_gemv_kernel(
         y = y * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
     if SPLIT:
         tl.store(part_ptr + pid_s.to(tl.int64) * N + offs_n, y, mask=n_ok)
+        if LAST_REDUCES:
+            reduce_splits_if_last(part_ptr, offs_n, N, y_ptr, offs_n, b_ptr, offs_n, n_ok, count_ptr + pid_n, HAS_BIAS,
+                                  WHILE_LOOP)
     else:
         if HAS_BIAS:
             y += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)

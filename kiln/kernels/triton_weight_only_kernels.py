@@ -15,8 +15,9 @@ tile is multiplied on the tensor cores as y^T = W @ x^T (rows of x past M masked
 side). INT4 bytes are split into their low and high nibbles, which multiply the even and odd elements of x: nothing
 is interleaved. Integers become floats by the exponent trick (or-ing q into the mantissa of 2^23 and subtracting),
 full-rate ALU work, not the quarter-rate int-to-float conversion. With SPLIT, program (n, s, m) covers the s-th
-slice of K and writes its fp32 partial to part[s]; triton_gemv_kernels.gemv_reduce_kernel sums the slices in a fixed
-order (no atomics: graph-safe, the same bits every run).
+slice of K and writes its fp32 partial to part[s]; the last program of each output block to finish sums the slices
+in a fixed order (triton_gemv_kernels.reduce_splits_if_last: no second launch), or gemv_reduce_kernel does after:
+graph-safe, the same bits every run.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.triton_dequant_asm import bytes_bf16, nibbles_bf16
+from kiln.kernels.triton_gemv_kernels import reduce_splits_if_last
 from kiln.kernels.triton_jit_common import dot_acc
 
 # The bits of 2^23 as float32: or-ing u < 2^23 into its mantissa gives 2^23 + u exactly. A constexpr: compiled
@@ -150,15 +152,18 @@ def _step(i, w, x_ptr, s_ptr, z_ptr, offs_n, n_ok, offs_m, m_ok, v_start, k_offs
 
 @triton.jit
 def weight_only_kernel(
-    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr,
+    x_ptr, w_ptr, s_ptr, z_ptr, b_ptr, y_ptr, part_ptr, count_ptr,
     M, N, K, KW, k_offset, v_per_split, stride_xm, stride_wn, stride_sn, stride_ym,
     BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, HAS_BIAS: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
-    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, WHILE_LOOP: tl.constexpr, ASM: tl.constexpr,
+    DOT_F32: tl.constexpr, PRECISION: tl.constexpr, LAST_REDUCES: tl.constexpr, WHILE_LOOP: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     """Grid (cdiv(N, BLOCK_N), splits, cdiv(M, BLOCK_M)). GROUP = 0: per channel (k_offset 0). The virtual length
     K + k_offset is cut into slices of v_per_split (a multiple of BLOCK_K), one per split. EVEN_K: k_offset is 0
-    and BLOCK_K divides K (every tile whole; no mask along K).
+    and BLOCK_K divides K (every tile whole; no mask along K). SPLIT: fp32 partials [splits, M, N] in part_ptr,
+    summed by the last program of each output block (LAST_REDUCES: count_ptr holds one int32 counter per (m, n)
+    block, 0 on entry and exit) or by gemv_reduce_kernel after.
 
     Triton's pipeliner keeps num_stages tiles of W and x in flight (asynchronous copies to shared memory) when their
     masks are constant along K (EVEN_K) and the pointers' alignment is known (sizes and strides divisible by 16, as
@@ -193,7 +198,12 @@ def weight_only_kernel(
         acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
     mask = n_ok[:, None] & m_ok[None, :]
     if SPLIT:
-        tl.store(part_ptr + (pid_s * M + offs_m[None, :]).to(tl.int64) * N + offs_n[:, None], acc, mask=mask)
+        part_offs = offs_m[None, :].to(tl.int64) * N + offs_n[:, None]  # [BLOCK_N, BLOCK_M]
+        tl.store(part_ptr + pid_s.to(tl.int64) * M * N + part_offs, acc, mask=mask)
+        if LAST_REDUCES:
+            y_offs = offs_m[None, :].to(tl.int64) * stride_ym + offs_n[:, None]
+            reduce_splits_if_last(part_ptr, part_offs, M * N, y_ptr, y_offs, b_ptr, offs_n[:, None], mask,
+                                  count_ptr + pid_m * tl.num_programs(0) + pid_n, HAS_BIAS, WHILE_LOOP)
     else:
         if HAS_BIAS:
             acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
