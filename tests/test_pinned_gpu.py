@@ -15,6 +15,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_copies_behind_a_busy_device_allocate_no_pinned_memory():
     device = torch.device("cuda")
+    torch.cuda.init()  # host_memory_stats() is {} until CUDA is initialized (pinning alone does not)
     assert reserve_pinned_blocks(device) >= 8 * (1 << 20)
     allocs = torch.cuda.host_memory_stats()["num_host_alloc"]
     torch.cuda._sleep(50_000_000)  # ~25 ms: every copy below is still pending when the next one is queued

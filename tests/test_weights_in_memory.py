@@ -226,3 +226,14 @@ def test_convert_weights_in_memory_refuses_a_real_checkpoint(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "weights in memory are dummy weights" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "ckpt").exists()
+
+
+def test_dummy_source_draws_every_tensor_on_its_device():
+    """Norms and biases come from the drawing device like the weights: SmoothQuant folds its factors (computed from
+    the weights there) into the norms, which failed on a GPU when they came from the CPU (the meta device stands in
+    for a second device here)."""
+    from kiln.checkpoint.sources import DummyWeightSource
+
+    source = DummyWeightSource(device="meta")
+    for name in ("layers.0.norm_1.weight", "layers.0.attn.out_proj.bias"):  # (meta has no generator for weights)
+        assert source.full_tensor(name, (8,)).device.type == "meta", name

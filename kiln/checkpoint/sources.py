@@ -85,10 +85,11 @@ class DummyWeightSource:
     def full_tensor(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         if self.tied_head and name == "lm_head.weight":
             name = "embed_tokens.weight"
+        # On the drawing device like the weights: SmoothQuant folds its factors (on that device) into the norms.
         if name.endswith(".bias"):
-            return torch.zeros(shape)
+            return torch.zeros(shape, device=self.device)
         if len(shape) == 1 and "norm" in name:
-            return torch.ones(shape)
+            return torch.ones(shape, device=self.device)
         return torch.randn(shape, generator=self._generator(name), device=self.device).mul_(self.std)
 
     def in_memory_record(self) -> dict[str, Any]:
