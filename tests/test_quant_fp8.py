@@ -87,6 +87,21 @@ def test_matmul_reference_is_fake_quantized_x_times_dequantized_w(algo):
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_matmul_path_is_chosen_on_the_placed_weight(monkeypatch):
+    """An engine's model is built (and quantized) on the meta device and placed after: the FP8 GEMM or the reference
+    is chosen at the first call, from the weight it is called with, not when the layer is made."""
+    from kiln.quant import fp8_layers
+
+    scheme = FP8_SCHEMES[sorted(FP8_SCHEMES)[0]]
+    q, scale = scheme.quantize(torch.randn(16, 32) * 0.1, torch.float32)
+    seen = []
+    monkeypatch.setattr(fp8_layers, "fp8_gemm_available", lambda device: seen.append(device.type) or False)
+    mm = FP8Matmul(scheme, scale, None if scheme.dynamic else torch.tensor([0.01]))
+    assert mm.run is None and not seen
+    mm(torch.randn(3, 32), q, None)
+    assert seen == ["cpu"] and getattr(mm.run, "__func__", None) is FP8Matmul.reference
+
+
 def test_fused_moe_quantizes_input_and_intermediate():
     gen = torch.Generator().manual_seed(2)
     x, w13, w2 = torch.randn(6, 16, generator=gen), torch.randn(3, 20, 16, generator=gen), torch.randn(3, 16, 10)

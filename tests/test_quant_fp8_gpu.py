@@ -55,7 +55,10 @@ def test_engine_layers_bind_scaled_mm_on_a_bf16_engine(tmp_path):
                       "--max_input_len", "32", "--max_seq_len", "64"]) == 0
     with kiln.LLM(engine) as llm:
         out = llm.generate([[5, 6, 7, 8]], kiln.SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+        runs = [m.matmul.run for m in llm.runner.model.modules() if isinstance(getattr(m, "matmul", None), FP8Matmul)]
     assert len(out[0].outputs[0].token_ids) == 4
+    # chosen at the first call, on the placed weight (the model is built on the meta device, where no FP8 GEMM runs)
+    assert runs and all(getattr(run, "__func__", None) is FP8Matmul.scaled_mm for run in runs)
 
 
 def _tokens(engine: Path, device: str) -> list[list[int]]:

@@ -6,9 +6,10 @@ beside it ([1] per tensor, [out] per channel; experts [experts, 1] / [experts, o
 `input_scale` ([1], float, the calibrated activation scale; experts: `w13_input_scale`). Per-tensor and input scales
 are whole on every rank (one global amax, so tp ranks agree with tp 1); per-channel scales split with their rows.
 
-The matmul is chosen once per layer: `torch._scaled_mm` where the device has FP8 tensor cores (sm_89+) and the
-shapes suit it, else the torch reference (dequantize the weight, fake-quantize the activation through fp8 casts).
-With KILN_FP8_GEMV=1 on CUDA, decode steps of up to 16 rows take the Triton FP8 GEMV instead
+The matmul is chosen once per layer, at its first call (the model may be built on the meta device and placed
+after, so the weight's device is known only then): `torch._scaled_mm` where the device has FP8 tensor cores (sm_89+)
+and the shapes suit it, else the torch reference (dequantize the weight, fake-quantize the activation through fp8
+casts). With KILN_FP8_GEMV=1 on CUDA, decode steps of up to 16 rows take the Triton FP8 GEMV instead
 (kiln.kernels.triton_fp8_gemv; opt-in until a GPU measures it against _scaled_mm).
 """
 
@@ -53,15 +54,26 @@ class FP8Matmul:
     """An FP8 linear layer's matmul: x [tokens, in] -> [tokens, out] in x's dtype."""
 
     def __init__(self, scheme: FP8Scheme, weight_scale: nn.Parameter, input_scale: nn.Parameter | None,
-                 use_scaled_mm: bool, split_input: bool = False, gemv_rows: int = 0) -> None:
+                 split_input: bool = False, use_scaled_mm: bool | None = None) -> None:
+        """use_scaled_mm None: chosen at the first call (choose_run); True / False: that path (tests)."""
         self.scheme, self.weight_scale, self.input_scale = scheme, weight_scale, input_scale
         # A row-parallel layer's rank holds a slice of each token: its per-token scale is the max over the ranks,
         # so that every tp size quantizes exactly as one rank does.
         self.split_input = split_input and input_scale is None
-        self.run = self.scaled_mm if use_scaled_mm else self.reference
-        self.gemv_rows = gemv_rows  # up to this many rows: the Triton FP8 GEMV (opt-in, KILN_FP8_GEMV=1)
-        if gemv_rows:
-            self.run = self.gemv_or(self.run)
+        self.run: Callable[..., torch.Tensor] | None = None
+        if use_scaled_mm is not None:
+            self.run = self.scaled_mm if use_scaled_mm else self.reference
+        self.gemv_rows = 0  # up to this many rows: the Triton FP8 GEMV (opt-in, KILN_FP8_GEMV=1)
+
+    def choose_run(self, weight: torch.Tensor, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
+        """The matmul for this layer's placed weight and x's dtype: _scaled_mm where it runs, else the reference;
+        the Triton GEMV in front for decode rows when KILN_FP8_GEMV=1 on CUDA."""
+        fast = fp8_gemm_available(weight.device) and scaled_mm_fits(self.scheme, weight, dtype)
+        run = self.scaled_mm if fast else self.reference
+        if weight.device.type == "cuda" and os.environ.get("KILN_FP8_GEMV") == "1":
+            self.gemv_rows = 16
+            run = self.gemv_or(run)
+        return run
 
     def gemv_or(self, other: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
         """The Triton GEMV for decode rows (x fake-quantized first, as the reference does), `other` beyond."""
@@ -76,6 +88,8 @@ class FP8Matmul:
         return run
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        if self.run is None:
+            self.run = self.choose_run(weight, x.dtype)
         return self.run(x, weight, bias)
 
     def reference(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -156,10 +170,7 @@ def quantize_fp8_model(model: nn.Module, scheme: FP8Scheme) -> int:
             dtype, device = module.weight.dtype, module.weight.device
             _replace_weight(module, "weight", scheme)
             inp = None if scheme.dynamic else _input_scale(module, "input_scale", dtype, device)
-            fast = fp8_gemm_available(device) and scaled_mm_fits(scheme, module.weight, dtype)
-            gemv = 16 if device.type == "cuda" and os.environ.get("KILN_FP8_GEMV") == "1" else 0
-            module.matmul = FP8Matmul(scheme, module.weight_scale, inp, fast, isinstance(module, RowParallelLinear),
-                                      gemv)
+            module.matmul = FP8Matmul(scheme, module.weight_scale, inp, isinstance(module, RowParallelLinear))
             count += 1
         elif isinstance(module, MoE):
             dtype, device = module.w13.dtype, module.w13.device
