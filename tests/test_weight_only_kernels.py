@@ -101,13 +101,39 @@ def test_split_k_sums_the_slices(fmt, rows, last_reduces, monkeypatch):
 
 
 @pytest.mark.parametrize("fmt", [WeightOnlyFormat(4), WeightOnlyFormat(8), WeightOnlyFormat(4, 32, 10),
-                                 WeightOnlyFormat(8, 128, 0)])
+                                 WeightOnlyFormat(8, 128, 0), WeightOnlyFormat(4, 128, 0), WeightOnlyFormat(4, 64, 16),
+                                 WeightOnlyFormat(8, 32, 8), WeightOnlyFormat(4, 96, 6)])
 def test_dequantize_gives_the_reference_values(fmt):
+    """Per channel, and group-wise through the one-group-per-program kernel (power-of-two groups, with k_offset:
+    the first group partly masked) or the element-wise one (group 96); n past one 64-row block, K ragged."""
     gen = torch.Generator().manual_seed(5)
-    n, k = 35, 150
+    n, k = 70, 150
     weight, scale, zero, dense = stored_weight(fmt, n, k, gen)
     got = dequantize_weight(_dev(weight), _dev(scale), _dev(zero), fmt, torch.float32)
     assert torch.allclose(got.cpu().double(), dense, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("group, k_offset", [(128, 0), (32, 10)])
+def test_group_dequantize_equals_the_element_wise_kernel_in_bfloat16(group, k_offset):
+    """bf16 scales and zeros: the one-group-per-program kernel gives the element-wise kernel's bits ((q - zero)
+    rounded to bf16, times the scale), and the torch dequantize's values (bit for bit on a GPU; the interpreter
+    rounds bf16 differently, within one bf16 step)."""
+    from kiln.kernels.triton_common import cdiv
+    from kiln.kernels.triton_weight_only_kernels import dequantize_kernel
+    from kiln.quant.group_wise import dequantize_groups
+
+    gen = torch.Generator().manual_seed(8)
+    n, k = 66, 256
+    weight, scale, zero, _ = group_wise(n, k, 4, group, k_offset, gen, torch.bfloat16)
+    weight, scale, zero = _dev(weight), _dev(scale), _dev(zero)
+    got = dequantize_weight(weight, scale, zero, WeightOnlyFormat(4, group, k_offset), torch.bfloat16)
+    element_wise = torch.empty_like(got)
+    dequantize_kernel[(cdiv(n, 32), cdiv(k // 2, 64))](
+        weight, scale, zero, element_wise, n, k, k // 2, k_offset, weight.stride(0), scale.stride(0),
+        element_wise.stride(0), BITS=4, GROUP=group, HAS_ZERO=True, BLOCK_N=32, BLOCK_B=64)
+    assert torch.equal(got, element_wise)
+    want = dequantize_groups(weight.cpu(), scale.cpu(), zero.cpu(), 4, group, torch.bfloat16, k_offset)
+    assert torch.allclose(got.cpu().float(), want.float(), rtol=2**-7, atol=0)
 
 
 def test_bfloat16_inputs():

@@ -29,7 +29,7 @@ from kiln.kernels.triton_common import while_loops
 from kiln.kernels.triton_gemv_kernels import gemv_reduce_kernel
 from kiln.kernels.triton_weight_only_gemv import LAST_PROGRAM_REDUCES, gemv_applies, launch_gemv
 from kiln.kernels.triton_weight_only_configs import FUSED_MAX_ROWS, WoConfig, WoKey, default_wo_config, rows_configs
-from kiln.kernels.triton_weight_only_kernels import dequantize_kernel, weight_only_kernel
+from kiln.kernels.triton_weight_only_kernels import dequantize_groups_kernel, dequantize_kernel, weight_only_kernel
 from kiln.quant.act_order import gather_inputs, reorder_act_order_layers
 
 __all__ = ["FUSED_MAX_ROWS", "ActOrderKernelMatmul", "WeightOnlyFormat", "WeightOnlyKernelMatmul", "bind_weight_only",
@@ -168,6 +168,14 @@ def dequantize_weight(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Ten
     k = kw * (2 if fmt.bits == 4 else 1)
     out = torch.empty(n, k, dtype=dtype, device=weight.device)
     if n == 0 or k == 0:
+        return out
+    group = fmt.group_size
+    if group and group & (group - 1) == 0:  # one group per program: scale and zero loaded once per row
+        dequantize_groups_kernel[(cdiv(n, 64), cdiv(k + fmt.k_offset, group))](
+            weight, scale, zero if zero is not None else scale, out, n, k, kw, fmt.k_offset, weight.stride(0),
+            scale.stride(0), out.stride(0), BITS=fmt.bits, GROUP=group, HAS_ZERO=zero is not None, BLOCK_N=64,
+            num_warps=4,
+        )
         return out
     block_b = 64
     dequantize_kernel[(cdiv(n, 32), cdiv(kw, block_b))](

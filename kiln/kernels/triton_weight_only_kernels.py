@@ -243,6 +243,42 @@ def dequantize_kernel(
 
 
 @triton.jit
+def dequantize_groups_kernel(
+    w_ptr, s_ptr, z_ptr, out_ptr, N, K, KW, k_offset, stride_wn, stride_sn, stride_on,
+    BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """Group-wise weights (GROUP a power of two): out[N, K] = dequant(W), one group of a BLOCK_N-row block per
+    program, so that each row's scale and zero are loaded once, not once per element as dequantize_kernel's gather
+    does. Grid (cdiv(N, BLOCK_N), groups): group g covers k = g * GROUP - k_offset + 0..GROUP-1 (k < 0 masked, the
+    first group of a rank whose slice starts mid-group)."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    group = tl.program_id(1)
+    n_ok = offs_n < N
+    rows = offs_n[:, None].to(tl.int64)
+    at = offs_n.to(tl.int64) * stride_sn + group
+    scale = tl.load(s_ptr + at, mask=n_ok, other=0.0)[:, None]  # [BLOCK_N, 1] in the scale's dtype
+    zero = tl.load(z_ptr + at, mask=n_ok, other=0.0).to(tl.float32)[:, None] if HAS_ZERO else 0.0
+    offs_k = group * GROUP - k_offset + tl.arange(0, GROUP)
+    out_mask = n_ok[:, None] & ((offs_k >= 0) & (offs_k < K))[None, :]
+    if BITS == 8:
+        w = tl.load(w_ptr + rows * stride_wn + offs_k[None, :], mask=out_mask, other=0)
+        out = _group_values(_bytes(w, False), scale, zero)
+    else:
+        offs_b = (group * GROUP - k_offset) // 2 + tl.arange(0, GROUP // 2)  # k_offset is even for 4 bits
+        mask = n_ok[:, None] & ((offs_b >= 0) & (offs_b < KW))[None, :]
+        low, high = _nibbles(tl.load(w_ptr + rows * stride_wn + offs_b[None, :], mask=mask, other=0), False)
+        out = tl.reshape(tl.join(_group_values(low, scale, zero), _group_values(high, scale, zero)),
+                         [BLOCK_N, GROUP])  # element 2j low, 2j + 1 high
+    tl.store(out_ptr + rows * stride_on + offs_k[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _group_values(q, scale, zero):
+    """(q - zero) rounded to the scale's dtype, times the scale (as the torch dequantize and _dequant_values)."""
+    return (q - zero).to(scale.dtype).to(tl.float32) * scale.to(tl.float32)
+
+
+@triton.jit
 def _dequant_values(q, offs_k, offs_n, n_ok, mask, s_ptr, z_ptr, k_offset, stride_sn,
                     GROUP: tl.constexpr, HAS_ZERO: tl.constexpr):
     """Float q [BLOCK_N, B] at columns offs_k -> its weights: q * s[n] per channel, (q - z) * s group-wise (the
