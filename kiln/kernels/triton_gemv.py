@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kiln.kernels.gpu_timing import graph_us, weight_copies
 from kiln.kernels.triton_common import FLOAT_DTYPES, cdiv, check_device, check_shape, check_tensor, dot_precision
 from kiln.kernels.triton_common import dot_upcast, matmul_output, multiprocessor_count, next_power_of_2, while_loops
 from kiln.kernels.triton_gemv_configs import DOT_ROWS, MAX_ROWS, ROW_BUCKETS, GemvConfig, GemvKey
@@ -139,7 +140,6 @@ def bind_gemv(model: nn.Module, table: dict[GemvKey, GemvConfig]) -> int:
 
 
 # Short timings: the build tunes every distinct linear shape at five row buckets within a minute or so.
-_WARMUP_MS, _REP_MS = 3, 10
 _WIN_MARGIN = 0.97  # Triton must beat cuBLAS by 3%: a tie is not worth leaving the library for
 
 
@@ -167,17 +167,19 @@ class GemvTiming:
 
 def tune_gemv(rows: int, weight: torch.Tensor, sms: int | None = None,
               log: Callable[[str], None] | None = None) -> GemvTiming:
-    """Time F.linear and the candidate configs at `rows` rows of random input against `weight` [N, K] on its GPU
-    (median CUDA-event times, L2 flushed between calls, as a decode step finds the weights)."""
-    import triton.testing
+    """Time F.linear and the candidate configs at `rows` rows of random input against `weight` [N, K] on its GPU:
+    GPU time per call in CUDA graph replays over enough copies of the weight to miss L2, as a decode step's graph
+    runs them and finds the weights (kiln.kernels.gpu_timing; host launch costs, which the graph removes, would
+    favour cuBLAS's lighter launch)."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
     n, k = weight.shape
+    copies = weight_copies(weight.numel() * weight.element_size(), weight.device)
+    weights = [weight] + [torch.randn_like(weight) * k**-0.5 for _ in range(copies - 1)]
     x = torch.randn(rows, k, dtype=weight.dtype, device=weight.device)
     ref = F.linear(x, weight)
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=_WARMUP_MS, rep=_REP_MS, return_mode="median")  # noqa: E731
-    cublas_ms = bench(lambda: F.linear(x, weight))
+    cublas_ms = graph_us([lambda w=w: F.linear(x, w) for w in weights]) / 1e3
     best, best_ms = None, math.inf
     for config in candidate_configs(rows, n, k, sms or multiprocessor_count(weight.device)):
         try:
@@ -185,7 +187,7 @@ def tune_gemv(rows: int, weight: torch.Tensor, sms: int | None = None,
                 if log is not None:
                     log(f"  gemv {config} gives wrong results at {rows}x{n}x{k}; skipped")
                 continue
-            ms = bench(lambda: _launch(x, weight, None, config))
+            ms = graph_us([lambda w=w: _launch(x, w, None, config) for w in weights]) / 1e3
         except (OutOfResources, CompilationError):
             continue
         except Exception as err:  # noqa: BLE001 - a candidate that fails in any other way is not a choice either

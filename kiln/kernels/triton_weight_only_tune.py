@@ -1,8 +1,9 @@
 """Build-time tuning of the fused weight-only kernel: for each distinct quantized weight shape and format of an engine
 and each row bucket 1..64, time the candidate launch configs on this GPU (random stored weights: the speed does not
-depend on the values) and keep the fastest that computes correctly. `kiln build` stores the result under
-kernels.weight_only; loading binds it (kiln.kernels.bind_linear_matmuls). The unquantized bf16 matmul of the same
-shape is timed beside it, for the record."""
+depend on the values; GPU time per call in CUDA graph replays, as decode runs them: kiln.kernels.gpu_timing) and
+keep the fastest that computes correctly. `kiln build` stores the result under kernels.weight_only; loading binds it
+(kiln.kernels.bind_linear_matmuls). The unquantized bf16 matmul of the same shape is timed beside it, for the
+record."""
 
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from kiln.kernels.gpu_timing import graph_us, weight_copies
 from kiln.kernels.triton_weight_only import WeightOnlyFormat, _launch_fused, dequantize_weight
 from kiln.kernels.triton_weight_only_configs import WO_ROW_BUCKETS, WoConfig, candidate_wo_configs, entry_to_dict
 
 WoShape = tuple[int, int, int, int]  # (N, K logical, bits, group_size)
-_WARMUP_MS, _REP_MS = 3, 10
 
 
 def _random_weight(shape: WoShape, dtype: torch.dtype, device: torch.device):
@@ -38,27 +39,29 @@ def _agrees(out: torch.Tensor, ref: torch.Tensor) -> bool:
 
 def tune_shape(shape: WoShape, rows: int, dtype: torch.dtype, device: torch.device,
                log: Callable[[str], None] | None = None) -> tuple[WoConfig | None, float, float]:
-    """(fastest correct config or None, its median us, the bf16 cuBLAS median us) at `rows` rows."""
-    import triton.testing
+    """(fastest correct config or None, its us, the bf16 cuBLAS us) at `rows` rows: GPU times per call from CUDA
+    graph replays over enough copies of the weight to miss L2 (kiln.kernels.gpu_timing), as decode runs them."""
     from triton.compiler.errors import CompilationError
     from triton.runtime.errors import OutOfResources
 
     n, k, bits, group = shape
     fmt = WeightOnlyFormat(bits, group)
-    stored, scale, zero = _random_weight(shape, dtype, device)
+    first = _random_weight(shape, dtype, device)
+    stored_bytes = sum(t.numel() * t.element_size() for t in first if t is not None)
+    weights = [first] + [_random_weight(shape, dtype, device) for _ in range(weight_copies(stored_bytes, device) - 1)]
     x = torch.randn(rows, k, dtype=dtype, device=device)
-    dense = dequantize_weight(stored, scale, zero, fmt, dtype)
-    ref = F.linear(x, dense)
-    bench = lambda fn: triton.testing.do_bench(fn, warmup=_WARMUP_MS, rep=_REP_MS, return_mode="median")  # noqa: E731
-    bf16_us = bench(lambda: F.linear(x, dense)) * 1e3
+    dense = [dequantize_weight(*w, fmt, dtype) for w in weights[:weight_copies(n * k * 2, device)]]
+    ref = F.linear(x, dense[0])
+    bf16_us = graph_us([lambda d=d: F.linear(x, d) for d in dense])
+    del dense
     best, best_us = None, math.inf
     for config in candidate_wo_configs(rows, bits, group):
         try:
-            if not _agrees(_launch_fused(x, stored, scale, zero, None, fmt, config), ref):
+            if not _agrees(_launch_fused(x, *first, None, fmt, config), ref):
                 if log is not None:
                     log(f"  weight-only {config} gives wrong results at {rows}x{n}x{k}; skipped")
                 continue
-            us = bench(lambda: _launch_fused(x, stored, scale, zero, None, fmt, config)) * 1e3
+            us = graph_us([lambda w=w: _launch_fused(x, *w, None, fmt, config) for w in weights])
         except (OutOfResources, CompilationError):
             continue
         except Exception as err:  # noqa: BLE001 - a candidate failing any other way is not a choice either
