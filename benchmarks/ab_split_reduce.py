@@ -9,15 +9,14 @@ import torch
 import triton.testing
 
 from bench_weight_only import FORMATS, SHAPES, quantized
-from kiln.kernels import triton_weight_only, triton_weight_only_gemv
+from kiln.kernels import triton_gemv
 from kiln.kernels.gpu_timing import graph_us
 from kiln.kernels.triton_weight_only import _launch_fused
 from kiln.kernels.triton_weight_only_configs import WoConfig
 
 
 def set_last(on: bool) -> None:
-    triton_weight_only.LAST_PROGRAM_REDUCES = on
-    triton_weight_only_gemv.LAST_PROGRAM_REDUCES = on
+    triton_gemv.LAST_PROGRAM_REDUCES = on
 
 
 configs = {"tc 64x128 auto": WoConfig(64, 128, 0, 4, 4), "gemv 32x128 split8": WoConfig(32, 128, 8, 4, 1, True),

@@ -30,7 +30,8 @@ _KERNEL_MODULES = (
     "kiln.kernels.triton_attention_kernels", "kiln.kernels.triton_moe_kernels", "kiln.kernels.triton_kv_cache",
     "kiln.kernels.triton_attention", "kiln.kernels.triton_moe", "kiln.kernels.triton_norm", "kiln.kernels.triton_ops",
     # triton_ops imports the weight-only fused MoE, which shares device functions with the weight-only matmul
-    "kiln.kernels.triton_gemv_kernels", "kiln.kernels.triton_weight_only_kernels", "kiln.kernels.triton_weight_only",
+    "kiln.kernels.triton_gemv_kernels", "kiln.kernels.triton_gemv", "kiln.kernels.triton_weight_only_kernels",
+    "kiln.kernels.triton_weight_only",
     "kiln.kernels.triton_moe_weight_only_kernels", "kiln.kernels.triton_moe_weight_only",
 )
 

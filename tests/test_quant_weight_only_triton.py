@@ -17,6 +17,7 @@ from interpreted_triton import interpret_triton  # noqa: E402
 
 if INTERPRET:
     interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_gemv_kernels",
+                      "kiln.kernels.triton_gemv",
                       "kiln.kernels.triton_weight_only_kernels", "kiln.kernels.triton_weight_only"))
 
 from kiln.kernels.triton_weight_only import weight_only_linear  # noqa: E402

@@ -20,6 +20,7 @@ from interpreted_triton import interpret_triton  # noqa: E402
 
 if INTERPRET:
     interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_gemv_kernels",
+                      "kiln.kernels.triton_gemv",
                       "kiln.kernels.triton_weight_only_kernels", "kiln.kernels.triton_weight_only",
                       "kiln.kernels.triton_weight_only_gemv_kernels", "kiln.kernels.triton_weight_only_gemv",
                       "kiln.kernels.triton_moe_kernels", "kiln.kernels.triton_moe",
@@ -84,11 +85,11 @@ def test_group_wise_matches_dequantized_reference(bits, group, k_offset, rows, n
 def test_split_k_sums_the_slices(fmt, rows, last_reduces, monkeypatch):
     """K long enough that the launcher splits it (4 SMs stand in on the CPU): the slices' partials add up, summed by
     the last program of each (row block, column block) (its counters back to 0 after) or by a second kernel."""
-    from kiln.kernels import triton_weight_only
+    from kiln.kernels import triton_gemv
     from kiln.kernels.triton_common import split_counters
     from kiln.kernels.triton_weight_only_configs import WoConfig
 
-    monkeypatch.setattr(triton_weight_only, "LAST_PROGRAM_REDUCES", last_reduces)
+    monkeypatch.setattr(triton_gemv, "LAST_PROGRAM_REDUCES", last_reduces)
     gen = torch.Generator().manual_seed(3)
     n, k = 40, 2048
     weight, scale, zero, dense = stored_weight(fmt, n, k, gen)
@@ -301,11 +302,11 @@ def test_one_row_fma_kernel_matches_dequantized_reference(fmt, n, k, block_k, sp
     against x @ dequant(W).T in float64: per channel and group-wise with zeros, k_offset, ragged K, split K; with
     the next tile prefetched (stages 2) and without (1); split K summed by the kernel's last program per column
     block (its counters back to 0 after) or by the second kernel."""
-    from kiln.kernels import triton_weight_only_gemv
+    from kiln.kernels import triton_gemv
     from kiln.kernels.triton_common import split_counters
     from kiln.kernels.triton_weight_only_configs import WoConfig
 
-    monkeypatch.setattr(triton_weight_only_gemv, "LAST_PROGRAM_REDUCES", last_reduces)
+    monkeypatch.setattr(triton_gemv, "LAST_PROGRAM_REDUCES", last_reduces)
 
     gen = torch.Generator().manual_seed(n + k + block_k + split + fmt.bits)
     weight, scale, zero, dense = stored_weight(fmt, n, k, gen)

@@ -18,7 +18,8 @@ from torch import nn
 
 from kiln.kernels.gpu_timing import graph_us, weight_copies
 from kiln.kernels.triton_common import FLOAT_DTYPES, cdiv, check_device, check_shape, check_tensor, dot_precision
-from kiln.kernels.triton_common import dot_upcast, matmul_output, multiprocessor_count, next_power_of_2, while_loops
+from kiln.kernels.triton_common import dot_upcast, matmul_output, multiprocessor_count, next_power_of_2, split_counters
+from kiln.kernels.triton_common import while_loops
 from kiln.kernels.triton_gemv_configs import DOT_ROWS, MAX_ROWS, ROW_BUCKETS, GemvConfig, GemvKey
 from kiln.kernels.triton_gemv_configs import candidate_configs, default_config, entry_to_dict, rows_table
 from kiln.kernels.triton_gemv_kernels import gemv_kernel, gemv_reduce_kernel
@@ -68,13 +69,34 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if splits > 1:
-        split_pad = max(2, next_power_of_2(splits))
-        block = min(1024, 8192 // split_pad, max(64, next_power_of_2(n)))  # <= 8192 partials in registers
-        gemv_reduce_kernel[(cdiv(n, block), rows)](
-            part, bias_arg, y, rows, n, splits, y.stride(0),
-            HAS_BIAS=bias is not None, SPLIT_PAD=split_pad, BLOCK=block, num_warps=4,
-        )
+        launch_split_reduce(part, bias, y)
     return y
+
+
+# Split K summed by the split kernel's last program of each output block (reduce_splits_if_last: no second launch);
+# False: by gemv_reduce_kernel after (launch_split_reduce). Read at each launch, so a test can switch it.
+LAST_PROGRAM_REDUCES = True
+
+
+def last_program_counters(device: torch.device, split: bool, output_blocks: int) -> torch.Tensor | None:
+    """The counters a split kernel's last programs sum with (kiln.kernels.triton_common.split_counters), or None
+    when launch_split_reduce must sum instead: no split, LAST_PROGRAM_REDUCES off, a CUDA graph capture before the
+    counters exist, or more output blocks than counters."""
+    if not split or not LAST_PROGRAM_REDUCES:
+        return None
+    counters = split_counters(device)
+    return counters if counters is not None and output_blocks <= counters.numel() else None
+
+
+def launch_split_reduce(part: torch.Tensor, bias: torch.Tensor | None, y: torch.Tensor) -> None:
+    """y [rows, N] = the sum over splits of part [splits, rows, N] fp32 (+ bias), in a fixed order (one kernel)."""
+    splits, rows, n = part.shape
+    split_pad = max(2, next_power_of_2(splits))
+    block = min(1024, 8192 // split_pad, max(64, next_power_of_2(n)))  # <= 8192 partials in registers
+    gemv_reduce_kernel[(cdiv(n, block), rows)](
+        part, bias if bias is not None else part, y, rows, n, splits, y.stride(0),
+        HAS_BIAS=bias is not None, SPLIT_PAD=split_pad, BLOCK=block, num_warps=4,
+    )
 
 
 def gemv(

@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from kiln.kernels.triton_common import FLOAT_DTYPES, asm_dequant, cdiv, check_device, dot_precision, dot_upcast
 from kiln.kernels.triton_common import matmul_output, multiprocessor_count, next_power_of_2, split_counters
 from kiln.kernels.triton_common import while_loops
-from kiln.kernels.triton_gemv_kernels import gemv_reduce_kernel
-from kiln.kernels.triton_weight_only_gemv import LAST_PROGRAM_REDUCES, gemv_applies, launch_gemv
+from kiln.kernels.triton_gemv import last_program_counters, launch_split_reduce
+from kiln.kernels.triton_weight_only_gemv import gemv_applies, launch_gemv
 from kiln.kernels.triton_weight_only_configs import FUSED_MAX_ROWS, WoConfig, WoKey, default_wo_config, rows_configs
 from kiln.kernels.triton_weight_only_kernels import dequantize_groups_kernel, dequantize_kernel, weight_only_kernel
 from kiln.quant.act_order import gather_inputs, reorder_act_order_layers
@@ -132,8 +132,8 @@ def _launch_fused(x, weight, scale, zero, bias, fmt: WeightOnlyFormat, config: W
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
     zero_arg = zero if zero is not None else scale
     grid = (cdiv(n, config.block_n), plan.splits, cdiv(rows, plan.block_m))
-    counters = split_counters(x.device) if split and LAST_PROGRAM_REDUCES else None
-    last_reduces = counters is not None and grid[0] * grid[2] <= counters.numel()
+    counters = last_program_counters(x.device, split, grid[0] * grid[2])
+    last_reduces = counters is not None
     weight_only_kernel[grid](
         x, weight, scale, zero_arg, bias_arg, y, part, counters if last_reduces else part, rows, n, k,
         weight.shape[1], fmt.k_offset, plan.v_per_split, x.stride(0), weight.stride(0), scale.stride(0), y.stride(0),
@@ -145,12 +145,7 @@ def _launch_fused(x, weight, scale, zero, bias, fmt: WeightOnlyFormat, config: W
         num_warps=config.num_warps, num_stages=config.num_stages,
     )
     if split and not last_reduces:
-        split_pad = max(2, next_power_of_2(plan.splits))
-        block = min(1024, 8192 // split_pad, max(64, next_power_of_2(n)))
-        gemv_reduce_kernel[(cdiv(n, block), rows)](
-            part, bias_arg, y, rows, n, plan.splits, y.stride(0),
-            HAS_BIAS=bias is not None, SPLIT_PAD=split_pad, BLOCK=block, num_warps=4,
-        )
+        launch_split_reduce(part, bias, y)
     return y
 
 

@@ -6,14 +6,10 @@ from __future__ import annotations
 
 import torch
 
-from kiln.kernels.triton_common import cdiv, matmul_output, next_power_of_2, split_counters, while_loops
-from kiln.kernels.triton_gemv_kernels import gemv_reduce_kernel
+from kiln.kernels.triton_common import cdiv, matmul_output, while_loops
+from kiln.kernels.triton_gemv import last_program_counters, launch_split_reduce
 from kiln.kernels.triton_weight_only_configs import WoConfig
 from kiln.kernels.triton_weight_only_gemv_kernels import weight_only_gemv_kernel
-
-
-# Split K summed by the kernel's last program per column block (no second launch); False: gemv_reduce_kernel.
-LAST_PROGRAM_REDUCES = True
 
 
 def gemv_applies(x: torch.Tensor, k_offset: int) -> bool:
@@ -34,8 +30,8 @@ def launch_gemv(x, weight, scale, zero, bias, fmt, config: WoConfig, plan) -> to
     bias_arg = bias if bias is not None else scale  # never read without HAS_BIAS
     x_arg = x.view(torch.int32) if fmt.bits == 4 else x  # INT4: bf16 pairs (x[2j], x[2j + 1]) as int32 words
     blocks = cdiv(n, config.block_n)
-    counters = split_counters(x.device) if split and LAST_PROGRAM_REDUCES else None
-    last_reduces = counters is not None and blocks <= counters.numel()
+    counters = last_program_counters(x.device, split, blocks)
+    last_reduces = counters is not None
     weight_only_gemv_kernel[(blocks, plan.splits)](
         x_arg, weight, scale, zero if zero is not None else scale, bias_arg, y, part,
         counters if last_reduces else part, n, k, weight.shape[1], fmt.k_offset, plan.v_per_split, weight.stride(0),
@@ -46,10 +42,5 @@ def launch_gemv(x, weight, scale, zero, bias, fmt, config: WoConfig, plan) -> to
         num_warps=config.num_warps,
     )
     if split and not last_reduces:
-        split_pad = max(2, next_power_of_2(plan.splits))
-        block = min(1024, 8192 // split_pad, max(64, next_power_of_2(n)))
-        gemv_reduce_kernel[(cdiv(n, block), 1)](
-            part, bias_arg, y, 1, n, plan.splits, y.stride(0),
-            HAS_BIAS=bias is not None, SPLIT_PAD=split_pad, BLOCK=block, num_warps=4,
-        )
+        launch_split_reduce(part, bias, y)
     return y

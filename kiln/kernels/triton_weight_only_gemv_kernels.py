@@ -165,17 +165,15 @@ def weight_only_gemv_kernel(
 def _gemv_step(i, steps, acc, w, scale, zero, bias, rows, offs_b, n_ok, x_ptr, s_ptr, z_ptr, offs_n, v_start,
                k_offset, K, KW, stride_sn, BITS: tl.constexpr, GROUP: tl.constexpr, HAS_ZERO: tl.constexpr,
                BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, PREFETCH: tl.constexpr):
-    """One tile: (acc after tile i, the tile the next step multiplies). `w, scale, zero` hold tile i on entry."""
+    """One tile: (acc after tile i, the tile the next step multiplies). With PREFETCH `w, scale, zero` hold tile i
+    on entry and tile i + 1 is loaded before i is multiplied; without, tile i is loaded here."""
     if PREFETCH:
         nxt = tl.minimum(i + 1, steps - 1)
         w2, s2, z2 = _load_tile(nxt, rows, offs_b, n_ok, s_ptr, z_ptr, offs_n, v_start, k_offset, K, KW, stride_sn,
                                 BITS, GROUP, HAS_ZERO, BLOCK_K, EVEN_K)
-        acc = _add_tile(i, acc, w, scale, zero, bias, x_ptr, v_start, k_offset, K, BITS, GROUP, HAS_ZERO, BLOCK_K,
-                        EVEN_K)
     else:
         w, scale, zero = _load_tile(i, rows, offs_b, n_ok, s_ptr, z_ptr, offs_n, v_start, k_offset, K, KW, stride_sn,
                                     BITS, GROUP, HAS_ZERO, BLOCK_K, EVEN_K)
-        acc = _add_tile(i, acc, w, scale, zero, bias, x_ptr, v_start, k_offset, K, BITS, GROUP, HAS_ZERO, BLOCK_K,
-                        EVEN_K)
         w2, s2, z2 = w, scale, zero
+    acc = _add_tile(i, acc, w, scale, zero, bias, x_ptr, v_start, k_offset, K, BITS, GROUP, HAS_ZERO, BLOCK_K, EVEN_K)
     return acc, w2, s2, z2
