@@ -26,12 +26,11 @@ MiB = 2**20
 DEFAULT_RUNNING_PER_SLOT = 2
 
 
-@dataclass
-class ServeConfig:
-    """`kiln serve`'s settings (docs/serving.md describes each)."""
+@dataclass(frozen=True)
+class ServeConfig(EngineSettings):
+    """`kiln serve`'s settings (docs/serving.md describes each): the engine process's (EngineSettings: engine and
+    tokenizer directories, device, KV cache, graphs, async scheduling, warm-up) and the server's below."""
 
-    engine_dir: str
-    tokenizer_dir: str | None = None
     host: str = "127.0.0.1"
     port: int = 8000
     api_key: str | None = None
@@ -40,12 +39,6 @@ class ServeConfig:
     max_concurrent_requests: int | None = None  # None: twice the engine's max_batch_size (DEFAULT_RUNNING_PER_SLOT)
     max_request_bytes: int = 4 * MiB
     chat_template: str | None = None
-    device: str | None = None
-    kv_cache_free_gpu_memory_fraction: float = 0.9
-    kv_cache_max_tokens: int | None = None
-    use_cuda_graphs: bool = True
-    async_scheduling: bool = True
-    warm_up: bool = True  # on a GPU: one prefill step per token bucket before ready (kiln.engine.warmup)
     shutdown_timeout_s: float = 30.0
 
     @property
@@ -127,8 +120,7 @@ class ServerState:
                         self.config.port)
 
     def engine_settings(self) -> EngineSettings:
-        """The config's engine-side settings, field by field under the same names (a field added to both needs no
-        edit here)."""
+        """The config's engine-side part, as a plain EngineSettings for the engine process."""
         return EngineSettings(**{f.name: getattr(self.config, f.name) for f in fields(EngineSettings)})
 
     def _load_model(self) -> ServedModel:
