@@ -25,8 +25,9 @@ import pytest  # noqa: E402
 from interpreted_triton import interpret_triton  # noqa: E402
 
 if INTERPRET:
-    interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_weight_only_kernels",
-                      "kiln.kernels.triton_moe_kernels", "kiln.kernels.triton_moe", "kiln.kernels.triton_norm",
+    interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_gemv_kernels",
+                      "kiln.kernels.triton_weight_only_kernels", "kiln.kernels.triton_moe_kernels",
+                      "kiln.kernels.triton_moe", "kiln.kernels.triton_norm",
                       "kiln.kernels.triton_smoothquant", "kiln.kernels.triton_moe_w8a8_kernels",
                       "kiln.kernels.triton_moe_w8a8"))
 

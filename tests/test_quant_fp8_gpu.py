@@ -1,6 +1,6 @@
 """FP8 on a GPU with FP8 tensor cores (sm_89+): the torch._scaled_mm path of every scheme against the torch reference
 (fake-quantized x @ dequantized W.T) at real layer shapes, decode rows and a 2048-token prefill; the layer binding
-choosing _scaled_mm; tiny FP8 engines (MPT, DBRX) on CUDA giving the CPU engine's greedy tokens."""
+choosing _scaled_mm; tiny FP8 engines (MPT, DBRX) on CUDA giving the CPU engine's logprobs and greedy tokens."""
 
 from __future__ import annotations
 
@@ -61,36 +61,41 @@ def test_engine_layers_bind_scaled_mm_on_a_bf16_engine(tmp_path):
     assert runs and all(getattr(run, "__func__", None) is FP8Matmul.scaled_mm for run in runs)
 
 
-def _tokens(engine: Path, device: str) -> list[list[int]]:
-    prompts = [[5, 17, 33, 2, 99, 150, 7], list(range(40, 61))]
+PROMPTS = [[5, 17, 33, 2, 99, 150, 7], list(range(40, 61))]
+
+
+def _generate(engine: Path, device: str) -> list:
     with kiln.LLM(engine, device=device) as llm:
-        outs = llm.generate(prompts, kiln.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
-    return [o.outputs[0].token_ids for o in outs]
+        return llm.generate(PROMPTS, kiln.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
+                                                         prompt_logprobs=0, logprobs=2))
 
 
 @pytest.mark.parametrize("family", ["mpt", "dbrx"])
-def test_tiny_fp8_engine_on_cuda_gives_the_cpu_tokens(family, tmp_path):
+def test_tiny_fp8_engine_on_cuda_gives_the_cpu_logprobs(family, tmp_path):
+    """The CUDA engine (_scaled_mm for the 21-token prefill, the Triton GEMV for 7 rows and decode, the Triton
+    quantization) against the CPU engine (the torch reference): not token for token (tests/greedy_compare.py says
+    why), but every logprob within a few hundredths of a nat and the same greedy tokens up to a tie."""
     import sys
     sys.path.insert(0, str(Path(__file__).parent))
     from fixtures_kv_cache import calib_text, tiny_hf_dir
+    from greedy_compare import assert_same_greedy
 
     model_dir = tiny_hf_dir(tmp_path, family)
     assert kiln_main(["convert", "--model_dir", str(model_dir), "--output_dir", str(tmp_path / "c"), "--dtype",
                       "float32", "--enable_fp8", "--calib_dataset", str(calib_text(tmp_path)), "--calib_size", "4",
                       "--calib_max_seq_length", "32"]) == 0
     assert kiln_main(["build", "--checkpoint_dir", str(tmp_path / "c"), "--output_dir", str(tmp_path / "e"),
-                      "--max_batch_size", "4", "--max_input_len", "32", "--max_seq_len", "64"]) == 0
-    assert _tokens(tmp_path / "e", "cuda") == _tokens(tmp_path / "e", "cpu")
+                      "--max_batch_size", "4", "--max_input_len", "32", "--max_seq_len", "64", "--no_tune"]) == 0
+    assert_same_greedy(_generate(tmp_path / "e", "cpu"), _generate(tmp_path / "e", "cuda"))
 
 
 @pytest.mark.parametrize("algo", sorted(FP8_SCHEMES))
 def test_triton_fp8_gemv_matches_the_reference_and_is_timed(algo):
-    """The opt-in Triton GEMV (KILN_FP8_GEMV=1) at decode rows against the reference; prints its time beside
-    _scaled_mm's and bf16 cuBLAS's for the lead to decide whether to bind it by default."""
-    from triton.testing import do_bench
-
+    """The Triton quantization + GEMV at decode rows against the reference; prints its time in a CUDA graph beside
+    _scaled_mm's (with the same quantization) and bf16 cuBLAS's (the QKV shape of MPT-7B)."""
+    from kiln.kernels.gpu_timing import graph_us
     from kiln.kernels.triton_fp8_gemv import fp8_gemv
-    from kiln.quant.fp8 import fake_quantize_activation
+    from kiln.kernels.triton_fp8_quant import quantize_fp8_rows
 
     scheme = FP8_SCHEMES[algo]
     n, k = 12288, 4096
@@ -98,15 +103,17 @@ def test_triton_fp8_gemv_matches_the_reference_and_is_timed(algo):
     q, scale = scheme.quantize(w, torch.bfloat16)
     for rows in (1, 16):
         x = torch.randn(rows, k, device="cuda", dtype=torch.bfloat16)
-        xq = fake_quantize_activation(x, None)
-        got = fp8_gemv(xq, q, scale, None)
-        want = FP8Matmul(scheme, scale, None, use_scaled_mm=False)(xq.float(), q, None)
+        static = None if scheme.dynamic else torch.tensor([x.abs().max().item() / 448], device="cuda")
+        xq, xs = quantize_fp8_rows(x, static)
+        got = fp8_gemv(xq, xs, q, scale, None, torch.bfloat16)
+        want = FP8Matmul(scheme, scale, static, use_scaled_mm=False)(x.float(), q, None)
         assert (got.float() - want).abs().max().item() <= 1e-2 * want.abs().max().item()
-        t_gemv = do_bench(lambda: fp8_gemv(xq, q, scale, None))
-        t_bf16 = do_bench(lambda: x @ w.T)
-        line = f"{algo} rows {rows}: triton fp8 gemv {t_gemv * 1e3:.1f} us, bf16 cuBLAS {t_bf16 * 1e3:.1f} us"
+        t_gemv = graph_us([lambda: fp8_gemv(*quantize_fp8_rows(x, static), q, scale, None, torch.bfloat16)])
+        t_bf16 = graph_us([lambda: x @ w.T])
+        line = f"{algo} rows {rows}: triton quantize + fp8 gemv {t_gemv:.1f} us, bf16 cuBLAS {t_bf16:.1f} us"
         if fp8_gemm_available(torch.device("cuda")):
-            static = torch.tensor([x.abs().max().item() / 448], device="cuda")
-            mm = FP8Matmul(scheme, scale, None if scheme.dynamic else static, use_scaled_mm=True)
-            line += f", _scaled_mm {do_bench(lambda: mm(x, q, None)) * 1e3:.1f} us"
+            mm = FP8Matmul(scheme, scale, static, use_scaled_mm=True)
+            mm.bind(q, x.dtype)
+            mm.gemv_rows = 0
+            line += f", quantize + _scaled_mm {graph_us([lambda: mm(x, q, None)]):.1f} us"
         print(line)

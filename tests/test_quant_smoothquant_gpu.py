@@ -37,9 +37,11 @@ def test_bf16_layer_matches_cpu(per_token):
 @pytest.mark.parametrize("family, mode", [("mpt", "tok-ch"), ("dbrx", "tens-ch"), ("baichuan", "tens-tens")])
 def test_triton_engine_matches_torch_engine(family, mode, tmp_path):
     """A tiny bf16 W8A8 engine on the Triton kernel set (INT8 GEMM, quantizing norms) against the same engine on
-    the torch kernels (torch._int_mm): the same greedy tokens, log-probs close."""
+    the torch kernels (torch._int_mm): log-probs close and the same greedy tokens up to a tie (tests/greedy_compare.py:
+    DBRX's experts run the Triton W8A8 fused MoE on one side, the torch path on the other, summing in other orders)."""
     import kiln
     from fixtures_kv_cache import calib_text
+    from greedy_compare import assert_same_greedy
     from kiln.cli.main import main as kiln_main
     from test_quant_smoothquant import MODES, PROMPTS, calibrated_dir, version_flags
 
@@ -48,13 +50,10 @@ def test_triton_engine_matches_torch_engine(family, mode, tmp_path):
                       "bfloat16", "--smoothquant", "0.5", *MODES[mode], "--calib_size", "4",
                       "--calib_max_seq_length", "32", "--calib_dataset", str(text), *version_flags(family)]) == 0
     assert kiln_main(["build", "--checkpoint_dir", str(tmp_path / "ckpt"), "--output_dir", str(tmp_path / "engine"),
-                      "--max_batch_size", "4", "--max_input_len", "32", "--max_seq_len", "64"]) == 0
-    greedy = kiln.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=1)
+                      "--max_batch_size", "4", "--max_input_len", "32", "--max_seq_len", "64", "--no_tune"]) == 0
+    greedy = kiln.SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, logprobs=2, prompt_logprobs=0)
     runs = {}
     for backend in ("torch", "triton"):
         with kiln.LLM(tmp_path / "engine", device="cuda", kernel_backend=backend) as llm:
-            runs[backend] = [(o.token_ids, o.token_logprobs) for r in llm.generate(PROMPTS, greedy)
-                             for o in r.outputs]
-    for (want_ids, want_lp), (got_ids, got_lp) in zip(runs["torch"], runs["triton"]):
-        assert got_ids == want_ids
-        assert torch.allclose(torch.tensor(got_lp), torch.tensor(want_lp), atol=5e-2)
+            runs[backend] = llm.generate(PROMPTS, greedy)
+    assert_same_greedy(runs["torch"], runs["triton"])

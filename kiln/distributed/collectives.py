@@ -15,6 +15,11 @@ def set_tp_group(group: dist.ProcessGroup | None, size: int) -> None:
     _TP_GROUP, _TP_SIZE = group, size
 
 
+def tp_size() -> int:
+    """How many tensor-parallel ranks this process's group has (1 outside a multi-rank engine)."""
+    return _TP_SIZE
+
+
 def tp_all_reduce(x: torch.Tensor) -> torch.Tensor:
     """Sum `x` over the tensor-parallel ranks (in place where possible)."""
     if _TP_SIZE == 1:

@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import torch
 
-# Size classes the per-step copies use (the allocator rounds a request up to a power of two): 64 B to 1 MiB, enough
-# for the sampled ids, logprobs, ranks, sampling parameters, bans and feeds of a batch. Larger copies (a seeded row's
-# noise over the vocabulary, top logprobs, return_logits) come with features that wait for the host anyway.
-SMALLEST_CLASS, LARGEST_CLASS = 6, 20
+# Size classes the per-step copies use (the allocator rounds a request up to a power of two, with no minimum): 1 B to
+# 1 MiB, enough for the sampled ids, logprobs, ranks, sampling parameters, bans and feeds of a batch (one sequence's
+# id is 8 bytes, three are 24: an H100 run that started at 64 B allocated a 32 B block for them). Larger copies (a
+# seeded row's noise over the vocabulary, top logprobs, return_logits) come with features that wait for the host anyway.
+SMALLEST_CLASS, LARGEST_CLASS = 0, 20
 BLOCKS_PER_CLASS = 8  # steps in flight (2) times the copies of one size a step makes, with room to spare
 
 

@@ -17,7 +17,7 @@ _SIZES = ("N", "K", "KW", "hidden", "ffn", "hidden_w", "ffn_w", "v_per_split")
 
 
 def compile_for_h100(fn: Any, consts: dict, pointer_types: dict, default_pointer: str = "*bf16",
-                     scalar_types: dict | None = None) -> Any:
+                     scalar_types: dict | None = None, num_warps: int = 4, num_stages: int = 3) -> Any:
     """Compile `fn` with these constexprs; pointer arguments (named *_ptr) typed from `pointer_types`, the rest int32
     unless `scalar_types` says otherwise (an eps: fp32); pointers, strides and sizes divisible by 16 as Triton
     specializes real layers'. The result's asm holds the PTX and the cubin ptxas made of it."""
@@ -32,7 +32,8 @@ def compile_for_h100(fn: Any, consts: dict, pointer_types: dict, default_pointer
     aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
                if n not in consts and n not in scalars and (n.endswith("_ptr") or n.startswith("stride") or n in _SIZES)}
     source = ASTSource(fn=fn, signature=signature, constexprs=consts, attrs=aligned)
-    return triton.compile(source, target=GPUTarget(*H100), options={"num_warps": 4, "num_stages": 3})
+    options = {"num_warps": num_warps, "num_stages": num_stages}
+    return triton.compile(source, target=GPUTarget(*H100), options=options)
 
 
 def _weight_only_cases() -> dict[str, Callable[[], Any]]:
@@ -91,7 +92,9 @@ def _moe_cases() -> dict[str, Callable[[], Any]]:
 def _w8a8_dense_cases() -> dict[str, Callable[[], Any]]:
     """SmoothQuant's quantizing norm / smoother / activation kernels and INT8 GEMM, and the FP8 GEMV."""
     from kiln.kernels import triton_fp8_gemv as fp8
+    from kiln.kernels import triton_fp8_quant as fp8_quant
     from kiln.kernels import triton_smoothquant as sq
+    from kiln.kernels.triton_smoothquant_configs import default_int8_config
 
     quant = {"q_ptr": "*i8", "act_scale_ptr": "*fp32", "out_scale_ptr": "*fp32", "smoother_ptr": "*fp32"}
     cases: dict[str, Callable[[], Any]] = {}
@@ -103,14 +106,23 @@ def _w8a8_dense_cases() -> dict[str, Callable[[], Any]]:
             sq._smooth_quant_kernel, dict(HAS_SMOOTHER=True, PER_TOKEN=t, BLOCK=4096), quant)
         cases[f"sq act_quant per_token={per_token}"] = lambda t=per_token: compile_for_h100(
             sq._act_quant_kernel, dict(GATED=True, PER_TOKEN=t, BLOCK=4096), quant)
-    cases["sq int8_gemm"] = lambda: compile_for_h100(
-        sq._int8_gemm_kernel, dict(HAS_BIAS=True, WHILE_LOOP=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
-        {"a_ptr": "*i8", "b_ptr": "*i8", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32"})
+    gemm = {"a_ptr": "*i8", "b_ptr": "*i8", "a_scale_ptr": "*fp32", "w_scale_ptr": "*fp32", "part_ptr": "*i32",
+            "count_ptr": "*i32"}
+    for rows, k, bias in ((1, 4096, False), (40, 4000, True), (2048, 4096, False)):  # decode split, ragged K, prefill
+        c = default_int8_config(rows, 4096, k, 132)
+        consts = dict(HAS_BIAS=bias, SPLIT=c.split_k > 1, EVEN_K=k % c.block_k == 0, WHILE_LOOP=False,
+                      BLOCK_M=c.block_m, BLOCK_N=c.block_n, BLOCK_K=c.block_k)
+        cases[f"sq int8_gemm {c}"] = lambda t=consts, c=c: compile_for_h100(
+            sq._int8_gemm_kernel, t, gemm, num_warps=c.num_warps, num_stages=c.num_stages)
     for per_channel in (True, False):
         cases[f"fp8 gemv per_channel={per_channel}"] = lambda c=per_channel: compile_for_h100(
-            fp8.fp8_gemv_kernel, dict(K=4096, PER_CHANNEL=c, HAS_BIAS=True, DOT_F32=False, PRECISION="tf32",
-                                      BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
-            {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
+            fp8.fp8_gemv_kernel, dict(K=4096, ROW_SCALES=c, PER_CHANNEL=c, HAS_BIAS=True, DOT_F32=False,
+                                      PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
+            {"x_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
+    for mode in (fp8_quant.DYNAMIC, fp8_quant.STATIC, fp8_quant.GIVEN_PER_ROW):
+        cases[f"fp8 quantize rows mode={mode}"] = lambda m=mode: compile_for_h100(
+            fp8_quant.quantize_fp8_rows_kernel, dict(SCALE=m, BLOCK=16384),
+            {"q_ptr": "*u8", "scale_ptr": "*fp32", "out_scale_ptr": "*fp32"})
     return cases
 
 

@@ -142,30 +142,45 @@ def gemv_reduce_kernel(
 
 
 @triton.jit
+def last_split_to_arrive(count_ptr, splits):
+    """Called by every program of a split-K kernel right after it stored its partial: counts the program in at
+    count_ptr (one int32 per output block, 0 between launches) and says whether it is the last of the block's
+    `splits` programs to arrive, the one that sums the partials (sum_splits) and sets the counter back to 0 (for the
+    next launch and CUDA graph replays). The barrier before the count puts every thread's partial into the
+    program's release."""
+    tl.debug_barrier()
+    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
+    return arrived == splits - 1
+
+
+@triton.jit
+def sum_splits(part_ptr, part_offs, split_stride, mask, splits, WHILE_LOOP: tl.constexpr):
+    """The sum over s < splits of the partials at part_ptr + s * split_stride + part_offs, in split order (the same
+    result whatever order the programs finished in), in the partials' dtype (fp32, or int32: exact). Read past L1
+    (.cg), which may still hold lines of this buffer from an earlier program on the same SM."""
+    total = tl.zeros(part_offs.shape, dtype=part_ptr.dtype.element_ty)
+    if WHILE_LOOP:
+        s = 0
+        while s < splits:
+            total += tl.load(part_ptr + s * split_stride + part_offs, mask=mask, other=0, cache_modifier=".cg")
+            s += 1
+    else:
+        for s in range(0, splits):
+            total += tl.load(part_ptr + s * split_stride + part_offs, mask=mask, other=0, cache_modifier=".cg")
+    return total
+
+
+@triton.jit
 def reduce_splits_if_last(part_ptr, part_offs, split_stride, y_ptr, y_offs, b_ptr, b_offs, mask, count_ptr,
                           HAS_BIAS: tl.constexpr, WHILE_LOOP: tl.constexpr):
     """The split-K sum without a second launch, called by every program of a split kernel (grid axis 1: the splits)
-    right after it stored its fp32 partial at part_ptr + s * split_stride + part_offs: the program counts itself in
-    at count_ptr (one int32 per output block, 0 between launches); the last to arrive sums all the partials in
-    split order (the same result whatever the arrival order), adds the bias, stores y at y_ptr + y_offs and sets the
-    counter back to 0 (for the next launch and CUDA graph replays). The barrier before the count puts every thread's
-    partial into the program's release; the partials are read past L1 (.cg), which may still hold lines of this
-    buffer from an earlier program on the same SM."""
+    right after it stored its fp32 partial at part_ptr + s * split_stride + part_offs: the last program of the
+    output block to arrive (last_split_to_arrive) sums all the partials, adds the bias and stores y at
+    y_ptr + y_offs."""
     splits = tl.num_programs(1)
-    tl.debug_barrier()
-    arrived = tl.atomic_add(count_ptr, 1, sem="acq_rel", scope="gpu")
-    if arrived == splits - 1:
-        total = tl.zeros(part_offs.shape, dtype=tl.float32)
-        if WHILE_LOOP:
-            s = 0
-            while s < splits:
-                total += tl.load(part_ptr + s * split_stride + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
-                s += 1
-        else:
-            for s in range(0, splits):
-                total += tl.load(part_ptr + s * split_stride + part_offs, mask=mask, other=0.0, cache_modifier=".cg")
+    if last_split_to_arrive(count_ptr, splits):
+        total = sum_splits(part_ptr, part_offs, split_stride, mask, splits, WHILE_LOOP)
         if HAS_BIAS:
             total += tl.load(b_ptr + b_offs, mask=mask, other=0.0).to(tl.float32)
         tl.store(y_ptr + y_offs, total.to(y_ptr.dtype.element_ty), mask=mask)
         tl.atomic_xchg(count_ptr, 0, sem="relaxed", scope="gpu")
-

@@ -9,8 +9,9 @@ are whole on every rank (one global amax, so tp ranks agree with tp 1); per-chan
 The matmul is chosen once per layer, at its first call (the model may be built on the meta device and placed
 after, so the weight's device is known only then): `torch._scaled_mm` where the device has FP8 tensor cores (sm_89+)
 and the shapes suit it, else the torch reference (dequantize the weight, fake-quantize the activation through fp8
-casts). With KILN_FP8_GEMV=1 on CUDA, decode steps of up to 16 rows take the Triton FP8 GEMV instead
-(kiln.kernels.triton_fp8_gemv; opt-in until a GPU measures it against _scaled_mm).
+casts). On CUDA the activation is quantized by one Triton kernel (kiln.kernels.triton_fp8_quant: amax, divide and
+cast in one pass, bit for bit the torch quantization) and decode steps of up to 16 rows take the Triton FP8 GEMV
+(kiln.kernels.triton_fp8_gemv) instead of _scaled_mm; KILN_FP8_GEMV=0 at load keeps _scaled_mm for them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.distributed.collectives import tp_all_reduce_max
+from kiln.distributed.collectives import tp_all_reduce_max, tp_size
 from kiln.kernels.reference import fused_moe_fp8  # noqa: F401  (its torch path, named here as before)
 from kiln.quant.fp8 import FP8Scheme, activation_scale, cast_fp8, dequantize
 
@@ -55,7 +56,7 @@ class FP8Matmul:
 
     def __init__(self, scheme: FP8Scheme, weight_scale: nn.Parameter, input_scale: nn.Parameter | None,
                  split_input: bool = False, use_scaled_mm: bool | None = None) -> None:
-        """use_scaled_mm None: chosen at the first call (choose_run); True / False: that path (tests)."""
+        """use_scaled_mm None: chosen at the first call (bind); True / False: that path (tests)."""
         self.scheme, self.weight_scale, self.input_scale = scheme, weight_scale, input_scale
         # A row-parallel layer's rank holds a slice of each token: its per-token scale is the max over the ranks,
         # so that every tp size quantizes exactly as one rank does.
@@ -63,34 +64,28 @@ class FP8Matmul:
         self.run: Callable[..., torch.Tensor] | None = None
         if use_scaled_mm is not None:
             self.run = self.scaled_mm if use_scaled_mm else self.reference
-        self.gemv_rows = 0  # up to this many rows: the Triton FP8 GEMV (opt-in, KILN_FP8_GEMV=1)
-
-    def choose_run(self, weight: torch.Tensor, dtype: torch.dtype) -> Callable[..., torch.Tensor]:
-        """The matmul for this layer's placed weight and x's dtype: _scaled_mm where it runs, else the reference;
-        the Triton GEMV in front for decode rows when KILN_FP8_GEMV=1 on CUDA."""
-        fast = fp8_gemm_available(weight.device) and scaled_mm_fits(self.scheme, weight, dtype)
-        run = self.scaled_mm if fast else self.reference
-        if weight.device.type == "cuda" and os.environ.get("KILN_FP8_GEMV") == "1":
-            self.gemv_rows = 16
-            run = self.gemv_or(run)
-        return run
-
-    def gemv_or(self, other: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-        """The Triton GEMV for decode rows (x fake-quantized first, as the reference does), `other` beyond."""
-        from kiln.kernels.triton_fp8_gemv import fp8_gemv  # needs triton and a GPU
-
-        def run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-            if x.dim() != 2 or x.shape[0] > self.gemv_rows:
-                return other(x, weight, bias)
-            scale = self.activation_scale(x)
-            xq = (cast_fp8(x, scale).float() * scale).to(x.dtype).contiguous()
-            return fp8_gemv(xq, weight, self.weight_scale, bias)
-        return run
+        self.quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.gemv_rows = 0  # decode steps of up to this many rows: the Triton FP8 GEMV (CUDA)
 
     def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        if self.run is None:
-            self.run = self.choose_run(weight, x.dtype)
+        if self.quantize is None:
+            self.bind(weight, x.dtype)
         return self.run(x, weight, bias)
+
+    def bind(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
+        """Chosen once, at the first call on the placed weight (a model may be made on the meta device and placed
+        after): _scaled_mm where it runs, else the reference; on CUDA the input quantized by one Triton kernel
+        (triton_fp8_quant) and decode rows on the Triton FP8 GEMV (KILN_FP8_GEMV=0: _scaled_mm for them too)."""
+        on_gpu = weight.device.type == "cuda"
+        if self.run is None:
+            fast = fp8_gemm_available(weight.device) and scaled_mm_fits(self.scheme, weight, dtype)
+            self.run = self.scaled_mm if fast else self.reference
+        if on_gpu and self.run == self.scaled_mm and os.environ.get("KILN_FP8_GEMV", "1") != "0":
+            self.gemv_rows = 16
+        # float32 copies made once: casting the model-dtype scales on every call is a kernel launch each
+        self.weight_scale32 = self.weight_scale.float().reshape(-1)
+        self.input_scale32 = None if self.input_scale is None else self.input_scale.float().reshape(1)
+        self.quantize = self.triton_quantize if on_gpu else self.torch_quantize
 
     def reference(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         """The exact torch reference: `fq(x) @ dequant(W).T + b` in x's dtype."""
@@ -102,17 +97,36 @@ class FP8Matmul:
         scale = activation_scale(x, self.input_scale)
         return tp_all_reduce_max(scale) if self.split_input else scale
 
+    def torch_quantize(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x2 [M, K] -> (q [M, K] fp8, scale [1] or [M, 1] float32)."""
+        scale = self.activation_scale(x2)
+        return cast_fp8(x2, scale).contiguous(), scale
+
+    def triton_quantize(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """torch_quantize in one kernel (the per-token amax, the division, the cast); a row-parallel layer at tp > 1
+        computes its scale first (the max over the ranks) and passes it in."""
+        from kiln.kernels.triton_fp8_quant import quantize_fp8_rows
+
+        given = self.input_scale32
+        if self.split_input and tp_size() > 1:
+            given = self.activation_scale(x2)
+        return quantize_fp8_rows(x2, given)
+
     def scaled_mm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        """One FP8 GEMM: A row-major [M, K] fp8, B = W.T column-major [K, N] (W is stored [N, K] row-major)."""
+        """x quantized, then one FP8 GEMM: A row-major [M, K] fp8, B = W.T column-major [K, N] (W is stored [N, K]
+        row-major); decode rows on the Triton GEMV instead where bound."""
         lead, k = x.shape[:-1], x.shape[-1]
         x2 = x.reshape(-1, k)
-        scale_a = self.activation_scale(x2)  # [1] or [M, 1] float32
-        xq = cast_fp8(x2, scale_a).contiguous()
+        xq, scale_a = self.quantize(x2)  # [M, K] fp8, [1] or [M, 1] float32
+        if x2.shape[0] <= self.gemv_rows:
+            from kiln.kernels.triton_fp8_gemv import fp8_gemv
+
+            return fp8_gemv(xq, scale_a, weight, self.weight_scale32, bias, x.dtype).reshape(*lead, -1)
         if row_wise(self.scheme):  # scale_a [M, 1], scale_b [1, N] (a per-tensor weight scale repeated)
             scale_a = scale_a.expand(x2.shape[0], 1).contiguous()
-            scale_b = self.weight_scale.float().reshape(1, -1).expand(1, weight.shape[0]).contiguous()
+            scale_b = self.weight_scale32.reshape(1, -1).expand(1, weight.shape[0]).contiguous()
         else:  # both scalars
-            scale_a, scale_b = scale_a.reshape(()), self.weight_scale.float().reshape(())
+            scale_a, scale_b = scale_a.reshape(()), self.weight_scale32.reshape(())
         y = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=x.dtype)
         return y.reshape(*lead, -1)
 
