@@ -11,6 +11,12 @@ scheduling: what the served TTFT at low load is compared with).
 Without --base_url it starts `kiln serve` on a free port (extra flags through --serve_args "..."), stops it with
 SIGTERM after the sweep, and then runs the offline pass in this process. The client is a minimal HTTP/1.0 SSE reader
 on raw asyncio sockets, so that client-side parsing stays far below the server's per-token cost.
+
+Both passes report the engine's step stats (kiln/engine/step_stats.py): the engine's step() calls by kind (decode in
+a CUDA graph, eager decode, prefill, mixed prefill + decode), their host time, sequences and prefill tokens, and the
+host time between steps; served, from /metrics (kiln_engine_*_total) scraped before and after each rate's run. A
+table puts each rate's beside the offline pass's; the JSON has them as "step_stats" of each rate and
+"offline_step_stats".
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import shlex
 import signal
 import socket
@@ -152,6 +159,85 @@ def print_row(row: dict) -> None:
         print(f"    error: {err}")
 
 
+# /metrics counters of the engine's StepStats (kiln/serve/metrics.py StepCounters) -> StepStats.summary()'s fields
+STEP_COUNTERS = {"kiln_engine_steps_total": "steps", "kiln_engine_step_seconds_total": "seconds",
+                 "kiln_engine_step_sequences_total": "seqs", "kiln_engine_step_prefill_tokens_total": "prefill_tokens"}
+_KIND_SAMPLE = re.compile(r'^(kiln_engine_\w+_total)\{kind="(\w+)"\} (\S+)$')
+
+
+def scrape_step_stats(host: str, port: int) -> dict | None:
+    """The served engine's step stats from /metrics, in StepStats.summary()'s shape; None from a server without
+    them or unreachable."""
+    try:
+        text = urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10).read().decode()
+    except OSError:
+        return None
+    kinds: dict[str, dict[str, float]] = {}
+    between = 0.0
+    for line in text.splitlines():
+        found = _KIND_SAMPLE.match(line)
+        if found and found[1] in STEP_COUNTERS:
+            kinds.setdefault(found[2], {})[STEP_COUNTERS[found[1]]] = float(found[3])
+        elif line.startswith("kiln_engine_between_steps_seconds_total "):
+            between = float(line.split()[1])
+    if not kinds:
+        return None
+    return {"steps": sum(k.get("steps", 0) for k in kinds.values()),
+            "seconds": sum(k.get("seconds", 0) for k in kinds.values()), "between_seconds": between, "kinds": kinds}
+
+
+def settled_step_stats(host: str, port: int) -> dict | None:
+    """Scrapes until two in a row agree (the engine sends its stats at once when it goes idle, at most every second
+    while busy): the totals after the requests' last step."""
+    last = scrape_step_stats(host, port)
+    for _ in range(40):
+        time.sleep(0.05)
+        now = scrape_step_stats(host, port)
+        if now == last:
+            break
+        last = now
+    return last
+
+
+def step_stats_delta(after: dict | None, before: dict | None) -> dict | None:
+    """What the engine's steps did between two summaries."""
+    if after is None or before is None:
+        return None
+
+    def sub(a: dict, b: dict) -> dict:
+        return {k: (sub(v, b.get(k, {})) if isinstance(v, dict) else v - b.get(k, 0)) for k, v in a.items()}
+
+    return sub(after, before)
+
+
+def step_table(columns: list[tuple[str, dict, float]]) -> str:
+    """(title, step stats, wall seconds of the pass) side by side: per kind the step() calls, mean host ms per call,
+    total seconds, sequences and prefill tokens per call; then all calls, the time between calls, and the wall time
+    (its rest: idle, or waiting for requests)."""
+    kinds = [k for k in dict.fromkeys(k for c in columns for k in c[1]["kinds"])
+             if any(c[1]["kinds"].get(k, {}).get("steps") for c in columns)]  # kinds that ran, in the engine's order
+    head = f"{'':<14}" + "".join(f" | {title[:49]:^49}" for title, _, _ in columns)
+    sub = f"{'kind':<14}" + f" | {'steps':>7} {'ms/step':>8} {'total s':>8} {'seqs/step':>10} {'pf tok/step':>12}" \
+        * len(columns)
+    lines = [head, sub]
+
+    def cells(k: dict) -> str:
+        n, seconds = k.get("steps", 0), k.get("seconds", 0)
+        n_or_1 = n or 1
+        return (f" | {n:>7.0f} {seconds / n_or_1 * 1000:>8.2f} {seconds:>8.2f} {k.get('seqs', 0) / n_or_1:>10.1f} "
+                f"{k.get('prefill_tokens', 0) / n_or_1:>12.1f}")
+
+    for kind in kinds:
+        lines.append(f"{kind:<14}" + "".join(cells(c[1]["kinds"].get(kind, {})) for c in columns))
+    total = [{name: sum(k.get(name, 0) for k in c[1]["kinds"].values()) for name in STEP_COUNTERS.values()}
+             for c in columns]
+    lines.append(f"{'all':<14}" + "".join(cells(t) for t in total))
+    lines.append(f"{'between steps':<14}" + "".join(f" | {'':>16} {c[1]['between_seconds']:>8.2f} {'':>23}"
+                                                     for c in columns))
+    lines.append(f"{'wall':<14}" + "".join(f" | {'':>16} {c[2]:>8.2f} {'':>23}" for c in columns))
+    return "\n".join(lines)
+
+
 def offline(args: argparse.Namespace, work: list[tuple[list[int], int]]) -> dict:
     """The same requests through kiln.LLM.generate at once, and the prefill time of one mean-length prompt."""
     import kiln
@@ -159,9 +245,11 @@ def offline(args: argparse.Namespace, work: list[tuple[list[int], int]]) -> dict
     llm = kiln.LLM(args.engine_dir, device=args.device)
     params = [kiln.SamplingParams(max_tokens=out, temperature=0, ignore_eos=True) for _, out in work]
     llm.generate([p for p, _ in work[:4]], params[:4])  # warm-up (kernels, graphs)
+    llm.engine.step_stats.reset()
     start = time.perf_counter()
     results = llm.generate([p for p, _ in work], params)
     duration = time.perf_counter() - start
+    step_stats = llm.engine.step_stats.summary()
     tokens = sum(len(r.outputs[0].token_ids) for r in results)
     prompt = work[0][0][:args.input_len]
     first = kiln.SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
@@ -174,7 +262,8 @@ def offline(args: argparse.Namespace, work: list[tuple[list[int], int]]) -> dict
         stream.close()  # aborts the rest
     llm.close()
     return {"offline_duration_s": duration, "offline_output_throughput": tokens / duration,
-            "prefill_ms_p50": pct(times, 50) * 1000, "prefill_prompt_len": len(prompt)}
+            "prefill_ms_p50": pct(times, 50) * 1000, "prefill_prompt_len": len(prompt),
+            "offline_step_stats": step_stats}
 
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
@@ -243,6 +332,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def print_step_tables(rows: list[dict], report: dict) -> None:
+    """One table per rate: the served engine's steps beside the offline pass's (either alone when the other is
+    missing: --skip_offline, a server without the counters)."""
+    offline_stats = report.get("offline_step_stats")
+    first = [("offline LLM.generate", offline_stats, report["offline_duration_s"])] if offline_stats else []
+    served = [(f"served, rate {row['request_rate']}", row["step_stats"], row["duration_s"])
+              for row in rows if row.get("step_stats")]
+    for column in served or [None]:
+        columns = first + ([column] if column else [])
+        if columns:
+            print("\nengine step() calls by the kind of model step each launched (host wall time, no device sync):")
+            print(step_table(columns))
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.engine_dir:
@@ -265,9 +368,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile and proc is not None:
             spy = start_profile(proc.pid, args.profile)
         for rate in [float(r) for r in args.request_rate]:
+            before = settled_step_stats(host, int(port))
             results, duration = asyncio.run(run_rate(host, int(port), model, work, rate, args.max_concurrency,
                                                      args.seed))
             rows.append(summarize(rate, results, duration))
+            rows[-1]["step_stats"] = step_stats_delta(settled_step_stats(host, int(port)), before)
             print_row(rows[-1])
     finally:
         if spy is not None:
@@ -286,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{best:.0f} = {report['serve_over_offline']:.1%} of offline. Offline first token of "
               f"{report['prefill_prompt_len']} tokens {report['prefill_ms_p50']:.1f} ms vs served TTFT p50 {low['p50_ttft_ms']:.1f} ms at rate "
               f"{low['request_rate']} (+{low['p50_ttft_ms'] - report['prefill_ms_p50']:.1f} ms)")
+    print_step_tables(rows, report)
     if args.output_json:
         with open(args.output_json, "w") as f:
             json.dump(report, f, indent=1)

@@ -201,3 +201,37 @@ def test_models_tokenize_detokenize_version_health_metrics(client, server, llm):
     text = urllib.request.urlopen(server.url + "/metrics").read().decode()
     assert 'kiln_requests_total{endpoint="/v1/completions",status="200"}' in text
     assert "kiln_inter_token_latency_seconds_bucket" in text and "kiln_queue_length" in text
+
+
+def _engine_counters(server) -> dict[str, float]:
+    """The kiln_engine_* samples of /metrics, by 'name{labels}'."""
+    text = urllib.request.urlopen(server.url + "/metrics").read().decode()
+    return {line.split(" ")[0]: float(line.split(" ")[1]) for line in text.splitlines()
+            if line.startswith("kiln_engine_")}
+
+
+def test_metrics_count_the_engine_steps_by_kind(client, server):
+    """kiln_engine_*_total (the engine process's LLMEngine.step_stats) grow with a request: its prefill, its decodes
+    and their host time; the engine sends them when it goes idle."""
+    server.wait_idle()
+    before = _engine_counters(server)
+    for kind in ("decode_graph", "decode_eager", "prefill", "mixed", "drain", "idle"):
+        for name in ("steps", "step_seconds", "step_sequences", "step_prefill_tokens"):
+            assert f'kiln_engine_{name}_total{{kind="{kind}"}}' in before
+    assert "kiln_engine_between_steps_seconds_total" in before
+    client.completions.create(model="mpt-books", prompt=PROMPTS[0], max_tokens=6, temperature=0,
+                              extra_body={"ignore_eos": True})
+    server.wait_idle()
+    after = _engine_counters(server)
+
+    def grew(name: str) -> float:
+        return after[name] - before[name]
+
+    assert grew('kiln_engine_steps_total{kind="prefill"}') >= 1
+    assert grew('kiln_engine_steps_total{kind="decode_eager"}') >= 1  # CPU: no graphs
+    assert grew('kiln_engine_steps_total{kind="decode_graph"}') == 0
+    assert grew('kiln_engine_step_prefill_tokens_total{kind="prefill"}') >= 8
+    assert grew('kiln_engine_step_seconds_total{kind="prefill"}') > 0
+    assert grew('kiln_engine_step_seconds_total{kind="decode_eager"}') > 0
+    steps = sum(grew(name) for name in after if name.startswith("kiln_engine_steps_total"))
+    assert steps == 6  # one call per token (async: prefill + first decode in one call, then a drain)

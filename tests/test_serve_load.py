@@ -185,6 +185,12 @@ def test_bench_serve_measures_a_live_server(server, tmp_path):
         assert row["completed"] == 6 and row["failed"] == 0
         assert round(row["output_throughput"] * row["duration_s"]) == requested  # ignore_eos: every token asked for
         assert 0 < row["p50_ttft_ms"] <= row["p99_ttft_ms"] and row["p50_ttft_ms"] <= row["p50_e2e_ms"]
+        steps = row["step_stats"]  # the engine's step() calls of this rate's run, from /metrics
+        kinds = steps["kinds"]
+        assert steps["steps"] == sum(k["steps"] for k in kinds.values()) > 0
+        assert kinds["prefill"]["steps"] + kinds["mixed"]["steps"] >= 1 and kinds["decode_eager"]["steps"] >= 1
+        assert kinds["prefill"]["prefill_tokens"] + kinds["mixed"]["prefill_tokens"] == sum(
+            len(p) for p, _ in bench_serve.workload(bench_serve.parse_args(argv), 50432))
     server.wait_idle()
 
 

@@ -8,6 +8,9 @@ for N's tokens, settles them (stop checks, finishing) and returns N's events. Th
 the device's work for N+1. Steps fall back to running one at a time while a beam-search request is in the engine
 (its group chooses tokens on the host), and N+1 is launched after N resolves when one of its sampling rows needs
 the real previous token on the host (penalties, multi-token bad words).
+
+Every step() call is counted in `step_stats` (kiln/engine/step_stats.py): its kind (decode in a CUDA graph, eager
+decode, prefill, mixed), sequences, prefill tokens and host wall time.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from typing import Any, Protocol
 from kiln.engine.beam_search import BeamGroup, Hypothesis
 from kiln.engine.scheduler import Scheduler, SchedulerOutput, StepFeed
 from kiln.engine.sequence import FinishReason, Sequence, SequenceStatus
+from kiln.engine.step_stats import StepStats
 
 PLACEHOLDER_TOKEN = 0  # the token id a sequence holds, on the host, for a token of the step in flight
 
@@ -91,6 +95,7 @@ class LLMEngine:
                                      and getattr(executor, "can_launch_ahead", True))
         self._inflight: _InFlight | None = None
         self.num_launched_ahead = 0  # steps launched before the previous step's tokens were read
+        self.step_stats = StepStats()
 
     def new_seq_id(self) -> int:
         return next(self._ids)
@@ -133,6 +138,12 @@ class LLMEngine:
     def step(self) -> list[TokenEvent | BeamEvent]:
         """Run one step; return one event per sequence that got a token, and one per beam request that ended. With
         async scheduling the step returned is the one launched before, and the next is in flight on return."""
+        start = self.step_stats.begin(self._inflight is not None)
+        events = self._step()
+        self.step_stats.end(start, self.scheduler.has_unfinished())
+        return events
+
+    def _step(self) -> list[TokenEvent | BeamEvent]:
         if not self.async_scheduling or self._groups:
             if self._inflight is not None:  # a beam request arrived: finish the step in flight, then run in sync
                 step, self._inflight = self._inflight, None
@@ -141,7 +152,10 @@ class LLMEngine:
             if output.is_empty:
                 return []
             order = [item.seq for item in output.scheduled if item.needs_sample]
-            return self._complete(_InFlight(output, _Done(self.executor.execute(output)), order))
+            graph_steps = self._graph_steps()
+            result = self.executor.execute(output)
+            self.step_stats.launched(output, self._graph_steps() != graph_steps)
+            return self._complete(_InFlight(output, _Done(result), order))
         if self._inflight is None:
             output = self.scheduler.schedule()
             if output.is_empty:
@@ -151,7 +165,15 @@ class LLMEngine:
 
     def _launch(self, output: SchedulerOutput, feed: StepFeed | None) -> _InFlight:
         order = [item.seq for item in output.scheduled if item.needs_sample]
-        return _InFlight(output, self.executor.launch(output, feed), order)
+        graph_steps = self._graph_steps()
+        handle = self.executor.launch(output, feed)
+        self.step_stats.launched(output, self._graph_steps() != graph_steps)
+        return _InFlight(output, handle, order)
+
+    def _graph_steps(self) -> int:
+        """The executor's count of steps that replayed a CUDA graph (ModelRunner.num_graph_steps): whether a decode
+        step did is the runner's choice (batch size, block-table width), so the engine asks rather than guesses."""
+        return getattr(self.executor, "num_graph_steps", 0)
 
     def _complete(self, step: _InFlight) -> list[TokenEvent | BeamEvent]:
         """Resolve a step that was not advanced ahead: the synchronous path (postprocess, then events)."""

@@ -170,6 +170,7 @@ class ModelRunner:
         self.graphs: DecodeGraphs | None = None
         if self.use_cuda_graphs:
             self.graphs = self._capture_graphs()
+        self.num_graph_steps = 0  # steps that replayed a decode graph (the engine's step_stats tell them from eager)
         self.sampler = Sampler()
         self.generators: dict[int, torch.Generator] = {}
 
@@ -269,6 +270,7 @@ class ModelRunner:
         if self.graphs is not None and not all_logits and self.graphs.can_run(host):
             # [seqs, vocab]: every row of a decode batch
             logits = self.graphs.run(host) if device_feed is None else self.graphs.run(host, device_feed)
+            self.num_graph_steps += 1
             if host.logits_indices.shape[0] == host.num_seqs:
                 return logits
             return logits[to_device(torch.from_numpy(host.logits_indices), self.device)]

@@ -89,7 +89,8 @@ class _Outbox:
 
 class EngineClient:
     """submit / abort / abort_all / stop, as the engine loop had them; `failed` says why the engine stopped
-    serving (None while it serves), `stats` is the engine's state after its last step."""
+    serving (None while it serves), `stats` is the engine's state after its last step, `step_stats` its StepStats
+    summary as last sent (None before the first; at most STEP_STATS_INTERVAL_S old while busy, current when idle)."""
 
     def __init__(self, commands: Connection, events: Connection, loop: asyncio.AbstractEventLoop,
                  process: Any = None) -> None:
@@ -97,6 +98,7 @@ class EngineClient:
         self.outbox = _Outbox(commands, loop)
         self.failed: str | None = None
         self.stats = EngineStats()
+        self.step_stats: dict[str, Any] | None = None
         self.blocks_total = 0
         self._sent = 0  # commands written (the engine's stats.handled catches up with it)
         self._requests: dict[str, _Pending] = {}
@@ -157,6 +159,8 @@ class EngineClient:
         if kind == "out":
             self._deliver(message[1], message[2])
             self.stats = message[3]
+            if message[4] is not None:
+                self.step_stats = message[4]
         elif kind == "ready":
             self.blocks_total = message[1]
             self._ready.set_result(None)

@@ -8,8 +8,10 @@ Commands, server -> engine (pickled tuples, in order):
     ("add", request_id, prompt_ids, SamplingParams, stop_ids)   ("abort", request_id)   ("abort_all",)
 Messages, engine -> server:
     ("ready", kv_blocks_total)   ("load_error", text)   ("failed", exception name)
-    ("out", [(request_id, [Delta as a plain tuple, ...]), ...], [(request_id, why refused), ...], EngineStats)
-        -- one per step (and one after commands that changed the stats)
+    ("out", [(request_id, [Delta as a plain tuple, ...]), ...], [(request_id, why refused), ...], EngineStats,
+     step stats or None)
+        -- one per step (and one after commands that changed the stats); the step stats (StepStats.summary(), for
+        /metrics) come at most every STEP_STATS_INTERVAL_S while busy, and once more when it goes idle
 The commands pipe closing (the server stopped, or died) is the engine's stop: it frees the engine (and its rank
 processes) and exits.
 """
@@ -20,6 +22,7 @@ import gc
 import logging
 import multiprocessing
 import signal
+import time
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
@@ -29,6 +32,9 @@ from kiln.serve.step_loop import Delta, StepLoop
 
 logger = logging.getLogger(__name__)
 PIPE_BYTES = 2**20  # each pipe's kernel buffer: a burst of prompts, or of steps' outputs, passes without blocking
+# How stale /metrics' step counters may be while the engine is busy: a summary is a few dozen numbers to pickle, too
+# many for every step but nothing once a second. When the engine goes idle they are sent at once (exact when idle).
+STEP_STATS_INTERVAL_S = 1.0
 
 
 @dataclass(frozen=True)
@@ -85,6 +91,7 @@ def engine_main(commands: Connection, events: Connection, settings: EngineSettin
         llm = load_llm(settings)
         if settings.warm_up and llm.device.type == "cuda":
             warm_up(llm)  # every prefill tile compiled before the server says ready, not mid-stream
+            llm.engine.step_stats.reset()  # /metrics counts the steps of served requests only
     except Exception as err:  # a one-line reason for the server to show (a ConfigError, a rank that failed, OOM)
         _send_quietly(events, ("load_error", str(err) or type(err).__name__))
         return
@@ -124,8 +131,10 @@ def load_llm(settings: EngineSettings) -> Any:
 def serve_commands(core: StepLoop, commands: Connection, events: Connection) -> None:
     """Until the commands pipe closes (EOFError): take every command that has arrived, run one step when there is
     work, and send the step's outputs with the engine's stats as one message (also after commands alone, when they
-    changed the stats: an abort frees blocks without a step). Idle, it sleeps in poll() until a command comes."""
+    changed the stats: an abort frees blocks without a step). Idle, it sleeps in poll() until a command comes. The
+    engine's step stats ride along every STEP_STATS_INTERVAL_S while busy, and once more when it goes idle."""
     handled, last = 0, None
+    steps_sent, unsent = time.monotonic(), False
     while True:
         refused: list[tuple[str, str]] = []
         if commands.poll(None if not core.busy else 0):
@@ -136,10 +145,15 @@ def serve_commands(core: StepLoop, commands: Connection, events: Connection) -> 
                     refused.append(why)
                 if not commands.poll(0):
                     break
-        outputs = core.step() if core.busy else []
+        stepped = core.busy
+        outputs = core.step() if stepped else []
+        unsent = unsent or stepped  # steps ran since the step stats were last sent
         stats = core.stats(handled)
-        if outputs or refused or stats != last:
-            events.send(("out", _plain(outputs), refused, stats))
+        steps = None
+        if unsent and (not core.busy or time.monotonic() - steps_sent >= STEP_STATS_INTERVAL_S):
+            steps, steps_sent, unsent = core.step_stats(), time.monotonic(), False
+        if outputs or refused or stats != last or steps is not None:
+            events.send(("out", _plain(outputs), refused, stats, steps))
             last = stats
 
 

@@ -113,7 +113,8 @@ class ServerState:
         self.admission = Admission(running, self.config.max_queue)
         engine = self.engine
         self.metrics.bind_engine(lambda: self.admission.waiting, lambda: engine.stats.running,
-                                 lambda: engine.stats.waiting, lambda: engine.stats.blocks_used, engine.blocks_total)
+                                 lambda: engine.stats.waiting, lambda: engine.stats.blocks_used, engine.blocks_total,
+                                 lambda: engine.step_stats)
         if self.status == "loading":
             self.status = "ready"
             logger.info("kiln serve: %s ready on http://%s:%d", self.config.model_name, self.config.host,

@@ -158,6 +158,11 @@ class StepLoop:
                     del self._requests[request.request_id]
         return list(batches.items())
 
+    def step_stats(self) -> dict[str, Any] | None:
+        """The engine's StepStats.summary() (None for an engine without them)."""
+        stats = getattr(self.engine, "step_stats", None)
+        return None if stats is None else stats.summary()
+
     def stats(self, handled: int) -> EngineStats:
         scheduler = self.engine.scheduler
         blocks = scheduler.block_manager
