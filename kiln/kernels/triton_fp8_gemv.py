@@ -4,8 +4,8 @@ scaled once at the end: torch._scaled_mm's contract, up to summation order.
 
 Why beside _scaled_mm: a decode step of batch 1-16 reads every weight once and multiplies little, so bytes are the
 time; cuBLAS's FP8 GEMM is built for large M. Each program owns BLOCK_N output rows and all M (<= BLOCK_M = 16)
-rows of x; it walks K in BLOCK_K tiles, each weight tile loaded once in its stored byte, widened to the output
-dtype (exact for every e4m3 value in bf16/fp16/fp32) and multiplied on the tensor cores as a [16, BLOCK_K] @
+rows of x; it walks K in BLOCK_K tiles, each weight tile loaded once in its stored byte, widened to float16 (exact
+for every e4m3 value; float32 on the CPU interpreter) and multiplied on the tensor cores as a [16, BLOCK_K] @
 [BLOCK_K, BLOCK_N] dot with a float32 accumulator. kiln.quant.fp8_layers binds it for decode rows (KILN_FP8_GEMV=0
 turns it off) where a GPU measured it faster (docs/performance.md, benchmarks/sweep_fp8_gemv.py).
 """
@@ -49,7 +49,9 @@ def fp8_gemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K: tl.const
                     other=0.0)  # [BLOCK_M, BLOCK_K] fp8
         w = tl.load(w_ptr + offs_n[:, None].to(tl.int64) * stride_wn + offs_k[None, :],
                     mask=n_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_K] fp8
-        acc = dot_acc(x.to(dtype), tl.trans(w.to(dtype)), acc, DOT_F32, PRECISION)
+        # float16 holds every e4m3 value exactly and sm_90 widens e4m3 pairs to it in one instruction (to bfloat16
+        # it takes three: the sm_90 PTX of this loop had 341 conversions with bf16 tiles, 149 with f16)
+        acc = dot_acc(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc, DOT_F32, PRECISION)
     if ROW_SCALES:
         acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
     else:
