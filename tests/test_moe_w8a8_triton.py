@@ -29,7 +29,7 @@ if INTERPRET:
                       "kiln.kernels.triton_weight_only_kernels", "kiln.kernels.triton_moe_kernels",
                       "kiln.kernels.triton_moe", "kiln.kernels.triton_norm",
                       "kiln.kernels.triton_smoothquant", "kiln.kernels.triton_moe_w8a8_kernels",
-                      "kiln.kernels.triton_moe_w8a8"))
+                      "kiln.kernels.triton_fp8_quant", "kiln.kernels.triton_moe_w8a8"))
 
 from kiln.kernels import reference  # noqa: E402
 from kiln.kernels.triton_moe import GemmTile, MoeConfig  # noqa: E402

@@ -25,7 +25,8 @@ from kiln.kernels.triton_moe_w8a8_kernels import moe_sq_row_quant_kernel, moe_w8
 from kiln.kernels.triton_moe_w8a8_kernels import moe_w8a8_gate_up_kernel
 from kiln.kernels.triton_moe_weight_only import check_quantized_experts
 from kiln.kernels.triton_smoothquant import smooth_quant
-from kiln.quant.fp8 import FP8_DTYPE, activation_scale, cast_fp8
+from kiln.kernels.triton_fp8_quant import quantize_fp8_rows
+from kiln.quant.fp8 import FP8_DTYPE
 
 __all__ = ["fused_moe_sq", "fused_moe_fp8"]
 
@@ -171,12 +172,11 @@ def fused_moe_fp8(
     run = plan_moe_run(hidden, w13.shape[0], w13.shape[1] // 2, topk_ids, expert_start, config)
     if run.routing is None:
         return run.out
-    x_scale = activation_scale(hidden, input_scale)  # [1] or [tokens, 1] float32
-    qx = cast_fp8(hidden, x_scale)  # [tokens, hidden] fp8
+    # one Triton pass each (triton_fp8_quant: the torch quantization's bits, without its five elementwise launches)
+    qx, x_scale = quantize_fp8_rows(hidden, input_scale)  # [tokens, hidden] fp8, [1] or [tokens, 1] float32
     x_scale = x_scale.reshape(-1).expand(hidden.shape[0]).contiguous()
     _launch_gate_up(qx, x_scale, w13, w13_scale.contiguous(), run.act, run.routing, run, hidden)
-    a_scale = activation_scale(run.act, None)  # [assignments, 1]: per token, as the reference
-    qa = cast_fp8(run.act, a_scale)
+    qa, a_scale = quantize_fp8_rows(run.act, None)  # [assignments, 1]: per token, as the reference
     _launch_down(qa, a_scale.reshape(-1), w2, w2_scale.contiguous(), topk_weights.contiguous(), run.routing, run,
                  hidden, row_scale=True)
     _launch_sum(run.part, run.out, run.ids, expert_start, w13.shape[0])
