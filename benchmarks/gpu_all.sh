@@ -5,7 +5,9 @@
 #   3. kiln serve against offline LLM.generate on the MPT-7B-shaped dummy engine (saturation and low load)
 #   4. weight-only quantization beside bf16 (gpu_quant.sh, the MPT-7B case, tuned builds; QUANT_TUNE= for untuned)
 #   5. the 8-bit KV caches beside bf16's (gpu_kvcache.sh, the MPT-7B shape)
-#   (w8a8, not in the default: FP8 and SmoothQuant W8A8 of the MPT-7B shape beside bf16, 2048-token prefill and decode)
+#   (w8a8, not in the default: FP8 and SmoothQuant W8A8 of the MPT-7B shape beside bf16, 2048-token prefill and decode;
+#   triton: the Triton kernels' CPU test files compiled on the GPU; sweeps: the W8A8 decode kernels' launch parameters)
+# SERVE_LOW_LOAD= skips serve's low-load pass.
 # Run it through benchmarks/device_call.sh so that whatever finished comes back as one tarball:
 #   LIMIT=540 bash benchmarks/device_call.sh bash benchmarks/gpu_all.sh
 # STEPS picks some of them (default all): STEPS="eval serve kernels" (kernels: benchmarks/bench_weight_only.py per
@@ -35,9 +37,17 @@ PATH="$PATH:/tmp/site/bin" timeout "${SERVE_S:-110}" python3 benchmarks/bench_se
     --num_prompts 256 --input_len 128 --output_len 128 --range_ratio 0.5 --request_rate inf --warmup_prompts 256 \
     --profile "$out/serve_profile.txt" --output_json "$out/serve_saturation.json" 2>&1 | tail -30 | tee "$out/serve.log"
 [ -s "$out/serve_profile.txt" ] && python3 benchmarks/spy_summary.py "$out/serve_profile.txt" --top 20 > "$out/serve_profile.md"
-timeout 45 python3 benchmarks/bench_serve.py --engine_dir "$eng/engine" --num_prompts 20 --input_len 128 --output_len 64 \
-    --request_rate 4 --output_json "$out/serve_low_load.json" 2>&1 | tail -20 | tee -a "$out/serve.log"
+[ -n "${SERVE_LOW_LOAD-1}" ] && timeout 45 python3 benchmarks/bench_serve.py --engine_dir "$eng/engine" --num_prompts 20 \
+    --input_len 128 --output_len 64 --request_rate 4 --output_json "$out/serve_low_load.json" 2>&1 | tail -20 | tee -a "$out/serve.log"
 rm -rf "$eng"
+fi
+if step triton; then  # the Triton kernels' CPU tests (interpreted in CI), compiled on this GPU
+timeout "${TRITON_S:-60}" python3 -m pytest -q -p no:cacheprovider ${TRITON_FILES:-tests/test_quant_fp8_triton.py \
+    tests/test_quant_smoothquant_triton.py} 2>&1 | tail -15 | tee "$out/triton_compiled.log"
+fi
+if step sweeps; then  # W8A8 decode kernels' launch parameters against cuBLAS (the FP8 GEMV, the INT8 GEMM)
+timeout "${SWEEP_S:-80}" python3 benchmarks/sweep_fp8_gemv.py --output_json "$out/sweep_fp8.json" 2>&1 | tail -20 | tee "$out/sweep_fp8.log"
+timeout "${SWEEP_S:-80}" python3 benchmarks/sweep_int8_gemm.py --output_json "$out/sweep_int8.json" 2>&1 | tail -40 | tee "$out/sweep_int8.log"
 fi
 step kernels && timeout "${KERNELS_S:-150}" python3 benchmarks/bench_weight_only.py --tune --rows 1 32 2>&1 | tee "$out/kernels.log"
 step quant && TUNE="${QUANT_TUNE-1}" TESTS= KERNELS= CASES="${QUANT_CASES-mpt7b}" timeout "${QUANT_S:-200}" bash benchmarks/gpu_quant.sh
