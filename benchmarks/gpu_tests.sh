@@ -17,7 +17,7 @@ files=${FILES:-$(for f in $default; do echo "tests/$f.py"; done)}
 for f in $files; do
     start=$SECONDS
     # -v: one line per test as it ends, so that a file stopped by its limit still says what passed and failed
-    timeout -k 5 "${PER_FILE_S:-150}" python3 -m pytest -v -m gpu -p no:cacheprovider --tb=short "$f" > "$out/.one.log" 2>&1
+    KILN_REPORT_FAILURES_AT_ONCE=1 timeout -k 5 "${PER_FILE_S:-150}" python3 -m pytest -v -m gpu -p no:cacheprovider --tb=short "$f" > "$out/.one.log" 2>&1
     rc=$?
     cat "$out/.one.log" >> "$out/gpu_tests.log"
     if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then

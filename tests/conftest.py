@@ -13,3 +13,10 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # Tests import their shared builders (tests/fixtures_*.py) as plain modules.
 sys.path.insert(0, os.path.dirname(__file__))
+
+
+def pytest_runtest_logreport(report):
+    """With KILN_REPORT_FAILURES_AT_ONCE=1 (benchmarks/gpu_tests.sh), a failure's traceback is printed when the test
+    ends, not in pytest's summary: a GPU file stopped by its time limit still says why its failed tests failed."""
+    if report.failed and os.environ.get("KILN_REPORT_FAILURES_AT_ONCE") == "1":
+        sys.stderr.write(f"\n---- {report.nodeid} failed ({report.when}):\n{report.longreprtext}\n----\n")

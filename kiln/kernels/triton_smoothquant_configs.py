@@ -55,15 +55,18 @@ def fill_splits(m: int, n: int, k: int, tile: Int8GemmConfig, sms: int, waves: i
 
 
 # (tile without its split, waves per SM its split aims at). The first of each list is the default; the sweep times
-# them all. Tiles stage 9-48 KiB per pipeline stage (H100: 227 KiB of shared memory per block).
+# them all. Tiles stage 9-48 KiB per pipeline stage (H100: 227 KiB of shared memory per block). The defaults are the
+# H100 sweep's (session 9, benchmarks/sweep_int8_gemm.py over MPT-7B's four layers, in CUDA graphs): decode 16x16x512
+# with 2 warps, 84.6 us a layer at M = 1 and 86.3 at M = 16 (the best config per shape: 82.3 / 85.9; bf16 148 / 150);
+# prefill 128x128x128 with 8 warps, the best at every shape (674 us a layer at 2048 rows, bf16 1062).
 _DECODE = (
+    (Int8GemmConfig(16, 16, 512, 2, 3), 4),
     (Int8GemmConfig(16, 64, 256, 4, 3), 4),
     (Int8GemmConfig(16, 64, 128, 4, 4), 4),
     (Int8GemmConfig(16, 32, 256, 4, 3), 4),
     (Int8GemmConfig(16, 32, 512, 4, 3), 4),
     (Int8GemmConfig(16, 64, 512, 4, 2), 2),
     (Int8GemmConfig(16, 128, 256, 4, 3), 2),
-    (Int8GemmConfig(16, 16, 512, 2, 3), 4),
     (Int8GemmConfig(16, 128, 64, 4, 3), 0),  # the first kernel's fixed decode tile, unsplit: the sweep's reference
 )
 _MIDDLE = (  # block_m 64, cut to 32 for M <= 32 (see _tiles)
