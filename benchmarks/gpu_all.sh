@@ -45,9 +45,10 @@ if step triton; then  # the Triton kernels' CPU tests (interpreted in CI), compi
 timeout "${TRITON_S:-60}" python3 -m pytest -q -p no:cacheprovider ${TRITON_FILES:-tests/test_quant_fp8_triton.py \
     tests/test_quant_smoothquant_triton.py} 2>&1 | tail -15 | tee "$out/triton_compiled.log"
 fi
-if step sweeps; then  # W8A8 decode kernels' launch parameters against cuBLAS (the FP8 GEMV, the INT8 GEMM)
+if step sweeps; then  # W8A8 kernels' launch parameters against cuBLAS (the FP8 GEMV, the INT8 GEMM, FP8 prefill GEMMs)
 timeout "${SWEEP_S:-80}" python3 benchmarks/sweep_fp8_gemv.py --output_json "$out/sweep_fp8.json" 2>&1 | tail -20 | tee "$out/sweep_fp8.log"
 timeout "${SWEEP_S:-80}" python3 benchmarks/sweep_int8_gemm.py --output_json "$out/sweep_int8.json" 2>&1 | tail -40 | tee "$out/sweep_int8.log"
+timeout "${SWEEP_S:-80}" python3 benchmarks/sweep_fp8_gemm.py --output_json "$out/sweep_fp8_gemm.json" 2>&1 | tail -60 | tee "$out/sweep_fp8_gemm.log"
 fi
 step kernels && timeout "${KERNELS_S:-150}" python3 benchmarks/bench_weight_only.py --tune --rows 1 32 2>&1 | tee "$out/kernels.log"
 step quant && TUNE="${QUANT_TUNE-1}" TESTS= KERNELS= CASES="${QUANT_CASES-mpt7b}" timeout "${QUANT_S:-200}" bash benchmarks/gpu_quant.sh
