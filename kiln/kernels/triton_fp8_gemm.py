@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from kiln.kernels.triton_common import while_loops
+from kiln.kernels.triton_jit_common import scale_rows_and_columns
 
 
 class Fp8GemmConfig(NamedTuple):
@@ -61,16 +62,8 @@ def fp8_gemm_kernel(a_ptr, a_scale_ptr, b_ptr, w_scale_ptr, bias_ptr, c_ptr, M, 
     else:
         for i in range(0, steps):
             acc = _fp8_gemm_step(a_ptr, b_ptr, rm, rn, kk + i * BLOCK_K, M, N, K, stride_am, stride_bn, acc, DOT_F32)
-    if ROW_SCALES:
-        acc = acc * tl.load(a_scale_ptr + rm, mask=rm < M, other=0.0)[:, None]
-    else:
-        acc = acc * tl.load(a_scale_ptr)
-    if PER_CHANNEL:
-        acc = acc * tl.load(w_scale_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    else:
-        acc = acc * tl.load(w_scale_ptr).to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
+    acc = scale_rows_and_columns(acc, rm, rn, M, N, a_scale_ptr, w_scale_ptr, bias_ptr, ROW_SCALES,
+                                 PER_CHANNEL, HAS_BIAS)
     tl.store(c_ptr + rm[:, None].to(tl.int64) * stride_cm + rn[None, :], acc.to(c_ptr.dtype.element_ty),
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton_jit_common import dot_acc
+from kiln.kernels.triton_jit_common import dot_acc, scale_rows_and_columns
 
 BLOCK_M = 16  # tl.dot needs 16 on every side; rows of x past M are masked to zero
 MAX_ROWS = 16
@@ -52,16 +52,8 @@ def fp8_gemv_kernel(x_ptr, xs_ptr, w_ptr, s_ptr, b_ptr, y_ptr, M, N, K: tl.const
         # float16 holds every e4m3 value exactly and sm_90 widens e4m3 pairs to it in one instruction (to bfloat16
         # it takes three: the sm_90 PTX of this loop had 341 conversions with bf16 tiles, 149 with f16)
         acc = dot_acc(x.to(tl.float16), tl.trans(w.to(tl.float16)), acc, DOT_F32, PRECISION)
-    if ROW_SCALES:
-        acc = acc * tl.load(xs_ptr + offs_m, mask=m_ok, other=0.0)[:, None]
-    else:
-        acc = acc * tl.load(xs_ptr)
-    if PER_CHANNEL:
-        acc = acc * tl.load(s_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    else:
-        acc = acc * tl.load(s_ptr).to(tl.float32)
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    acc = scale_rows_and_columns(acc, offs_m, offs_n, M, N, xs_ptr, s_ptr, b_ptr, ROW_SCALES,
+                                 PER_CHANNEL, HAS_BIAS)
     tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(dtype), mask=m_ok[:, None] & n_ok[None, :])
 
 
