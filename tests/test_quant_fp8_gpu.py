@@ -1,6 +1,7 @@
 """FP8 on a GPU with FP8 tensor cores (sm_89+): the torch._scaled_mm path of every scheme against the torch reference
 (fake-quantized x @ dequantized W.T) at real layer shapes, decode rows and a 2048-token prefill; the layer binding
-choosing _scaled_mm; tiny FP8 engines (MPT, DBRX) on CUDA giving the CPU engine's logprobs and greedy tokens."""
+choosing _scaled_mm; tiny FP8 engines (MPT, DBRX) on CUDA giving the CPU engine's logprobs and greedy tokens, and
+the unfused engine's with the quantization fused into the norms and activations."""
 
 from __future__ import annotations
 
@@ -62,12 +63,12 @@ def test_engine_layers_bind_scaled_mm_on_a_bf16_engine(tmp_path):
 
 
 PROMPTS = [[5, 17, 33, 2, 99, 150, 7], list(range(40, 61))]
+GREEDY = kiln.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True, prompt_logprobs=0, logprobs=2)
 
 
 def _generate(engine: Path, device: str) -> list:
     with kiln.LLM(engine, device=device) as llm:
-        return llm.generate(PROMPTS, kiln.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True,
-                                                         prompt_logprobs=0, logprobs=2))
+        return llm.generate(PROMPTS, GREEDY)
 
 
 @pytest.mark.parametrize("family", ["mpt", "dbrx"])
@@ -117,3 +118,33 @@ def test_triton_fp8_gemv_matches_the_reference_and_is_timed(algo):
             mm.gemv_rows = 0
             line += f", quantize + _scaled_mm {graph_us([lambda: mm(x, q, None)]):.1f} us"
         print(line)
+
+
+@needs_fp8
+@pytest.mark.parametrize("preset, flags", [("mpt-tiny", ()), ("baichuan-tiny", ("--per_channel", "--per_token"))])
+def test_fused_quantization_gives_the_unfused_engines_tokens(preset, flags, tmp_path, monkeypatch):
+    """The norms and MLP activations quantizing for their FP8 layers (kiln.kernels.triton_fp8_fused) against the
+    same engine with KILN_FP8_FUSED=0 (each layer quantizing its own input). The fused norm is bit for bit the
+    unfused one (the same add_norm_row, rounding and quantize_fp8_row, tests/test_quant_fp8_fused_triton.py), but the
+    fused activation's exp/erf are Triton's, not torch's CUDA ones: a last-bit difference can move an e4m3 value one
+    step, so the engines agree as greedy_compare says, not to the bit."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).parent))
+    from greedy_compare import assert_same_greedy
+
+    from kiln.layers.quantized_input import QuantizingActivation, QuantizingNorm
+
+    ckpt, engine = tmp_path / "c", tmp_path / "e"
+    assert kiln_main(["convert", "--preset", preset, "--output_dir", str(ckpt), "--dtype", "bfloat16",
+                      "--enable_fp8", *flags]) == 0
+    assert kiln_main(["build", "--checkpoint_dir", str(ckpt), "--output_dir", str(engine), "--max_batch_size", "4",
+                      "--max_input_len", "32", "--max_seq_len", "64", "--no_tune"]) == 0
+    monkeypatch.setenv("KILN_FP8_FUSED", "0")
+    unfused = _generate(engine, "cuda")
+    monkeypatch.delenv("KILN_FP8_FUSED")
+    with kiln.LLM(engine, device="cuda") as llm:
+        fused = llm.generate(PROMPTS, GREEDY)
+        block = next(iter(llm.runner.model.layers.values()))
+        assert isinstance(block.input_norm, QuantizingNorm) and isinstance(block.post_attn_norm, QuantizingNorm)
+        assert isinstance(block.ffn.activation, QuantizingActivation)
+    assert_same_greedy(unfused, fused)

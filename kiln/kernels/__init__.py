@@ -282,8 +282,9 @@ def bind_linear_matmuls(model: torch.nn.Module, kernels: KernelSet, device: torc
     """After loading: give each weight-only quantized linear layer the Triton weight-only matmul
     (kiln.kernels.triton_weight_only, bound from the attributes of the layer's torch matmul: bits, scale, zero,
     group_size, k_offset), and each float linear layer whose weight shape has a Triton GEMV choice in `kernels.gemv`
-    its per-layer matmul (kiln.kernels.triton_gemv.GemvMatmul). CUDA with the triton set only: CPU and
-    torch-backend engines keep the torch matmuls everywhere. Returns how many layers were bound."""
+    its per-layer matmul (kiln.kernels.triton_gemv.GemvMatmul); W8A8 layers (SmoothQuant, FP8) get the norms and
+    MLP activations before them swapped for kernels that also quantize their output. CUDA with the triton set
+    only: CPU and torch-backend engines keep the torch matmuls everywhere. Returns how many layers were bound."""
     if device.type != "cuda" or kernels.name != "triton":
         return 0
     from kiln.kernels.triton_weight_only import bind_weight_only  # needs triton
@@ -292,6 +293,9 @@ def bind_linear_matmuls(model: torch.nn.Module, kernels: KernelSet, device: torc
     from kiln.kernels.triton_smoothquant import bind_smoothquant  # SmoothQuant W8A8 layers and their norms
 
     bound += bind_smoothquant(model)
+    from kiln.kernels.triton_fp8_fused import bind_fp8_fused  # FP8 W8A8: its quantization in the norms, activations
+
+    bind_fp8_fused(model)  # no layer rebound (the FP8 matmuls stay), so not counted
     if kernels.gemv:
         from kiln.kernels.triton_gemv import bind_gemv
 

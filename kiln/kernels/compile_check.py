@@ -90,7 +90,9 @@ def _moe_cases() -> dict[str, Callable[[], Any]]:
 
 
 def _w8a8_dense_cases() -> dict[str, Callable[[], Any]]:
-    """SmoothQuant's quantizing norm / smoother / activation kernels and INT8 GEMM, and the FP8 GEMV."""
+    """SmoothQuant's quantizing norm / smoother / activation kernels and INT8 GEMM; FP8's GEMV, GEMM, quantization
+    and quantizing norm / activation."""
+    from kiln.kernels import triton_fp8_fused as fp8_fused
     from kiln.kernels import triton_fp8_gemm as fp8_gemm
     from kiln.kernels import triton_fp8_gemv as fp8
     from kiln.kernels import triton_fp8_quant as fp8_quant
@@ -130,6 +132,14 @@ def _w8a8_dense_cases() -> dict[str, Callable[[], Any]]:
         cases[f"fp8 quantize rows mode={mode}"] = lambda m=mode: compile_for_h100(
             fp8_quant.quantize_fp8_rows_kernel, dict(SCALE=m, BLOCK=16384),
             {"q_ptr": "*u8", "scale_ptr": "*fp32", "out_scale_ptr": "*fp32"})
+    fp8_out = {"q_ptr": "*u8", "scale_ptr": "*fp32", "out_scale_ptr": "*fp32"}
+    for mode in (fp8_quant.DYNAMIC, fp8_quant.STATIC):
+        cases[f"fp8 fused add_norm mode={mode}"] = lambda m=mode: compile_for_h100(
+            fp8_fused._add_norm_fp8_kernel, dict(HAS_RESIDUAL=True, HAS_BIAS=True, RMS=False, SCALE=m, BLOCK=4096),
+            fp8_out, scalar_types={"eps": "fp32"}, num_warps=8)
+        cases[f"fp8 fused act gated={mode == fp8_quant.DYNAMIC}"] = lambda m=mode: compile_for_h100(
+            fp8_fused._act_fp8_kernel, dict(GATED=m == fp8_quant.DYNAMIC, SCALE=m, BLOCK=16384), fp8_out,
+            num_warps=16)
     return cases
 
 

@@ -91,6 +91,14 @@ def next_power_of_2(n: int) -> int:
     return 1 if n <= 1 else 1 << (n - 1).bit_length()
 
 
+def row_block(dim: int) -> tuple[int, int]:
+    """(BLOCK, num_warps) of a kernel holding one row of `dim` elements per program in registers: BLOCK the power of
+    two >= dim (16 at least), ~8 elements per thread in flight (4 warps up to 1024, 8 up to 4096: MPT-7B's rows,
+    16 above)."""
+    block = max(next_power_of_2(dim), 16)
+    return block, 4 if block <= 1024 else 8 if block <= 4096 else 16
+
+
 def cdiv(a: int, b: int) -> int:
     """Ceiling division of non-negative ints."""
     return -(-a // b)

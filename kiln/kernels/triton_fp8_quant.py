@@ -49,13 +49,10 @@ def e4m3_bits(v):
 
 
 @triton.jit
-def quantize_fp8_rows_kernel(x_ptr, q_ptr, scale_ptr, out_scale_ptr, K, stride_x, stride_q,
-                             SCALE: tl.constexpr, BLOCK: tl.constexpr):
-    """Program r: row r of x -> q[r] (bytes) and, DYNAMIC, out_scale[r] = max(amax(|x[r]|) / 448, 1e-12)."""
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < K
-    v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+def quantize_fp8_row(v, mask, scale_ptr, out_scale_ptr, q_ptr, row, stride_q, cols, SCALE: tl.constexpr):
+    """One float32 row v [BLOCK] (masked lanes 0) -> its e4m3 bytes at q[row] and, DYNAMIC, its scale at
+    out_scale[row] = max(amax(|v|) / 448, 1e-12); STATIC reads scale[0], GIVEN_PER_ROW scale[row]. Also the end of
+    the fused norm and activation kernels (triton_fp8_fused)."""
     if SCALE == 0:  # DYNAMIC
         amax = tl.max(tl.abs(v), axis=0)
         scale = tl.maximum(tl.math.div_rn(amax, FP8_MAX), MIN_SCALE)
@@ -68,6 +65,31 @@ def quantize_fp8_rows_kernel(x_ptr, q_ptr, scale_ptr, out_scale_ptr, K, stride_x
     tl.store(q_ptr + row * stride_q + cols, e4m3_bits(r), mask=mask)
 
 
+@triton.jit
+def quantize_fp8_rows_kernel(x_ptr, q_ptr, scale_ptr, out_scale_ptr, K, stride_x, stride_q,
+                             SCALE: tl.constexpr, BLOCK: tl.constexpr):
+    """Program r: row r of x -> q[r] (bytes) and, DYNAMIC, out_scale[r]."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < K
+    v = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    quantize_fp8_row(v, mask, scale_ptr, out_scale_ptr, q_ptr, row, stride_q, cols, SCALE)
+
+
+def fp8_outputs(m: int, k: int, scale: torch.Tensor | None,
+                device: torch.device) -> tuple[torch.Tensor, int, torch.Tensor]:
+    """What a launch quantizing m rows of k values writes and how it scales them: (q [m, k] uint8 to fill, the SCALE
+    mode, the float32 scale: [m, 1] to fill (scale None: dynamic), the given one [1] (static) or [m, 1] (per row))."""
+    q = torch.empty(m, k, dtype=torch.uint8, device=device)
+    if scale is None:
+        return q, DYNAMIC, torch.empty(m, 1, dtype=torch.float32, device=device)
+    if scale.numel() == 1:
+        return q, STATIC, scale.float().reshape(1)
+    if scale.numel() == m:
+        return q, GIVEN_PER_ROW, scale.float().reshape(m, 1)
+    raise ValueError(f"the activation scale must hold 1 or {m} values (one per row), got {scale.numel()}")
+
+
 def quantize_fp8_rows(x: torch.Tensor, scale: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """x [M, K] -> (q [M, K] float8_e4m3fn, scale float32: [M, 1] when computed or given per row, [1] static).
     scale None: each row's own (dynamic); one value: static; [M, 1]: given per row."""
@@ -76,15 +98,7 @@ def quantize_fp8_rows(x: torch.Tensor, scale: torch.Tensor | None) -> tuple[torc
     if x.stride(1) != 1:
         x = x.contiguous()
     m, k = x.shape
-    q = torch.empty(m, k, dtype=torch.uint8, device=x.device)
-    if scale is None:
-        mode, out_scale = DYNAMIC, torch.empty(m, 1, dtype=torch.float32, device=x.device)
-    elif scale.numel() == 1:
-        mode, out_scale = STATIC, scale.float().reshape(1)
-    elif scale.numel() == m:
-        mode, out_scale = GIVEN_PER_ROW, scale.float().reshape(m, 1)
-    else:
-        raise ValueError(f"the activation scale must hold 1 or {m} values (one per row), got {scale.numel()}")
+    q, mode, out_scale = fp8_outputs(m, k, scale, x.device)
     if m:
         block = max(next_power_of_2(k), 16)
         quantize_fp8_rows_kernel[(m,)](x, q, out_scale, out_scale, k, x.stride(0), q.stride(0), SCALE=mode,

@@ -30,3 +30,21 @@ def scale_rows_and_columns(acc, rows, cols, M, N, row_scale_ptr, col_scale_ptr, 
     if HAS_BIAS:
         acc += tl.load(bias_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     return acc
+
+
+@triton.jit
+def mlp_activation_row(x_ptr, row, stride_x, cols, mask, dim, GATED: tl.constexpr):
+    """One row of a dense MLP's activation in float32, masked lanes 0: silu(gate) * up (GATED: x's row holds
+    [gate; up], dim each) or exact GELU (x's row dim wide), each op's result rounded to x's dtype as torch's separate
+    ops leave it (kiln.layers.mlp). The body of the quantizing activations (SmoothQuant's, FP8's)."""
+    base = x_ptr + row * stride_x + cols
+    dtype = x_ptr.dtype.element_ty
+    if GATED:
+        gate = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(base + dim, mask=mask, other=0.0).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+        act = (silu * up).to(dtype).to(tl.float32)
+    else:
+        v = tl.load(base, mask=mask, other=0.0).to(tl.float32)
+        act = (0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))).to(dtype).to(tl.float32)
+    return tl.where(mask, act, 0.0)

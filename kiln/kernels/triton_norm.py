@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton_common import FLOAT_DTYPES, check_device, check_shape, check_tensor, next_power_of_2
+from kiln.kernels.triton_common import FLOAT_DTYPES, check_device, check_shape, check_tensor, row_block
 
 _MAX_DIM = 32768  # one row lives in registers; wider rows are not a hidden size kiln runs
 
@@ -21,7 +21,7 @@ _MAX_DIM = 32768  # one row lives in registers; wider rows are not a hidden size
 def add_norm_row(x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, row, cols, mask, dim, stride_x, stride_r, stride_s, eps,
                  HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr):
     """One row's residual add (the sum stored) and norm: returns the normed row in float32, before rounding to the
-    model dtype (also the body of SmoothQuant's quantizing norm, triton_smoothquant)."""
+    model dtype (also the body of the quantizing norms, through add_norm_row_rounded)."""
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
@@ -42,6 +42,16 @@ def add_norm_row(x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, row, cols, mask, dim, st
         if HAS_BIAS:
             y += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     return y
+
+
+@triton.jit
+def add_norm_row_rounded(x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, row, cols, mask, dim, stride_x, stride_r, stride_s,
+                         eps, HAS_RESIDUAL: tl.constexpr, HAS_BIAS: tl.constexpr, RMS: tl.constexpr):
+    """add_norm_row's output as the unfused kernel stores it (rounded to the model dtype), back in float32, masked
+    lanes 0: what a quantizing norm (SmoothQuant's, FP8's) quantizes, so that it matches add_norm then quantize."""
+    y = add_norm_row(x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, row, cols, mask, dim, stride_x, stride_r, stride_s, eps,
+                     HAS_RESIDUAL, HAS_BIAS, RMS)
+    return tl.where(mask, y.to(sum_ptr.dtype.element_ty).to(tl.float32), 0.0)
 
 
 @triton.jit
@@ -97,9 +107,7 @@ def add_norm(
     summed = x if residual is None else torch.empty_like(x)
     if tokens == 0:
         return out, summed
-    block = max(next_power_of_2(dim), 16)
-    # ~8 elements per thread in flight: 4 warps up to 1024 elements, 8 for MPT-7B's 4096, 16 above.
-    warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    block, warps = row_block(dim)
     res = residual if residual is not None else x
     _add_norm_kernel[(tokens,)](
         x, res, weight, bias if bias is not None else weight, out, summed,

@@ -18,20 +18,19 @@ the int8 values equal the torch path's.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from torch import nn
 
-from kiln.kernels.triton_common import cdiv, multiprocessor_count, next_power_of_2, split_counters, while_loops
+from kiln.kernels.triton_common import cdiv, multiprocessor_count, row_block, split_counters, while_loops
 from kiln.kernels.triton_gemv_kernels import last_split_to_arrive, sum_splits
-from kiln.kernels.triton_norm import add_norm_row
+from kiln.kernels.triton_jit_common import mlp_activation_row
+from kiln.kernels.triton_norm import add_norm_row_rounded
 from kiln.kernels.triton_smoothquant_configs import Int8GemmConfig, default_int8_config
 from kiln.layers.linear import LinearBase
 from kiln.layers.mlp import GatedMLP
-from kiln.layers.norm import FusedAddNorm, RMSNorm
+from kiln.layers.quantized_input import QuantizedActivation, QuantizingActivation, QuantizingNorm, normed_layers
 from kiln.quant.smoothquant import SmoothQuantMatmul
 
 ROUND_MAGIC: tl.constexpr = tl.constexpr(12582912.0)
@@ -63,10 +62,8 @@ def _add_norm_quant_kernel(
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < dim
-    y = add_norm_row(x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, row, cols, mask, dim, stride_x, stride_r, stride_s, eps,
-                     HAS_RESIDUAL, HAS_BIAS, RMS)
-    # The norm's output as the float path would hold it (rounded to the model dtype), then quantized.
-    y = tl.where(mask, y.to(sum_ptr.dtype.element_ty).to(tl.float32), 0.0)
+    y = add_norm_row_rounded(x_ptr, res_ptr, w_ptr, b_ptr, sum_ptr, row, cols, mask, dim, stride_x, stride_r,
+                             stride_s, eps, HAS_RESIDUAL, HAS_BIAS, RMS)  # as the float path would hold it
     _quantize_row(y, mask, act_scale_ptr, out_scale_ptr, q_ptr, row, stride_q, cols, PER_TOKEN)
 
 
@@ -90,19 +87,9 @@ def _act_quant_kernel(x_ptr, smoother_ptr, q_ptr, act_scale_ptr, out_scale_ptr, 
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < dim
-    base = x_ptr + row * stride_x + cols
-    dtype = x_ptr.dtype.element_ty
-    if GATED:
-        gate = tl.load(base, mask=mask, other=0.0).to(tl.float32)
-        up = tl.load(base + dim, mask=mask, other=0.0).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
-        act = (silu * up).to(dtype).to(tl.float32)
-    else:
-        v = tl.load(base, mask=mask, other=0.0).to(tl.float32)
-        act = (0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))).to(dtype).to(tl.float32)
-    act = act * tl.load(smoother_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    _quantize_row(tl.where(mask, act, 0.0), mask, act_scale_ptr, out_scale_ptr, q_ptr, row, stride_q, cols,
-                  PER_TOKEN)
+    act = mlp_activation_row(x_ptr, row, stride_x, cols, mask, dim, GATED)
+    act = act * tl.load(smoother_ptr + cols, mask=mask, other=0.0).to(tl.float32)  # masked lanes stay 0
+    _quantize_row(act, mask, act_scale_ptr, out_scale_ptr, q_ptr, row, stride_q, cols, PER_TOKEN)
 
 
 @triton.jit
@@ -173,10 +160,6 @@ def _int8_gemm_kernel(a_ptr, b_ptr, a_scale_ptr, w_scale_ptr, bias_ptr, c_ptr, p
         _scale_store(acc, rm, rn, M, N, a_scale_ptr, w_scale_ptr, bias_ptr, c_ptr, stride_cm, HAS_BIAS)
 
 
-def _warps(block: int) -> int:
-    return 4 if block <= 1024 else 8 if block <= 4096 else 16
-
-
 def add_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor | None,
                    eps: float, rms: bool, act_scale: torch.Tensor | None
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -188,13 +171,13 @@ def add_norm_quant(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     summed = x if residual is None else torch.empty_like(x)
     if tokens == 0:
         return q, scale, summed
-    block = max(next_power_of_2(dim), 16)
+    block, warps = row_block(dim)
     res = residual if residual is not None else x
     _add_norm_quant_kernel[(tokens,)](
         x, res, weight, bias if bias is not None else weight, summed, q, act_scale if act_scale is not None else scale,
         scale, dim, x.stride(0), res.stride(0), summed.stride(0), q.stride(0), float(eps),
         HAS_RESIDUAL=residual is not None, HAS_BIAS=bias is not None, RMS=rms, PER_TOKEN=act_scale is None,
-        BLOCK=block, num_warps=_warps(block))
+        BLOCK=block, num_warps=warps)
     return q, scale, summed
 
 
@@ -208,11 +191,11 @@ def smooth_quant(x: torch.Tensor, smoother: torch.Tensor | None,
     scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
     if tokens == 0:
         return q, scale
-    block = max(next_power_of_2(dim), 16)
+    block, warps = row_block(dim)
     _smooth_quant_kernel[(tokens,)](
         x, smoother if smoother is not None else x, q, act_scale if act_scale is not None else scale, scale,
         dim, x.stride(0), q.stride(0), HAS_SMOOTHER=smoother is not None, PER_TOKEN=act_scale is None,
-        BLOCK=block, num_warps=_warps(block))
+        BLOCK=block, num_warps=warps)
     return q, scale
 
 
@@ -226,10 +209,10 @@ def act_quant(x: torch.Tensor, gated: bool, smoother: torch.Tensor,
     scale = torch.empty(tokens, 1, dtype=torch.float32, device=x.device)
     if tokens == 0:
         return q, scale
-    block = max(next_power_of_2(dim), 16)
+    block, warps = row_block(dim)
     _act_quant_kernel[(tokens,)](x, smoother, q, act_scale if act_scale is not None else scale, scale, dim,
                                  x.stride(0), q.stride(0), GATED=gated, PER_TOKEN=act_scale is None, BLOCK=block,
-                                 num_warps=_warps(block))
+                                 num_warps=warps)
     return q, scale
 
 
@@ -280,18 +263,6 @@ def int8_gemm(qx: torch.Tensor, a_scale: torch.Tensor, qw: torch.Tensor, w_scale
 
 # ------------------------------------------------------------------------------------------ binding to a model
 
-class QuantizedActivation(NamedTuple):
-    """A norm's output already quantized: q [tokens, dim] int8, scale [tokens, 1] float32, the model dtype."""
-
-    q: torch.Tensor
-    scale: torch.Tensor
-    dtype: torch.dtype
-
-    @property
-    def shape(self) -> torch.Size:
-        return self.q.shape
-
-
 class TritonSmoothQuantMatmul:
     """A W8A8 layer on the Triton kernels: its input quantized by the norm before it (QKV, the first MLP projection)
     or here by smooth_quant (o_proj, down_proj: the smoother rides in that pass), then the INT8 GEMM."""
@@ -308,40 +279,6 @@ class TritonSmoothQuantMatmul:
         return int8_gemm(q, scale, weight, self.w_scale, bias, dtype)
 
 
-class QuantizingActivation:
-    """A dense MLP's activation bound to the fused activation + smoother + quantize kernel: down_proj's input
-    arrives quantized."""
-
-    def __init__(self, gated: bool, smoother: torch.Tensor, act_scale: torch.Tensor | None) -> None:
-        self.gated, self.smoother, self.act_scale = gated, smoother, act_scale
-
-    def __call__(self, x: torch.Tensor) -> QuantizedActivation:
-        q, scale = act_quant(x, self.gated, self.smoother, self.act_scale)
-        return QuantizedActivation(q, scale, x.dtype)
-
-
-class QuantizingNorm(FusedAddNorm):
-    """The norm before a W8A8 layer, quantizing its output in the add + norm kernel. It holds the same weight and
-    bias parameters under the same names, so the model's parameters are unchanged."""
-
-    def __init__(self, norm: nn.Module, act_scale: torch.Tensor | None) -> None:
-        super().__init__()
-        self.weight, self.bias = norm.weight, getattr(norm, "bias", None)
-        self.eps, self.rms = norm.eps, isinstance(norm, RMSNorm)
-        # The layer's own act_scale parameter, referenced, not registered here a second time.
-        object.__setattr__(self, "act_scale", act_scale)
-
-    def add_norm(self, x: torch.Tensor, residual: torch.Tensor | None) -> tuple[QuantizedActivation, torch.Tensor]:
-        q, scale, summed = add_norm_quant(x, residual, self.weight, self.bias, self.eps, self.rms, self.act_scale)
-        return QuantizedActivation(q, scale, x.dtype), summed
-
-
-def _first_projection(block: nn.Module) -> LinearBase | None:
-    """The dense MLP's first projection (a MoE's router reads the float norm output: not fused)."""
-    first = getattr(block.ffn, "gate_up_proj", None)
-    return first if first is not None else getattr(block.ffn, "up_proj", None)
-
-
 def bind_smoothquant(model: nn.Module) -> int:
     """Give every W8A8 linear layer of `model` the Triton matmul, and the norms before QKV and a dense MLP the
     quantizing add + norm. Returns how many layers were bound."""
@@ -353,11 +290,12 @@ def bind_smoothquant(model: nn.Module) -> int:
             split_counters(module.weight.device)  # now, not first inside a CUDA graph capture (int8_gemm's split-K)
             bound += 1
     for block in getattr(model, "layers", {}).values():
-        for norm_name, layer in (("input_norm", block.attn.qkv_proj), ("post_attn_norm", _first_projection(block))):
-            if layer is not None and isinstance(layer.matmul, TritonSmoothQuantMatmul):
-                setattr(block, norm_name, QuantizingNorm(getattr(block, norm_name), layer.matmul.act_scale))
+        for norm_name, layer in normed_layers(block):
+            if isinstance(layer.matmul, TritonSmoothQuantMatmul):
+                norm = QuantizingNorm(getattr(block, norm_name), add_norm_quant, layer.matmul.act_scale)
+                setattr(block, norm_name, norm)
         down = getattr(block.ffn, "down_proj", None)
         if down is not None and isinstance(down.matmul, TritonSmoothQuantMatmul):
-            block.ffn.activation = QuantizingActivation(isinstance(block.ffn, GatedMLP), down.matmul.smoother,
-                                                        down.matmul.act_scale)
+            block.ffn.activation = QuantizingActivation(act_quant, isinstance(block.ffn, GatedMLP),
+                                                        down.matmul.smoother, down.matmul.act_scale)
     return bound

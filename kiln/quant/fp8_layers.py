@@ -12,6 +12,8 @@ and the shapes suit it, else the torch reference (dequantize the weight, fake-qu
 casts). On CUDA the activation is quantized by one Triton kernel (kiln.kernels.triton_fp8_quant: amax, divide and
 cast in one pass, bit for bit the torch quantization) and decode steps of up to 16 rows take the Triton FP8 GEMV
 (kiln.kernels.triton_fp8_gemv) instead of _scaled_mm; KILN_FP8_GEMV=0 at load keeps _scaled_mm for them.
+Where the layer before quantizes for it (kiln.kernels.triton_fp8_fused: the norm before QKV and the first MLP
+projection, the MLP activation before down_proj), the matmul gets a QuantizedActivation and skips its own.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from torch import nn
 
 from kiln.distributed.collectives import tp_all_reduce_max, tp_size
 from kiln.kernels.reference import fused_moe_fp8  # noqa: F401  (its torch path, named here as before)
+from kiln.layers.quantized_input import QuantizedActivation
 from kiln.quant.fp8 import FP8Scheme, activation_scale, cast_fp8, dequantize
 
 if TYPE_CHECKING:
@@ -52,7 +55,8 @@ def row_wise(scheme: FP8Scheme) -> bool:
 
 
 class FP8Matmul:
-    """An FP8 linear layer's matmul: x [tokens, in] -> [tokens, out] in x's dtype."""
+    """An FP8 linear layer's matmul: x [tokens, in] -> [tokens, out] in x's dtype; x float, or already quantized
+    (a QuantizedActivation: q [tokens, in] fp8 and its float32 scale, as this layer's own quantization gives)."""
 
     def __init__(self, scheme: FP8Scheme, weight_scale: nn.Parameter, input_scale: nn.Parameter | None,
                  split_input: bool = False, use_scaled_mm: bool | None = None) -> None:
@@ -67,10 +71,21 @@ class FP8Matmul:
         self.quantize: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None
         self.gemv_rows = 0  # decode steps of up to this many rows: the Triton FP8 GEMV (CUDA)
 
-    def __call__(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor | QuantizedActivation, weight: torch.Tensor,
+                 bias: torch.Tensor | None) -> torch.Tensor:
         if self.quantize is None:
             self.bind(weight, x.dtype)
         return self.run(x, weight, bias)
+
+    def takes_quantized_input(self, weight: torch.Tensor, dtype: torch.dtype) -> bool:
+        """Whether the kernel before this layer may quantize its input for it (kiln.kernels.triton_fp8_fused): the
+        layer is bound now (on the placed weight; `dtype` the activations') and takes the CUDA path, whose own
+        quantization is the Triton one that kernel repeats bit for bit, and its scale needs no max over the ranks (a
+        row-parallel layer's per-token scale at tp > 1)."""
+        if self.quantize is None:
+            self.bind(weight, dtype)
+        return (self.run == self.scaled_mm and self.quantize == self.triton_quantize
+                and not (self.split_input and tp_size() > 1))
 
     def bind(self, weight: torch.Tensor, dtype: torch.dtype) -> None:
         """Chosen once, at the first call on the placed weight (a model may be made on the meta device and placed
@@ -87,11 +102,22 @@ class FP8Matmul:
         self.input_scale32 = None if self.input_scale is None else self.input_scale.float().reshape(1)
         self.quantize = self.triton_quantize if on_gpu else self.torch_quantize
 
-    def reference(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def reference(self, x: torch.Tensor | QuantizedActivation, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
         """The exact torch reference: `fq(x) @ dequant(W).T + b` in x's dtype."""
-        scale = self.activation_scale(x)
-        xq = (cast_fp8(x, scale).float() * scale).to(x.dtype)
-        return F.linear(xq, dequantize(weight, self.weight_scale, x.dtype), bias)
+        xq, scale, dtype, lead = self.quantized(x, self.torch_quantize)
+        fq = (xq.float() * scale).to(dtype)
+        return F.linear(fq, dequantize(weight, self.weight_scale, dtype), bias).reshape(*lead, -1)
+
+    @staticmethod
+    def quantized(x: torch.Tensor | QuantizedActivation, quantize: Callable[[torch.Tensor], tuple[torch.Tensor, ...]]
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.dtype, torch.Size]:
+        """x [..., K] (float: quantized here by `quantize`; or as the layer before quantized it) -> (q [M, K] fp8,
+        its scale [1] or [M, 1] float32, the output dtype, x's leading dims)."""
+        if isinstance(x, QuantizedActivation):
+            return x.q, x.scale, x.dtype, x.q.shape[:-1]
+        q, scale = quantize(x.reshape(-1, x.shape[-1]))
+        return q, scale, x.dtype, x.shape[:-1]
 
     def activation_scale(self, x: torch.Tensor) -> torch.Tensor:  # x [tokens, k] -> [1] or [tokens, 1] float32
         scale = activation_scale(x, self.input_scale)
@@ -112,22 +138,22 @@ class FP8Matmul:
             given = self.activation_scale(x2)
         return quantize_fp8_rows(x2, given)
 
-    def scaled_mm(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def scaled_mm(self, x: torch.Tensor | QuantizedActivation, weight: torch.Tensor,
+                  bias: torch.Tensor | None) -> torch.Tensor:
         """x quantized, then one FP8 GEMM: A row-major [M, K] fp8, B = W.T column-major [K, N] (W is stored [N, K]
         row-major); decode rows on the Triton GEMV instead where bound."""
-        lead, k = x.shape[:-1], x.shape[-1]
-        x2 = x.reshape(-1, k)
-        xq, scale_a = self.quantize(x2)  # [M, K] fp8, [1] or [M, 1] float32
-        if x2.shape[0] <= self.gemv_rows:
+        xq, scale_a, dtype, lead = self.quantized(x, self.quantize)  # [M, K] fp8, [1] or [M, 1] float32
+        m = xq.shape[0]
+        if m <= self.gemv_rows:
             from kiln.kernels.triton_fp8_gemv import fp8_gemv
 
-            return fp8_gemv(xq, scale_a, weight, self.weight_scale32, bias, x.dtype).reshape(*lead, -1)
+            return fp8_gemv(xq, scale_a, weight, self.weight_scale32, bias, dtype).reshape(*lead, -1)
         if row_wise(self.scheme):  # scale_a [M, 1], scale_b [1, N] (a per-tensor weight scale repeated)
-            scale_a = scale_a.expand(x2.shape[0], 1).contiguous()
+            scale_a = scale_a.expand(m, 1).contiguous()
             scale_b = self.weight_scale32.reshape(1, -1).expand(1, weight.shape[0]).contiguous()
         else:  # both scalars
             scale_a, scale_b = scale_a.reshape(()), self.weight_scale32.reshape(())
-        y = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=x.dtype)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=dtype)
         return y.reshape(*lead, -1)
 
 
