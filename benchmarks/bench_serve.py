@@ -12,6 +12,17 @@ Without --base_url it starts `kiln serve` on a free port (extra flags through --
 SIGTERM after the sweep, and then runs the offline pass in this process. The client is a minimal HTTP/1.0 SSE reader
 on raw asyncio sockets, so that client-side parsing stays far below the server's per-token cost.
 
+With --profile FILE the sweep still runs unprofiled, and one more pass of the first rate after it is sampled with
+py-spy, reported on its own ("under py-spy": its row, and a step table beside the measured pass) and never counted in
+the throughput or the ratio. py-spy's default mode stops every thread of the sampled processes for each sample, at a
+cost that grows with their threads: a host-bound loop in a process of 1, 17, 33 and 49 threads ran 8%, 18%, 60% and
+105% slower under `py-spy record -r 100 --threads` (2-core CPU), and a GPU engine process has one thread per core in
+numpy's OpenBLAS pool alone besides CUDA's. That slows what the engine does on the host (eager prefill and mixed
+steps, the serve loop) and hides in the waits of device-bound steps (CUDA-graph decodes), which fits the session-9
+H100 run, whose measured pass was sampled (mixed steps 37.2 ms served vs 26.7 offline, graph decodes equal; the
+prefix hits it blamed cost the host nothing: benchmarks/bench_prefix_admission.py). The profile pass samples with
+--nonblocking (33 threads: 16% instead of 54% slower), which may tear a stack now and then.
+
 Both passes report the engine's step stats (kiln/engine/step_stats.py): the engine's step() calls by kind (decode in
 a CUDA graph, eager decode, prefill, mixed prefill + decode), their host time, sequences and prefill tokens, and the
 host time between steps; served, from /metrics (kiln_engine_*_total) scraped before and after each rate's run. A
@@ -289,15 +300,15 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, int]:
 
 def start_profile(pid: int, path: str) -> subprocess.Popen | None:
     """py-spy sampling every thread of the server and of its engine process at 100 Hz (--idle off: only running
-    stacks)."""
+    stacks), without stopping them for each sample (--nonblocking: stopping every thread is what slows them)."""
     import shutil
 
     exe = shutil.which("py-spy")
     if exe is None:
-        print("--profile: py-spy is not on PATH; the sweep runs unprofiled", flush=True)
+        print("--profile: py-spy is not on PATH; no profile is taken", flush=True)
         return None
     return subprocess.Popen([exe, "record", "-p", str(pid), "-o", path, "-f", "raw", "-r", "100", "--threads",
-                             "--subprocesses"],  # the engine runs in a child process of kiln serve
+                             "--subprocesses", "--nonblocking"],  # the engine runs in a child process of kiln serve
                             stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
 
 
@@ -322,8 +333,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default=None)
     p.add_argument("--serve_args", default="", help="more flags for kiln serve, one string")
     p.add_argument("--skip_offline", action="store_true")
-    p.add_argument("--profile", metavar="FILE", help="sample the server with py-spy (on PATH) during the sweep and "
-                   "write its raw stacks here (benchmarks/spy_summary.py reads them): where its Python time goes")
+    p.add_argument("--profile", metavar="FILE", help="after the sweep, run its first rate once more with py-spy (on "
+                   "PATH) sampling the server and write its raw stacks here (benchmarks/spy_summary.py reads them): "
+                   "where its Python time goes. That pass is reported apart and never counted: py-spy slows the "
+                   "host-bound steps it samples")
     p.add_argument("--startup_timeout", type=float, default=600)
     p.add_argument("--output_json", default=None)
     args = p.parse_args(argv)
@@ -344,6 +357,11 @@ def print_step_tables(rows: list[dict], report: dict) -> None:
         if columns:
             print("\nengine step() calls by the kind of model step each launched (host wall time, no device sync):")
             print(step_table(columns))
+    profiled = report.get("profiled_rate")
+    if profiled and profiled.get("step_stats") and served:
+        print("\nthe same pass under py-spy (the profile's run; py-spy's cost is the difference, not counted above):")
+        print(step_table([served[0], (f"served, rate {profiled['request_rate']}, under py-spy",
+                                      profiled["step_stats"], profiled["duration_s"])]))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -361,19 +379,29 @@ def main(argv: list[str] | None = None) -> int:
     else:
         proc, port, host, model = *start_server(args), "127.0.0.1", "bench"
     rows = []
+    profiled = None
     spy = None
+
+    def measure(rate: float) -> dict:
+        before = settled_step_stats(host, int(port))
+        results, duration = asyncio.run(run_rate(host, int(port), model, work, rate, args.max_concurrency, args.seed))
+        row = summarize(rate, results, duration)
+        row["step_stats"] = step_stats_delta(settled_step_stats(host, int(port)), before)
+        return row
+
     try:
         asyncio.run(run_rate(host, int(port), model, work[:max(1, args.warmup_prompts)], float("inf"), None,
                              args.seed))  # warm-up
-        if args.profile and proc is not None:
-            spy = start_profile(proc.pid, args.profile)
         for rate in [float(r) for r in args.request_rate]:
-            before = settled_step_stats(host, int(port))
-            results, duration = asyncio.run(run_rate(host, int(port), model, work, rate, args.max_concurrency,
-                                                     args.seed))
-            rows.append(summarize(rate, results, duration))
-            rows[-1]["step_stats"] = step_stats_delta(settled_step_stats(host, int(port)), before)
+            rows.append(measure(rate))
             print_row(rows[-1])
+        if args.profile and proc is not None:
+            # Its own pass, after the measured ones: py-spy stops the processes for each sample.
+            spy = start_profile(proc.pid, args.profile)
+            if spy is not None:
+                profiled = measure(float(args.request_rate[0]))
+                print("under py-spy (not counted): ", end="")
+                print_row(profiled)
     finally:
         if spy is not None:
             spy.send_signal(signal.SIGINT)  # py-spy writes its file on SIGINT
@@ -382,6 +410,8 @@ def main(argv: list[str] | None = None) -> int:
             proc.send_signal(signal.SIGTERM)
             print(f"kiln serve exited with {proc.wait(timeout=120)}")
     report = {"args": vars(args), "rates": rows}
+    if profiled is not None:
+        report["profiled_rate"] = profiled
     if args.engine_dir and not args.skip_offline:
         report.update(offline(args, work))
         best = max(r["output_throughput"] for r in rows)

@@ -30,10 +30,11 @@ timeout "${TESTS_S:-240}" bash benchmarks/gpu_tests.sh  # file by file, each bou
 fi
 if step serve; then
 eng=$(mktemp -d /tmp/kiln-serve-XXXX)
+# --profile samples one more pass after the measured one (py-spy slows what it samples: bench_serve.py's docstring)
 python3 -m kiln convert --preset mpt-7b --dtype bfloat16 --dummy_device cuda --output_dir "$eng/ckpt" >/dev/null &&
 python3 -m kiln build --checkpoint_dir "$eng/ckpt" --output_dir "$eng/engine" --max_batch_size 64 --max_input_len 512 \
     --max_seq_len 1024 --no_tune > "$out/serve_build.log" 2>&1 && rm -rf "$eng/ckpt" &&
-PATH="$PATH:/tmp/site/bin" timeout "${SERVE_S:-110}" python3 benchmarks/bench_serve.py --engine_dir "$eng/engine" \
+PATH="$PATH:/tmp/site/bin" timeout "${SERVE_S:-130}" python3 benchmarks/bench_serve.py --engine_dir "$eng/engine" \
     --num_prompts 256 --input_len 128 --output_len 128 --range_ratio 0.5 --request_rate inf --warmup_prompts 256 \
     --profile "$out/serve_profile.txt" --output_json "$out/serve_saturation.json" 2>&1 | tail -30 | tee "$out/serve.log"
 [ -s "$out/serve_profile.txt" ] && python3 benchmarks/spy_summary.py "$out/serve_profile.txt" --top 20 > "$out/serve_profile.md"

@@ -258,6 +258,65 @@ def test_same_prefix_computed_twice_in_one_step():
     assert bm.peek_prefix_hit_tokens(make_seq(3, list(range(6)))) == 4
 
 
+class _CountingList(list):
+    """A list that counts its element reads (indexing, and every element an iteration yields)."""
+
+    reads = 0
+
+    def __getitem__(self, i):
+        self.reads += 1
+        return super().__getitem__(i)
+
+    def __iter__(self):
+        self.reads += len(self)
+        return super().__iter__()
+
+
+def _admission_work(num_blocks: int, monkeypatch) -> tuple[int, int, list[int]]:
+    """Fill a cache of `num_blocks` 16-token blocks with cached prompts (all freed: the evictable pool an engine has
+    after a burst), then admit, compute and free one request whose prompt is cached and one fresh long one that must
+    evict cached blocks, as the scheduler does (can_allocate, peek, allocate, append_slots, mark_computed, free).
+    Returns the reads of `blocks`, the hash_block calls made for the two, and their cached token counts."""
+    import kiln.engine.block_manager as block_manager
+
+    bs = 16
+    bm = BlockManager(num_blocks, bs)
+    filled = num_blocks // 8 - 1  # prompts of 8 full blocks and one token: the cache ends up almost all hashed
+    prompts = [[i * 1000 + j for j in range(8 * bs + 1)] for i in range(filled)]
+    for i, tokens in enumerate(prompts):
+        s = make_seq(i, tokens)
+        bm.allocate(s)
+        compute_all(bm, s)
+        bm.free(s)
+    assert bm.num_free_blocks == num_blocks and bm.num_cached_blocks == 8 * filled
+    bm.blocks = _CountingList(bm.blocks)
+    calls = []
+    monkeypatch.setattr(block_manager, "hash_block", lambda *a: calls.append(1) or hash_block(*a))
+    hit = make_seq(filled, prompts[-1])  # the most recently freed prompt: all its full blocks are cached
+    fresh = make_seq(filled + 1, [7_000_000 + j for j in range(32 * bs + 1)])  # 33 blocks, past the unhashed ones
+    for seq in (hit, fresh):
+        assert bm.can_allocate(seq)
+        bm.peek_prefix_hit_tokens(seq)
+        bm.allocate(seq)
+        bm.append_slots(seq, seq.num_tokens - seq.num_computed_tokens)
+        compute_all(bm, seq)
+        bm.free(seq)
+    return bm.blocks.reads, len(calls), [hit.num_cached_tokens, fresh.num_cached_tokens]
+
+
+def test_admission_work_does_not_grow_with_the_cached_blocks(monkeypatch):
+    # An H100 engine has ~7,500 blocks, most of them cached and free after a burst. Admitting a request (its prefix
+    # lookups, taking blocks from the evictable pool, registering its blocks) must cost per block of the request,
+    # never per block of the cache; and each full block of a sequence is hashed once, however many lookups run.
+    small = _admission_work(200, monkeypatch)
+    large = _admission_work(8000, monkeypatch)
+    assert small[2] == large[2] == [128, 0]
+    assert small[:2] == large[:2]
+    reads, hashes, _ = large
+    assert hashes == 8 + 32  # the full blocks of the two requests
+    assert reads <= 8 * (9 + 33)  # a few reads per block of the two requests
+
+
 # ---- can_allocate edge cases -------------------------------------------------------------------------------------
 
 

@@ -169,3 +169,23 @@ def test_bench_serve_prints_offline_and_served_side_by_side(capsys):
     assert set(rows) == {"decode_graph", "prefill", "drain", "all", "between", "wall"}
     assert rows["decode_graph"].split()[2] == "4" and rows["all"].split()[2] == "6"
     assert rows["prefill"].split()[5:7] == ["4.0", "18.0"]  # seqs and prefill tokens per call
+
+
+def test_bench_serve_shows_the_profiled_pass_apart(capsys):
+    # bench_serve --profile runs one more pass under py-spy after the sweep: py-spy stops the processes for every
+    # sample, so its pass is never a measured rate; its steps are printed beside the measured pass's.
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_serve
+
+    measured, slowed = StepStats(), StepStats()
+    one_call(measured, (output(1, 40), False))
+    one_call(slowed, (output(1, 40), False))
+    slowed.kinds["mixed"].seconds *= 1.4
+    rows = [{"request_rate": float("inf"), "duration_s": 2.0, "step_stats": measured.summary()}]
+    report = {"profiled_rate": {"request_rate": float("inf"), "duration_s": 2.5, "step_stats": slowed.summary()}}
+    bench_serve.print_step_tables(rows, report)
+    out = capsys.readouterr().out
+    assert "under py-spy" in out and out.count("engine step() calls") == 1
+    table = out.split("the same pass under py-spy")[1].splitlines()
+    assert "served, rate inf" in table[1] and "served, rate inf, under py-spy" in table[1]
+    assert bench_serve.parse_args(["--engine_dir", "e", "--profile", "p.txt"]).profile == "p.txt"
