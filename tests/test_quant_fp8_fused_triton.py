@@ -25,7 +25,7 @@ from interpreted_triton import interpret_triton  # noqa: E402
 
 if INTERPRET:
     interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_norm", "kiln.kernels.triton_fp8_quant",
-                      "kiln.kernels.triton_fp8_gemv", "kiln.kernels.triton_fp8_fused"))
+                      "kiln.kernels.triton_gemv_kernels", "kiln.kernels.triton_fp8_gemv", "kiln.kernels.triton_fp8_fused"))
 
 from kiln.kernels import reference, select_kernels  # noqa: E402
 from kiln.kernels.triton_fp8_fused import act_fp8, add_norm_fp8, bind_fp8_fused  # noqa: E402

@@ -18,8 +18,8 @@ import pytest  # noqa: E402
 from interpreted_triton import interpret_triton  # noqa: E402
 
 if INTERPRET:
-    interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_fp8_gemv",
-                      "kiln.kernels.triton_fp8_quant", "kiln.kernels.triton_fp8_gemm"))
+    interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_gemv_kernels",
+                      "kiln.kernels.triton_fp8_gemv", "kiln.kernels.triton_fp8_quant", "kiln.kernels.triton_fp8_gemm"))
 
 from kiln.kernels.triton_fp8_gemm import Fp8GemmConfig, fp8_gemm  # noqa: E402
 from kiln.kernels.triton_fp8_gemv import Fp8GemvConfig, fp8_gemv  # noqa: E402
@@ -102,6 +102,41 @@ def test_gemv_matches_the_dequantized_product(per_channel, rows, n, k, bias, row
     want = want + (0 if b is None else b.double())
     assert got.dtype == torch.float32 and got.shape == (rows, n)
     assert torch.allclose(got.cpu().double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("split_k", [2, 3, 7])
+@pytest.mark.parametrize("rows, n, k", [(1, 40, 520), (5, 64, 256), (16, 17, 1000)])
+def test_split_gemv_matches_the_unsplit_and_leaves_its_counters_at_zero(split_k, rows, n, k):
+    """Split along K (the last program of each column block sums the partials in split order): the unsplit kernel's
+    result up to float32 summation order, the dequantized product's within float32, and the shared counters 0
+    again (the next launch and every CUDA graph replay start from them)."""
+    from kiln.kernels.triton_common import split_counters
+
+    gen = torch.Generator().manual_seed(split_k * 100 + rows + n + k)
+    q, scale = quantize_weight(torch.randn(n, k, generator=gen), True, torch.float32)
+    x = torch.randn(rows, k, generator=gen)
+    x_scale = activation_scale(x, None)
+    xq = cast_fp8(x, x_scale)
+    b = torch.randn(n, generator=gen)
+    args = (xq.to(DEVICE), x_scale.to(DEVICE), q.to(DEVICE), scale.to(DEVICE), b.to(DEVICE), torch.float32)
+    unsplit = fp8_gemv(*args, Fp8GemvConfig(block_n=16, block_k=64, num_warps=4, num_stages=2, split_k=1))
+    split = fp8_gemv(*args, Fp8GemvConfig(block_n=16, block_k=64, num_warps=4, num_stages=2, split_k=split_k))
+    want = (xq.double() * x_scale.double()) @ (q.double() * scale.double().reshape(-1, 1)).T + b.double()
+    assert torch.allclose(split.cpu().double(), want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(split, unsplit, rtol=1e-6, atol=1e-6)
+    assert not split_counters(torch.device(DEVICE)).any()
+
+
+def test_the_default_split_fills_the_gpu_only_where_columns_are_few():
+    from kiln.kernels.triton_fp8_gemv import split_for
+
+    config = Fp8GemvConfig()  # 32 columns a block, 256-deep tiles
+    assert split_for(12288, 4096, config, 132) == 1  # MPT-7B QKV: 384 blocks
+    assert split_for(16384, 4096, config, 132) == 1  # up: 512 blocks
+    assert split_for(4096, 4096, config, 132) == 3  # o_proj: 128 blocks -> 384 programs
+    assert split_for(4096, 16384, config, 132) == 3  # down
+    assert split_for(4096, 256, config, 132) == 1  # one tile: nothing to split
+    assert split_for(4096, 4096, config._replace(split_k=5), 132) == 5
 
 
 def test_gemv_says_what_was_wrong():

@@ -120,8 +120,10 @@ def _w8a8_dense_cases() -> dict[str, Callable[[], Any]]:
     for per_channel in (True, False):
         cases[f"fp8 gemv per_channel={per_channel}"] = lambda c=per_channel: compile_for_h100(
             fp8.fp8_gemv_kernel, dict(K=4096, ROW_SCALES=c, PER_CHANNEL=c, HAS_BIAS=True, DOT_F32=False,
-                                      PRECISION="tf32", BLOCK_M=16, BLOCK_N=64, BLOCK_K=128),
-            {"x_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32"})
+                                      PRECISION="tf32", TILES_PER_SPLIT=8 if c else 32, SPLIT=c, WHILE_LOOP=False,
+                                      BLOCK_M=16, BLOCK_N=32, BLOCK_K=128),
+            {"x_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "part_ptr": "*fp32",
+             "count_ptr": "*i32"})
     for row_scales in (True, False):
         cases[f"fp8 gemm row_scales={row_scales}"] = lambda r=row_scales: compile_for_h100(
             fp8_gemm.fp8_gemm_kernel, dict(ROW_SCALES=r, PER_CHANNEL=r, HAS_BIAS=True, DOT_F32=False, WHILE_LOOP=False,

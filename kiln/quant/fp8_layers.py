@@ -101,6 +101,10 @@ class FP8Matmul:
         self.weight_scale32 = self.weight_scale.float().reshape(-1)
         self.input_scale32 = None if self.input_scale is None else self.input_scale.float().reshape(1)
         self.quantize = self.triton_quantize if on_gpu else self.torch_quantize
+        if self.gemv_rows:
+            from kiln.kernels.triton_common import split_counters
+
+            split_counters(weight.device)  # now, not first inside a CUDA graph capture (the GEMV's split-K)
 
     def reference(self, x: torch.Tensor | QuantizedActivation, weight: torch.Tensor,
                   bias: torch.Tensor | None) -> torch.Tensor:
