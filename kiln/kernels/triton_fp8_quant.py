@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kiln.kernels.triton_common import next_power_of_2
+from kiln.kernels.triton_common import row_block
 
 FP8_MAX: tl.constexpr = tl.constexpr(448.0)
 MIN_SCALE: tl.constexpr = tl.constexpr(1e-12)  # kiln.quant.fp8.MIN_SCALE
@@ -100,7 +100,7 @@ def quantize_fp8_rows(x: torch.Tensor, scale: torch.Tensor | None) -> tuple[torc
     m, k = x.shape
     q, mode, out_scale = fp8_outputs(m, k, scale, x.device)
     if m:
-        block = max(next_power_of_2(k), 16)
+        block, warps = row_block(k)
         quantize_fp8_rows_kernel[(m,)](x, q, out_scale, out_scale, k, x.stride(0), q.stride(0), SCALE=mode,
-                                       BLOCK=block, num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16)
+                                       BLOCK=block, num_warps=warps)
     return q.view(torch.float8_e4m3fn), out_scale
