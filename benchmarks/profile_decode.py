@@ -4,6 +4,9 @@ the model timed alone inside a CUDA graph against the copy bandwidth.
 
     python3 benchmarks/profile_decode.py --preset mpt-7b --batch_size 1 32
     python3 benchmarks/profile_decode.py --preset dbrx --num_layers 4 --batch_size 1 32
+    python3 benchmarks/profile_decode.py --preset mpt-7b --batch_size 48 --mixed 16 --no_tune
+      (--mixed N: N new prompts join the running batch; profiles the mixed prefill + decode steps that follow,
+      the eager steps that decide serving throughput)
 """
 
 from __future__ import annotations
@@ -96,6 +99,13 @@ def profile_steps(llm, steps: int) -> None:
         print(f"    {sum(durs) / steps / 1e3:7.3f} {len(durs) / steps:5.0f} {sum(durs) / len(durs):8.2f}  {name[:110]}")
 
 
+def mixed_steps(llm, new: int, input_len: int, seed: int) -> int:
+    """Add `new` prompts beside the running decodes; the number of steps until all of them have their first token
+    (each one a mixed prefill + decode step, as chunked prefill packs them)."""
+    _add(llm, random_prompts(new, input_len, llm.info.model.vocab_size, seed), 40)
+    return max(1, -(-new * input_len // llm.build.max_num_tokens))
+
+
 def host_profile(llm, steps: int) -> None:
     """cProfile of engine steps: the host functions that cost the most (cumulative)."""
     prof = cProfile.Profile()
@@ -160,11 +170,13 @@ def main() -> None:
     p.add_argument("--input_len", type=int, default=128)
     p.add_argument("--no_tune", action="store_true")
     p.add_argument("--gemms", action="store_true")
+    p.add_argument("--mixed", type=int, default=0, help="profile the steps after this many new prompts join")
     args = p.parse_args()
     import kiln
 
     opts = BenchOptions(preset=args.preset, num_layers=args.num_layers, dtype="bfloat16",
-                        batch_sizes=args.batch_size, input_len=args.input_len, output_len=64, tune=not args.no_tune)
+                        batch_sizes=[*args.batch_size, max(args.batch_size) + args.mixed], input_len=args.input_len,
+                        output_len=64, tune=not args.no_tune)
     bandwidth = copy_bandwidth_gbs(torch.device("cuda"))
     print(f"== {args.preset} layers={args.num_layers} copy bandwidth {bandwidth:.0f} GB/s")
     with dummy_engine(opts, log=lambda s: None) as engine_dir:
@@ -174,6 +186,12 @@ def main() -> None:
             print(f"-- batch {b}")
             profile_steps(llm, 10)
             host_profile(llm, 10)
+            if args.mixed:
+                steps = mixed_steps(llm, args.mixed, args.input_len, b + 1)
+                print(f"-- batch {b} + {args.mixed} new prompts of {args.input_len}: {steps} mixed steps")
+                profile_steps(llm, steps)
+                steps = mixed_steps(llm, args.mixed, args.input_len, b + 2)
+                host_profile(llm, steps)
             while llm.engine.has_unfinished():
                 llm.engine.step()
         if args.gemms:

@@ -34,9 +34,9 @@ def _ok(compiled: dict, prefix: str) -> list[str]:
 
 def test_weight_only_kernel_compiles_with_and_without_ptx(compiled):
     for name in _ok(compiled, "weight_only "):
-        # The inline PTX is in the module exactly when asked for: its magic numbers (bf16 128.0 pairs for INT4, the
-        # byte selector into float32 2^23's mantissa for INT8).
-        marker = "0x43004300" if " int4 " in name else "0x7440"
+        # The inline PTX is in the module exactly when asked for: its magic numbers (bf16 128.0 pairs for INT4, with
+        # bit 3 set where the same lop3 flips signed nibbles; the byte selector into float32 2^23's mantissa for INT8).
+        marker = "0x7440" if " int4 " not in name else "0x43084308" if " g0 " in name else "0x43004300"
         assert (marker in compiled[name]["ptx_markers"]) == name.endswith("asm=True"), name
 
 

@@ -161,7 +161,7 @@ def run_all() -> dict[str, dict[str, Any]]:
             continue
         ptx = kernel.asm["ptx"]
         results[name] = {"ok": bool(kernel.asm.get("cubin")),
-                         "ptx_markers": [m for m in ("0x43004300", "0x7440") if m in ptx]}
+                         "ptx_markers": [m for m in ("0x43004300", "0x43084308", "0x7440") if m in ptx]}
     return results
 
 
