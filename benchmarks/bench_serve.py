@@ -61,15 +61,19 @@ class Result:
     error: str = ""
 
 
-def workload(args: argparse.Namespace, vocab: int) -> list[tuple[list[int], int]]:
+def workload(args: argparse.Namespace, vocab: int, salt: int = 0) -> list[tuple[list[int], int]]:
     """(prompt token ids, output length) per request, lengths uniform in [mean*(1-r), mean*(1+r)] as vLLM's random
-    dataset; ids avoid the first 1000 (special tokens of most vocabularies)."""
-    rng = random.Random(args.seed)
+    dataset; ids avoid the first 1000 (special tokens of most vocabularies). The lengths depend on --seed only, the
+    tokens on --seed and `salt`: each pass of a run (the warm-up, every rate, the profiled pass) sends the same
+    lengths with tokens of its own, so that no pass finds another's prompts in the server's prefix cache (the
+    offline pass, in a fresh engine, gets salt 0 as the first rate does)."""
+    lengths = random.Random(args.seed)
+    tokens = random.Random(f"{args.seed}-{salt}")
 
     def length(mean: int) -> int:
-        return max(1, rng.randint(int(mean * (1 - args.range_ratio)), int(mean * (1 + args.range_ratio))))
+        return max(1, lengths.randint(int(mean * (1 - args.range_ratio)), int(mean * (1 + args.range_ratio))))
 
-    return [([rng.randrange(1000, vocab) for _ in range(length(args.input_len))], length(args.output_len))
+    return [([tokens.randrange(1000, vocab) for _ in range(length(args.input_len))], length(args.output_len))
             for _ in range(args.num_prompts)]
 
 
@@ -249,13 +253,14 @@ def step_table(columns: list[tuple[str, dict, float]]) -> str:
     return "\n".join(lines)
 
 
-def offline(args: argparse.Namespace, work: list[tuple[list[int], int]]) -> dict:
-    """The same requests through kiln.LLM.generate at once, and the prefill time of one mean-length prompt."""
+def offline(args: argparse.Namespace, work: list[tuple[list[int], int]], warmup: list[tuple[list[int], int]]) -> dict:
+    """The same requests through kiln.LLM.generate at once (after a few of `warmup`'s: other tokens, so that the
+    measured prompts find nothing in the prefix cache, as served), and the prefill time of one mean-length prompt."""
     import kiln
 
     llm = kiln.LLM(args.engine_dir, device=args.device)
     params = [kiln.SamplingParams(max_tokens=out, temperature=0, ignore_eos=True) for _, out in work]
-    llm.generate([p for p, _ in work[:4]], params[:4])  # warm-up (kernels, graphs)
+    llm.generate([p for p, _ in warmup[:4]], params[:4])  # warm-up (kernels, graphs)
     llm.engine.step_stats.reset()
     start = time.perf_counter()
     results = llm.generate([p for p, _ in work], params)
@@ -382,24 +387,25 @@ def main(argv: list[str] | None = None) -> int:
     profiled = None
     spy = None
 
-    def measure(rate: float) -> dict:
+    def measure(rate: float, salt: int) -> dict:
         before = settled_step_stats(host, int(port))
-        results, duration = asyncio.run(run_rate(host, int(port), model, work, rate, args.max_concurrency, args.seed))
+        results, duration = asyncio.run(run_rate(host, int(port), model, workload(args, int(vocab), salt), rate,
+                                                 args.max_concurrency, args.seed))
         row = summarize(rate, results, duration)
         row["step_stats"] = step_stats_delta(settled_step_stats(host, int(port)), before)
         return row
 
     try:
-        asyncio.run(run_rate(host, int(port), model, work[:max(1, args.warmup_prompts)], float("inf"), None,
-                             args.seed))  # warm-up
-        for rate in [float(r) for r in args.request_rate]:
-            rows.append(measure(rate))
+        warmup = workload(args, int(vocab), salt=-1)[:max(1, args.warmup_prompts)]
+        asyncio.run(run_rate(host, int(port), model, warmup, float("inf"), None, args.seed))
+        for salt, rate in enumerate(float(r) for r in args.request_rate):
+            rows.append(measure(rate, salt))
             print_row(rows[-1])
         if args.profile and proc is not None:
             # Its own pass, after the measured ones: py-spy stops the processes for each sample.
             spy = start_profile(proc.pid, args.profile)
             if spy is not None:
-                profiled = measure(float(args.request_rate[0]))
+                profiled = measure(float(args.request_rate[0]), len(args.request_rate))
                 print("under py-spy (not counted): ", end="")
                 print_row(profiled)
     finally:
@@ -413,13 +419,14 @@ def main(argv: list[str] | None = None) -> int:
     if profiled is not None:
         report["profiled_rate"] = profiled
     if args.engine_dir and not args.skip_offline:
-        report.update(offline(args, work))
+        report.update(offline(args, work, workload(args, int(vocab), salt=-1)))
         best = max(r["output_throughput"] for r in rows)
         report["serve_over_offline"] = best / report["offline_output_throughput"]
         low = rows[0]
         print(f"offline LLM.generate: {report['offline_output_throughput']:.0f} out tok/s; best served "
               f"{best:.0f} = {report['serve_over_offline']:.1%} of offline. Offline first token of "
-              f"{report['prefill_prompt_len']} tokens {report['prefill_ms_p50']:.1f} ms vs served TTFT p50 {low['p50_ttft_ms']:.1f} ms at rate "
+              f"{report['prefill_prompt_len']} tokens {report['prefill_ms_p50']:.1f} ms vs served TTFT p50 "
+              f"{low['p50_ttft_ms']:.1f} ms at rate "
               f"{low['request_rate']} (+{low['p50_ttft_ms'] - report['prefill_ms_p50']:.1f} ms)")
     print_step_tables(rows, report)
     if args.output_json:

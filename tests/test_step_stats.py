@@ -189,3 +189,20 @@ def test_bench_serve_shows_the_profiled_pass_apart(capsys):
     table = out.split("the same pass under py-spy")[1].splitlines()
     assert "served, rate inf" in table[1] and "served, rate inf, under py-spy" in table[1]
     assert bench_serve.parse_args(["--engine_dir", "e", "--profile", "p.txt"]).profile == "p.txt"
+
+
+def test_bench_serve_passes_share_lengths_but_no_prompt():
+    # Each pass of bench_serve (warm-up, every rate, the profiled pass) sends the same lengths with tokens of its own:
+    # a pass that found an earlier one's prompts in the prefix cache would prefill almost nothing and beat offline.
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_serve
+
+    args = bench_serve.parse_args(["--engine_dir", "x", "--num_prompts", "40", "--input_len", "16", "--output_len",
+                                   "8", "--range_ratio", "0.5"])
+    passes = [bench_serve.workload(args, 50432, salt) for salt in (-1, 0, 1)]
+    assert [[len(p) for p, _ in w] for w in passes][1:] == [[len(p) for p, _ in passes[0]]] * 2
+    assert [[n for _, n in w] for w in passes][1:] == [[n for _, n in passes[0]]] * 2
+    assert len({len(p) for p, _ in passes[0]}) > 1  # the lengths do vary
+    prefixes = [{tuple(p[:4]) for p, _ in w} for w in passes]
+    assert not (prefixes[0] & prefixes[1]) and not (prefixes[1] & prefixes[2]) and not (prefixes[0] & prefixes[2])
+    assert bench_serve.workload(args, 50432, 0) == passes[1]  # deterministic: offline's salt-0 prompts are rate 0's
