@@ -43,8 +43,9 @@ PATH="$PATH:/tmp/site/bin" timeout "${SERVE_S:-130}" python3 benchmarks/bench_se
 rm -rf "$eng"
 fi
 if step triton; then  # the Triton kernels' CPU tests (interpreted in CI), compiled on this GPU
-timeout "${TRITON_S:-60}" python3 -m pytest -q -p no:cacheprovider ${TRITON_FILES:-tests/test_quant_fp8_triton.py \
-    tests/test_quant_smoothquant_triton.py} 2>&1 | tail -15 | tee "$out/triton_compiled.log"
+timeout "${TRITON_S:-60}" python3 -m pytest -q -p no:cacheprovider --tb=short ${TRITON_FILES:-tests/test_quant_fp8_triton.py \
+    tests/test_quant_smoothquant_triton.py} > "$out/triton_compiled.log" 2>&1  # whole: each failure's reason
+tail -15 "$out/triton_compiled.log"
 fi
 if step sweeps; then  # W8A8 kernels' launch parameters against cuBLAS (the FP8 GEMV, the INT8 GEMM, FP8 prefill GEMMs)
 timeout "${SWEEP_S:-80}" python3 benchmarks/sweep_fp8_gemv.py --output_json "$out/sweep_fp8.json" 2>&1 | tail -20 | tee "$out/sweep_fp8.log"

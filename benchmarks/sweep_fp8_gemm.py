@@ -1,8 +1,9 @@
 """FP8 W8A8 at prefill rows on one GPU: why a 2,048-token FP8 prefill of the MPT-7B shape ran no faster than bf16
 (session 9). Times, per MPT-7B layer shape at --rows (default 2048), in CUDA graphs (kiln.kernels.gpu_timing):
 bf16 cuBLAS; the Triton quantization alone; `torch._scaled_mm` with scalar (per-tensor) and row-wise scales, each
-with and without fast accumulation; and the Triton FP8 GEMM (kiln.kernels.triton_fp8_gemm) over a few tiles, each
-checked against `_scaled_mm`'s result. Prints a table and the four layers' totals; --output_json keeps every time.
+with and without fast accumulation (session 10 on an H100: every `_scaled_mm` way 1.57-1.74x bf16 over the four
+layers; a Triton FP8 GEMM with the INT8 kernel's tiles reached 1.20-1.64x and was removed). Prints a table and the
+four layers' totals; --output_json keeps every time.
 
     python benchmarks/sweep_fp8_gemm.py [--rows 2048 512] [--output_json out/fp8_gemm.json]
 """
@@ -18,13 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from kiln.kernels.gpu_timing import graph_us
-from kiln.kernels.triton_fp8_gemm import Fp8GemmConfig, fp8_gemm
 from kiln.kernels.triton_fp8_quant import quantize_fp8_rows
 from kiln.quant.fp8 import quantize_weight
 
 SHAPES = {"qkv": (12288, 4096), "o_proj": (4096, 4096), "up": (16384, 4096), "down": (4096, 16384)}  # (N, K)
-TILES = [Fp8GemmConfig(), Fp8GemmConfig(128, 256, 128, 8, 3), Fp8GemmConfig(128, 128, 128, 4, 4),
-         Fp8GemmConfig(128, 256, 64, 8, 4), Fp8GemmConfig(64, 128, 128, 4, 4), Fp8GemmConfig(256, 128, 128, 8, 3)]
 
 
 def _scaled_mm(xq, xs, q, ws, fast: bool) -> torch.Tensor:
@@ -40,8 +38,6 @@ def cases(x, q, w_scale):
     for fast in (False, True):
         out[f"_scaled_mm scalar fast={fast}"] = lambda f=fast: _scaled_mm(xq_t, xs_t.reshape(()), q, ws_t, f)
         out[f"_scaled_mm row-wise fast={fast}"] = lambda f=fast: _scaled_mm(xq_r, xs_r, q, ws_r, f)
-    for tile in TILES:
-        out[f"triton {tuple(tile)}"] = lambda t=tile: fp8_gemm(xq_r, xs_r, q, w_scale, None, torch.bfloat16, t)
     return out
 
 
@@ -61,13 +57,8 @@ def main() -> None:
         x = torch.randn(rows, k, device=dev, dtype=torch.bfloat16)
         times = {"bf16 F.linear": graph_us([lambda: F.linear(x, w)])}
         calls = cases(x, q, w_scale)
-        want = calls["_scaled_mm row-wise fast=False"]().float()
         for way, call in calls.items():
             try:
-                if way.startswith("triton"):
-                    err = (call().float() - want).abs().max().item() / want.abs().max().item()
-                    if err > 1e-2:
-                        print(f"  {way}: relative error {err:.3g} against _scaled_mm")
                 times[way] = graph_us([call])
             except Exception as exc:  # noqa: BLE001 - a way that does not run here is reported, not fatal
                 print(f"  {name} {way}: {type(exc).__name__}: {str(exc)[:150]}")

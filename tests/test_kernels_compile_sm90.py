@@ -55,6 +55,6 @@ def test_w8a8_moe_kernels_compile(compiled):
 
 def test_smoothquant_and_fp8_dense_kernels_compile(compiled):
     assert len(_ok(compiled, "sq ")) == 9 and len(_ok(compiled, "fp8 gemv")) == 2  # sq: 6 quantizers, 3 GEMM tiles
-    assert len(_ok(compiled, "fp8 quantize rows")) == 3 and len(_ok(compiled, "fp8 gemm ")) == 2
+    assert len(_ok(compiled, "fp8 quantize rows")) == 3
     # FP8's quantizing norm (dynamic, static) and activation (gated dynamic, GELU static)
     assert len(_ok(compiled, "fp8 fused add_norm")) == 2 and len(_ok(compiled, "fp8 fused act")) == 2

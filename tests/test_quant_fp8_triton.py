@@ -1,7 +1,7 @@
 """The Triton FP8 kernels through Triton's interpreter on the CPU: the one-pass activation quantization
 (kiln/kernels/triton_fp8_quant.py) bit for bit against kiln.quant.fp8's torch quantization, including ties, subnormals,
--0.0 and the clamp, and the FP8 GEMV and GEMM (kiln/kernels/triton_fp8_gemv.py, triton_fp8_gemm.py) against the
-dequantized product; their input checks."""
+-0.0 and the clamp, and the FP8 GEMV (kiln/kernels/triton_fp8_gemv.py) against the dequantized product; their
+input checks."""
 
 from __future__ import annotations
 
@@ -19,9 +19,8 @@ from interpreted_triton import interpret_triton  # noqa: E402
 
 if INTERPRET:
     interpret_triton(("kiln.kernels.triton_jit_common", "kiln.kernels.triton_gemv_kernels",
-                      "kiln.kernels.triton_fp8_gemv", "kiln.kernels.triton_fp8_quant", "kiln.kernels.triton_fp8_gemm"))
+                      "kiln.kernels.triton_fp8_gemv", "kiln.kernels.triton_fp8_quant"))
 
-from kiln.kernels.triton_fp8_gemm import Fp8GemmConfig, fp8_gemm  # noqa: E402
 from kiln.kernels.triton_fp8_gemv import Fp8GemvConfig, fp8_gemv  # noqa: E402
 from kiln.kernels.triton_fp8_quant import quantize_fp8_rows  # noqa: E402
 from kiln.quant.fp8 import FP8_DTYPE, activation_scale, cast_fp8, quantize_weight  # noqa: E402
@@ -121,9 +120,13 @@ def test_split_gemv_matches_the_unsplit_and_leaves_its_counters_at_zero(split_k,
     args = (xq.to(DEVICE), x_scale.to(DEVICE), q.to(DEVICE), scale.to(DEVICE), b.to(DEVICE), torch.float32)
     unsplit = fp8_gemv(*args, Fp8GemvConfig(block_n=16, block_k=64, num_warps=4, num_stages=2, split_k=1))
     split = fp8_gemv(*args, Fp8GemvConfig(block_n=16, block_k=64, num_warps=4, num_stages=2, split_k=split_k))
-    want = (xq.double() * x_scale.double()) @ (q.double() * scale.double().reshape(-1, 1)).T + b.double()
-    assert torch.allclose(split.cpu().double(), want, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(split, unsplit, rtol=1e-6, atol=1e-6)
+    xd, wd = xq.double() * x_scale.double(), q.double() * scale.double().reshape(-1, 1)
+    want = xd @ wd.T + b.double()
+    # Float32 sums of the same products in two orders differ by at most a few units of the sum of their magnitudes
+    # (one rounding per partial and per add: the GPU's fused multiply-adds are not the interpreter's numpy sums).
+    bound = 8 * 2.0 ** -24 * (xd.abs() @ wd.abs().T + b.double().abs())
+    assert ((split.cpu().double() - want).abs() <= bound + 1e-12).all()
+    assert ((split.cpu().double() - unsplit.cpu().double()).abs() <= 2 * bound + 1e-12).all()
     assert not split_counters(torch.device(DEVICE)).any()
 
 
@@ -148,31 +151,3 @@ def test_gemv_says_what_was_wrong():
         fp8_gemv(cast_fp8(torch.randn(17, 16), one), one, q, scale, None, torch.float32)
     with pytest.raises(ValueError, match="1 or 8 values"):
         fp8_gemv(xq, one, q, torch.ones(3), None, torch.float32)
-
-
-@pytest.mark.parametrize("per_channel, row_scales, bias", [(False, False, False), (True, True, True),
-                                                            (False, True, True)])
-@pytest.mark.parametrize("rows, n, k", [(1, 40, 96), (70, 33, 200), (130, 64, 64)])
-def test_gemm_matches_the_dequantized_product(per_channel, row_scales, bias, rows, n, k):
-    gen = torch.Generator().manual_seed(rows * 100 + n + k)
-    q, scale = quantize_weight(torch.randn(n, k, generator=gen), per_channel, torch.float32)
-    x = torch.randn(rows, k, generator=gen)
-    x_scale = activation_scale(x, None if row_scales else torch.tensor([0.01]))
-    xq = cast_fp8(x, x_scale)
-    b = torch.randn(n, generator=gen) if bias else None
-    config = Fp8GemmConfig(block_m=64, block_n=32, block_k=64, num_warps=4, num_stages=2)
-    got = fp8_gemm(xq.to(DEVICE), x_scale.to(DEVICE), q.to(DEVICE), scale.to(DEVICE),
-                   None if b is None else b.to(DEVICE), torch.float32, config)
-    want = (xq.double() * x_scale.double()) @ (q.double() * scale.double().reshape(-1, 1)).T
-    want = want + (0 if b is None else b.double())
-    assert got.shape == (rows, n)
-    assert torch.allclose(got.cpu().double(), want, rtol=1e-5, atol=1e-5)
-
-
-def test_gemm_says_what_was_wrong():
-    q, scale = quantize_weight(torch.randn(8, 16), False, torch.float32)
-    one = torch.ones(1)
-    with pytest.raises(ValueError, match="float8_e4m3fn x"):
-        fp8_gemm(cast_fp8(torch.randn(2, 16), one), one, q.float(), scale, None, torch.float32)
-    with pytest.raises(ValueError, match="1 or 8 values"):
-        fp8_gemm(cast_fp8(torch.randn(2, 16), one), one, q, torch.ones(3), None, torch.float32)

@@ -90,10 +90,9 @@ def _moe_cases() -> dict[str, Callable[[], Any]]:
 
 
 def _w8a8_dense_cases() -> dict[str, Callable[[], Any]]:
-    """SmoothQuant's quantizing norm / smoother / activation kernels and INT8 GEMM; FP8's GEMV, GEMM, quantization
+    """SmoothQuant's quantizing norm / smoother / activation kernels and INT8 GEMM; FP8's GEMV, quantization
     and quantizing norm / activation."""
     from kiln.kernels import triton_fp8_fused as fp8_fused
-    from kiln.kernels import triton_fp8_gemm as fp8_gemm
     from kiln.kernels import triton_fp8_gemv as fp8
     from kiln.kernels import triton_fp8_quant as fp8_quant
     from kiln.kernels import triton_smoothquant as sq
@@ -124,12 +123,6 @@ def _w8a8_dense_cases() -> dict[str, Callable[[], Any]]:
                                       BLOCK_M=16, BLOCK_N=32, BLOCK_K=128),
             {"x_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "w_ptr": "*fp8e4nv", "s_ptr": "*fp32", "part_ptr": "*fp32",
              "count_ptr": "*i32"})
-    for row_scales in (True, False):
-        cases[f"fp8 gemm row_scales={row_scales}"] = lambda r=row_scales: compile_for_h100(
-            fp8_gemm.fp8_gemm_kernel, dict(ROW_SCALES=r, PER_CHANNEL=r, HAS_BIAS=True, DOT_F32=False, WHILE_LOOP=False,
-                                           BLOCK_M=128, BLOCK_N=128, BLOCK_K=128),
-            {"a_ptr": "*fp8e4nv", "a_scale_ptr": "*fp32", "b_ptr": "*fp8e4nv", "w_scale_ptr": "*fp32"},
-            num_warps=8, num_stages=3)
     for mode in (fp8_quant.DYNAMIC, fp8_quant.STATIC, fp8_quant.GIVEN_PER_ROW):
         cases[f"fp8 quantize rows mode={mode}"] = lambda m=mode: compile_for_h100(
             fp8_quant.quantize_fp8_rows_kernel, dict(SCALE=m, BLOCK=16384),
