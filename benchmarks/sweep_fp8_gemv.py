@@ -25,7 +25,7 @@ from kiln.quant.fp8 import quantize_weight
 
 SHAPES = {"qkv": (12288, 4096), "o_proj": (4096, 4096), "up": (16384, 4096), "down": (4096, 16384)}  # (N, K)
 GRID = [Fp8GemvConfig(n, k, w, s) for n, k, w, s in itertools.product((16, 32, 64), (128, 256, 512), (4, 8), (3, 4))
-        if not (n == 64 and k == 512)] + [Fp8GemvConfig(split_k=1)]  # split_k 0 (the grid's): split_for's choice
+        if not (n == 64 and k == 512)] + [Fp8GemvConfig(split_k=0)]  # split_k 0: split_for's choice of K slices
 
 
 def main() -> None:

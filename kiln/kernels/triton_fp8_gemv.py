@@ -34,7 +34,10 @@ class Fp8GemvConfig(NamedTuple):
     block_k: int = 256
     num_warps: int = 4
     num_stages: int = 4
-    split_k: int = 0  # 0: enough K slices for about two programs per SM (split_for); 1: never split
+    # 1: never split (the default: on an H100 splitting MPT-7B's o_proj 3 ways took 12.9 us against 12.1 unsplit,
+    # down_proj 32.1 against 31.5: benchmarks/sweep_fp8_gemv.py, session 10); 0: enough K slices for about two
+    # programs per SM (split_for); n: n slices
+    split_k: int = 1
 
 
 def split_for(n: int, k: int, config: Fp8GemvConfig, sms: int) -> int:
