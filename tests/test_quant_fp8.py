@@ -504,3 +504,18 @@ def test_static_fp8_asked_of_a_dynamic_published_checkpoint_is_calibrated(tmp_pa
     config = json.loads((engine / "config.json").read_text())
     assert config["quantization"]["quant_algo"] == "FP8"
     assert config["provenance"]["fp8_calibration"]["samples"] == 4  # calibrated, not read from the checkpoint
+
+
+def test_scales_are_divided_not_multiplied_by_a_reciprocal():
+    # amax / 448 as one IEEE division on every device (kiln/quant/exact_div.py): torch on CUDA multiplies by the
+    # reciprocal of a Python-number divisor, which differs in the last bit for some amaxes and then disagrees with
+    # the Triton kernels' div_rn. Here: values where the two roundings differ, checked against float64 division.
+    from kiln.quant.exact_div import divided
+    from kiln.quant.fp8 import activation_scale
+
+    amax = torch.linspace(0.5, 600.0, 20001, dtype=torch.float32)
+    by_reciprocal = amax * torch.tensor(1 / 448.0, dtype=torch.float32)
+    exact = (amax.double() / 448.0).float()
+    assert (by_reciprocal != exact).any()  # the hazard is real for float32
+    assert torch.equal(divided(amax, 448.0), exact)
+    assert torch.equal(activation_scale(amax.reshape(-1, 1), None).reshape(-1), exact.clamp(min=1e-12))

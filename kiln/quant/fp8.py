@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.quant.exact_div import divided
+
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 MIN_SCALE = 1e-12  # an all-zero token or tensor: any positive scale quantizes it to zeros exactly
@@ -88,7 +90,7 @@ def quantize_weight(w: torch.Tensor, per_channel: bool,
     """w [out, in] -> q [out, in] fp8 and scale [out] (per channel) or [1] (per tensor) in `scale_dtype`."""
     wf = w.float()
     amax = wf.abs().amax(dim=-1) if per_channel else wf.abs().amax().reshape(1)
-    scale = (amax / FP8_MAX).clamp(min=MIN_SCALE).to(scale_dtype)
+    scale = divided(amax, FP8_MAX).clamp(min=MIN_SCALE).to(scale_dtype)
     return cast_fp8(wf, scale.float().unsqueeze(-1)), scale
 
 
@@ -102,7 +104,7 @@ def activation_scale(x: torch.Tensor, static_scale: torch.Tensor | None) -> torc
     """The float32 scale that quantizes x [tokens, k]: the static one ([1]) or each token's amax / 448 ([tokens, 1])."""
     if static_scale is not None:
         return static_scale.float().reshape(1)
-    return (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=MIN_SCALE)
+    return divided(x.abs().amax(dim=-1, keepdim=True).float(), FP8_MAX).clamp(min=MIN_SCALE)
 
 
 def fake_quantize_activation(x: torch.Tensor, static_scale: torch.Tensor | None) -> torch.Tensor:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from kiln.quant.exact_div import divided
+
 QMAX = 127.0
 
 
@@ -17,7 +19,7 @@ def quantize_weight(w: torch.Tensor, per_channel: bool,
     is computed from the scale as stored, so that q * scale is exactly what the rounding chose."""
     wf = w.float()
     amax = wf.abs().amax(dim=-1) if per_channel else wf.abs().amax().expand(wf.shape[0])
-    scale = (amax / QMAX).to(scale_dtype)  # [out]
+    scale = divided(amax, QMAX).to(scale_dtype)  # [out]
     stored = scale.float().unsqueeze(-1)
     safe = torch.where(stored == 0, torch.ones_like(stored), stored)
     q = torch.clamp(torch.round(wf / safe), -QMAX, QMAX).to(torch.int8)
@@ -30,7 +32,7 @@ def quantize_activation(x: torch.Tensor, static_scale: torch.Tensor | None) -> t
     xf = x.float()
     if static_scale is None:
         amax = xf.abs().amax(dim=-1, keepdim=True)
-        scale = torch.where(amax == 0, torch.ones_like(amax), amax / QMAX)
+        scale = torch.where(amax == 0, torch.ones_like(amax), divided(amax, QMAX))
     else:
         scale = static_scale.float().reshape(1, 1).expand(xf.shape[0], 1)
     q = torch.clamp(torch.round(xf / scale), -QMAX, QMAX).to(torch.int8)
