@@ -53,8 +53,13 @@ def default_wo_config(rows: int, bits: int, group: int, k: int = 0) -> WoConfig:
 
 
 # (block_n, stored bytes per row per tile, warps, stages): 2-16 KiB of weights per stage. Few, because each distinct
-# tile compiles once per row block (16, 32, 64) and the build's tuning should take well under a minute.
-_TILES = ((64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3), (32, 128, 4, 4), (16, 256, 4, 4))
+# tile compiles once per row block (16, 32, 64) and the build's tuning should take well under a minute. The last two
+# give each warp 32 rows of W (two wgmma row tiles per warpgroup): the per-tile work around the dequantization (x's
+# tile, barriers, addresses) is shared by twice the bytes, 0.205 sm_90 warp-instructions per byte for INT4 group 128
+# against 0.25-0.26 with 16 rows a warp, 0.164 / 0.154 against 0.18 for INT4 / INT8 per channel
+# (benchmarks/sass_weight_only.py's count, session 10).
+_TILES = ((64, 128, 4, 4), (64, 64, 4, 4), (128, 64, 8, 3), (32, 128, 4, 4), (16, 256, 4, 4), (128, 64, 4, 4),
+          (128, 128, 4, 3))
 
 
 # The one-row FMA kernel's tiles: (block_n, stored bytes per row per tile, warps, stages, split_k). Stages 2:
