@@ -22,7 +22,9 @@ made the compiler split every pair into bytes and reassemble them (six byte perm
 INT4 loop's 492 sm_90 instructions, 364 with pairs: `python benchmarks/sass_weight_only.py`).
 
 The results equal the plain path's bit for bit: q - z is an integer of at most 8 significant bits for INT4 (exact
-in bf16); for INT8 both paths round the float32 difference to bf16 once.
+in bf16); for INT8 both paths round the float32 difference to bf16 once. tests/test_dequant_asm_emulated.py runs
+these bodies through an emulator of their instructions on the CPU (every byte pair, every zero point); the GPU tests
+compare the two paths in the kernels.
 
 Register layout (inline_asm_elementwise with pack=2): two int8 elements arrive in one 16-bit register, element j in
 byte j; a bf16 output of two elements is one 32-bit register, element 0 in the low half; a float32 input of two
