@@ -99,6 +99,9 @@ class FP8Matmul:
             self.gemv_rows = 16
         # float32 copies made once: casting the model-dtype scales on every call is a kernel launch each
         self.weight_scale32 = self.weight_scale.float().reshape(-1)
+        # _scaled_mm's weight scale: [1, N] for row-wise scales (a per-tensor one repeated), else a scalar
+        self.scale_b = (self.weight_scale32.reshape(1, -1).expand(1, weight.shape[0]).contiguous()
+                        if row_wise(self.scheme) else self.weight_scale32.reshape(()))
         self.input_scale32 = None if self.input_scale is None else self.input_scale.float().reshape(1)
         self.quantize = self.triton_quantize if on_gpu else self.torch_quantize
         if self.gemv_rows:
@@ -152,12 +155,9 @@ class FP8Matmul:
             from kiln.kernels.triton_fp8_gemv import fp8_gemv
 
             return fp8_gemv(xq, scale_a, weight, self.weight_scale32, bias, dtype).reshape(*lead, -1)
-        if row_wise(self.scheme):  # scale_a [M, 1], scale_b [1, N] (a per-tensor weight scale repeated)
-            scale_a = scale_a.expand(m, 1).contiguous()
-            scale_b = self.weight_scale32.reshape(1, -1).expand(1, weight.shape[0]).contiguous()
-        else:  # both scalars
-            scale_a, scale_b = scale_a.reshape(()), self.weight_scale32.reshape(())
-        y = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=dtype)
+        # row-wise: scale_a [M, 1] beside scale_b [1, N]; else both scalars
+        scale_a = scale_a.expand(m, 1).contiguous() if row_wise(self.scheme) else scale_a.reshape(())
+        y = torch._scaled_mm(xq, weight.t(), scale_a=scale_a, scale_b=self.scale_b, bias=bias, out_dtype=dtype)
         return y.reshape(*lead, -1)
 
 
